@@ -1,0 +1,483 @@
+//! Command definitions (clap) and their wiring to the libraries.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edgepack_converters::export::gguf::{export_gguf, plan_types, GgufOptions};
+use edgepack_converters::export::gguf_lora::export_gguf_lora;
+use edgepack_converters::export::hf::export_hf;
+use edgepack_converters::import;
+use edgepack_converters::io::ensure_not_input;
+use edgepack_converters::model::Model;
+use edgepack_converters::quant::preset::Preset;
+use edgepack_converters::quant::GgmlType;
+use edgepack_converters::transform::lora::{load_adapter, merge_adapters, LoraAdapter};
+use serde_json::json;
+
+use crate::progress::Bars;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgepack",
+    version,
+    about = "Package language models for small Linux boards",
+    long_about = "edgepack imports Hugging Face folders and GGUF files, merges LoRA adapters, \
+quantizes, and exports GGUF (and HF folders) shaped for a board.",
+    after_help = "Examples:\n  edgepack inspect ./SmolLM2-135M-Instruct\n  edgepack export gguf ./base --lora ./adapter --quant Q4_K_M -o model.gguf"
+)]
+pub struct Cli {
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a model's architecture, parameters, dtypes, tokenizer and size per quant type.
+    #[command(
+        after_help = "Example:\n  edgepack inspect ./TinyLlama-1.1B-Chat\n  edgepack inspect model.gguf --json"
+    )]
+    Inspect {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+    },
+    /// Merge PEFT LoRA adapters into a base model and write a Hugging Face folder.
+    #[command(
+        after_help = "Example:\n  edgepack merge ./base --lora ./adapter -o ./merged\n  edgepack merge ./base --lora ./a:1.0 --lora ./b:0.5 -o ./merged --dtype f32"
+    )]
+    Merge {
+        /// The base model: a Hugging Face folder or a .gguf file.
+        base: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Weight dtype of the output: f32, f16 or bf16 (default: the base's float type).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Output folder (must not exist or be empty).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Export a model to a file format.
+    #[command(subcommand)]
+    Export(Export),
+}
+
+#[derive(Subcommand, Debug)]
+enum Export {
+    /// Write a GGUF file for llama.cpp and Ollama, quantized with llama.cpp's rules.
+    #[command(
+        after_help = "Example:\n  edgepack export gguf ./base --lora ./adapter --quant Q4_K_M -o model.gguf\n\nQuantizations: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"
+    )]
+    Gguf {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Quantization preset (llama.cpp file type), e.g. Q4_K_M, Q8_0, F16.
+        #[arg(long, default_value = "F16")]
+        quant: String,
+        /// Give every quantizable tensor the preset's base type (no mixture), like llama-quantize --pure.
+        #[arg(long)]
+        pure: bool,
+        /// `general.name` in the file (default: the model's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output .gguf path.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write any importable model (HF folder or GGUF) as a Hugging Face folder.
+    #[command(
+        after_help = "Example:\n  edgepack export hf ./model.gguf -o ./hf\n  edgepack export hf ./base --lora ./adapter --dtype bf16 -o ./merged"
+    )]
+    Hf {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Weight dtype: f32, f16 or bf16 (default: the source's float type; f32 for quantized GGUF).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Output folder (must not exist or be empty).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write a PEFT LoRA adapter as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER).
+    #[command(
+        name = "gguf-lora",
+        after_help = "Example:\n  edgepack export gguf-lora ./adapter --base ./base -o adapter.gguf"
+    )]
+    GgufLora {
+        /// The PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        adapter: PathBuf,
+        /// The base model the adapter was trained on (HF folder or GGUF).
+        #[arg(long)]
+        base: PathBuf,
+        /// Tensor type of the adapter: f32, f16, bf16 or q8_0.
+        #[arg(long, default_value = "f32")]
+        outtype: String,
+        /// Output .gguf path.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct LoraArgs {
+    /// PEFT LoRA adapter folder to merge, optionally with a weight: --lora ./a:0.5 (repeatable).
+    #[arg(long = "lora", value_name = "DIR[:WEIGHT]")]
+    adapters: Vec<String>,
+}
+
+impl LoraArgs {
+    fn parse(&self) -> Result<Vec<(PathBuf, f32)>> {
+        self.adapters
+            .iter()
+            .map(|s| {
+                if let Some((p, w)) = s.rsplit_once(':') {
+                    if let Ok(w) = w.parse::<f32>() {
+                        return Ok((PathBuf::from(p), w));
+                    }
+                    if !Path::new(s).exists() {
+                        bail!("--lora {s}: `{w}` is not a number\nhint: --lora DIR or --lora DIR:WEIGHT");
+                    }
+                }
+                Ok((PathBuf::from(s), 1.0))
+            })
+            .collect()
+    }
+
+    fn paths(&self) -> Result<Vec<PathBuf>> {
+        Ok(self.parse()?.into_iter().map(|(p, _)| p).collect())
+    }
+}
+
+fn parse_float_dtype(s: &str) -> Result<GgmlType> {
+    let t: GgmlType = s.parse().map_err(anyhow::Error::msg)?;
+    if !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        bail!("--dtype {s}: use f32, f16 or bf16");
+    }
+    Ok(t)
+}
+
+/// Opens a model and merges adapters into it (lazily).
+fn load(model: &Path, lora: &LoraArgs) -> Result<(Model, Vec<LoraAdapter>)> {
+    let mut m = import::open(model).with_context(|| format!("importing {}", model.display()))?;
+    let mut adapters = Vec::new();
+    for (p, w) in lora.parse()? {
+        let ad = load_adapter(&p).with_context(|| format!("reading adapter {}", p.display()))?;
+        if let Some(base) = &ad.base_model {
+            let leaf = base.rsplit('/').next().unwrap_or(base);
+            if !m.name.to_lowercase().contains(&leaf.to_lowercase()) {
+                tracing::info!(
+                    "{}: trained on `{base}`; the base given is `{}` (shapes are checked)",
+                    p.display(),
+                    m.name
+                );
+            }
+        }
+        adapters.push((ad, w));
+    }
+    merge_adapters(&mut m, &adapters).context("merging LoRA adapters")?;
+    Ok((m, adapters.into_iter().map(|(a, _)| a).collect()))
+}
+
+fn inputs<'a>(model: &'a Path, lora: &'a [PathBuf]) -> Vec<&'a Path> {
+    let mut v = vec![model];
+    v.extend(lora.iter().map(PathBuf::as_path));
+    v
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let json_out = cli.json;
+    match cli.command {
+        Command::Inspect { model } => inspect(&model, json_out),
+        Command::Merge {
+            base,
+            lora,
+            dtype,
+            output,
+        } => {
+            if lora.adapters.is_empty() {
+                bail!("merge needs at least one --lora adapter\nhint: edgepack merge ./base --lora ./adapter -o ./merged");
+            }
+            write_hf(&base, &lora, dtype.as_deref(), &output, json_out)
+        }
+        Command::Export(Export::Hf {
+            model,
+            lora,
+            dtype,
+            output,
+        }) => write_hf(&model, &lora, dtype.as_deref(), &output, json_out),
+        Command::Export(Export::Gguf {
+            model,
+            lora,
+            quant,
+            pure,
+            name,
+            output,
+        }) => {
+            let preset: Preset = quant.parse().map_err(anyhow::Error::msg)?;
+            let lp = lora.paths()?;
+            ensure_not_input(&output, &inputs(&model, &lp))?;
+            let t0 = Instant::now();
+            let (m, _) = load(&model, &lora)?;
+            let bars = Bars::new(json_out);
+            let opts = GgufOptions {
+                preset,
+                pure,
+                imatrix: None,
+                name,
+            };
+            let report = export_gguf(&m, &output, &opts, &bars).with_context(|| {
+                format!("exporting {} to {}", model.display(), output.display())
+            })?;
+            let secs = t0.elapsed().as_secs_f64();
+            if json_out {
+                let mut v = serde_json::to_value(&report)?;
+                v["seconds"] = json!(secs);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "wrote {} ({}, {:.2} MiB, {:.2} bits/weight, {} tensors) in {:.1}s",
+                    report.path,
+                    report.preset,
+                    report.bytes as f64 / (1 << 20) as f64,
+                    report.bits_per_weight,
+                    report.tensors.len(),
+                    secs
+                );
+                if report.fallbacks > 0 {
+                    println!(
+                        "note: {} tensors have rows that do not divide into 256-element blocks and use a fallback type (as llama-quantize does)",
+                        report.fallbacks
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Export(Export::GgufLora {
+            adapter,
+            base,
+            outtype,
+            output,
+        }) => {
+            ensure_not_input(&output, &[&adapter, &base])?;
+            let ty: GgmlType = outtype.parse().map_err(anyhow::Error::msg)?;
+            let m = import::open(&base).with_context(|| format!("importing {}", base.display()))?;
+            let ad = load_adapter(&adapter)
+                .with_context(|| format!("reading adapter {}", adapter.display()))?;
+            let r = export_gguf_lora(&ad, &m, &output, ty)
+                .with_context(|| format!("exporting {}", adapter.display()))?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "wrote {} ({} modules, alpha {}, {}, {:.2} MiB)",
+                    r.path,
+                    r.modules,
+                    r.alpha,
+                    r.ty,
+                    r.bytes as f64 / (1 << 20) as f64
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn write_hf(
+    model: &Path,
+    lora: &LoraArgs,
+    dtype: Option<&str>,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    let lp = lora.paths()?;
+    ensure_not_input(output, &inputs(model, &lp))?;
+    let (m, _) = load(model, lora)?;
+    let dtype = match dtype {
+        Some(d) => parse_float_dtype(d)?,
+        None => m.float_dtype(),
+    };
+    let bars = Bars::new(json_out);
+    let t0 = Instant::now();
+    let r = export_hf(&m, output, dtype, &bars)
+        .with_context(|| format!("writing {}", output.display()))?;
+    if json_out {
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = json!(t0.elapsed().as_secs_f64());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} tensors, {}, {:.2} MiB) in {:.1}s",
+            r.path,
+            r.n_tensors,
+            r.dtype,
+            r.bytes as f64 / (1 << 20) as f64,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path, json_out: bool) -> Result<()> {
+    let m = import::open(path).with_context(|| format!("importing {}", path.display()))?;
+    let c = &m.config;
+    let mut sizes = Vec::new();
+    for p in [
+        Preset::F16,
+        Preset::Q8_0,
+        Preset::Q6_K,
+        Preset::Q5_K_M,
+        Preset::Q4_K_M,
+        Preset::Q4_0,
+    ] {
+        let opts = GgufOptions {
+            preset: p,
+            pure: false,
+            imatrix: None,
+            name: None,
+        };
+        let plan = plan_types(&m, &opts)?;
+        let bytes: usize = plan
+            .iter()
+            .map(|p| p.ty.bytes_for(p.ne.iter().product()).unwrap_or(0))
+            .sum();
+        let n: usize = plan.iter().map(|p| p.ne.iter().product::<usize>()).sum();
+        sizes.push(json!({"quant": p.name(), "bytes": bytes, "bits_per_weight": bytes as f64 * 8.0 / n.max(1) as f64,
+            "fallbacks": plan.iter().filter(|p| p.wanted.is_some()).count()}));
+    }
+    let dtypes: Vec<_> = m
+        .dtypes()
+        .into_iter()
+        .map(|(d, n)| json!({"dtype": d.name(), "tensors": n}))
+        .collect();
+    let tok = &m.tokenizer;
+    let tok_kind = tok.tokenizer_json.as_ref().and_then(|t| {
+        serde_json::from_str::<serde_json::Value>(t)
+            .ok()?
+            .pointer("/model/type")?
+            .as_str()
+            .map(str::to_owned)
+    });
+    let vocab_entries = tok.tokenizer_json.as_ref().and_then(|t| {
+        serde_json::from_str::<serde_json::Value>(t)
+            .ok()?
+            .pointer("/model/vocab")
+            .map(|v| {
+                v.as_object()
+                    .map(|o| o.len())
+                    .or(v.as_array().map(|a| a.len()))
+                    .unwrap_or(0)
+            })
+    });
+    let info = json!({
+        "path": path.display().to_string(),
+        "name": m.name,
+        "format": match m.source_format { edgepack_converters::model::SourceFormat::HfFolder => "hf", _ => "gguf" },
+        "architecture": c.arch.gguf_name(),
+        "hf_class": c.arch.hf_class(),
+        "n_params": m.n_params(),
+        "bytes": m.source_bytes(),
+        "dtypes": dtypes,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "layers": c.num_hidden_layers,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "context_length": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_type(),
+        "tied_embeddings": c.tie_word_embeddings,
+        "tokenizer": {
+            "present": !tok.is_empty(),
+            "kind": tok_kind,
+            "vocab_entries": vocab_entries,
+            "sentencepiece_model": tok.sentencepiece_model.is_some(),
+            "chat_template": tok.chat_template().is_some(),
+        },
+        "gguf_sizes": sizes,
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("{}  ({})", m.name, path.display());
+    println!(
+        "  architecture   {} ({})",
+        c.arch.gguf_name(),
+        c.arch.hf_class()
+    );
+    println!(
+        "  parameters     {:.1} M in {} tensors, {:.1} MiB as stored",
+        m.n_params() as f64 / 1e6,
+        m.tensors.len(),
+        m.source_bytes() as f64 / (1 << 20) as f64
+    );
+    let dt: Vec<String> = m
+        .dtypes()
+        .iter()
+        .map(|(d, n)| format!("{d} x{n}"))
+        .collect();
+    println!("  dtypes         {}", dt.join(", "));
+    println!(
+        "  shape          {} layers, hidden {}, ffn {}, heads {}/{} (kv), head_dim {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    );
+    println!(
+        "  vocab          {} (embeddings {})",
+        c.vocab_size,
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "untied"
+        }
+    );
+    println!(
+        "  context        {} (rope theta {}{})",
+        c.max_position_embeddings,
+        c.rope_theta,
+        c.rope_type()
+            .map(|t| format!(", scaling {t}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  tokenizer      {}{}",
+        if tok.is_empty() {
+            "missing".to_string()
+        } else {
+            tok_kind.unwrap_or_else(|| "sentencepiece".into())
+        },
+        if tok.chat_template().is_some() {
+            ", chat template"
+        } else {
+            ""
+        }
+    );
+    println!("  GGUF size by quantization (llama-quantize's mixtures):");
+    for s in sizes {
+        println!(
+            "    {:<8} {:>9.1} MiB  {:>5.2} bpw{}",
+            s["quant"].as_str().unwrap_or(""),
+            s["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            s["bits_per_weight"].as_f64().unwrap_or(0.0),
+            match s["fallbacks"].as_u64() {
+                Some(0) | None => String::new(),
+                Some(n) => format!("  ({n} tensors fall back: rows not divisible by 256)"),
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Exporters: each maps the internal layout into one file format.
+
+pub mod gguf;
+pub mod gguf_lora;
+pub mod hf;

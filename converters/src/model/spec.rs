@@ -1,0 +1,279 @@
+//! The architecture and hyperparameters of a model, read from Hugging Face `config.json` or
+//! from GGUF metadata, and written back to either.
+
+use std::path::Path;
+
+use serde_json::{json, Value as Json};
+
+use crate::error::{Error, Result};
+
+/// Decoder families edgepack understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Llama 2/3.x, TinyLlama, SmolLM/SmolLM2, Mistral (`LlamaForCausalLM`, `MistralForCausalLM`).
+    Llama,
+    /// Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`): q/k/v biases.
+    Qwen2,
+    /// Phi-3 (`Phi3ForCausalLM`): fused qkv_proj and gate_up_proj.
+    Phi3,
+}
+
+impl Arch {
+    /// `general.architecture` in GGUF.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Phi3 => "phi3",
+        }
+    }
+
+    pub fn from_gguf_name(s: &str) -> Option<Arch> {
+        match s {
+            "llama" => Some(Arch::Llama),
+            "qwen2" => Some(Arch::Qwen2),
+            "phi3" => Some(Arch::Phi3),
+            _ => None,
+        }
+    }
+
+    /// The `architectures[0]` of config.json that transformers loads this as.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
+        }
+    }
+
+    /// `model_type` of config.json.
+    pub fn hf_model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Phi3 => "phi3",
+        }
+    }
+
+    fn from_hf_class(s: &str) -> Option<Arch> {
+        match s {
+            "LlamaForCausalLM" | "MistralForCausalLM" => Some(Arch::Llama),
+            "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "Phi3ForCausalLM" => Some(Arch::Phi3),
+            _ => None,
+        }
+    }
+
+    pub const SUPPORTED_HF: &'static str =
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM";
+}
+
+/// The hyperparameters every part of edgepack needs, plus the original config for round trips.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    /// `rope_scaling` as config.json has it (llama3, linear, yarn, longrope), if any.
+    pub rope_scaling: Option<Json>,
+    /// Phi-3's `original_max_position_embeddings`.
+    pub original_max_position_embeddings: Option<usize>,
+    pub sliding_window: Option<usize>,
+    /// `torch_dtype` / `dtype` of the checkpoint.
+    pub torch_dtype: Option<String>,
+    /// The config.json as read (HF sources); exports keep unknown keys from here.
+    pub raw: Option<Json>,
+}
+
+fn req_usize(cfg: &Json, key: &str, path: &Path) -> Result<usize> {
+    cfg.get(key)
+        .and_then(Json::as_u64)
+        .map(|v| v as usize)
+        .ok_or_else(|| Error::format(path, key, "missing or not a non-negative integer"))
+}
+
+fn opt_usize(cfg: &Json, key: &str) -> Option<usize> {
+    cfg.get(key).and_then(Json::as_u64).map(|v| v as usize)
+}
+
+impl ModelConfig {
+    /// Reads config.json. `path` names the file in errors.
+    pub fn from_hf_json(cfg: &Json, path: &Path) -> Result<ModelConfig> {
+        let class = cfg
+            .get("architectures")
+            .and_then(Json::as_array)
+            .and_then(|a| a.first())
+            .and_then(Json::as_str)
+            .ok_or_else(|| Error::format(path, "architectures", "missing"))?;
+        let arch = Arch::from_hf_class(class).ok_or_else(|| {
+            Error::unsupported(
+                path,
+                "architectures",
+                format!(
+                    "unknown architecture `{class}` (supported: {})",
+                    Arch::SUPPORTED_HF
+                ),
+            )
+        })?;
+        let hidden_size = req_usize(cfg, "hidden_size", path)?;
+        let num_attention_heads = req_usize(cfg, "num_attention_heads", path)?;
+        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+            return Err(Error::format(
+                path,
+                "num_attention_heads",
+                format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
+            ));
+        }
+        let num_key_value_heads =
+            opt_usize(cfg, "num_key_value_heads").unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::format(
+                path,
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        let head_dim = opt_usize(cfg, "head_dim").unwrap_or(hidden_size / num_attention_heads);
+        let rope_scaling = cfg.get("rope_scaling").filter(|v| !v.is_null()).cloned();
+        let rope_theta = cfg
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .or_else(|| {
+                cfg.get("rope_parameters")
+                    .and_then(|r| r.get("rope_theta"))
+                    .and_then(Json::as_f64)
+            })
+            .unwrap_or(10000.0);
+        Ok(ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: req_usize(cfg, "intermediate_size", path)?,
+            num_hidden_layers: req_usize(cfg, "num_hidden_layers", path)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size: req_usize(cfg, "vocab_size", path)?,
+            max_position_embeddings: opt_usize(cfg, "max_position_embeddings").unwrap_or(2048),
+            rms_norm_eps: cfg
+                .get("rms_norm_eps")
+                .and_then(Json::as_f64)
+                .ok_or_else(|| Error::format(path, "rms_norm_eps", "missing or not a number"))?,
+            rope_theta,
+            tie_word_embeddings: cfg
+                .get("tie_word_embeddings")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+            rope_scaling,
+            original_max_position_embeddings: opt_usize(cfg, "original_max_position_embeddings"),
+            sliding_window: opt_usize(cfg, "sliding_window"),
+            torch_dtype: cfg
+                .get("torch_dtype")
+                .or_else(|| cfg.get("dtype"))
+                .and_then(Json::as_str)
+                .map(str::to_owned),
+            raw: Some(cfg.clone()),
+        })
+    }
+
+    /// config.json for this model: the original with the fields edgepack knows updated, or a
+    /// fresh one that transformers loads.
+    pub fn to_hf_json(&self, dtype: &str) -> Json {
+        let mut cfg = self.raw.clone().unwrap_or_else(|| json!({}));
+        let obj = cfg.as_object_mut().expect("config.json is an object");
+        let mut set = |k: &str, v: Json| {
+            obj.insert(k.to_string(), v);
+        };
+        set("architectures", json!([self.arch.hf_class()]));
+        set("model_type", json!(self.arch.hf_model_type()));
+        set("hidden_size", json!(self.hidden_size));
+        set("intermediate_size", json!(self.intermediate_size));
+        set("num_hidden_layers", json!(self.num_hidden_layers));
+        set("num_attention_heads", json!(self.num_attention_heads));
+        set("num_key_value_heads", json!(self.num_key_value_heads));
+        set("vocab_size", json!(self.vocab_size));
+        set(
+            "max_position_embeddings",
+            json!(self.max_position_embeddings),
+        );
+        set("rms_norm_eps", json!(self.rms_norm_eps));
+        set("rope_theta", json!(self.rope_theta));
+        set("tie_word_embeddings", json!(self.tie_word_embeddings));
+        set("torch_dtype", json!(dtype));
+        if self.head_dim != self.hidden_size / self.num_attention_heads
+            || self
+                .raw
+                .as_ref()
+                .is_some_and(|r| r.get("head_dim").is_some())
+        {
+            set("head_dim", json!(self.head_dim));
+        }
+        if let Some(r) = &self.rope_scaling {
+            set("rope_scaling", r.clone());
+        }
+        if let Some(o) = self.original_max_position_embeddings {
+            set("original_max_position_embeddings", json!(o));
+        }
+        if self.raw.is_none() {
+            set("hidden_act", json!("silu"));
+            set("attention_bias", json!(self.arch == Arch::Qwen2));
+            set("use_cache", json!(true));
+            if let Some(w) = self.sliding_window {
+                set("sliding_window", json!(w));
+            }
+        }
+        cfg
+    }
+
+    pub fn n_embd_kv(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    pub fn n_embd_q(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// The rope scaling type string, if the config has one.
+    pub fn rope_type(&self) -> Option<String> {
+        let r = self.rope_scaling.as_ref()?;
+        r.get("rope_type")
+            .or_else(|| r.get("type"))
+            .and_then(Json::as_str)
+            .map(str::to_owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_architecture_is_refused_naming_the_field() {
+        let cfg = json!({"architectures": ["GPT2LMHeadModel"]});
+        let err = ModelConfig::from_hf_json(&cfg, Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m/config.json: architectures"), "{err}");
+        assert!(err.contains("GPT2LMHeadModel"), "{err}");
+    }
+
+    #[test]
+    fn head_dim_defaults_from_hidden_size_and_heads() {
+        let cfg = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-5});
+        let c = ModelConfig::from_hf_json(&cfg, Path::new("config.json")).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.n_embd_kv(), 32);
+        assert_eq!(c.rope_theta, 10000.0);
+    }
+}

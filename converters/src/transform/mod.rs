@@ -1,0 +1,3 @@
+//! Transforms: each one changes a model in the internal layout and does one thing.
+
+pub mod lora;

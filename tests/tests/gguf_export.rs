@@ -1,0 +1,168 @@
+//! GGUF export checked against llama.cpp's own tools on the same inputs: float exports are
+//! byte-identical to `convert_hf_to_gguf.py`, quantized exports pick the same type per tensor as
+//! llama-quantize, legacy blocks are byte-identical, and K-quant blocks are compared by bytes
+//! and by error.
+
+use std::path::Path;
+
+use edgepack_tests::fixtures::Tiny;
+use edgepack_tests::*;
+use safetensors::Dtype;
+
+fn variants() -> Vec<(&'static str, Tiny)> {
+    vec![
+        ("llama-tied-f32", Tiny::llama()),
+        (
+            "llama-untied-bf16",
+            Tiny {
+                tied: false,
+                dtype: Dtype::BF16,
+                ..Tiny::llama()
+            },
+        ),
+        (
+            "qwen2-tied-f16",
+            Tiny {
+                arch: "qwen2",
+                dtype: Dtype::F16,
+                ..Tiny::llama()
+            },
+        ),
+        (
+            "phi3-untied-f32",
+            Tiny {
+                arch: "phi3",
+                tied: false,
+                kv_heads: 4,
+                ..Tiny::llama()
+            },
+        ),
+    ]
+}
+
+/// Metadata the two tools legitimately write differently: names and provenance.
+fn is_provenance(diff_line: &str) -> bool {
+    let key = diff_line
+        .trim_start_matches("missing key ")
+        .trim_start_matches("extra key ")
+        .split(':')
+        .next()
+        .unwrap_or("");
+    key.starts_with("general.")
+        && !matches!(
+            key,
+            "general.architecture"
+                | "general.file_type"
+                | "general.quantization_version"
+                | "general.alignment"
+        )
+}
+
+fn export(hf: &Path, quant: &str, out: &Path) {
+    run_ok(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(hf)
+            .args(["--quant", quant, "-o"])
+            .arg(out),
+    );
+}
+
+#[test]
+fn float_exports_are_byte_identical_to_llama_cpp_convert_hf_to_gguf() {
+    let work = tempfile::tempdir().unwrap();
+    for (name, spec) in variants() {
+        let hf = tiny(name, spec);
+        for (quant, outtype) in [("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")] {
+            let ours = work.path().join(format!("{name}-{quant}-ours.gguf"));
+            let theirs = work.path().join(format!("{name}-{quant}-llama.gguf"));
+            export(&hf, quant, &ours);
+            llama_convert(&hf, outtype, &theirs);
+            let d = oracle("gguf_kv_diff.py", &[&ours, &theirs]);
+            let kv: Vec<&str> = d["kv_diff"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .filter(|l| !is_provenance(l))
+                .collect();
+            assert!(
+                kv.is_empty(),
+                "{name} {quant}: metadata differs from llama.cpp: {kv:#?}"
+            );
+            assert_eq!(
+                d["tensor_diff"].as_array().unwrap().len(),
+                0,
+                "{name} {quant}: tensors differ from llama.cpp: {:#}",
+                d["tensor_diff"]
+            );
+            let check = oracle("gguf_check.py", &[&ours]);
+            assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check:#}");
+        }
+    }
+}
+
+#[test]
+fn quantized_exports_match_llama_quantize_type_choices_and_blocks() {
+    let work = tempfile::tempdir().unwrap();
+    let hf = tiny("llama-untied-bf16", variants()[1].1);
+    let reference = work.path().join("llama-f32.gguf");
+    llama_convert(&hf, "f32", &reference);
+    let legacy = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"];
+    let mut summary = Vec::new();
+    for (preset, ftype) in [
+        ("Q8_0", 7),
+        ("Q4_0", 2),
+        ("Q4_1", 3),
+        ("Q5_0", 8),
+        ("Q5_1", 9),
+        ("Q2_K", 10),
+        ("Q3_K_M", 12),
+        ("Q4_K_S", 14),
+        ("Q4_K_M", 15),
+        ("Q5_K_M", 17),
+        ("Q6_K", 18),
+    ] {
+        let ours = work.path().join(format!("{preset}-ours.gguf"));
+        let theirs = work.path().join(format!("{preset}-llama.gguf"));
+        export(&hf, preset, &ours);
+        let mut q = std::process::Command::new(python());
+        q.arg(root().join("tests/python/llama_quantize.py"))
+            .arg(&reference)
+            .arg(&theirs)
+            .arg(ftype.to_string());
+        run_ok(&mut q);
+        let d = oracle("gguf_tensor_diff.py", &[&ours, &theirs, &reference]);
+        assert_eq!(
+            d["type_mismatch"].as_array().unwrap().len(),
+            0,
+            "{preset}: per-tensor types differ from llama-quantize: {:#}",
+            d["type_mismatch"]
+        );
+        assert_eq!(d["missing"].as_array().unwrap().len(), 0, "{d:#}");
+        for (ty, t) in d["by_type"].as_object().unwrap() {
+            let blocks = t["blocks"].as_f64().unwrap();
+            let same = t["identical_blocks"].as_f64().unwrap();
+            if legacy.contains(&ty.as_str()) || ty == "F32" || ty == "F16" {
+                assert_eq!(
+                    same, blocks,
+                    "{preset}: {ty} blocks must be byte-identical: {t:#}"
+                );
+            } else {
+                // K-quants: held to error (facts §3.6), and reported by bytes.
+                let ratio = t["rmse_ratio"].as_f64().unwrap_or(1.0);
+                assert!(
+                    ratio <= 1.0 + 1e-3,
+                    "{preset}: {ty} error ratio {ratio} vs llama.cpp"
+                );
+                summary.push(format!(
+                    "{preset} {ty}: {same}/{blocks} blocks identical, RMSE ratio {ratio:.6}"
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "K-quant agreement with llama-quantize:\n{}",
+        summary.join("\n")
+    );
+}
