@@ -20,6 +20,8 @@ pub struct Tiny {
     pub vocab: usize,
     pub tied: bool,
     pub dtype: Dtype,
+    /// A SentencePiece tokenizer (Llama 2 / TinyLlama / Phi-3 style) instead of SmolLM2's BPE.
+    pub spm: bool,
 }
 
 impl Tiny {
@@ -35,9 +37,25 @@ impl Tiny {
             vocab: 49152,
             tied: true,
             dtype: Dtype::F32,
+            spm: false,
+        }
+    }
+
+    /// A Phi-3-style toy: fused projections, untied, SentencePiece tokenizer.
+    pub fn phi3() -> Tiny {
+        Tiny {
+            arch: "phi3",
+            tied: false,
+            kv_heads: 4,
+            vocab: SPM_VOCAB,
+            spm: true,
+            ..Tiny::llama()
         }
     }
 }
+
+/// Vocabulary of the SentencePiece fixture: 512 pieces, 5 added tokens, 3 filler rows.
+pub const SPM_VOCAB: usize = 520;
 
 /// xorshift64*: deterministic values without a rand dependency.
 struct Rng(u64);
@@ -169,8 +187,11 @@ pub fn write_tiny(dir: &Path, t: &Tiny, tokenizer_from: &Path, seed: u64) {
         "hidden_act": "silu",
         "torch_dtype": dtype,
         "bos_token_id": 1,
-        "eos_token_id": 2,
+        "eos_token_id": if t.spm { 512 } else { 2 },
     });
+    if t.spm {
+        cfg["pad_token_id"] = json!(512);
+    }
     if t.arch == "phi3" {
         cfg["original_max_position_embeddings"] = json!(2048);
         cfg["rope_scaling"] = serde_json::Value::Null;
@@ -182,6 +203,7 @@ pub fn write_tiny(dir: &Path, t: &Tiny, tokenizer_from: &Path, seed: u64) {
     )
     .unwrap();
     for f in [
+        "tokenizer.model",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",

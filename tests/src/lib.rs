@@ -154,8 +154,7 @@ pub fn llama_convert(hf: &Path, outtype: &str, out: &Path) {
     cmd.arg(llama_cpp_src().join("convert_hf_to_gguf.py"))
         .arg(hf)
         .args(["--outtype", outtype, "--outfile"])
-        .arg(out)
-        .env("NO_LOCAL_GGUF", "1");
+        .arg(out);
     run_ok(&mut cmd);
 }
 
@@ -174,9 +173,21 @@ pub fn smollm2_hf() -> PathBuf {
     })
 }
 
-/// A tiny random model of `arch` with SmolLM2's tokenizer, built once per test run.
+/// A SentencePiece tokenizer trained by sentencepiece itself (tests/python/make_spm.py).
+pub fn spm_tokenizer() -> PathBuf {
+    let dir = shared_work_dir().join("spm-tokenizer");
+    fixtures::build_once(&dir, |tmp| {
+        oracle("make_spm.py", &[&tmp]);
+    })
+}
+
+/// A tiny random model with SmolLM2's tokenizer (or a SentencePiece one), built once per run.
 pub fn tiny(name: &str, spec: fixtures::Tiny) -> PathBuf {
     let dir = shared_work_dir().join(format!("tiny-{name}"));
-    let tok = smollm2_hf();
+    let tok = if spec.spm {
+        spm_tokenizer()
+    } else {
+        smollm2_hf()
+    };
     fixtures::build_once(&dir, |tmp| fixtures::write_tiny(tmp, &spec, &tok, 7))
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use edgepack_tests::fixtures::Tiny;
+use edgepack_tests::fixtures::{self, Tiny};
 use edgepack_tests::*;
 use safetensors::Dtype;
 
@@ -28,12 +28,14 @@ fn variants() -> Vec<(&'static str, Tiny)> {
                 ..Tiny::llama()
             },
         ),
+        ("phi3-untied-spm-f32", Tiny::phi3()),
         (
-            "phi3-untied-f32",
+            "llama-untied-spm-f16",
             Tiny {
-                arch: "phi3",
                 tied: false,
-                kv_heads: 4,
+                dtype: Dtype::F16,
+                vocab: fixtures::SPM_VOCAB,
+                spm: true,
                 ..Tiny::llama()
             },
         ),
@@ -72,6 +74,12 @@ fn export(hf: &Path, quant: &str, out: &Path) {
 fn float_exports_are_byte_identical_to_llama_cpp_convert_hf_to_gguf() {
     let work = tempfile::tempdir().unwrap();
     for (name, spec) in variants() {
+        if spec.arch == "qwen2" {
+            // transformers 5 tokenizes any qwen2 model with its own Qwen2Tokenizer pipeline,
+            // whose pre-tokenizer hash on this fixture's (SmolLM2) vocabulary is unknown to the
+            // converter, so the peer cannot convert it; qwen2 is checked by logits below.
+            continue;
+        }
         let hf = tiny(name, spec);
         for (quant, outtype) in [("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")] {
             let ours = work.path().join(format!("{name}-{quant}-ours.gguf"));
@@ -99,6 +107,20 @@ fn float_exports_are_byte_identical_to_llama_cpp_convert_hf_to_gguf() {
             let check = oracle("gguf_check.py", &[&ours]);
             assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check:#}");
         }
+    }
+}
+
+#[test]
+fn f32_exports_give_transformers_logits_in_llama_cpp_for_every_architecture() {
+    let work = tempfile::tempdir().unwrap();
+    for (name, spec) in variants() {
+        let hf = tiny(name, spec);
+        let ours = work.path().join(format!("{name}.gguf"));
+        export(&hf, "F32", &ours);
+        let cmp = oracle("hf_vs_llama.py", &[&hf, &ours]);
+        let diff = cmp["max_abs_logit_diff"].as_f64().unwrap();
+        assert!(diff < 1e-3, "{name}: llama.cpp vs transformers: {cmp:#}");
+        assert_eq!(cmp["top1"].as_f64().unwrap(), 1.0, "{name}: {cmp:#}");
     }
 }
 

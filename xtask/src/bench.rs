@@ -146,8 +146,7 @@ fn convert(model: Option<PathBuf>, quant: &str, output: &Path) -> Result<()> {
             .arg(llama_src.join("convert_hf_to_gguf.py"))
             .arg(&model)
             .args(["--outtype", "f16", "--outfile"])
-            .arg(&peer_f16)
-            .env("NO_LOCAL_GGUF", "1"),
+            .arg(&peer_f16),
     )?;
     let peer = work.join("llama.gguf");
     let m_quant = measure(

@@ -171,8 +171,11 @@ pub fn hparams_metadata(c: &ModelConfig, src: &Path) -> Result<Metadata> {
         format!("{a}.attention.layer_norm_rms_epsilon"),
         Value::F32(c.rms_norm_eps as f32),
     );
+    // llama.cpp's converter writes these whenever transformers' config has `head_dim`, which
+    // for current transformers is every Llama config (it fills the default in).
     let explicit_head_dim = c.raw.as_ref().is_some_and(|r| r.get("head_dim").is_some())
-        || c.head_dim != c.hidden_size / c.num_attention_heads;
+        || c.head_dim != c.hidden_size / c.num_attention_heads
+        || c.arch == Arch::Llama;
     if explicit_head_dim {
         m.set(format!("{a}.attention.key_length"), u(c.head_dim));
         m.set(format!("{a}.attention.value_length"), u(c.head_dim));

@@ -137,10 +137,13 @@ pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
         let (module, part) = split_key(&stripped);
         if part.is_empty() {
             // modules_to_save: a whole replacement weight under its module path.
+            // PEFT also saves targeted embedding layers whole (`save_embedding_layers`), under
+            // `<module>.base_layer.weight`: a replacement like modules_to_save.
             let plain = stripped
                 .replace(".modules_to_save.default.", ".")
                 .replace(".modules_to_save.", ".")
-                .replace(".original_module.", ".");
+                .replace(".original_module.", ".")
+                .replace(".base_layer.", ".");
             replacements.push(Tensor { name: plain, ..t });
             continue;
         }
@@ -333,6 +336,18 @@ pub fn merge_adapters(model: &mut Model, adapters: &[(LoraAdapter, f32)]) -> Res
                 "a DoRA adapter cannot be stacked with other adapters; merge it alone",
             ));
         }
+        // Replacements first: a saved base layer is what this adapter's updates apply to.
+        for r in &ad.replacements {
+            let t = model.tensor_mut(&r.name).expect("checked");
+            if matches!(t.source, Source::Merged { .. }) {
+                return Err(Error::unsupported(
+                    &ad.path,
+                    &r.name,
+                    "a modules_to_save weight replaces a tensor that another adapter also changes",
+                ));
+            }
+            t.source = r.source.clone();
+        }
         for m in &ad.modules {
             if m.kind == ModuleKind::Embedding && m.target != EMBED {
                 return Err(Error::unsupported(
@@ -365,17 +380,6 @@ pub fn merge_adapters(model: &mut Model, adapters: &[(LoraAdapter, f32)]) -> Res
                     None,
                 );
             }
-        }
-        for r in &ad.replacements {
-            let t = model.tensor_mut(&r.name).expect("checked");
-            if matches!(t.source, Source::Merged { .. }) {
-                return Err(Error::unsupported(
-                    &ad.path,
-                    &r.name,
-                    "a modules_to_save weight replaces a tensor that another adapter also changes",
-                ));
-            }
-            t.source = r.source.clone();
         }
     }
     Ok(())
