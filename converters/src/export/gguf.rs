@@ -187,6 +187,32 @@ pub fn plan_types(model: &Model, opts: &GgufOptions) -> Result<Vec<Planned>> {
         .collect())
 }
 
+/// Streams a tensor through `sink` in `ty`, a chunk of rows at a time: values are computed,
+/// quantized on all cores, written, and dropped.
+pub fn stream_quantized(
+    tensor: &Tensor,
+    ty: GgmlType,
+    imatrix: Option<&[f32]>,
+    out: &Path,
+    name: &str,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let n_rows = tensor.n_rows();
+    let step = tensor.rows_per_chunk();
+    let mut row = 0;
+    while row < n_rows {
+        let end = (row + step).min(n_rows);
+        let values = tensor.rows_f32(row..end)?;
+        let bytes = quant::quantize(ty, &values, tensor.row_len(), imatrix)
+            .map_err(|e| Error::format(out, name, e.to_string()))?;
+        sink(&bytes)?;
+        progress.advance(values.len() as u64, name);
+        row = end;
+    }
+    Ok(())
+}
+
 /// Exports `model` as a GGUF file at `out` (atomically).
 pub fn export_gguf(
     model: &Model,
@@ -208,19 +234,15 @@ pub fn export_gguf(
     let writer = GgufWriter::new(&metadata, plans, out)?;
     let total: u64 = items.iter().map(|i| i.tensor.numel() as u64).sum();
     progress.start("writing GGUF", total);
-    writer.write(out, |i, plan| {
+    writer.write(out, |i, plan, sink| {
         let item = &items[i];
-        let values = item.tensor.to_f32()?;
         let w = opts
             .imatrix
             .as_ref()
             .and_then(|m| m.get(&plan.name))
             .filter(|_| plan.ty.is_quantized())
             .map(Vec::as_slice);
-        let bytes = quant::quantize(plan.ty, &values, plan.ne[0], w)
-            .map_err(|e| Error::format(out, &plan.name, e.to_string()))?;
-        progress.advance(item.tensor.numel() as u64, &plan.name);
-        Ok(bytes)
+        stream_quantized(&item.tensor, plan.ty, w, out, &plan.name, sink, progress)
     })?;
     progress.finish();
     let tensors: Vec<TensorReport> = writer

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::export::gguf::stream_quantized;
 use crate::gguf::names::{hf_to_gguf, rope_permutation, rope_permute_heads};
 use crate::gguf::value::{Metadata, Value};
 use crate::gguf::writer::{GgufWriter, TensorPlan};
 use crate::model::{Model, Source, Tensor};
-use crate::quant::{self, GgmlType};
+use crate::progress::Silent;
+use crate::quant::GgmlType;
 use crate::transform::lora::{LoraAdapter, ModuleKind};
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,11 +142,8 @@ pub fn export_gguf_lora(
         })
         .collect();
     let w = GgufWriter::new(&md, plans, out)?;
-    w.write(out, |i, plan| {
-        let t = &items[i].1;
-        let v = t.to_f32()?;
-        quant::quantize(plan.ty, &v, plan.ne[0], None)
-            .map_err(|e| Error::format(out, &plan.name, e.to_string()))
+    w.write(out, |i, plan, sink| {
+        stream_quantized(&items[i].1, plan.ty, None, out, &plan.name, sink, &Silent)
     })?;
     Ok(LoraReport {
         path: out.display().to_string(),

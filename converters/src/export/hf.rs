@@ -8,10 +8,11 @@ use serde::Serialize;
 use serde_json::{json, Value as Json};
 
 use crate::error::{Error, Result};
+use crate::export::gguf::stream_quantized;
 use crate::io::{write_file, AtomicDir, AtomicFile};
 use crate::model::{Model, Tensor};
 use crate::progress::Progress;
-use crate::quant::{self, GgmlType};
+use crate::quant::GgmlType;
 
 /// Largest shard written before starting another (transformers' default is 5 GB; we stay below).
 pub const MAX_SHARD_BYTES: usize = 4 << 30;
@@ -71,16 +72,22 @@ fn write_safetensors(
     f.write_all(&(h.len() as u64).to_le_bytes())?;
     f.write_all(&h)?;
     for t in tensors {
-        let bytes = match (t.mapped_bytes(), t.dtype() == dtype) {
-            (Some(b), true) => b.to_vec(),
-            _ => {
-                let v = t.to_f32()?;
-                quant::quantize(dtype, &v, t.row_len(), None)
-                    .map_err(|e| Error::format(path, &t.name, e.to_string()))?
+        match (t.mapped_bytes(), t.dtype() == dtype) {
+            // Same dtype straight from a mapped file: copy the bytes as they are.
+            (Some(b), true) => {
+                f.write_all(b)?;
+                progress.advance(t.numel() as u64, &t.name);
             }
-        };
-        f.write_all(&bytes)?;
-        progress.advance(t.numel() as u64, &t.name);
+            _ => stream_quantized(
+                t,
+                dtype,
+                None,
+                path,
+                &t.name,
+                &mut |b: &[u8]| f.write_all(b),
+                progress,
+            )?,
+        }
     }
     f.commit()?;
     Ok((8 + h.len() + offset) as u64)

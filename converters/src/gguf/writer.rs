@@ -180,29 +180,31 @@ impl GgufWriter {
                 .sum::<usize>()
     }
 
-    /// Writes the file atomically. `produce(i)` returns the bytes of tensor `i`, called in
-    /// order; `produce` may overlap work for later tensors as it likes.
+    /// Writes the file atomically. `produce(i, plan, sink)` streams the bytes of tensor `i`
+    /// into `sink` (in as many pieces as it likes); tensors are produced in header order.
     pub fn write(
         &self,
         path: &Path,
-        mut produce: impl FnMut(usize, &TensorPlan) -> Result<Vec<u8>>,
+        mut produce: impl FnMut(usize, &TensorPlan, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
     ) -> Result<()> {
         let mut f = AtomicFile::create(path)?;
         f.write_all(&self.header)?;
         let zeros = vec![0u8; self.alignment];
         for (i, t) in self.tensors.iter().enumerate() {
-            let bytes = produce(i, t)?;
-            if bytes.len() != t.nbytes() {
+            let mut written = 0usize;
+            produce(i, t, &mut |bytes: &[u8]| {
+                written += bytes.len();
+                f.write_all(bytes)
+            })?;
+            if written != t.nbytes() {
                 return Err(Error::Invalid(format!(
-                    "{}: tensor {} produced {} bytes, expected {}",
+                    "{}: tensor {} produced {written} bytes, expected {}",
                     path.display(),
                     t.name,
-                    bytes.len(),
                     t.nbytes()
                 )));
             }
-            f.write_all(&bytes)?;
-            let p = pad(bytes.len(), self.alignment) - bytes.len();
+            let p = pad(written, self.alignment) - written;
             f.write_all(&zeros[..p])?;
         }
         f.flush().map_err(|e| Error::io(path, e))?;
@@ -240,7 +242,8 @@ mod tests {
             },
         ];
         let w = GgufWriter::new(&md, tensors, &path).unwrap();
-        w.write(&path, |_, t| Ok(vec![7u8; t.nbytes()])).unwrap();
+        w.write(&path, |_, t, sink| sink(&vec![7u8; t.nbytes()]))
+            .unwrap();
         let f = GgufFile::open(&path).unwrap();
         assert_eq!(f.metadata, md);
         assert_eq!(f.tensors[0].offset, f.data_start);
@@ -264,7 +267,8 @@ mod tests {
             ty: GgmlType::F32,
         }];
         let w = GgufWriter::new(&md, tensors, &path).unwrap();
-        w.write(&path, |_, t| Ok(vec![0u8; t.nbytes()])).unwrap();
+        w.write(&path, |_, t, sink| sink(&vec![0u8; t.nbytes()]))
+            .unwrap();
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 100]).unwrap();
         let err = GgufFile::open(&path).unwrap_err().to_string();
