@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about boards or SSH; see `docs/architecture.md`.
 
+pub mod calib;
 pub mod error;
 pub mod export;
 pub mod gguf;

@@ -191,3 +191,22 @@ pub fn tiny(name: &str, spec: fixtures::Tiny) -> PathBuf {
     };
     fixtures::build_once(&dir, |tmp| fixtures::write_tiny(tmp, &spec, &tok, 7))
 }
+
+/// Whether a line of `gguf_kv_diff.py` output is about model-card provenance (`general.*` keys
+/// other than the ones llama.cpp reads), which tools legitimately write differently.
+pub fn is_provenance(diff_line: &str) -> bool {
+    let key = diff_line
+        .trim_start_matches("missing key ")
+        .trim_start_matches("extra key ")
+        .split(':')
+        .next()
+        .unwrap_or("");
+    key.starts_with("general.")
+        && !matches!(
+            key,
+            "general.architecture"
+                | "general.file_type"
+                | "general.quantization_version"
+                | "general.alignment"
+        )
+}

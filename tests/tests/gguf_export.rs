@@ -42,24 +42,6 @@ fn variants() -> Vec<(&'static str, Tiny)> {
     ]
 }
 
-/// Metadata the two tools legitimately write differently: names and provenance.
-fn is_provenance(diff_line: &str) -> bool {
-    let key = diff_line
-        .trim_start_matches("missing key ")
-        .trim_start_matches("extra key ")
-        .split(':')
-        .next()
-        .unwrap_or("");
-    key.starts_with("general.")
-        && !matches!(
-            key,
-            "general.architecture"
-                | "general.file_type"
-                | "general.quantization_version"
-                | "general.alignment"
-        )
-}
-
 fn export(hf: &Path, quant: &str, out: &Path) {
     run_ok(
         edgepack()

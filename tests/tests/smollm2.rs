@@ -22,6 +22,9 @@ fn q4_1_reexport_reproduces_every_tensor_of_the_original_byte_for_byte() {
         d["identical_tensors"], d["compared"],
         "every tensor must be byte-identical: {d:#}"
     );
+    // Metadata too: hyperparameters, tokenizer, chat template and model-card keys survive.
+    let kv = oracle("gguf_kv_diff.py", &[&ours, &smollm2_gguf()]);
+    assert_eq!(kv["kv_diff"].as_array().unwrap().len(), 0, "{kv:#}");
     let check = oracle("gguf_check.py", &[&ours]);
     assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check:#}");
 }

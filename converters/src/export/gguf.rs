@@ -12,10 +12,10 @@ use crate::error::{Error, Result};
 use crate::gguf::names::{
     hf_to_gguf, hparams_metadata, llama3_rope_freqs, rope_permutation, rope_permute_heads,
 };
-use crate::gguf::value::{Metadata, Value};
+use crate::gguf::value::{Array, Metadata, Value};
 use crate::gguf::vocab::gguf_vocab_from_hf;
 use crate::gguf::writer::{GgufWriter, TensorPlan};
-use crate::model::{Model, Source, Tensor};
+use crate::model::{CardValue, Model, Source, Tensor};
 use crate::progress::Progress;
 use crate::quant::preset::{gguf_tensor_order, plan, PlanInput, PlanOptions, Preset};
 use crate::quant::{self, GgmlType};
@@ -121,6 +121,13 @@ pub fn model_metadata(model: &Model, preset: Preset, name: Option<&str>) -> Resu
         "general.name",
         Value::String(name.unwrap_or(&model.name).to_string()),
     );
+    for (k, v) in &model.card {
+        let v = match v {
+            CardValue::Text(s) => Value::String(s.clone()),
+            CardValue::List(l) => Value::Array(Array::String(l.clone())),
+        };
+        m.set(format!("general.{k}"), v);
+    }
     for (k, v) in hparams_metadata(c, &model.source)?.iter() {
         m.set(k, v.clone());
     }

@@ -172,10 +172,11 @@ pub fn hparams_metadata(c: &ModelConfig, src: &Path) -> Result<Metadata> {
         Value::F32(c.rms_norm_eps as f32),
     );
     // llama.cpp's converter writes these whenever transformers' config has `head_dim`, which
-    // for current transformers is every Llama config (it fills the default in).
+    // for current transformers is every Llama config (it fills the default in). A config read
+    // from a GGUF (`raw` is None unless it had key_length) keeps what that file had.
     let explicit_head_dim = c.raw.as_ref().is_some_and(|r| r.get("head_dim").is_some())
         || c.head_dim != c.hidden_size / c.num_attention_heads
-        || c.arch == Arch::Llama;
+        || (c.arch == Arch::Llama && c.raw.is_some());
     if explicit_head_dim {
         m.set(format!("{a}.attention.key_length"), u(c.head_dim));
         m.set(format!("{a}.attention.value_length"), u(c.head_dim));

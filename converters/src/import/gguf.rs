@@ -10,9 +10,10 @@ use crate::gguf::names::{
     config_from_metadata, gguf_to_hf, is_generated, rope_permute_heads, rope_unpermutation,
 };
 use crate::gguf::reader::GgufFile;
+use crate::gguf::value::{Array, Value};
 use crate::gguf::vocab::hf_tokenizer_from_gguf;
 use crate::model::names::{expected_tensors, LM_HEAD};
-use crate::model::{Model, Source, SourceFormat, Tensor};
+use crate::model::{CardValue, Model, Source, SourceFormat, Tensor};
 
 /// Imports a GGUF file into the internal layout.
 pub fn import_gguf(path: &Path) -> Result<Model> {
@@ -110,6 +111,30 @@ pub fn import_gguf(path: &Path) -> Result<Model> {
         .map(str::to_owned)
         .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "model".into());
+    // Keys llama.cpp and edgepack derive themselves are not card facts.
+    const DERIVED: [&str; 6] = [
+        "architecture",
+        "type",
+        "name",
+        "file_type",
+        "quantization_version",
+        "alignment",
+    ];
+    let mut card = Vec::new();
+    for (k, v) in f.metadata.iter() {
+        let Some(short) = k.strip_prefix("general.") else {
+            continue;
+        };
+        if DERIVED.contains(&short) {
+            continue;
+        }
+        let value = match v {
+            Value::String(s) => CardValue::Text(s.clone()),
+            Value::Array(Array::String(l)) => CardValue::List(l.clone()),
+            _ => continue,
+        };
+        card.push((short.to_string(), value));
+    }
     Ok(Model {
         config,
         tensors,
@@ -119,5 +144,6 @@ pub fn import_gguf(path: &Path) -> Result<Model> {
             file_type: f.metadata.get_i64("general.file_type").map(|v| v as u32),
         },
         name,
+        card,
     })
 }

@@ -222,5 +222,6 @@ pub fn import_folder(dir: &Path) -> Result<Model> {
         source: dir.to_path_buf(),
         source_format: SourceFormat::HfFolder,
         name,
+        card: Vec::new(),
     })
 }

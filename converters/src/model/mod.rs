@@ -35,6 +35,16 @@ pub struct Model {
     pub source_format: SourceFormat,
     /// A human name (`general.name`, or the folder name).
     pub name: String,
+    /// Model-card facts carried through conversions (GGUF `general.*` keys such as license,
+    /// basename, size_label, languages), without the `general.` prefix.
+    pub card: Vec<(String, CardValue)>,
+}
+
+/// A model-card value: text or a list of texts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CardValue {
+    Text(String),
+    List(Vec<String>),
 }
 
 impl Model {
@@ -69,20 +79,19 @@ impl Model {
         v
     }
 
-    /// The dtype to store merged/exported float weights in: the checkpoint's float type.
+    /// The dtype to store exported float weights in without loss: an HF checkpoint's own float
+    /// type; F32 for a GGUF, whose norms are F32 beside F16/BF16/quantized weights and whose
+    /// dequantized values are f32 products that a 16-bit type would round.
     pub fn float_dtype(&self) -> GgmlType {
+        if matches!(self.source_format, SourceFormat::Gguf { .. }) {
+            return GgmlType::F32;
+        }
         let mut best = (GgmlType::F32, 0usize);
         for (d, n) in self.dtypes() {
             if matches!(d, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) && n > best.1 {
                 best = (d, n);
             }
         }
-        if best.1 == 0 {
-            // Quantized sources (a GGUF): dequantized values are f32 products that f16 would
-            // round, so only F32 keeps them exact.
-            GgmlType::F32
-        } else {
-            best.0
-        }
+        best.0
     }
 }

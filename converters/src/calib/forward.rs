@@ -1,0 +1,658 @@
+//! The reference forward pass of the decoders edgepack supports (Llama, Qwen2, Phi-3) in f32 on
+//! candle's CPU backend, with a KV cache.
+//!
+//! It owns: loading every weight of a [`Model`] into memory, RMSNorm, rotary embeddings (plain,
+//! linear and llama3 scaling) in the HF `rotate_half` layout on HF-ordered Q/K rows,
+//! grouped-query causal attention, the SiLU-gated MLP, and the hook that shows a calibration
+//! observer the input activations of every linear layer. It is the numeric reference the
+//! exporters and quantizers are judged against, so it follows transformers' float32 eager path
+//! rather than any fused or approximate kernel.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor as CTensor, D};
+use serde_json::Value as Json;
+
+use crate::error::{Error, Result};
+use crate::model::{Arch, Model, ModelConfig};
+
+/// Candle errors inside the forward pass are shape bugs or allocation failures, not input
+/// problems; they carry no file, so they become [`Error::Invalid`].
+fn ce(e: candle_core::Error) -> Error {
+    Error::Invalid(format!("forward pass: {e}"))
+}
+
+/// A linear layer `y = x Wᵀ (+ b)` with its HF weight name, which observers see.
+struct Linear {
+    name: String,
+    /// `[out_features, in_features]`, as PyTorch stores it.
+    w: CTensor,
+    b: Option<CTensor>,
+    in_features: usize,
+}
+
+/// Receives `(weight name, input activations [n_tokens, in_features] row-major, in_features)`.
+type Observer<'a> = Option<&'a mut dyn FnMut(&str, &[f32], usize)>;
+
+impl Linear {
+    fn apply(&self, x: &CTensor, observer: &mut Observer<'_>) -> Result<CTensor> {
+        if let Some(obs) = observer.as_mut() {
+            let vals = x.flatten_all().map_err(ce)?.to_vec1::<f32>().map_err(ce)?;
+            obs(&self.name, &vals, self.in_features);
+        }
+        // candle's gemm reads the transposed view through strides; no copy of W.
+        let y = x.matmul(&self.w.t().map_err(ce)?).map_err(ce)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b).map_err(ce),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Q, K and V projections: separate (Llama, Qwen2) or one fused matrix with rows [Q; K; V]
+/// (Phi-3). Kept fused so observers see the weight under its real name.
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// Gate and up projections: separate, or Phi-3's fused rows [gate; up].
+enum GateUp {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
+struct Layer {
+    attn_norm: CTensor,
+    qkv: Qkv,
+    o: Linear,
+    mlp_norm: CTensor,
+    gate_up: GateUp,
+    down: Linear,
+}
+
+/// The keys and values of the positions run so far, per layer, after rotary embedding.
+pub struct KvCache {
+    /// Per layer `(k, v)`, each `[n_kv_heads, len, head_dim]`; `None` before the first token.
+    layers: Vec<Option<(CTensor, CTensor)>>,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this cache accepts in all.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position, keeping the capacity limit.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+}
+
+/// A model loaded for the forward pass: every weight as an f32 candle tensor.
+pub struct Forward {
+    config: ModelConfig,
+    source: PathBuf,
+    embed: CTensor,
+    layers: Vec<Layer>,
+    norm: CTensor,
+    lm_head: Linear,
+    /// Rotary inverse frequencies, `head_dim / 2` of them, scaling already applied.
+    inv_freq: Vec<f64>,
+}
+
+/// Reads `key` of `rope_scaling` as a number.
+fn rope_num(scaling: &Json, key: &str, source: &std::path::Path) -> Result<f64> {
+    scaling.get(key).and_then(Json::as_f64).ok_or_else(|| {
+        Error::format(
+            source,
+            format!("rope_scaling.{key}"),
+            "missing or not a number",
+        )
+    })
+}
+
+/// The rotary inverse frequencies transformers computes for this config
+/// (`modeling_rope_utils`: default, linear and llama3), in f64.
+fn rope_inv_freq(config: &ModelConfig, source: &std::path::Path) -> Result<Vec<f64>> {
+    let d = config.head_dim;
+    if d == 0 || d % 2 != 0 {
+        return Err(Error::format(
+            source,
+            "head_dim",
+            format!("{d} is not a positive even number"),
+        ));
+    }
+    if let Some(p) = config
+        .raw
+        .as_ref()
+        .and_then(|r| r.get("partial_rotary_factor"))
+        .and_then(Json::as_f64)
+    {
+        if p != 1.0 {
+            return Err(Error::unsupported(
+                source,
+                "partial_rotary_factor",
+                format!("{p} (only full rotary embeddings are supported)"),
+            ));
+        }
+    }
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    let Some(scaling) = config.rope_scaling.as_ref() else {
+        return Ok(base);
+    };
+    match config.rope_type().as_deref() {
+        None | Some("default") => Ok(base),
+        Some("linear") => {
+            // Positions / factor is the same as every frequency / factor.
+            let factor = rope_num(scaling, "factor", source)?;
+            Ok(base.into_iter().map(|f| f / factor).collect())
+        }
+        Some("llama3") => {
+            let factor = rope_num(scaling, "factor", source)?;
+            let low = rope_num(scaling, "low_freq_factor", source)?;
+            let high = rope_num(scaling, "high_freq_factor", source)?;
+            let old_ctx = scaling
+                .get("original_max_position_embeddings")
+                .and_then(Json::as_f64)
+                .or(config.original_max_position_embeddings.map(|v| v as f64))
+                .ok_or_else(|| {
+                    Error::format(
+                        source,
+                        "rope_scaling.original_max_position_embeddings",
+                        "missing",
+                    )
+                })?;
+            Ok(llama3_inv_freq(&base, factor, low, high, old_ctx))
+        }
+        Some(other) => Err(Error::unsupported(
+            source,
+            "rope_scaling",
+            format!("rope type `{other}` (supported: default, linear, llama3)"),
+        )),
+    }
+}
+
+/// Llama 3.1's frequency scaling, as transformers' `_compute_llama3_parameters`: long
+/// wavelengths are divided by `factor`, short ones kept, and the band between interpolated.
+fn llama3_inv_freq(base: &[f64], factor: f64, low: f64, high: f64, old_ctx: f64) -> Vec<f64> {
+    let low_wavelen = old_ctx / low;
+    let high_wavelen = old_ctx / high;
+    base.iter()
+        .map(|&f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / factor
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                (1.0 - smooth) * f / factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+impl Forward {
+    /// Loads every weight of `model` into memory as f32 (the forward pass is the one place
+    /// that holds the whole model).
+    pub fn new(model: &Model) -> Result<Forward> {
+        let c = &model.config;
+        let src = &model.source;
+        let dev = Device::Cpu;
+        let load = |name: &str, shape: &[usize]| -> Result<CTensor> {
+            let t = model
+                .tensor(name)
+                .ok_or_else(|| Error::format(src, name, "missing"))?;
+            if t.shape != shape {
+                return Err(Error::mismatch(
+                    src,
+                    name,
+                    format!("shape {:?}, the config implies {:?}", t.shape, shape),
+                ));
+            }
+            CTensor::from_vec(t.to_f32()?, shape, &dev).map_err(ce)
+        };
+        let linear = |name: &str, out: usize, inn: usize| -> Result<Linear> {
+            let w = load(name, &[out, inn])?;
+            // Any linear may carry a bias (Qwen2's q/k/v; Llama's optional attention_bias).
+            let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
+            let b = match model.tensor(&bias_name) {
+                Some(_) => Some(load(&bias_name, &[out])?),
+                None => None,
+            };
+            Ok(Linear {
+                name: name.to_string(),
+                w,
+                b,
+                in_features: inn,
+            })
+        };
+        let h = c.hidden_size;
+        let (q_dim, kv_dim, ff) = (c.n_embd_q(), c.n_embd_kv(), c.intermediate_size);
+        let embed = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let (qkv, gate_up) = match c.arch {
+                Arch::Phi3 => (
+                    Qkv::Fused(linear(
+                        &p("self_attn.qkv_proj.weight"),
+                        q_dim + 2 * kv_dim,
+                        h,
+                    )?),
+                    GateUp::Fused(linear(&p("mlp.gate_up_proj.weight"), 2 * ff, h)?),
+                ),
+                Arch::Llama | Arch::Qwen2 => (
+                    Qkv::Split {
+                        q: linear(&p("self_attn.q_proj.weight"), q_dim, h)?,
+                        k: linear(&p("self_attn.k_proj.weight"), kv_dim, h)?,
+                        v: linear(&p("self_attn.v_proj.weight"), kv_dim, h)?,
+                    },
+                    GateUp::Split {
+                        gate: linear(&p("mlp.gate_proj.weight"), ff, h)?,
+                        up: linear(&p("mlp.up_proj.weight"), ff, h)?,
+                    },
+                ),
+            };
+            layers.push(Layer {
+                attn_norm: load(&p("input_layernorm.weight"), &[h])?,
+                qkv,
+                o: linear(&p("self_attn.o_proj.weight"), h, q_dim)?,
+                mlp_norm: load(&p("post_attention_layernorm.weight"), &[h])?,
+                gate_up,
+                down: linear(&p("mlp.down_proj.weight"), h, ff)?,
+            });
+        }
+        let norm = load("model.norm.weight", &[h])?;
+        // The output projection is whatever matrix the checkpoint multiplies by: lm_head if it
+        // has one, else the tied embedding (sharing its memory), named so observers can key
+        // statistics on a tensor that exists in the model.
+        let lm_head = if model.tensor("lm_head.weight").is_some() {
+            linear("lm_head.weight", c.vocab_size, h)?
+        } else if c.tie_word_embeddings {
+            Linear {
+                name: "model.embed_tokens.weight".to_string(),
+                w: embed.clone(),
+                b: None,
+                in_features: h,
+            }
+        } else {
+            return Err(Error::format(
+                src,
+                "lm_head.weight",
+                "missing and tie_word_embeddings is false",
+            ));
+        };
+        Ok(Forward {
+            inv_freq: rope_inv_freq(c, src)?,
+            config: c.clone(),
+            source: src.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A fresh KV cache for up to `max_len` positions.
+    pub fn cache(&self, max_len: usize) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Runs `tokens` (appended after what the cache holds) and returns logits
+    /// `[tokens.len(), vocab]` row-major f32. Bad input (an id outside the vocabulary, more
+    /// positions than the cache takes) is refused before the cache changes.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.run(tokens, cache, None)
+    }
+
+    /// As [`Forward::forward`], and calls `observer(weight name, inputs, in_features)` with the
+    /// input activations `[tokens.len(), in_features]` of every linear layer, in execution
+    /// order. Q, K and V (and gate and up) share one input and are reported once per weight.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        observer: &mut dyn FnMut(&str, &[f32], usize),
+    ) -> Result<Vec<f32>> {
+        self.run(tokens, cache, Some(observer))
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mut observer: Observer<'_>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::Invalid(format!(
+                "forward pass: the KV cache has {} layers, {} has {}",
+                cache.layers.len(),
+                self.source.display(),
+                self.layers.len()
+            )));
+        }
+        if cache.len + n > cache.max_len {
+            return Err(Error::Invalid(format!(
+                "forward pass: {} positions held + {n} new exceed the cache's {}",
+                cache.len, cache.max_len
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "forward pass: token id {bad} is outside the vocabulary of {} ({} ids)",
+                self.source.display(),
+                c.vocab_size
+            )));
+        }
+        let past = cache.len;
+        let total = past + n;
+        let ids = CTensor::from_slice(tokens, n, &Device::Cpu).map_err(ce)?;
+        let mut x = self.embed.index_select(&ids, 0).map_err(ce)?;
+        let (cos, sin) = self.rope_tables(past, n)?;
+        let mask = causal_mask(past, n)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let xn = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
+            let a = self.attention(layer, &xn, slot, &cos, &sin, &mask, &mut observer)?;
+            x = (x + a).map_err(ce)?;
+            let xn = rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps)?;
+            let m = mlp(layer, &xn, c.intermediate_size, &mut observer)?;
+            x = (x + m).map_err(ce)?;
+        }
+        cache.len = total;
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        let logits = self.lm_head.apply(&x, &mut observer)?;
+        logits
+            .flatten_all()
+            .map_err(ce)?
+            .to_vec1::<f32>()
+            .map_err(ce)
+    }
+
+    /// cos and sin of positions `past..past + n`, `[n, head_dim]` each, with the frequencies
+    /// repeated over both halves as transformers' `cat((freqs, freqs))` does.
+    fn rope_tables(&self, past: usize, n: usize) -> Result<(CTensor, CTensor)> {
+        let d = self.config.head_dim;
+        let half = d / 2;
+        let mut cos = vec![0f32; n * d];
+        let mut sin = vec![0f32; n * d];
+        for i in 0..n {
+            let pos = (past + i) as f64;
+            for (j, f) in self.inv_freq.iter().enumerate() {
+                let (s, co) = (pos * f).sin_cos();
+                cos[i * d + j] = co as f32;
+                cos[i * d + j + half] = co as f32;
+                sin[i * d + j] = s as f32;
+                sin[i * d + j + half] = s as f32;
+            }
+        }
+        let dev = Device::Cpu;
+        Ok((
+            CTensor::from_vec(cos, (n, d), &dev).map_err(ce)?,
+            CTensor::from_vec(sin, (n, d), &dev).map_err(ce)?,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &CTensor,
+        slot: &mut Option<(CTensor, CTensor)>,
+        cos: &CTensor,
+        sin: &CTensor,
+        mask: &CTensor,
+        observer: &mut Observer<'_>,
+    ) -> Result<CTensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let n = x.dim(0).map_err(ce)?;
+        let (q, k, v) = match &layer.qkv {
+            Qkv::Split { q, k, v } => (
+                q.apply(x, observer)?,
+                k.apply(x, observer)?,
+                v.apply(x, observer)?,
+            ),
+            Qkv::Fused(qkv) => {
+                let y = qkv.apply(x, observer)?;
+                let (qd, kvd) = (nh * hd, nkv * hd);
+                (
+                    y.narrow(1, 0, qd).map_err(ce)?,
+                    y.narrow(1, qd, kvd).map_err(ce)?,
+                    y.narrow(1, qd + kvd, kvd).map_err(ce)?,
+                )
+            }
+        };
+        // [n, heads * hd] -> [heads, n, hd]
+        let heads = |t: CTensor, h: usize| -> Result<CTensor> {
+            t.reshape((n, h, hd))
+                .and_then(|t| t.transpose(0, 1))
+                .and_then(|t| t.contiguous())
+                .map_err(ce)
+        };
+        let q = rope(&heads(q, nh)?, cos, sin)?;
+        let k = rope(&heads(k, nkv)?, cos, sin)?;
+        let v = heads(v, nkv)?;
+        let (k, v) = match slot.take() {
+            Some((pk, pv)) => (
+                CTensor::cat(&[&pk, &k], 1).map_err(ce)?,
+                CTensor::cat(&[&pv, &v], 1).map_err(ce)?,
+            ),
+            None => (k, v),
+        };
+        let t = k.dim(1).map_err(ce)?;
+        // Grouped-query attention without repeating K/V: query heads g*j .. g*(j+1) share KV
+        // head j, so folding them into the row dimension turns it into one batched matmul per
+        // KV head.
+        let g = nh / nkv;
+        let q = q.reshape((nkv, g * n, hd)).map_err(ce)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q
+            .matmul(&k.t().map_err(ce)?)
+            .and_then(|s| s.affine(scale, 0.0))
+            .and_then(|s| s.reshape((nh, n, t)))
+            .and_then(|s| s.broadcast_add(mask))
+            .map_err(ce)?;
+        let probs = softmax_last(&scores)?;
+        let out = probs
+            .reshape((nkv, g * n, t))
+            .and_then(|p| p.matmul(&v))
+            .and_then(|o| o.reshape((nh, n, hd)))
+            .and_then(|o| o.transpose(0, 1))
+            .and_then(|o| o.contiguous())
+            .and_then(|o| o.reshape((n, nh * hd)))
+            .map_err(ce)?;
+        *slot = Some((k, v));
+        layer.o.apply(&out, observer)
+    }
+}
+
+/// SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
+fn mlp(layer: &Layer, x: &CTensor, ff: usize, observer: &mut Observer<'_>) -> Result<CTensor> {
+    let (gate, up) = match &layer.gate_up {
+        GateUp::Split { gate, up } => (gate.apply(x, observer)?, up.apply(x, observer)?),
+        GateUp::Fused(gu) => {
+            let y = gu.apply(x, observer)?;
+            (
+                y.narrow(1, 0, ff).map_err(ce)?,
+                y.narrow(1, ff, ff).map_err(ce)?,
+            )
+        }
+    };
+    let h = (gate.silu().map_err(ce)? * up).map_err(ce)?;
+    layer.down.apply(&h, observer)
+}
+
+/// RMSNorm over the last dimension of `[n, hidden]`, as HF's `LlamaRMSNorm` in f32.
+fn rms_norm(x: &CTensor, w: &CTensor, eps: f64) -> Result<CTensor> {
+    let inv = x
+        .sqr()
+        .and_then(|s| s.mean_keepdim(D::Minus1))
+        .and_then(|m| m.affine(1.0, eps))
+        .and_then(|m| m.sqrt())
+        .and_then(|r| r.recip())
+        .map_err(ce)?;
+    x.broadcast_mul(&inv)
+        .and_then(|y| y.broadcast_mul(w))
+        .map_err(ce)
+}
+
+/// `x * cos + rotate_half(x) * sin` on `[heads, n, hd]`, where `rotate_half` pairs element
+/// `i` with `i + hd/2` (the NEOX layout of HF-ordered Q/K rows).
+fn rope(x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
+    let hd = x.dim(D::Minus1).map_err(ce)?;
+    let half = hd / 2;
+    let x1 = x.narrow(D::Minus1, 0, half).map_err(ce)?;
+    let x2 = x.narrow(D::Minus1, half, half).map_err(ce)?;
+    let rotated = CTensor::cat(&[&x2.neg().map_err(ce)?, &x1], D::Minus1).map_err(ce)?;
+    let a = x.broadcast_mul(cos).map_err(ce)?;
+    let b = rotated.broadcast_mul(sin).map_err(ce)?;
+    (a + b).map_err(ce)
+}
+
+/// `[n, past + n]`: 0 where new token `i` (at position `past + i`) may attend key `t`, -inf
+/// where `t` lies in its future.
+fn causal_mask(past: usize, n: usize) -> Result<CTensor> {
+    let total = past + n;
+    let m: Vec<f32> = (0..n)
+        .flat_map(|i| (0..total).map(move |t| if t > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    CTensor::from_vec(m, (n, total), &Device::Cpu).map_err(ce)
+}
+
+/// Softmax over the last dimension, max-subtracted so exp never overflows.
+fn softmax_last(x: &CTensor) -> Result<CTensor> {
+    let max = x.max_keepdim(D::Minus1).map_err(ce)?;
+    let e = x.broadcast_sub(&max).and_then(|d| d.exp()).map_err(ce)?;
+    let sum = e.sum_keepdim(D::Minus1).map_err(ce)?;
+    e.broadcast_div(&sum).map_err(ce)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn config(extra: Json) -> ModelConfig {
+        let mut cfg = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": 16, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0});
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        ModelConfig::from_hf_json(&cfg, Path::new("m/config.json")).unwrap()
+    }
+
+    #[test]
+    fn default_rope_frequencies_are_theta_powers() {
+        let f = rope_inv_freq(&config(json!({})), Path::new("m")).unwrap();
+        assert_eq!(f.len(), 16);
+        assert_eq!(f[0], 1.0);
+        assert!((f[1] - 10000f64.powf(-2.0 / 32.0)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn linear_rope_scaling_divides_every_frequency() {
+        let plain = rope_inv_freq(&config(json!({})), Path::new("m")).unwrap();
+        let cfg = config(json!({"rope_scaling": {"type": "linear", "factor": 4.0}}));
+        let lin = rope_inv_freq(&cfg, Path::new("m")).unwrap();
+        for (a, b) in plain.iter().zip(&lin) {
+            assert!((a / 4.0 - b).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn llama3_rope_keeps_high_divides_low_and_interpolates_between() {
+        // head_dim 32, theta 1e4, original context 64: wavelengths run from 2π to ~2.5e4, so
+        // there are frequencies in each of the three bands (< 16, 16..64, > 64).
+        let cfg = config(
+            json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}}),
+        );
+        let base = rope_inv_freq(&config(json!({})), Path::new("m")).unwrap();
+        let got = rope_inv_freq(&cfg, Path::new("m")).unwrap();
+        let mut bands = [0; 3];
+        for (b, g) in base.iter().zip(&got) {
+            let wavelen = 2.0 * std::f64::consts::PI / b;
+            if wavelen < 16.0 {
+                bands[0] += 1;
+                assert_eq!(g, b);
+            } else if wavelen > 64.0 {
+                bands[1] += 1;
+                assert!((g - b / 8.0).abs() < 1e-15);
+            } else {
+                bands[2] += 1;
+                let s = (64.0 / wavelen - 1.0) / 3.0;
+                assert!((g - ((1.0 - s) * b / 8.0 + s * b)).abs() < 1e-15);
+                assert!(*g < *b && *g > b / 8.0);
+            }
+        }
+        assert!(bands.iter().all(|&k| k > 0), "{bands:?}");
+    }
+
+    #[test]
+    fn other_rope_scaling_types_are_refused_naming_the_field() {
+        let cfg = config(json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}));
+        let err = rope_inv_freq(&cfg, Path::new("m")).unwrap_err().to_string();
+        assert!(err.contains("m: rope_scaling: unsupported"), "{err}");
+        assert!(err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn causal_mask_lets_each_new_token_see_the_past_and_itself() {
+        let m = causal_mask(2, 2).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], [0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], [0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_a_head_apart() {
+        // One head, hd 4, one position with angle θ for pair (0, 2) and φ for pair (1, 3).
+        let (th, ph) = (0.3f32, 1.1f32);
+        let cos = CTensor::new(&[[th.cos(), ph.cos(), th.cos(), ph.cos()]], &Device::Cpu).unwrap();
+        let sin = CTensor::new(&[[th.sin(), ph.sin(), th.sin(), ph.sin()]], &Device::Cpu).unwrap();
+        let x = CTensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
+        let y = rope(&x, &cos, &sin).unwrap().flatten_all().unwrap();
+        let y = y.to_vec1::<f32>().unwrap();
+        let want = [
+            th.cos() - 3.0 * th.sin(),
+            2.0 * ph.cos() - 4.0 * ph.sin(),
+            3.0 * th.cos() + th.sin(),
+            4.0 * ph.cos() + 2.0 * ph.sin(),
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+}

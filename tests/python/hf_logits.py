@@ -1,0 +1,21 @@
+"""Runs an HF folder with transformers in float32 (eager attention, the reference math) on
+fixed token ids and writes the logits [n, vocab] as raw little-endian float32 to OUT.
+Prints one JSON line with the shape.
+
+usage: hf_logits.py HF_DIR IDS_JSON OUT"""
+import json
+import sys
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], torch_dtype=torch.float32, attn_implementation="eager"
+)
+model.eval()
+ids = torch.tensor([json.loads(sys.argv[2])], dtype=torch.long)
+with torch.no_grad():
+    logits = model(ids).logits[0].to(torch.float32).numpy()
+np.ascontiguousarray(logits, dtype="<f4").tofile(sys.argv[3])
+print(json.dumps({"shape": list(logits.shape)}))

@@ -1,0 +1,295 @@
+//! The reference forward pass (`calib::forward`) against transformers' float32 logits on tiny
+//! Llama, Qwen2 and Phi-3 models, a llama3 rope-scaled model past its original context, and the
+//! real SmolLM2-135M; and its KV cache against full-sequence runs.
+
+use std::path::Path;
+
+use edgepack_converters::calib::forward::Forward;
+use edgepack_converters::import;
+use edgepack_tests::fixtures::Tiny;
+use edgepack_tests::{oracle, smollm2_gguf, smollm2_hf, tiny};
+
+/// Deterministic token ids below `vocab` (every fixture's vocabulary holds 520 at least).
+fn ids(n: usize, vocab: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+/// transformers' logits `[ids.len() * vocab]` for `dir` (tests/python/hf_logits.py).
+fn hf_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("logits.f32");
+    let ids_json = serde_json::to_string(ids).unwrap();
+    let meta = oracle("hf_logits.py", &[&dir, &ids_json, &out]);
+    let bytes = std::fs::read(&out).unwrap();
+    let logits: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).unwrap();
+    assert_eq!(shape.iter().product::<usize>(), logits.len(), "{meta}");
+    assert_eq!(shape[0], ids.len(), "{meta}");
+    logits
+}
+
+fn ours(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let model = import::open(dir).unwrap();
+    let fwd = Forward::new(&model).unwrap();
+    let mut cache = fwd.cache(ids.len());
+    fwd.forward(ids, &mut cache).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn qwen2() -> Tiny {
+    Tiny {
+        arch: "qwen2",
+        tied: false,
+        ..Tiny::llama()
+    }
+}
+
+#[test]
+fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
+    let ids = ids(12, 520);
+    for (name, spec) in [
+        ("llama-tied-f32", Tiny::llama()),
+        ("qwen2-untied-f32", qwen2()),
+        ("phi3-untied-spm-f32", Tiny::phi3()),
+    ] {
+        let dir = tiny(name, spec);
+        let want = hf_logits(&dir, &ids);
+        let got = ours(&dir, &ids);
+        let d = max_abs_diff(&got, &want);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{name}: max abs diff {d:e} (max |logit| {scale})");
+        assert!(d < 1e-3, "{name}: max abs diff {d} vs transformers");
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_prompt_logits() {
+    let n = 16;
+    let prefill = 5;
+    for (name, spec) in [
+        ("llama-tied-f32", Tiny::llama()),
+        ("qwen2-untied-f32", qwen2()),
+        ("phi3-untied-spm-f32", Tiny::phi3()),
+    ] {
+        let model = import::open(&tiny(name, spec)).unwrap();
+        let fwd = Forward::new(&model).unwrap();
+        let vocab = model.config.vocab_size;
+        let ids = ids(n, 520);
+        let full = fwd.forward(&ids, &mut fwd.cache(n)).unwrap();
+
+        let mut cache = fwd.cache(n);
+        let mut stepped = fwd.forward(&ids[..prefill], &mut cache).unwrap();
+        for t in prefill..n {
+            let row = fwd.forward(&ids[t..t + 1], &mut cache).unwrap();
+            assert_eq!(row.len(), vocab);
+            let d = max_abs_diff(&row, &full[t * vocab..(t + 1) * vocab]);
+            assert!(d < 1e-4, "{name}: position {t}: max abs diff {d}");
+            stepped.extend(row);
+        }
+        assert_eq!(cache.len(), n);
+        let d = max_abs_diff(&stepped, &full);
+        eprintln!("{name}: prefill {prefill} + decode, max abs diff {d:e}");
+        assert!(d < 1e-4, "{name}: {d}");
+
+        // A full cache refuses more positions rather than growing past its limit.
+        let err = fwd.forward(&ids[..1], &mut cache).unwrap_err().to_string();
+        assert!(err.contains("exceed the cache"), "{err}");
+    }
+}
+
+#[test]
+fn observer_sees_the_input_of_every_linear_layer() {
+    for (name, spec) in [
+        ("llama-tied-f32", Tiny::llama()),
+        ("phi3-untied-spm-f32", Tiny::phi3()),
+    ] {
+        let model = import::open(&tiny(name, spec)).unwrap();
+        let fwd = Forward::new(&model).unwrap();
+        let ids = ids(6, 520);
+        let mut seen: Vec<(String, usize, usize)> = Vec::new();
+        let observed = fwd
+            .forward_observed(&ids, &mut fwd.cache(6), &mut |name, x, inn| {
+                assert!(x.iter().all(|v| v.is_finite()), "{name}");
+                seen.push((name.to_string(), x.len(), inn));
+            })
+            .unwrap();
+        assert_eq!(observed, fwd.forward(&ids, &mut fwd.cache(6)).unwrap());
+        // Every 2-D weight but the embedding lookup is a linear layer; a tied embedding is
+        // the output projection, so it is observed there.
+        let mut want: Vec<(String, usize)> = model
+            .tensors
+            .iter()
+            .filter(|t| t.shape.len() == 2)
+            .filter(|t| t.name != "model.embed_tokens.weight" || model.config.tie_word_embeddings)
+            .map(|t| (t.name.clone(), t.shape[1]))
+            .collect();
+        let mut got: Vec<(String, usize)> = seen
+            .iter()
+            .map(|(n, len, inn)| {
+                assert_eq!(*len, ids.len() * inn, "{n}");
+                (n.clone(), *inn)
+            })
+            .collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn forward_on_real_smollm2_matches_transformers() {
+    let dir = smollm2_hf();
+    let ids = ids(32, 49152);
+    let want = hf_logits(&dir, &ids);
+    let got = ours(&dir, &ids);
+    let d = max_abs_diff(&got, &want);
+    eprintln!("smollm2: max abs diff {d:e}");
+    assert!(d < 1e-3, "SmolLM2: max abs diff {d} vs transformers");
+
+    // Straight from the Q4_1 GGUF (dequantized on demand, Q/K rows restored to HF order), the
+    // pass sees the same weights the lossless F32 export holds.
+    let from_gguf = ours(&smollm2_gguf(), &ids);
+    let d = max_abs_diff(&from_gguf, &got);
+    eprintln!("smollm2: GGUF vs its F32 HF export, max abs diff {d:e}");
+    assert!(d < 1e-5, "SmolLM2 GGUF vs HF export: max abs diff {d}");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers_past_the_original_context() {
+    let base = tiny("llama-tied-f32", Tiny::llama());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("llama3-rope");
+    std::fs::create_dir(&dir).unwrap();
+    for e in std::fs::read_dir(&base).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64});
+    cfg["max_position_embeddings"] = serde_json::json!(512);
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+
+    let n = 96;
+    let ids = ids(n, 520);
+    let want = hf_logits(&dir, &ids);
+    let got = ours(&dir, &ids);
+    let vocab = want.len() / n;
+    let late = 64 * vocab..;
+    let d = max_abs_diff(&got, &want);
+    let d_late = max_abs_diff(&got[late.clone()], &want[late.clone()]);
+    eprintln!("llama3 rope: max abs diff {d:e}, positions 64..96 {d_late:e}");
+    assert!(d < 1e-3, "llama3 rope: max abs diff {d} vs transformers");
+
+    // The scaling must matter at these positions, or the comparison proves nothing.
+    let unscaled = ours(&base, &ids);
+    let moved = max_abs_diff(&unscaled[late.clone()], &got[late]);
+    assert!(
+        moved > 1e-2,
+        "llama3 scaling changed logits by only {moved}"
+    );
+}
+
+/// Writes a two-layer Llama whose `head_dim` (32) is not `hidden_size / heads` (16), with
+/// tokenizer files copied from `tokenizer_from` (vocabulary 520).
+fn write_wide_head_llama(dir: &Path, tokenizer_from: &Path) {
+    use safetensors::tensor::{serialize_to_file, Dtype, TensorView};
+    let (hidden, heads, kv_heads, head_dim, ff, vocab) = (64, 4, 2, 32, 128, 520);
+    let (q, kv) = (heads * head_dim, kv_heads * head_dim);
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, hidden])];
+    for l in 0..2 {
+        for (s, shape) in [
+            ("input_layernorm.weight", vec![hidden]),
+            ("post_attention_layernorm.weight", vec![hidden]),
+            ("self_attn.q_proj.weight", vec![q, hidden]),
+            ("self_attn.k_proj.weight", vec![kv, hidden]),
+            ("self_attn.v_proj.weight", vec![kv, hidden]),
+            ("self_attn.o_proj.weight", vec![hidden, q]),
+            ("mlp.gate_proj.weight", vec![ff, hidden]),
+            ("mlp.up_proj.weight", vec![ff, hidden]),
+            ("mlp.down_proj.weight", vec![hidden, ff]),
+        ] {
+            shapes.push((format!("model.layers.{l}.{s}"), shape));
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![hidden]));
+    shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let fan_in = *shape.last().unwrap() as f32;
+            let bytes = (0..n)
+                .flat_map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    // Norm weights near 1, matrices scaled to keep activations O(1).
+                    let v = if shape.len() == 1 {
+                        1.0 + 0.2 * u
+                    } else {
+                        3.0 * u / fan_in.sqrt()
+                    };
+                    v.to_le_bytes()
+                })
+                .collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ff, "num_hidden_layers": 2,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "vocab_size": vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0, "tie_word_embeddings": false, "hidden_act": "silu",
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    for e in std::fs::read_dir(tokenizer_from).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("tokenizer") {
+            std::fs::copy(e.path(), dir.join(name)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn head_dim_other_than_hidden_over_heads_matches_transformers() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("wide-head");
+    write_wide_head_llama(&dir, &tiny("phi3-untied-spm-f32", Tiny::phi3()));
+    let ids = ids(20, 520);
+    let want = hf_logits(&dir, &ids);
+    let got = ours(&dir, &ids);
+    let d = max_abs_diff(&got, &want);
+    eprintln!("head_dim 32 with hidden 64 / 4 heads: max abs diff {d:e}");
+    assert!(d < 1e-3, "max abs diff {d} vs transformers");
+}
