@@ -210,3 +210,24 @@ pub fn is_provenance(diff_line: &str) -> bool {
                 | "general.alignment"
         )
 }
+
+/// `edgepack export gguf MODEL --quant QUANT -o OUT`, which must succeed.
+pub fn export_gguf(model: &Path, quant: &str, out: &Path) {
+    run_ok(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(model)
+            .args(["--quant", quant, "-o"])
+            .arg(out),
+    );
+}
+
+/// llama.cpp's own `llama_model_quantize` (what llama-quantize runs) to LLAMA_FTYPE `ftype`.
+pub fn llama_quantize(input: &Path, out: &Path, ftype: u32) {
+    let mut q = Command::new(python());
+    q.arg(root().join("tests/python/llama_quantize.py"))
+        .arg(input)
+        .arg(out)
+        .arg(ftype.to_string());
+    run_ok(&mut q);
+}

@@ -48,13 +48,7 @@ fn truncated_and_corrupt_gguf_are_refused_naming_the_field() {
     let work = tempfile::tempdir().unwrap();
     let m = tiny("llama-tied-f32", Tiny::llama());
     let g = work.path().join("m.gguf");
-    run_ok(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(&m)
-            .args(["--quant", "Q8_0", "-o"])
-            .arg(&g),
-    );
+    export_gguf(&m, "Q8_0", &g);
     let full = std::fs::read(&g).unwrap();
     let cut = work.path().join("cut.gguf");
     std::fs::write(&cut, &full[..full.len() - 4096]).unwrap();
@@ -140,13 +134,7 @@ fn output_equal_to_an_input_is_refused_and_the_input_is_untouched() {
     let work = tempfile::tempdir().unwrap();
     let m = tiny("llama-tied-f32", Tiny::llama());
     let g = work.path().join("m.gguf");
-    run_ok(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(&m)
-            .args(["--quant", "Q8_0", "-o"])
-            .arg(&g),
-    );
+    export_gguf(&m, "Q8_0", &g);
     let before = std::fs::read(&g).unwrap();
     let err = run_err(
         edgepack()

@@ -3,8 +3,6 @@
 //! llama-quantize, legacy blocks are byte-identical, and K-quant blocks are compared by bytes
 //! and by error.
 
-use std::path::Path;
-
 use edgepack_tests::fixtures::{self, Tiny};
 use edgepack_tests::*;
 use safetensors::Dtype;
@@ -42,16 +40,6 @@ fn variants() -> Vec<(&'static str, Tiny)> {
     ]
 }
 
-fn export(hf: &Path, quant: &str, out: &Path) {
-    run_ok(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(hf)
-            .args(["--quant", quant, "-o"])
-            .arg(out),
-    );
-}
-
 #[test]
 fn float_exports_are_byte_identical_to_llama_cpp_convert_hf_to_gguf() {
     let work = tempfile::tempdir().unwrap();
@@ -66,7 +54,7 @@ fn float_exports_are_byte_identical_to_llama_cpp_convert_hf_to_gguf() {
         for (quant, outtype) in [("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")] {
             let ours = work.path().join(format!("{name}-{quant}-ours.gguf"));
             let theirs = work.path().join(format!("{name}-{quant}-llama.gguf"));
-            export(&hf, quant, &ours);
+            export_gguf(&hf, quant, &ours);
             llama_convert(&hf, outtype, &theirs);
             let d = oracle("gguf_kv_diff.py", &[&ours, &theirs]);
             let kv: Vec<&str> = d["kv_diff"]
@@ -98,7 +86,7 @@ fn f32_exports_give_transformers_logits_in_llama_cpp_for_every_architecture() {
     for (name, spec) in variants() {
         let hf = tiny(name, spec);
         let ours = work.path().join(format!("{name}.gguf"));
-        export(&hf, "F32", &ours);
+        export_gguf(&hf, "F32", &ours);
         let cmp = oracle("hf_vs_llama.py", &[&hf, &ours]);
         let diff = cmp["max_abs_logit_diff"].as_f64().unwrap();
         assert!(diff < 1e-3, "{name}: llama.cpp vs transformers: {cmp:#}");
@@ -129,13 +117,8 @@ fn quantized_exports_match_llama_quantize_type_choices_and_blocks() {
     ] {
         let ours = work.path().join(format!("{preset}-ours.gguf"));
         let theirs = work.path().join(format!("{preset}-llama.gguf"));
-        export(&hf, preset, &ours);
-        let mut q = std::process::Command::new(python());
-        q.arg(root().join("tests/python/llama_quantize.py"))
-            .arg(&reference)
-            .arg(&theirs)
-            .arg(ftype.to_string());
-        run_ok(&mut q);
+        export_gguf(&hf, preset, &ours);
+        llama_quantize(&reference, &theirs, ftype);
         let d = oracle("gguf_tensor_diff.py", &[&ours, &theirs, &reference]);
         assert_eq!(
             d["type_mismatch"].as_array().unwrap().len(),

@@ -3,31 +3,9 @@
 //! tokenizer and chat template recovered; sharded safetensors written by transformers import
 //! like a single file.
 
-use std::path::Path;
-use std::process::Command;
-
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::*;
 use safetensors::Dtype;
-
-fn llama_quantize(input: &Path, out: &Path, ftype: u32) {
-    let mut q = Command::new(python());
-    q.arg(root().join("tests/python/llama_quantize.py"))
-        .arg(input)
-        .arg(out)
-        .arg(ftype.to_string());
-    run_ok(&mut q);
-}
-
-fn export(model: &Path, quant: &str, out: &Path) {
-    run_ok(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(model)
-            .args(["--quant", quant, "-o"])
-            .arg(out),
-    );
-}
 
 #[test]
 fn every_tensor_type_from_llama_quantize_dequantizes_exactly_like_gguf_py() {
@@ -60,7 +38,7 @@ fn every_tensor_type_from_llama_quantize_dequantizes_exactly_like_gguf_py() {
         let q = work.path().join(format!("{name}.gguf"));
         llama_quantize(&f32_gguf, &q, ftype);
         let back = work.path().join(format!("{name}-back-f32.gguf"));
-        export(&q, "F32", &back);
+        export_gguf(&q, "F32", &back);
         let r = oracle("gguf_dequant_equal.py", &[&q, &back]);
         assert_eq!(r["max_abs_diff"].as_f64().unwrap(), 0.0, "{name}: {r:#}");
         assert_eq!(r["missing"].as_array().unwrap().len(), 0, "{name}: {r:#}");
@@ -93,7 +71,7 @@ fn phi3_gguf_from_llama_cpp_round_trips_through_hf_with_its_sentencepiece_tokeni
     assert!(back_hf.join("tokenizer.model").is_file());
     assert!(back_hf.join("tokenizer.json").is_file());
     let ours = work.path().join("phi3-ours.gguf");
-    export(&back_hf, "F16", &ours);
+    export_gguf(&back_hf, "F16", &ours);
     let d = oracle("gguf_kv_diff.py", &[&ours, &theirs]);
     let kv: Vec<&str> = d["kv_diff"]
         .as_array()
@@ -116,8 +94,8 @@ fn sharded_safetensors_from_transformers_import_like_a_single_file() {
     assert!(sharded.join("model.safetensors.index.json").is_file());
     let a = work.path().join("single.gguf");
     let b = work.path().join("sharded.gguf");
-    export(&hf, "Q8_0", &a);
-    export(&sharded, "Q8_0", &b);
+    export_gguf(&hf, "Q8_0", &a);
+    export_gguf(&sharded, "Q8_0", &b);
     let d = oracle("gguf_kv_diff.py", &[&b, &a]);
     assert_eq!(d["tensor_diff"].as_array().unwrap().len(), 0, "{d:#}");
 }

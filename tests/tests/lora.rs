@@ -98,13 +98,7 @@ fn gguf_lora_applied_by_llama_cpp_agrees_with_the_merged_export() {
     let work = tempfile::tempdir().unwrap();
     let base = smollm2_hf();
     let base_gguf = work.path().join("base-f32.gguf");
-    run_ok(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(&base)
-            .args(["--quant", "F32", "-o"])
-            .arg(&base_gguf),
-    );
+    export_gguf(&base, "F32", &base_gguf);
     for variant in ["all_linear", "patterns"] {
         let (adapter, _) = peft_make(&base, work.path(), variant, 3);
         let merged = work.path().join(format!("merged-{variant}.gguf"));

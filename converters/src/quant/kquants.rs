@@ -1201,47 +1201,10 @@ pub fn dequantize_row_q6_k(b: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::golden::{golden_input, golden_weights, unhex};
 
     type Quant = fn(&[f32], &mut [u8], Option<&[f32]>);
     type Dequant = fn(&[u8], &mut [f32]);
-
-    /// Deterministic test row built only from integer ops and exact/IEEE-rounded basic float
-    /// ops (no libm `sin`/`exp`, whose last bits differ between platforms), so the inputs of the
-    /// golden vectors are identical everywhere: xorshift32 values in [-0.5, 0.5) scaled by
-    /// 1..7, a 9x outlier every 61 elements and an exact zero every 29.
-    fn golden_input(n: usize) -> Vec<f32> {
-        let mut s: u32 = 0x2545_f491;
-        (0..n)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                let u = (s >> 8) as f32 / 16_777_216.0;
-                let mut v = (u - 0.5) * (1 + i % 7) as f32;
-                if i % 61 == 0 {
-                    v *= 9.0;
-                }
-                if i % 29 == 5 {
-                    v = 0.0;
-                }
-                v
-            })
-            .collect()
-    }
-
-    /// Deterministic importance weights in [0.25, 5.25].
-    fn golden_weights(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| 0.25 + ((i * 37) % 11) as f32 * 0.5)
-            .collect()
-    }
-
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
 
     /// FNV-1a over the f32 bit patterns: pins dequantized values bit-exactly in 8 bytes.
     fn fnv1a(v: &[f32]) -> u64 {

@@ -4,6 +4,8 @@
 //! Every quantizer works on one row (ne0 elements) at a time, as `ggml_quantize_chunk` does;
 //! [`quantize`] spreads the rows of a tensor over all cores.
 
+#[cfg(test)]
+mod golden;
 pub mod kquants;
 pub mod legacy;
 pub mod preset;

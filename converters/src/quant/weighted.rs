@@ -94,10 +94,16 @@ fn symmetric_block(xb: &[f32], weight: &[f32; QK_LEGACY], nmax: i32) -> (f32, [u
     (d, q)
 }
 
-/// Quantizes one row to `Q4_0` with importance weights (port of `quantize_row_q4_0_impl`):
-/// signed 4-bit codes in `[-8, 7]` from the weighted `make_qx_quants` search.
-pub fn quantize_row_q4_0_weighted(x: &[f32], out: &mut [u8], qw: &[f32]) {
-    let nb = check_row(x, out, qw, BLOCK_Q4_0_BYTES);
+/// The row loop every weighted legacy type shares: per-block importance weights
+/// (`qw · sqrt(σ² + x²)`), then `encode` writes one block.
+fn weighted_blocks(
+    x: &[f32],
+    out: &mut [u8],
+    qw: &[f32],
+    block_bytes: usize,
+    mut encode: impl FnMut(&[f32], &[f32; QK_LEGACY], &mut [u8]),
+) {
+    let nb = check_row(x, out, qw, block_bytes);
     let sigma2 = row_sigma2(x);
     let mut weight = [0.0f32; QK_LEGACY];
     for ib in 0..nb {
@@ -108,33 +114,33 @@ pub fn quantize_row_q4_0_weighted(x: &[f32], out: &mut [u8], qw: &[f32]) {
             sigma2,
             &mut weight,
         );
-        let (d, q) = symmetric_block(xb, &weight, 8);
-        let y = &mut out[ib * BLOCK_Q4_0_BYTES..(ib + 1) * BLOCK_Q4_0_BYTES];
+        encode(
+            xb,
+            &weight,
+            &mut out[ib * block_bytes..(ib + 1) * block_bytes],
+        );
+    }
+}
+
+/// Quantizes one row to `Q4_0` with importance weights (port of `quantize_row_q4_0_impl`):
+/// signed 4-bit codes in `[-8, 7]` from the weighted `make_qx_quants` search.
+pub fn quantize_row_q4_0_weighted(x: &[f32], out: &mut [u8], qw: &[f32]) {
+    weighted_blocks(x, out, qw, BLOCK_Q4_0_BYTES, |xb, weight, y| {
+        let (d, q) = symmetric_block(xb, weight, 8);
         y[0..2].copy_from_slice(&f16_bits(d).to_le_bytes());
         pack_nibbles(&q, &mut y[2..18]);
-    }
+    });
 }
 
 /// Quantizes one row to `Q5_0` with importance weights (port of `quantize_row_q5_0_impl`):
 /// signed 5-bit codes in `[-16, 15]`, high bits in the `qh` word.
 pub fn quantize_row_q5_0_weighted(x: &[f32], out: &mut [u8], qw: &[f32]) {
-    let nb = check_row(x, out, qw, BLOCK_Q5_0_BYTES);
-    let sigma2 = row_sigma2(x);
-    let mut weight = [0.0f32; QK_LEGACY];
-    for ib in 0..nb {
-        let xb = &x[ib * QK_LEGACY..(ib + 1) * QK_LEGACY];
-        block_weights(
-            xb,
-            &qw[ib * QK_LEGACY..(ib + 1) * QK_LEGACY],
-            sigma2,
-            &mut weight,
-        );
-        let (d, q) = symmetric_block(xb, &weight, 16);
-        let y = &mut out[ib * BLOCK_Q5_0_BYTES..(ib + 1) * BLOCK_Q5_0_BYTES];
+    weighted_blocks(x, out, qw, BLOCK_Q5_0_BYTES, |xb, weight, y| {
+        let (d, q) = symmetric_block(xb, weight, 16);
         y[0..2].copy_from_slice(&f16_bits(d).to_le_bytes());
         y[2..6].copy_from_slice(&high_bits(&q));
         pack_nibbles(&q, &mut y[6..22]);
-    }
+    });
 }
 
 /// Asymmetric block (`Q4_1` / `Q5_1`): `make_qkx3_quants(32, nmax, .., -0.9, 0.05, 36)`,
@@ -154,87 +160,32 @@ fn asymmetric_block(
 /// Quantizes one row to `Q4_1` with importance weights (port of `quantize_row_q4_1_impl`):
 /// unsigned 4-bit codes with a per-block scale and min.
 pub fn quantize_row_q4_1_weighted(x: &[f32], out: &mut [u8], qw: &[f32]) {
-    let nb = check_row(x, out, qw, BLOCK_Q4_1_BYTES);
-    let sigma2 = row_sigma2(x);
-    let mut weight = [0.0f32; QK_LEGACY];
-    for ib in 0..nb {
-        let xb = &x[ib * QK_LEGACY..(ib + 1) * QK_LEGACY];
-        block_weights(
-            xb,
-            &qw[ib * QK_LEGACY..(ib + 1) * QK_LEGACY],
-            sigma2,
-            &mut weight,
-        );
-        let (d, m, q) = asymmetric_block(xb, &weight, 15);
-        let y = &mut out[ib * BLOCK_Q4_1_BYTES..(ib + 1) * BLOCK_Q4_1_BYTES];
+    weighted_blocks(x, out, qw, BLOCK_Q4_1_BYTES, |xb, weight, y| {
+        let (d, m, q) = asymmetric_block(xb, weight, 15);
         y[0..2].copy_from_slice(&f16_bits(d).to_le_bytes());
         y[2..4].copy_from_slice(&f16_bits(m).to_le_bytes());
         pack_nibbles(&q, &mut y[4..20]);
-    }
+    });
 }
 
 /// Quantizes one row to `Q5_1` with importance weights (port of `quantize_row_q5_1_impl`):
 /// unsigned 5-bit codes with a per-block scale and min, high bits in the `qh` word.
 pub fn quantize_row_q5_1_weighted(x: &[f32], out: &mut [u8], qw: &[f32]) {
-    let nb = check_row(x, out, qw, BLOCK_Q5_1_BYTES);
-    let sigma2 = row_sigma2(x);
-    let mut weight = [0.0f32; QK_LEGACY];
-    for ib in 0..nb {
-        let xb = &x[ib * QK_LEGACY..(ib + 1) * QK_LEGACY];
-        block_weights(
-            xb,
-            &qw[ib * QK_LEGACY..(ib + 1) * QK_LEGACY],
-            sigma2,
-            &mut weight,
-        );
-        let (d, m, q) = asymmetric_block(xb, &weight, 31);
-        let y = &mut out[ib * BLOCK_Q5_1_BYTES..(ib + 1) * BLOCK_Q5_1_BYTES];
+    weighted_blocks(x, out, qw, BLOCK_Q5_1_BYTES, |xb, weight, y| {
+        let (d, m, q) = asymmetric_block(xb, weight, 31);
         y[0..2].copy_from_slice(&f16_bits(d).to_le_bytes());
         y[2..4].copy_from_slice(&f16_bits(m).to_le_bytes());
         y[4..8].copy_from_slice(&high_bits(&q));
         pack_nibbles(&q, &mut y[8..24]);
-    }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::golden::{golden_input, golden_weights, unhex};
 
     type WQuant = fn(&[f32], &mut [u8], &[f32]);
-
-    /// Same deterministic, libm-free row generator as the K-quant golden tests.
-    fn golden_input(n: usize) -> Vec<f32> {
-        let mut s: u32 = 0x2545_f491;
-        (0..n)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                let u = (s >> 8) as f32 / 16_777_216.0;
-                let mut v = (u - 0.5) * (1 + i % 7) as f32;
-                if i % 61 == 0 {
-                    v *= 9.0;
-                }
-                if i % 29 == 5 {
-                    v = 0.0;
-                }
-                v
-            })
-            .collect()
-    }
-
-    fn golden_weights(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| 0.25 + ((i * 37) % 11) as f32 * 0.5)
-            .collect()
-    }
-
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
 
     fn f16_at(b: &[u8], at: usize) -> f32 {
         half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()

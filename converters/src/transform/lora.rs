@@ -123,6 +123,14 @@ pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
         .and_then(Json::as_bool)
         .unwrap_or(false);
     let use_dora = cfg.get("use_dora").and_then(Json::as_bool).unwrap_or(false);
+    if cfg.get("fan_in_fan_out").and_then(Json::as_bool) == Some(true) {
+        // PEFT itself resets fan_in_fan_out to false for nn.Linear targets, which is every
+        // module of these architectures, so the update is applied untransposed as PEFT does.
+        tracing::warn!(
+            "{}: fan_in_fan_out is true; PEFT ignores it for nn.Linear modules and so does edgepack",
+            cfg_path.display()
+        );
+    }
 
     let mut parts: std::collections::BTreeMap<String, Vec<(String, Tensor)>> = Default::default();
     let mut replacements = Vec::new();
