@@ -100,9 +100,10 @@ pub fn llama_cpp_source() -> Result<std::path::PathBuf> {
             "download",
             "--quiet",
             "--no-deps",
+            // Only this package as an sdist; its build backend comes as wheels in pip's
+            // isolated metadata step.
             "--no-binary",
             "llama-cpp-python",
-            "--no-build-isolation",
             "-d",
         ])
         .arg(&dir)
