@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use edgepack_converters::calib::data;
+use edgepack_converters::calib::imatrix::{self, Imatrix};
 use edgepack_converters::export::gguf::{export_gguf, plan_types, GgufOptions};
 use edgepack_converters::export::gguf_lora::export_gguf_lora;
 use edgepack_converters::export::hf::export_hf;
@@ -61,6 +63,28 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Compute an importance matrix (llama-imatrix's GGUF format) for weighted quantization.
+    #[command(
+        after_help = "Example:\n  edgepack imatrix ./SmolLM2-135M-Instruct --data calib.txt -o imatrix.gguf\n  edgepack export gguf ./SmolLM2-135M-Instruct --quant Q4_K_M --imatrix imatrix.gguf -o model.gguf\n\n--data takes plain UTF-8 text, or JSONL with a \"text\" field per line (.jsonl, or lines starting with '{'). Without --data, edgepack's own calibration text is used."
+    )]
+    Imatrix {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Calibration text: plain text, or JSONL with a `text` field per line (default: edgepack's built-in corpus).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Tokens per chunk; each chunk runs from an empty context (llama-imatrix's -c).
+        #[arg(long, default_value_t = 512)]
+        chunk_size: usize,
+        /// Run at most this many chunks (default: all the text gives).
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Output imatrix path (.gguf).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Export a model to a file format.
     #[command(subcommand)]
     Export(Export),
@@ -70,7 +94,7 @@ enum Command {
 enum Export {
     /// Write a GGUF file for llama.cpp and Ollama, quantized with llama.cpp's rules.
     #[command(
-        after_help = "Example:\n  edgepack export gguf ./base --lora ./adapter --quant Q4_K_M -o model.gguf\n\nQuantizations: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"
+        after_help = "Example:\n  edgepack export gguf ./base --lora ./adapter --quant Q4_K_M -o model.gguf\n  edgepack export gguf ./base --quant Q4_K_M --imatrix imatrix.gguf -o model.gguf\n\nQuantizations: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K"
     )]
     Gguf {
         /// A Hugging Face model folder or a .gguf file.
@@ -86,6 +110,9 @@ enum Export {
         /// `general.name` in the file (default: the model's name).
         #[arg(long)]
         name: Option<String>,
+        /// Importance matrix (from `edgepack imatrix` or llama-imatrix, GGUF or legacy .dat) weighting the quantizers.
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
         /// Output .gguf path.
         #[arg(short, long)]
         output: PathBuf,
@@ -219,19 +246,34 @@ pub fn run(cli: Cli) -> Result<()> {
             quant,
             pure,
             name,
+            imatrix,
             output,
         }) => {
             let preset: Preset = quant.parse().map_err(anyhow::Error::msg)?;
             let lp = lora.paths()?;
-            ensure_not_input(&output, &inputs(&model, &lp))?;
+            let mut ins = inputs(&model, &lp);
+            ins.extend(imatrix.as_deref());
+            ensure_not_input(&output, &ins)?;
             let t0 = Instant::now();
             let (m, _) = load(&model, &lora)?;
+            let (weights, extra) = match &imatrix {
+                Some(p) => {
+                    let im = Imatrix::read(p)
+                        .with_context(|| format!("reading imatrix {}", p.display()))?;
+                    let w = im.weights_for(&m, p).with_context(|| {
+                        format!("imatrix {} does not fit {}", p.display(), model.display())
+                    })?;
+                    (Some(std::sync::Arc::new(w)), im.provenance(p))
+                }
+                None => (None, Default::default()),
+            };
             let bars = Bars::new(json_out);
             let opts = GgufOptions {
                 preset,
                 pure,
-                imatrix: None,
+                imatrix: weights,
                 name,
+                extra,
             };
             let report = export_gguf(&m, &output, &opts, &bars).with_context(|| {
                 format!("exporting {} to {}", model.display(), output.display())
@@ -260,6 +302,22 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Imatrix {
+            model,
+            lora,
+            data,
+            chunk_size,
+            chunks,
+            output,
+        } => run_imatrix(
+            &model,
+            &lora,
+            data.as_deref(),
+            chunk_size,
+            chunks,
+            &output,
+            json_out,
+        ),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -288,6 +346,65 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_imatrix(
+    model: &Path,
+    lora: &LoraArgs,
+    data: Option<&Path>,
+    chunk_size: usize,
+    chunks: Option<usize>,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    let lp = lora.paths()?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(data);
+    ensure_not_input(output, &ins)?;
+    if chunks == Some(0) {
+        bail!("--chunks 0: give at least one chunk");
+    }
+    let (texts, dataset) = match data {
+        Some(p) => (data::read_texts(p)?, p.display().to_string()),
+        None => (
+            vec![data::DEFAULT_CORPUS.to_string()],
+            data::DEFAULT_CORPUS_NAME.to_string(),
+        ),
+    };
+    let t0 = Instant::now();
+    let (m, _) = load(model, lora)?;
+    let bars = Bars::new(json_out);
+    let mut im = imatrix::compute(&m, &texts, chunk_size, chunks, &bars).with_context(|| {
+        format!(
+            "computing the imatrix of {} over {dataset}",
+            model.display()
+        )
+    })?;
+    im.datasets = vec![dataset.clone()];
+    im.write_gguf(output)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if json_out {
+        let v = json!({
+            "path": output.display().to_string(),
+            "entries": im.entries.len(),
+            "chunks": im.chunk_count,
+            "chunk_size": im.chunk_size,
+            "datasets": im.datasets,
+            "seconds": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} weights, {} chunks of {} tokens from {dataset}) in {:.1}s",
+            output.display(),
+            im.entries.len(),
+            im.chunk_count,
+            im.chunk_size,
+            secs
+        );
+    }
+    Ok(())
 }
 
 fn write_hf(
@@ -342,6 +459,7 @@ fn inspect(path: &Path, json_out: bool) -> Result<()> {
             pure: false,
             imatrix: None,
             name: None,
+            extra: Default::default(),
         };
         let plan = plan_types(&m, &opts)?;
         let bytes: usize = plan

@@ -33,6 +33,8 @@ pub struct GgufOptions {
     pub imatrix: Option<Arc<HashMap<String, Vec<f32>>>>,
     /// `general.name`; the model's name when absent.
     pub name: Option<String>,
+    /// Further keys to record, such as llama-quantize's `quantize.imatrix.*` provenance.
+    pub extra: Metadata,
 }
 
 /// What was written, per tensor and in total.
@@ -227,7 +229,10 @@ pub fn export_gguf(
     opts: &GgufOptions,
     progress: &dyn Progress,
 ) -> Result<GgufReport> {
-    let metadata = model_metadata(model, opts.preset, opts.name.as_deref())?;
+    let mut metadata = model_metadata(model, opts.preset, opts.name.as_deref())?;
+    for (k, v) in opts.extra.iter() {
+        metadata.set(k, v.clone());
+    }
     let items = gguf_items(model)?;
     let planned = plan_types(model, opts)?;
     let plans: Vec<TensorPlan> = planned
