@@ -71,23 +71,19 @@ fn write_safetensors(
     let mut f = AtomicFile::create(path)?;
     f.write_all(&(h.len() as u64).to_le_bytes())?;
     f.write_all(&h)?;
+    // Every tensor streams through f32 in chunks, even when its type does not change: the
+    // conversion is exact for F16/BF16/F32 values and keeps memory bounded (mapped input pages
+    // are released as they are read).
     for t in tensors {
-        match (t.mapped_bytes(), t.dtype() == dtype) {
-            // Same dtype straight from a mapped file: copy the bytes as they are.
-            (Some(b), true) => {
-                f.write_all(b)?;
-                progress.advance(t.numel() as u64, &t.name);
-            }
-            _ => stream_quantized(
-                t,
-                dtype,
-                None,
-                path,
-                &t.name,
-                &mut |b: &[u8]| f.write_all(b),
-                progress,
-            )?,
-        }
+        stream_quantized(
+            t,
+            dtype,
+            None,
+            path,
+            &t.name,
+            &mut |b: &[u8]| f.write_all(b),
+            progress,
+        )?;
     }
     f.commit()?;
     Ok((8 + h.len() + offset) as u64)

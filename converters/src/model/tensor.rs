@@ -115,16 +115,6 @@ impl Tensor {
         self.source.rows_f32(&ctx, rows)
     }
 
-    /// The raw stored bytes when the source is a plain mapped slice.
-    pub fn mapped_bytes(&self) -> Option<&[u8]> {
-        match &self.source {
-            Source::Mapped {
-                map, offset, len, ..
-            } => Some(&map[*offset..*offset + *len]),
-            _ => None,
-        }
-    }
-
     /// Rows per chunk so that one chunk holds about `CHUNK_VALUES` f32 values.
     pub fn rows_per_chunk(&self) -> usize {
         (CHUNK_VALUES / self.row_len().max(1)).max(1)
