@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgepack_converters::calib::data;
 use edgepack_converters::calib::imatrix::{self, Imatrix};
+use edgepack_converters::calib::stats::{self, CalibStats};
 use edgepack_converters::export::gguf::{export_gguf, plan_types, GgufOptions};
 use edgepack_converters::export::gguf_lora::export_gguf_lora;
 use edgepack_converters::export::hf::export_hf;
@@ -16,6 +17,7 @@ use edgepack_converters::model::Model;
 use edgepack_converters::quant::preset::Preset;
 use edgepack_converters::quant::GgmlType;
 use edgepack_converters::transform::lora::{load_adapter, merge_adapters, LoraAdapter};
+use edgepack_converters::transform::smooth::{self, Alpha};
 use serde_json::json;
 
 use crate::progress::Bars;
@@ -82,6 +84,48 @@ enum Command {
         #[arg(long)]
         chunks: Option<usize>,
         /// Output imatrix path (.gguf).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Record activation statistics of every linear layer's input (for SmoothQuant and static int8 scales).
+    #[command(
+        after_help = "Example:\n  edgepack calibrate ./SmolLM2-135M-Instruct --data calib.jsonl --samples 64 --seq-len 512 -o stats.calib\n  edgepack smooth ./SmolLM2-135M-Instruct --stats stats.calib --alpha 0.5 -o ./smoothed\n\nThe texts are joined and cut into samples of --seq-len tokens (each from an empty context); text beyond --samples x --seq-len tokens is left out and reported. Without --data, edgepack's own calibration text is used.\n\nThe output is safetensors: per weight W, W.absmax, W.sum_sq and W.hist (|x| histogram), with the model identity and per-tensor min, max and 99.99th percentile of |x| in __metadata__."
+    )]
+    Calibrate {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Calibration text: plain text, or JSONL with a `text` field per line (default: edgepack's built-in corpus).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run at most this many samples (default: all the text gives).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Tokens per sample; each sample runs from an empty context.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Output statistics file (.calib, safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Apply SmoothQuant (exact rescaling of norms and q/k/v, gate/up columns) and write a Hugging Face folder.
+    #[command(
+        after_help = "Example:\n  edgepack calibrate ./model -o stats.calib\n  edgepack smooth ./model --stats stats.calib --alpha 0.5 -o ./smoothed\n  edgepack smooth ./model --stats stats.calib --alpha 0.5,0.5,0.8,0.8 -o ./smoothed --dtype f32\n\n--alpha takes one value, or one per layer separated by commas. The result computes the same function as the input (up to float rounding); only the input of an int8-activation quantizer benefits."
+    )]
+    Smooth {
+        /// A Hugging Face model folder or a .gguf file (the one the statistics were computed on).
+        model: PathBuf,
+        /// Statistics from `edgepack calibrate`.
+        #[arg(long)]
+        stats: PathBuf,
+        /// Migration strength α in 0..=1: one value, or one per layer (comma-separated).
+        #[arg(long, default_value = "0.5")]
+        alpha: String,
+        /// Weight dtype of the output: f32, f16 or bf16 (default: the model's float type).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Output folder (must not exist or be empty).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -318,6 +362,29 @@ pub fn run(cli: Cli) -> Result<()> {
             &output,
             json_out,
         ),
+        Command::Calibrate {
+            model,
+            lora,
+            data,
+            samples,
+            seq_len,
+            output,
+        } => run_calibrate(
+            &model,
+            &lora,
+            data.as_deref(),
+            samples,
+            seq_len,
+            &output,
+            json_out,
+        ),
+        Command::Smooth {
+            model,
+            stats,
+            alpha,
+            dtype,
+            output,
+        } => run_smooth(&model, &stats, &alpha, dtype.as_deref(), &output, json_out),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -402,6 +469,134 @@ fn run_imatrix(
             im.chunk_count,
             im.chunk_size,
             secs
+        );
+    }
+    Ok(())
+}
+
+fn run_calibrate(
+    model: &Path,
+    lora: &LoraArgs,
+    data: Option<&Path>,
+    samples: Option<usize>,
+    seq_len: usize,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    let lp = lora.paths()?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(data);
+    ensure_not_input(output, &ins)?;
+    if samples == Some(0) {
+        bail!("--samples 0: give at least one sample");
+    }
+    let (texts, dataset) = match data {
+        Some(p) => (
+            data::read_texts(p)
+                .with_context(|| format!("reading calibration data {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (
+            vec![data::DEFAULT_CORPUS.to_string()],
+            data::DEFAULT_CORPUS_NAME.to_string(),
+        ),
+    };
+    let t0 = Instant::now();
+    let (m, _) = load(model, lora)?;
+    let bars = Bars::new(json_out);
+    let mut st = stats::compute(&m, &texts, seq_len, samples, &bars)
+        .with_context(|| format!("calibrating {} over {dataset}", model.display()))?;
+    st.dataset = dataset.clone();
+    st.write(output)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let truncated = st.tokens_truncated();
+    if json_out {
+        let v = json!({
+            "path": output.display().to_string(),
+            "entries": st.entries.len(),
+            "samples": st.samples,
+            "seq_len": st.seq_len,
+            "tokens_total": st.tokens_total,
+            "tokens_used": st.tokens_used,
+            "tokens_truncated": truncated,
+            "dataset": st.dataset,
+            "seconds": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} weights, {} samples of {} tokens from {dataset}) in {:.1}s",
+            output.display(),
+            st.entries.len(),
+            st.samples,
+            st.seq_len,
+            secs
+        );
+        if truncated > 0 {
+            println!(
+                "note: truncated: the text has {} tokens, {} were used ({} samples x {} tokens); {truncated} were left out",
+                st.tokens_total, st.tokens_used, st.samples, st.seq_len
+            );
+        }
+    }
+    Ok(())
+}
+
+fn parse_alpha(s: &str) -> Result<Alpha> {
+    let vals = s
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f32>()
+                .map_err(|_| anyhow::anyhow!("--alpha {s}: `{v}` is not a number\nhint: --alpha 0.5, or one value per layer: --alpha 0.5,0.5,0.8"))
+        })
+        .collect::<Result<Vec<f32>>>()?;
+    Ok(if vals.len() == 1 {
+        Alpha::Global(vals[0])
+    } else {
+        Alpha::PerLayer(vals)
+    })
+}
+
+fn run_smooth(
+    model: &Path,
+    stats_path: &Path,
+    alpha: &str,
+    dtype: Option<&str>,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    ensure_not_input(output, &[model, stats_path])?;
+    let alpha = parse_alpha(alpha)?;
+    let t0 = Instant::now();
+    let m = import::open(model).with_context(|| format!("importing {}", model.display()))?;
+    let dtype = match dtype {
+        Some(d) => parse_float_dtype(d)?,
+        None => m.float_dtype(),
+    };
+    let st = CalibStats::read(stats_path)
+        .with_context(|| format!("reading statistics {}", stats_path.display()))?;
+    let (sm, rep) = smooth::smooth(&m, &st, stats_path, &alpha).with_context(|| {
+        format!(
+            "smoothing {} with {}",
+            model.display(),
+            stats_path.display()
+        )
+    })?;
+    let bars = Bars::new(json_out);
+    let r = export_hf(&sm, output, dtype, &bars)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if json_out {
+        let mut v = serde_json::to_value(&r)?;
+        v["smooth"] = serde_json::to_value(&rep)?;
+        v["seconds"] = json!(secs);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} tensors, {}; {} norm groups smoothed, max |activation| {:.3} -> {:.3}) in {:.1}s",
+            r.path, r.n_tensors, r.dtype, rep.groups, rep.act_max_before, rep.act_max_after, secs
         );
     }
     Ok(())

@@ -8,7 +8,10 @@ pub enum Error {
     /// The operating system refused a read or write. The OS message is part of the text (not
     /// a separate `source`), so error chains print it once.
     #[error("{path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     /// A file is malformed: truncated, corrupt, or a field has the wrong type or value.
     #[error("{path}: {field}: {msg}")]
     Format {

@@ -6,3 +6,4 @@
 pub mod data;
 pub mod forward;
 pub mod imatrix;
+pub mod stats;
