@@ -431,13 +431,7 @@ fn run_imatrix(
     if chunks == Some(0) {
         bail!("--chunks 0: give at least one chunk");
     }
-    let (texts, dataset) = match data {
-        Some(p) => (data::read_texts(p)?, p.display().to_string()),
-        None => (
-            vec![data::DEFAULT_CORPUS.to_string()],
-            data::DEFAULT_CORPUS_NAME.to_string(),
-        ),
-    };
+    let (texts, dataset) = data::texts_or_default(data).context("reading calibration data")?;
     let t0 = Instant::now();
     let (m, _) = load(model, lora)?;
     let bars = Bars::new(json_out);
@@ -490,17 +484,7 @@ fn run_calibrate(
     if samples == Some(0) {
         bail!("--samples 0: give at least one sample");
     }
-    let (texts, dataset) = match data {
-        Some(p) => (
-            data::read_texts(p)
-                .with_context(|| format!("reading calibration data {}", p.display()))?,
-            p.display().to_string(),
-        ),
-        None => (
-            vec![data::DEFAULT_CORPUS.to_string()],
-            data::DEFAULT_CORPUS_NAME.to_string(),
-        ),
-    };
+    let (texts, dataset) = data::texts_or_default(data).context("reading calibration data")?;
     let t0 = Instant::now();
     let (m, _) = load(model, lora)?;
     let bars = Bars::new(json_out);

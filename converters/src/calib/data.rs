@@ -64,6 +64,18 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
     Ok(texts)
 }
 
+/// The texts of `path`, or the default corpus when no path is given, with the dataset name
+/// that files record.
+pub fn texts_or_default(path: Option<&Path>) -> Result<(Vec<String>, String)> {
+    match path {
+        Some(p) => Ok((read_texts(p)?, p.display().to_string())),
+        None => Ok((
+            vec![DEFAULT_CORPUS.to_string()],
+            DEFAULT_CORPUS_NAME.to_string(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
