@@ -415,6 +415,23 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// What every command that runs calibration text needs: the output checked against the
+/// inputs, the texts (or the default corpus) with their dataset name, and the merged model.
+fn calibration_inputs(
+    model: &Path,
+    lora: &LoraArgs,
+    data: Option<&Path>,
+    output: &Path,
+) -> Result<(Model, Vec<String>, String)> {
+    let lp = lora.paths()?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(data);
+    ensure_not_input(output, &ins)?;
+    let (texts, dataset) = data::texts_or_default(data).context("reading calibration data")?;
+    let (m, _) = load(model, lora)?;
+    Ok((m, texts, dataset))
+}
+
 fn run_imatrix(
     model: &Path,
     lora: &LoraArgs,
@@ -424,16 +441,11 @@ fn run_imatrix(
     output: &Path,
     json_out: bool,
 ) -> Result<()> {
-    let lp = lora.paths()?;
-    let mut ins = inputs(model, &lp);
-    ins.extend(data);
-    ensure_not_input(output, &ins)?;
     if chunks == Some(0) {
         bail!("--chunks 0: give at least one chunk");
     }
-    let (texts, dataset) = data::texts_or_default(data).context("reading calibration data")?;
     let t0 = Instant::now();
-    let (m, _) = load(model, lora)?;
+    let (m, texts, dataset) = calibration_inputs(model, lora, data, output)?;
     let bars = Bars::new(json_out);
     let mut im = imatrix::compute(&m, &texts, chunk_size, chunks, &bars).with_context(|| {
         format!(
@@ -477,16 +489,11 @@ fn run_calibrate(
     output: &Path,
     json_out: bool,
 ) -> Result<()> {
-    let lp = lora.paths()?;
-    let mut ins = inputs(model, &lp);
-    ins.extend(data);
-    ensure_not_input(output, &ins)?;
     if samples == Some(0) {
         bail!("--samples 0: give at least one sample");
     }
-    let (texts, dataset) = data::texts_or_default(data).context("reading calibration data")?;
     let t0 = Instant::now();
-    let (m, _) = load(model, lora)?;
+    let (m, texts, dataset) = calibration_inputs(model, lora, data, output)?;
     let bars = Bars::new(json_out);
     let mut st = stats::compute(&m, &texts, seq_len, samples, &bars)
         .with_context(|| format!("calibrating {} over {dataset}", model.display()))?;

@@ -231,3 +231,59 @@ pub fn llama_quantize(input: &Path, out: &Path, ftype: u32) {
         .arg(ftype.to_string());
     run_ok(&mut q);
 }
+
+/// Deterministic token ids below `vocab` (every fixture's vocabulary holds 520 at least).
+pub fn token_ids(n: usize, vocab: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+/// transformers' float32 logits `[ids.len() * vocab]` for the HF folder `dir`
+/// (tests/python/hf_logits.py).
+pub fn hf_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("logits.f32");
+    let ids_json = serde_json::to_string(ids).unwrap();
+    let meta = oracle("hf_logits.py", &[&dir, &ids_json, &out]);
+    let logits: Vec<f32> = std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).unwrap();
+    assert_eq!(shape.iter().product::<usize>(), logits.len(), "{meta}");
+    assert_eq!(shape[0], ids.len(), "{meta}");
+    logits
+}
+
+/// edgepack's reference forward pass on `dir` (HF folder or GGUF), from an empty cache.
+pub fn our_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let model = edgepack_converters::import::open(dir).unwrap();
+    let fwd = edgepack_converters::calib::forward::Forward::new(&model).unwrap();
+    let mut cache = fwd.cache(ids.len());
+    fwd.forward(ids, &mut cache).unwrap()
+}
+
+/// llama.cpp's `LLAMA_FTYPE` id of a preset name (shared/facts/gguf.md §1.7), kept here
+/// independently of edgepack's own table so the peer is driven by the facts, not by us.
+pub fn llama_ftype(preset: &str) -> u32 {
+    match preset {
+        "F32" => 0,
+        "F16" => 1,
+        "Q4_0" => 2,
+        "Q4_1" => 3,
+        "Q8_0" => 7,
+        "Q5_0" => 8,
+        "Q5_1" => 9,
+        "Q2_K" => 10,
+        "Q3_K_S" => 11,
+        "Q3_K_M" => 12,
+        "Q3_K_L" => 13,
+        "Q4_K_S" => 14,
+        "Q4_K_M" => 15,
+        "Q5_K_S" => 16,
+        "Q5_K_M" => 17,
+        "Q6_K" => 18,
+        "BF16" => 32,
+        other => panic!("no LLAMA_FTYPE for {other}"),
+    }
+}

@@ -7,36 +7,7 @@ use std::path::Path;
 use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::import;
 use edgepack_tests::fixtures::Tiny;
-use edgepack_tests::{oracle, smollm2_gguf, smollm2_hf, tiny};
-
-/// Deterministic token ids below `vocab` (every fixture's vocabulary holds 520 at least).
-fn ids(n: usize, vocab: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
-}
-
-/// transformers' logits `[ids.len() * vocab]` for `dir` (tests/python/hf_logits.py).
-fn hf_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("logits.f32");
-    let ids_json = serde_json::to_string(ids).unwrap();
-    let meta = oracle("hf_logits.py", &[&dir, &ids_json, &out]);
-    let bytes = std::fs::read(&out).unwrap();
-    let logits: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).unwrap();
-    assert_eq!(shape.iter().product::<usize>(), logits.len(), "{meta}");
-    assert_eq!(shape[0], ids.len(), "{meta}");
-    logits
-}
-
-fn ours(dir: &Path, ids: &[u32]) -> Vec<f32> {
-    let model = import::open(dir).unwrap();
-    let fwd = Forward::new(&model).unwrap();
-    let mut cache = fwd.cache(ids.len());
-    fwd.forward(ids, &mut cache).unwrap()
-}
+use edgepack_tests::{hf_logits, our_logits, smollm2_gguf, smollm2_hf, tiny, token_ids};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -56,7 +27,7 @@ fn qwen2() -> Tiny {
 
 #[test]
 fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
-    let ids = ids(12, 520);
+    let ids = token_ids(12, 520);
     for (name, spec) in [
         ("llama-tied-f32", Tiny::llama()),
         ("qwen2-untied-f32", qwen2()),
@@ -64,7 +35,7 @@ fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
     ] {
         let dir = tiny(name, spec);
         let want = hf_logits(&dir, &ids);
-        let got = ours(&dir, &ids);
+        let got = our_logits(&dir, &ids);
         let d = max_abs_diff(&got, &want);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         eprintln!("{name}: max abs diff {d:e} (max |logit| {scale})");
@@ -84,7 +55,7 @@ fn kv_cache_decoding_equals_full_prompt_logits() {
         let model = import::open(&tiny(name, spec)).unwrap();
         let fwd = Forward::new(&model).unwrap();
         let vocab = model.config.vocab_size;
-        let ids = ids(n, 520);
+        let ids = token_ids(n, 520);
         let full = fwd.forward(&ids, &mut fwd.cache(n)).unwrap();
 
         let mut cache = fwd.cache(n);
@@ -115,7 +86,7 @@ fn observer_sees_the_input_of_every_linear_layer() {
     ] {
         let model = import::open(&tiny(name, spec)).unwrap();
         let fwd = Forward::new(&model).unwrap();
-        let ids = ids(6, 520);
+        let ids = token_ids(6, 520);
         let mut seen: Vec<(String, usize, usize)> = Vec::new();
         let observed = fwd
             .forward_observed(&ids, &mut fwd.cache(6), &mut |name, x, inn| {
@@ -149,16 +120,16 @@ fn observer_sees_the_input_of_every_linear_layer() {
 #[test]
 fn forward_on_real_smollm2_matches_transformers() {
     let dir = smollm2_hf();
-    let ids = ids(32, 49152);
+    let ids = token_ids(32, 49152);
     let want = hf_logits(&dir, &ids);
-    let got = ours(&dir, &ids);
+    let got = our_logits(&dir, &ids);
     let d = max_abs_diff(&got, &want);
     eprintln!("smollm2: max abs diff {d:e}");
     assert!(d < 1e-3, "SmolLM2: max abs diff {d} vs transformers");
 
     // Straight from the Q4_1 GGUF (dequantized on demand, Q/K rows restored to HF order), the
     // pass sees the same weights the lossless F32 export holds.
-    let from_gguf = ours(&smollm2_gguf(), &ids);
+    let from_gguf = our_logits(&smollm2_gguf(), &ids);
     let d = max_abs_diff(&from_gguf, &got);
     eprintln!("smollm2: GGUF vs its F32 HF export, max abs diff {d:e}");
     assert!(d < 1e-5, "SmolLM2 GGUF vs HF export: max abs diff {d}");
@@ -184,9 +155,9 @@ fn llama3_rope_scaling_matches_transformers_past_the_original_context() {
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
 
     let n = 96;
-    let ids = ids(n, 520);
+    let ids = token_ids(n, 520);
     let want = hf_logits(&dir, &ids);
-    let got = ours(&dir, &ids);
+    let got = our_logits(&dir, &ids);
     let vocab = want.len() / n;
     let late = 64 * vocab..;
     let d = max_abs_diff(&got, &want);
@@ -195,7 +166,7 @@ fn llama3_rope_scaling_matches_transformers_past_the_original_context() {
     assert!(d < 1e-3, "llama3 rope: max abs diff {d} vs transformers");
 
     // The scaling must matter at these positions, or the comparison proves nothing.
-    let unscaled = ours(&base, &ids);
+    let unscaled = our_logits(&base, &ids);
     let moved = max_abs_diff(&unscaled[late.clone()], &got[late]);
     assert!(
         moved > 1e-2,
@@ -286,9 +257,9 @@ fn head_dim_other_than_hidden_over_heads_matches_transformers() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("wide-head");
     write_wide_head_llama(&dir, &tiny("phi3-untied-spm-f32", Tiny::phi3()));
-    let ids = ids(20, 520);
+    let ids = token_ids(20, 520);
     let want = hf_logits(&dir, &ids);
-    let got = ours(&dir, &ids);
+    let got = our_logits(&dir, &ids);
     let d = max_abs_diff(&got, &want);
     eprintln!("head_dim 32 with hidden 64 / 4 heads: max abs diff {d:e}");
     assert!(d < 1e-3, "max abs diff {d} vs transformers");

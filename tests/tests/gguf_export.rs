@@ -102,19 +102,11 @@ fn quantized_exports_match_llama_quantize_type_choices_and_blocks() {
     llama_convert(&hf, "f32", &reference);
     let legacy = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"];
     let mut summary = Vec::new();
-    for (preset, ftype) in [
-        ("Q8_0", 7),
-        ("Q4_0", 2),
-        ("Q4_1", 3),
-        ("Q5_0", 8),
-        ("Q5_1", 9),
-        ("Q2_K", 10),
-        ("Q3_K_M", 12),
-        ("Q4_K_S", 14),
-        ("Q4_K_M", 15),
-        ("Q5_K_M", 17),
-        ("Q6_K", 18),
+    for preset in [
+        "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M",
+        "Q6_K",
     ] {
+        let ftype = llama_ftype(preset);
         let ours = work.path().join(format!("{preset}-ours.gguf"));
         let theirs = work.path().join(format!("{preset}-llama.gguf"));
         export_gguf(&hf, preset, &ours);

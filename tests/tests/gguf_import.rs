@@ -21,20 +21,11 @@ fn every_tensor_type_from_llama_quantize_dequantizes_exactly_like_gguf_py() {
     let f32_gguf = work.path().join("llama-f32.gguf");
     llama_convert(&hf, "f32", &f32_gguf);
     let mut seen = std::collections::BTreeSet::new();
-    for (name, ftype) in [
-        ("F16", 1),
-        ("BF16", 32),
-        ("Q8_0", 7),
-        ("Q4_0", 2),
-        ("Q4_1", 3),
-        ("Q5_0", 8),
-        ("Q5_1", 9),
-        ("Q2_K", 10),
-        ("Q3_K_M", 12),
-        ("Q4_K_M", 15),
-        ("Q5_K_M", 17),
-        ("Q6_K", 18),
+    for name in [
+        "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M",
+        "Q5_K_M", "Q6_K",
     ] {
+        let ftype = llama_ftype(name);
         let q = work.path().join(format!("{name}.gguf"));
         llama_quantize(&f32_gguf, &q, ftype);
         let back = work.path().join(format!("{name}-back-f32.gguf"));

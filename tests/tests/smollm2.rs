@@ -34,7 +34,7 @@ fn hf_round_trip_then_f16_agrees_with_llama_cpp_on_the_dequantized_original() {
     let work = tempfile::tempdir().unwrap();
     // llama.cpp's own dequantization of the original to F32.
     let reference = work.path().join("original-f32.gguf");
-    llama_quantize(&smollm2_gguf(), &reference, 0);
+    llama_quantize(&smollm2_gguf(), &reference, llama_ftype("F32"));
     let ours = work.path().join("smollm2-f16.gguf");
     run_ok(
         edgepack()

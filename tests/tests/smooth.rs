@@ -6,36 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::calib::stats::{self, CalibStats};
 use edgepack_converters::import;
 use edgepack_converters::progress::Silent;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::*;
-
-fn ids(n: usize, vocab: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
-}
-
-/// transformers' float32 logits for `dir` (tests/python/hf_logits.py).
-fn hf_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("logits.f32");
-    let ids_json = serde_json::to_string(ids).unwrap();
-    oracle("hf_logits.py", &[&dir, &ids_json, &out]);
-    std::fs::read(&out)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn our_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
-    let model = import::open(dir).unwrap();
-    let fwd = Forward::new(&model).unwrap();
-    let mut cache = fwd.cache(ids.len());
-    fwd.forward(ids, &mut cache).unwrap()
-}
 
 /// Max |a - b| relative to max |a| (the logit scale).
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -143,7 +118,7 @@ fn smoothed_model_is_function_preserving() {
             assert_eq!(tensor_max_diff(&dir, &out, t), 0.0, "{name}: {t}");
         }
 
-        let ids = ids(24, 520);
+        let ids = token_ids(24, 520);
         let want = hf_logits(&dir, &ids);
         let got = hf_logits(&out, &ids);
         let d_hf = rel_diff(&want, &got);
