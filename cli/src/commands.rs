@@ -109,7 +109,7 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Apply SmoothQuant (exact rescaling of norms and q/k/v, gate/up columns) and write a Hugging Face folder.
+    /// Apply SmoothQuant (an exact rescaling of norms, projections and their consumers) and write a Hugging Face folder.
     #[command(
         after_help = "Example:\n  edgepack calibrate ./model -o stats.calib\n  edgepack smooth ./model --stats stats.calib --alpha 0.5 -o ./smoothed\n  edgepack smooth ./model --stats stats.calib --alpha 0.5,0.5,0.8,0.8 -o ./smoothed --dtype f32\n\n--alpha takes one value, or one per layer separated by commas. The result computes the same function as the input (up to float rounding); only the input of an int8-activation quantizer benefits."
     )]
@@ -122,6 +122,10 @@ enum Command {
         /// Migration strength α in 0..=1: one value, or one per layer (comma-separated).
         #[arg(long, default_value = "0.5")]
         alpha: String,
+        /// Which folds: `all` (norms → projections, v → o, up → down) or `norms` (only the
+        /// norm groups, as the SmoothQuant reference does for Llama).
+        #[arg(long, value_enum, default_value_t = ScopeArg::All)]
+        scope: ScopeArg,
         /// Weight dtype of the output: f32, f16 or bf16 (default: the model's float type).
         #[arg(long)]
         dtype: Option<String>,
@@ -129,9 +133,35 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Prune the decoder's linear weights (magnitude or Wanda; unstructured or N:M) and write a Hugging Face folder.
+    #[command(
+        after_help = "Example:\n  edgepack calibrate ./model -o stats.calib\n  edgepack sparsify ./model --method wanda --ratio 0.5 --stats stats.calib -o ./sparse\n  edgepack sparsify ./model --method magnitude --pattern 2:4 -o ./sparse24\n\nEmbeddings, norms and the output projection stay dense. The report lists the sparsity each tensor reached."
+    )]
+    Sparsify(crate::eval_cmd::SparsifyArgs),
+    /// Measure quality: perplexity, KL divergence and top-1 agreement of candidates against the float model, answer similarity, and speed.
+    #[command(
+        after_help = "Example:\n  edgepack eval ./model --against model-Q4_K_M.gguf --data eval.txt\n  edgepack eval ./model --stats stats.calib --w8a8 --w8a8-smooth 0.5 --json\n  edgepack eval ./model --qa qa.jsonl --embedder ./all-MiniLM-L6-v2 --prompt-sizes 32,128,512 --plot ttft.svg\n\nCandidates are dequantized and run by the same f32 engine as the reference, so the figures measure the weights (and, for --w8a8, the int8 activations), not a runtime."
+    )]
+    Eval(crate::eval_cmd::EvalArgs),
     /// Export a model to a file format.
     #[command(subcommand)]
     Export(Export),
+}
+
+/// `--scope` of `edgepack smooth`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ScopeArg {
+    All,
+    Norms,
+}
+
+impl From<ScopeArg> for smooth::Scope {
+    fn from(s: ScopeArg) -> smooth::Scope {
+        match s {
+            ScopeArg::All => smooth::Scope::All,
+            ScopeArg::Norms => smooth::Scope::Norms,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,7 +257,7 @@ impl LoraArgs {
     }
 }
 
-fn parse_float_dtype(s: &str) -> Result<GgmlType> {
+pub(crate) fn parse_float_dtype(s: &str) -> Result<GgmlType> {
     let t: GgmlType = s.parse().map_err(anyhow::Error::msg)?;
     if !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
         bail!("--dtype {s}: use f32, f16 or bf16");
@@ -267,6 +297,8 @@ pub fn run(cli: Cli) -> Result<()> {
     let json_out = cli.json;
     match cli.command {
         Command::Inspect { model } => inspect(&model, json_out),
+        Command::Sparsify(a) => crate::eval_cmd::run_sparsify(&a, json_out),
+        Command::Eval(a) => crate::eval_cmd::run_eval(&a, json_out),
         Command::Merge {
             base,
             lora,
@@ -382,9 +414,18 @@ pub fn run(cli: Cli) -> Result<()> {
             model,
             stats,
             alpha,
+            scope,
             dtype,
             output,
-        } => run_smooth(&model, &stats, &alpha, dtype.as_deref(), &output, json_out),
+        } => run_smooth(
+            &model,
+            &stats,
+            &alpha,
+            scope.into(),
+            dtype.as_deref(),
+            &output,
+            json_out,
+        ),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -427,8 +468,8 @@ fn calibration_inputs(
     let mut ins = inputs(model, &lp);
     ins.extend(data);
     ensure_not_input(output, &ins)?;
-    let (texts, dataset) = data::texts_or_default(data).context("reading calibration data")?;
     let (m, _) = load(model, lora)?;
+    let (texts, dataset) = data::texts_or_default(data, &m).context("reading calibration data")?;
     Ok((m, texts, dataset))
 }
 
@@ -554,6 +595,7 @@ fn run_smooth(
     model: &Path,
     stats_path: &Path,
     alpha: &str,
+    scope: smooth::Scope,
     dtype: Option<&str>,
     output: &Path,
     json_out: bool,
@@ -568,13 +610,14 @@ fn run_smooth(
     };
     let st = CalibStats::read(stats_path)
         .with_context(|| format!("reading statistics {}", stats_path.display()))?;
-    let (sm, rep) = smooth::smooth(&m, &st, stats_path, &alpha).with_context(|| {
+    let smoothed = smooth::smooth(&m, &st, stats_path, &alpha, scope).with_context(|| {
         format!(
             "smoothing {} with {}",
             model.display(),
             stats_path.display()
         )
     })?;
+    let (sm, rep) = (smoothed.model, smoothed.report);
     let bars = Bars::new(json_out);
     let r = export_hf(&sm, output, dtype, &bars)
         .with_context(|| format!("writing {}", output.display()))?;
@@ -586,7 +629,7 @@ fn run_smooth(
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "wrote {} ({} tensors, {}; {} norm groups smoothed, max |activation| {:.3} -> {:.3}) in {:.1}s",
+            "wrote {} ({} tensors, {}; {} groups smoothed, max |activation| {:.3} -> {:.3}) in {:.1}s",
             r.path, r.n_tensors, r.dtype, rep.groups, rep.act_max_before, rep.act_max_after, secs
         );
     }

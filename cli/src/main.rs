@@ -2,6 +2,7 @@
 //! math logic live in `edgepack-converters`.
 
 mod commands;
+mod eval_cmd;
 mod progress;
 
 use std::process::ExitCode;

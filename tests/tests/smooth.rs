@@ -86,46 +86,64 @@ fn smoothed_model_is_function_preserving() {
     for (name, dir) in fixtures() {
         let st = work.path().join(format!("{name}.calib"));
         calibrate(&dir, None, &st);
-        let out = work.path().join(format!("{name}-smoothed"));
-        let o = run_ok(
-            edgepack()
-                .arg("smooth")
-                .arg(&dir)
-                .arg("--stats")
-                .arg(&st)
-                .args(["--alpha", "0.5", "--json", "-o"])
-                .arg(&out),
-        );
-        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(report["smooth"]["groups"], 4, "{name}: {report}");
-        assert_eq!(report["dtype"], "F32", "{name}: {report}");
+        // `all` also folds v -> o and up -> down; `norms` only the two norm groups per layer.
+        for (scope, groups) in [("all", 8), ("norms", 4)] {
+            let out = work.path().join(format!("{name}-smoothed-{scope}"));
+            let o = run_ok(
+                edgepack()
+                    .arg("smooth")
+                    .arg(&dir)
+                    .arg("--stats")
+                    .arg(&st)
+                    .args(["--alpha", "0.5", "--scope", scope, "--json", "-o"])
+                    .arg(&out),
+            );
+            let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(report["smooth"]["groups"], groups, "{name}: {report}");
+            assert_eq!(report["dtype"], "F32", "{name}: {report}");
 
-        // The weights changed: norms divided by s, consumers' columns multiplied by s.
-        for t in [
-            "model.layers.0.input_layernorm.weight",
-            "model.layers.1.post_attention_layernorm.weight",
-        ] {
-            let d = tensor_max_diff(&dir, &out, t);
-            eprintln!("{name}: {t} max change {d}");
-            assert!(d > 1e-3, "{name}: {t} did not change ({d})");
-        }
-        // What SmoothQuant does not touch is bit-identical.
-        for t in [
-            "model.layers.0.self_attn.o_proj.weight",
-            "model.layers.0.mlp.down_proj.weight",
-            "model.norm.weight",
-        ] {
-            assert_eq!(tensor_max_diff(&dir, &out, t), 0.0, "{name}: {t}");
-        }
+            // The weights changed: norms divided by s, consumers' columns multiplied by s.
+            let mut changed = vec![
+                "model.layers.0.input_layernorm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ];
+            let mut same = vec!["model.norm.weight", "model.embed_tokens.weight"];
+            let folded = [
+                "model.layers.0.self_attn.o_proj.weight",
+                "model.layers.1.mlp.down_proj.weight",
+            ];
+            if scope == "all" {
+                changed.extend(folded);
+            } else {
+                same.extend(folded);
+            }
+            for t in changed {
+                let d = tensor_max_diff(&dir, &out, t);
+                eprintln!("{name} {scope}: {t} max change {d}");
+                assert!(d > 1e-3, "{name} {scope}: {t} did not change ({d})");
+            }
+            // What the scope does not touch is bit-identical.
+            for t in same {
+                assert_eq!(tensor_max_diff(&dir, &out, t), 0.0, "{name} {scope}: {t}");
+            }
 
-        let ids = token_ids(24, 520);
-        let want = hf_logits(&dir, &ids);
-        let got = hf_logits(&out, &ids);
-        let d_hf = rel_diff(&want, &got);
-        let d_ours = rel_diff(&our_logits(&dir, &ids), &our_logits(&out, &ids));
-        eprintln!("{name}: relative logit difference transformers {d_hf:e}, ours {d_ours:e}");
-        assert!(d_hf < 1e-4, "{name}: transformers logits moved by {d_hf}");
-        assert!(d_ours < 1e-4, "{name}: our logits moved by {d_ours}");
+            let ids = token_ids(24, 520);
+            let want = hf_logits(&dir, &ids);
+            let got = hf_logits(&out, &ids);
+            let d_hf = rel_diff(&want, &got);
+            let d_ours = rel_diff(&our_logits(&dir, &ids), &our_logits(&out, &ids));
+            eprintln!(
+                "{name} {scope}: relative logit difference transformers {d_hf:e}, ours {d_ours:e}"
+            );
+            assert!(
+                d_hf < 1e-4,
+                "{name} {scope}: transformers logits moved by {d_hf}"
+            );
+            assert!(
+                d_ours < 1e-4,
+                "{name} {scope}: our logits moved by {d_ours}"
+            );
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor as CTensor, D};
 use serde_json::Value as Json;
 
+use crate::calib::w8a8::{self, W8A8};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model, ModelConfig};
 
@@ -29,6 +30,9 @@ struct Linear {
     w: CTensor,
     b: Option<CTensor>,
     in_features: usize,
+    /// Static int8 activation scale: when set, the input is rounded to int8 codes of this step
+    /// before the product (W8A8 simulation).
+    act_scale: Option<f32>,
 }
 
 /// Receives `(weight name, input activations [n_tokens, in_features] row-major, in_features)`.
@@ -40,6 +44,20 @@ impl Linear {
             let vals = x.flatten_all().map_err(ce)?.to_vec1::<f32>().map_err(ce)?;
             obs(&self.name, &vals, self.in_features);
         }
+        let q;
+        let x = match self.act_scale {
+            Some(scale) => {
+                let qmax = w8a8::QMAX as f64;
+                q = x
+                    .affine(1.0 / scale as f64, 0.0)
+                    .and_then(|t| t.round())
+                    .and_then(|t| t.clamp(-qmax, qmax))
+                    .and_then(|t| t.affine(scale as f64, 0.0))
+                    .map_err(ce)?;
+                &q
+            }
+            None => x,
+        };
         // candle's gemm reads the transposed view through strides; no copy of W.
         let y = x.matmul(&self.w.t().map_err(ce)?).map_err(ce)?;
         match &self.b {
@@ -69,6 +87,23 @@ struct Layer {
     mlp_norm: CTensor,
     gate_up: GateUp,
     down: Linear,
+}
+
+impl Layer {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = Vec::with_capacity(7);
+        match &mut self.qkv {
+            Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
+            Qkv::Fused(l) => v.push(l),
+        }
+        v.push(&mut self.o);
+        match &mut self.gate_up {
+            GateUp::Split { gate, up } => v.extend([gate, up]),
+            GateUp::Fused(l) => v.push(l),
+        }
+        v.push(&mut self.down);
+        v
+    }
 }
 
 /// The keys and values of the positions run so far, per layer, after rotary embedding.
@@ -240,6 +275,7 @@ impl Forward {
                 w,
                 b,
                 in_features: inn,
+                act_scale: None,
             })
         };
         let h = c.hidden_size;
@@ -290,6 +326,7 @@ impl Forward {
                 w: embed.clone(),
                 b: None,
                 in_features: h,
+                act_scale: None,
             }
         } else {
             return Err(Error::format(
@@ -311,6 +348,44 @@ impl Forward {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Turns the linears named in `w8a8` into what a static W8A8 engine computes: weights
+    /// replaced by their int8 per-row reconstruction, inputs rounded to int8 at the given
+    /// per-tensor scales. Products and accumulation stay in f32, which equals an int32
+    /// accumulator rescaled once, up to float rounding. Refuses scales for unknown weights.
+    pub fn simulate_w8a8(&mut self, w8a8: &W8A8) -> Result<()> {
+        let mut seen = 0usize;
+        for lin in self.layers.iter_mut().flat_map(Layer::linears_mut) {
+            let Some(a) = w8a8.act.get(&lin.name) else {
+                continue;
+            };
+            let (out, inn) = lin.w.dims2().map_err(ce)?;
+            let mut w = lin
+                .w
+                .flatten_all()
+                .map_err(ce)?
+                .to_vec1::<f32>()
+                .map_err(ce)?;
+            w.chunks_exact_mut(inn).for_each(w8a8::fake_quant_row);
+            lin.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
+            lin.act_scale = Some(a.scale);
+            seen += 1;
+        }
+        if seen != w8a8.act.len() {
+            let known: Vec<String> = self
+                .layers
+                .iter_mut()
+                .flat_map(Layer::linears_mut)
+                .map(|l| l.name.clone())
+                .collect();
+            let missing: Vec<&String> = w8a8.act.keys().filter(|k| !known.contains(k)).collect();
+            return Err(Error::Invalid(format!(
+                "W8A8 scales name weights that are not decoder linears of {}: {missing:?}",
+                self.source.display()
+            )));
+        }
+        Ok(())
     }
 
     /// A fresh KV cache for up to `max_len` positions.

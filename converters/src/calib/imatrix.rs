@@ -148,7 +148,7 @@ pub fn chunk_tokens(
         Error::format(
             src,
             "tokenizer.json",
-            "missing: computing an imatrix needs the model's tokenizer.json",
+            "missing: edgepack tokenizes text with the model's tokenizer.json",
         )
     })?;
     let tok = tokenizers::Tokenizer::from_str(json).map_err(|e| {
@@ -169,7 +169,7 @@ pub fn chunk_tokens(
     let n_max = tokens.len() / chunk_size;
     if n_max == 0 {
         return Err(Error::Invalid(format!(
-            "the calibration text tokenizes to {} tokens, fewer than one chunk of {chunk_size}; give more text or a smaller chunk size",
+            "the text tokenizes to {} tokens, fewer than one chunk of {chunk_size}; give more text or a smaller chunk size",
             tokens.len()
         )));
     }

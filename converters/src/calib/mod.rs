@@ -4,6 +4,9 @@
 //! from those activations for llama.cpp's weighted quantizers.
 
 pub mod data;
+pub mod embed;
+pub mod eval;
 pub mod forward;
 pub mod imatrix;
 pub mod stats;
+pub mod w8a8;

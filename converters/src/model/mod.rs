@@ -1,6 +1,7 @@
 //! The one internal layout every importer produces and every exporter consumes: Hugging Face
 //! parameter names, PyTorch shapes, lazy tensors, and the tokenizer files.
 
+pub mod chat;
 pub mod names;
 pub mod spec;
 pub mod tensor;

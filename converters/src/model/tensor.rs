@@ -39,6 +39,12 @@ pub enum Source {
     },
     /// Values computed in memory (small tensors such as generated rope factors).
     Owned(Arc<Vec<f32>>),
+    /// `inner` with some weights set to zero by a sparsity rule, applied row by row as the
+    /// values stream ([`crate::transform::sparsify`]).
+    Masked {
+        inner: Box<Source>,
+        mask: Arc<crate::transform::sparsify::Mask>,
+    },
 }
 
 /// One update added to a base tensor.
@@ -139,6 +145,7 @@ impl Source {
             Source::RowPermute { inner, .. } => inner.dtype(),
             Source::Merged { base, .. } => base.dtype(),
             Source::Owned(_) => GgmlType::F32,
+            Source::Masked { inner, .. } => inner.dtype(),
         }
     }
 
@@ -210,6 +217,11 @@ impl Source {
                 Ok(w)
             }
             Source::Owned(v) => Ok(v[rows.start * c.row_len..rows.end * c.row_len].to_vec()),
+            Source::Masked { inner, mask } => {
+                let mut w = inner.rows_f32(c, rows)?;
+                mask.apply(&mut w, c.row_len);
+                Ok(w)
+            }
         }
     }
 }

@@ -2,3 +2,4 @@
 
 pub mod lora;
 pub mod smooth;
+pub mod sparsify;

@@ -9,12 +9,16 @@
 //! function (up to float rounding).
 //!
 //! Groups (shared/facts/onnx.md §4): `input_layernorm` → q/k/v (Phi-3: `qkv_proj`) and
-//! `post_attention_layernorm` → gate/up (Phi-3: `gate_up_proj`). v→o and up→down are not
-//! smoothed: nothing foldable precedes them (those are AWQ's mappings).
+//! `post_attention_layernorm` → gate/up (Phi-3: `gate_up_proj`), the reference's choice; and,
+//! with [`Scope::All`] (the default), v → o and up → down, where the producing projection's
+//! rows absorb `1/s` (AWQ's extra mappings; exact because attention mixes value rows linearly
+//! and `silu(gate) · up` is linear in up's rows). Under GQA, the query heads that read one KV
+//! head share that head's factors.
 //!
 //! Only the changed tensors are computed (as `Source::Owned` f32); everything else keeps its
 //! lazy source.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +27,7 @@ use serde::Serialize;
 use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
 use crate::model::names::Role;
-use crate::model::{Arch, Model, Source};
+use crate::model::{Arch, Model, ModelConfig, Source};
 
 /// Lower bound of weight maxima and of scales (the reference's `clamp(min=1e-5)`).
 pub const MIN_SCALE: f32 = 1e-5;
@@ -68,7 +72,7 @@ impl Alpha {
 /// What was smoothed.
 #[derive(Debug, Clone, Serialize)]
 pub struct SmoothReport {
-    /// (norm, consumers) groups folded.
+    /// Groups folded (a norm or a producing projection, and its consumers).
     pub groups: usize,
     /// Tensors replaced.
     pub tensors: usize,
@@ -77,22 +81,114 @@ pub struct SmoothReport {
     pub act_max_after: f32,
 }
 
-/// The smoothing groups of layer `l`: (norm weight, consuming weights).
-fn groups(arch: Arch, l: usize) -> Vec<(String, Vec<String>)> {
+/// A smoothed model, with the factor each consuming linear's input was divided by.
+#[derive(Debug, Clone)]
+pub struct Smoothed {
+    pub model: Model,
+    pub report: SmoothReport,
+    /// Consuming weight name → `s` per input channel: the smoothed model's input of that linear
+    /// is the original input divided by `s` (so its statistics scale the same way).
+    pub factors: BTreeMap<String, Vec<f32>>,
+}
+
+/// Which folds to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Only the RMSNorm → projection groups (the reference's choice for Llama).
+    Norms,
+    /// Also v → o and up → down, which are exact too: attention output is a weighted sum of
+    /// value rows, and the MLP's down input is `silu(gate) · up`, both linear in the rows of
+    /// the producing projection.
+    #[default]
+    All,
+}
+
+/// What precedes a group and absorbs `1/s`.
+enum Prev {
+    /// An RMSNorm weight: element `j` is divided by `s_j`.
+    Norm(String),
+    /// Rows `start..start + s.len()` of a projection (and of its bias) are divided by `s`.
+    Rows {
+        weight: String,
+        bias: Option<String>,
+        start: usize,
+    },
+}
+
+/// One fold: the producer, the consumers (whose input columns are multiplied by `s`), and how
+/// a consumer's input channel maps to a factor (GQA: query heads share a KV head's values).
+struct Group {
+    prev: Prev,
+    consumers: Vec<String>,
+    /// Consumer input channel → index into `s`; `None` is the identity.
+    map: Option<Vec<usize>>,
+}
+
+/// The smoothing groups of layer `l`.
+fn groups(c: &ModelConfig, l: usize, scope: Scope) -> Vec<Group> {
     let names = |rs: &[Role]| rs.iter().map(|r| r.hf_name(l)).collect::<Vec<_>>();
-    match arch {
-        Arch::Phi3 => vec![
-            (Role::InputNorm.hf_name(l), names(&[Role::Qkv])),
-            (Role::PostNorm.hf_name(l), names(&[Role::GateUp])),
-        ],
-        Arch::Llama | Arch::Qwen2 => vec![
-            (
-                Role::InputNorm.hf_name(l),
-                names(&[Role::Q, Role::K, Role::V]),
+    let norm_groups = |attn: &[Role], mlp: &[Role]| {
+        vec![
+            Group {
+                prev: Prev::Norm(Role::InputNorm.hf_name(l)),
+                consumers: names(attn),
+                map: None,
+            },
+            Group {
+                prev: Prev::Norm(Role::PostNorm.hf_name(l)),
+                consumers: names(mlp),
+                map: None,
+            },
+        ]
+    };
+    let mut out = match c.arch {
+        Arch::Phi3 => norm_groups(&[Role::Qkv], &[Role::GateUp]),
+        Arch::Llama | Arch::Qwen2 => {
+            norm_groups(&[Role::Q, Role::K, Role::V], &[Role::Gate, Role::Up])
+        }
+    };
+    if scope == Scope::All {
+        let (v, v_start, up, up_start) = match c.arch {
+            Arch::Phi3 => (
+                Role::Qkv,
+                c.n_embd_q() + c.n_embd_kv(),
+                Role::GateUp,
+                c.intermediate_size,
             ),
-            (Role::PostNorm.hf_name(l), names(&[Role::Gate, Role::Up])),
-        ],
+            Arch::Llama | Arch::Qwen2 => (Role::V, 0, Role::Up, 0),
+        };
+        let v_bias = match c.arch {
+            Arch::Qwen2 => Some(Role::VBias.hf_name(l)),
+            _ => None,
+        };
+        // o's input channel (head h, dim d) reads value channel (h / group, d).
+        let (hd, g) = (
+            c.head_dim,
+            c.num_attention_heads / c.num_key_value_heads.max(1),
+        );
+        let o_map = (0..c.n_embd_q())
+            .map(|ch| (ch / hd / g) * hd + ch % hd)
+            .collect();
+        out.push(Group {
+            prev: Prev::Rows {
+                weight: v.hf_name(l),
+                bias: v_bias,
+                start: v_start,
+            },
+            consumers: names(&[Role::O]),
+            map: Some(o_map),
+        });
+        out.push(Group {
+            prev: Prev::Rows {
+                weight: up.hf_name(l),
+                bias: None,
+                start: up_start,
+            },
+            consumers: names(&[Role::Down]),
+            map: None,
+        });
     }
+    out
 }
 
 /// The scales for one group: `act` is max|X_j|, `weights` the consuming `[out, in]` matrices.
@@ -106,8 +202,13 @@ pub fn scales(act: &[f32], weights: &[&[f32]], alpha: f32) -> Vec<f32> {
             }
         }
     }
+    scales_from_max(act, &wmax, alpha)
+}
+
+/// `s_j = max|X_j|^α / max(max|W_j|, 1e-5)^(1−α)`, clamped to at least 1e-5.
+fn scales_from_max(act: &[f32], wmax: &[f32], alpha: f32) -> Vec<f32> {
     act.iter()
-        .zip(&wmax)
+        .zip(wmax)
         .map(|(&a, &w)| {
             let w = w.max(MIN_SCALE) as f64;
             let s = (a as f64).powf(alpha as f64) / w.powf(1.0 - alpha as f64);
@@ -123,88 +224,161 @@ pub fn smooth(
     stats: &CalibStats,
     stats_path: &Path,
     alpha: &Alpha,
-) -> Result<(Model, SmoothReport)> {
+    scope: Scope,
+) -> Result<Smoothed> {
     stats.check_model(model, stats_path)?;
     let n_layers = model.config.num_hidden_layers;
     alpha.validate(n_layers)?;
-    let mut out = model.clone();
-    let mut report = SmoothReport {
-        groups: 0,
-        tensors: 0,
-        act_max_before: 0.0,
-        act_max_after: 0.0,
+    let mut out = Smoothed {
+        model: model.clone(),
+        report: SmoothReport {
+            groups: 0,
+            tensors: 0,
+            act_max_before: 0.0,
+            act_max_after: 0.0,
+        },
+        factors: BTreeMap::new(),
     };
-    let src = &model.source;
     for l in 0..n_layers {
-        let a = alpha.for_layer(l);
-        for (norm, consumers) in groups(model.config.arch, l) {
-            let act = &stats
-                .entries
-                .get(&consumers[0])
-                .ok_or_else(|| {
-                    Error::format(
-                        stats_path,
-                        &consumers[0],
-                        "no statistics for this weight (computed on another model, or with an older edgepack?)",
-                    )
-                })?
-                .absmax;
-            let norm_t = model
-                .tensor(&norm)
-                .ok_or_else(|| Error::format(src, &norm, "missing"))?;
-            if norm_t.shape != [act.len()] {
-                return Err(Error::mismatch(
-                    src,
-                    &norm,
-                    format!(
-                        "shape {:?}, the statistics have {} channels",
-                        norm_t.shape,
-                        act.len()
-                    ),
-                ));
-            }
-            let mut ws = Vec::with_capacity(consumers.len());
-            for c in &consumers {
-                let t = model
-                    .tensor(c)
-                    .ok_or_else(|| Error::format(src, c, "missing"))?;
-                if t.shape.len() != 2 || t.shape[1] != act.len() {
-                    return Err(Error::mismatch(
-                        src,
-                        c,
-                        format!(
-                            "shape {:?}, the statistics have {} input channels",
-                            t.shape,
-                            act.len()
-                        ),
-                    ));
-                }
-                ws.push(t.to_f32()?);
-            }
-            let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
-            let s = scales(act, &refs, a);
-            for (x, si) in act.iter().zip(&s) {
-                report.act_max_before = report.act_max_before.max(*x);
-                report.act_max_after = report.act_max_after.max(x / si);
-            }
-            let gamma: Vec<f32> = norm_t
-                .to_f32()?
-                .iter()
-                .zip(&s)
-                .map(|(g, si)| g / si)
-                .collect();
-            set_owned(&mut out, &norm, gamma);
-            for (c, mut w) in consumers.iter().zip(ws) {
-                for row in w.chunks_exact_mut(s.len()) {
-                    row.iter_mut().zip(&s).for_each(|(v, si)| *v *= si);
-                }
-                set_owned(&mut out, c, w);
-            }
-            report.groups += 1;
-            report.tensors += 1 + consumers.len();
+        for g in groups(&model.config, l, scope) {
+            fold(model, stats, stats_path, &g, alpha.for_layer(l), &mut out)?;
         }
     }
-    Ok((out, report))
+    Ok(out)
+}
+
+/// Computes the factors of one group from the original model and writes the changed tensors
+/// into `out` (reading a producer from `out` when an earlier group already changed it: Phi-3's
+/// fused qkv is both a consumer of the norm and the producer of v).
+fn fold(
+    model: &Model,
+    stats: &CalibStats,
+    stats_path: &Path,
+    g: &Group,
+    alpha: f32,
+    out: &mut Smoothed,
+) -> Result<()> {
+    let src = &model.source;
+    let first = &g.consumers[0];
+    let act = &stats
+        .entries
+        .get(first)
+        .ok_or_else(|| {
+            Error::format(
+                stats_path,
+                first,
+                "no statistics for this weight (computed on another model, or with an older edgepack?)",
+            )
+        })?
+        .absmax;
+    let n_in = act.len();
+    let map: Vec<usize> = match &g.map {
+        Some(m) => m.clone(),
+        None => (0..n_in).collect(),
+    };
+    if map.len() != n_in {
+        return Err(Error::mismatch(
+            stats_path,
+            first,
+            format!("{n_in} input channels, the model has {}", map.len()),
+        ));
+    }
+    let n_s = map.iter().max().map_or(0, |m| m + 1);
+    let mut ws = Vec::with_capacity(g.consumers.len());
+    for c in &g.consumers {
+        let t = out
+            .model
+            .tensor(c)
+            .ok_or_else(|| Error::format(src, c, "missing"))?;
+        if t.shape.len() != 2 || t.shape[1] != n_in {
+            return Err(Error::mismatch(
+                src,
+                c,
+                format!(
+                    "shape {:?}, the statistics have {n_in} input channels",
+                    t.shape
+                ),
+            ));
+        }
+        ws.push(t.to_f32()?);
+    }
+    // Channels that share a factor pool their maxima.
+    let (mut amax, mut wmax) = (vec![0f32; n_s], vec![0f32; n_s]);
+    for (ch, &k) in map.iter().enumerate() {
+        amax[k] = amax[k].max(act[ch]);
+    }
+    for w in &ws {
+        for row in w.chunks_exact(n_in) {
+            for (&v, &k) in row.iter().zip(&map) {
+                wmax[k] = wmax[k].max(v.abs());
+            }
+        }
+    }
+    let s = scales_from_max(&amax, &wmax, alpha);
+    for (x, si) in amax.iter().zip(&s) {
+        out.report.act_max_before = out.report.act_max_before.max(*x);
+        out.report.act_max_after = out.report.act_max_after.max(x / si);
+    }
+    let per_channel: Vec<f32> = map.iter().map(|&k| s[k]).collect();
+    // The producer absorbs 1/s.
+    let divide = |name: &str, start: usize, out: &mut Smoothed| -> Result<()> {
+        let t = out
+            .model
+            .tensor(name)
+            .ok_or_else(|| Error::format(src, name, "missing"))?;
+        // A vector (norm weight, bias) has one value per row.
+        let (rows, rl) = match t.shape.len() {
+            1 => (t.numel(), 1),
+            _ => (t.n_rows(), t.row_len()),
+        };
+        if rows < start + n_s {
+            return Err(Error::mismatch(
+                src,
+                name,
+                format!("shape {:?} has no rows {start}..{}", t.shape, start + n_s),
+            ));
+        }
+        let mut v = t.to_f32()?;
+        for (k, si) in s.iter().enumerate() {
+            v[(start + k) * rl..(start + k + 1) * rl]
+                .iter_mut()
+                .for_each(|x| *x /= si);
+        }
+        set_owned(&mut out.model, name, v);
+        out.report.tensors += 1;
+        Ok(())
+    };
+    match &g.prev {
+        Prev::Norm(norm) => divide(norm, 0, out)?,
+        Prev::Rows {
+            weight,
+            bias,
+            start,
+        } => {
+            divide(weight, *start, out)?;
+            if let Some(b) = bias {
+                divide(b, *start, out)?;
+            }
+        }
+    }
+    for (c, mut w) in g.consumers.iter().zip(ws) {
+        for row in w.chunks_exact_mut(n_in) {
+            row.iter_mut()
+                .zip(&per_channel)
+                .for_each(|(v, si)| *v *= si);
+        }
+        set_owned(&mut out.model, c, w);
+        out.report.tensors += 1;
+        // A consumer folded twice (never with these groups) would compose its factors.
+        match out.factors.get_mut(c) {
+            Some(f) => f.iter_mut().zip(&per_channel).for_each(|(a, b)| *a *= b),
+            None => {
+                out.factors.insert(c.clone(), per_channel.clone());
+            }
+        }
+    }
+    out.report.groups += 1;
+    Ok(())
 }
 
 fn set_owned(model: &mut Model, name: &str, vals: Vec<f32>) {
