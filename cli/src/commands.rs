@@ -111,28 +111,9 @@ enum Command {
     },
     /// Apply SmoothQuant (an exact rescaling of norms, projections and their consumers) and write a Hugging Face folder.
     #[command(
-        after_help = "Example:\n  edgepack calibrate ./model -o stats.calib\n  edgepack smooth ./model --stats stats.calib --alpha 0.5 -o ./smoothed\n  edgepack smooth ./model --stats stats.calib --alpha 0.5,0.5,0.8,0.8 -o ./smoothed --dtype f32\n\n--alpha takes one value, or one per layer separated by commas. The result computes the same function as the input (up to float rounding); only the input of an int8-activation quantizer benefits."
+        after_help = "Example:\n  edgepack calibrate ./model -o stats.calib\n  edgepack smooth ./model --stats stats.calib --alpha 0.5 -o ./smoothed\n  edgepack smooth ./model --stats stats.calib --alpha 0.5,0.5,0.8,0.8 -o ./smoothed --dtype f32\n  edgepack smooth ./model --stats stats.calib --alpha auto --data calib.txt -o ./smoothed\n\n--alpha takes one value, one per layer separated by commas, or `auto`: a search per layer for the alpha with the lowest int8 (W8A8) output error on calibration text. The result computes the same function as the input (up to float rounding); only the input of an int8-activation quantizer benefits."
     )]
-    Smooth {
-        /// A Hugging Face model folder or a .gguf file (the one the statistics were computed on).
-        model: PathBuf,
-        /// Statistics from `edgepack calibrate`.
-        #[arg(long)]
-        stats: PathBuf,
-        /// Migration strength α in 0..=1: one value, or one per layer (comma-separated).
-        #[arg(long, default_value = "0.5")]
-        alpha: String,
-        /// Which folds: `all` (norms → projections, v → o, up → down) or `norms` (only the
-        /// norm groups, as the SmoothQuant reference does for Llama).
-        #[arg(long, value_enum, default_value_t = ScopeArg::All)]
-        scope: ScopeArg,
-        /// Weight dtype of the output: f32, f16 or bf16 (default: the model's float type).
-        #[arg(long)]
-        dtype: Option<String>,
-        /// Output folder (must not exist or be empty).
-        #[arg(short, long)]
-        output: PathBuf,
-    },
+    Smooth(SmoothArgs),
     /// Prune the decoder's linear weights (magnitude or Wanda; unstructured or N:M) and write a Hugging Face folder.
     #[command(
         after_help = "Example:\n  edgepack calibrate ./model -o stats.calib\n  edgepack sparsify ./model --method wanda --ratio 0.5 --stats stats.calib -o ./sparse\n  edgepack sparsify ./model --method magnitude --pattern 2:4 -o ./sparse24\n\nEmbeddings, norms and the output projection stay dense. The report lists the sparsity each tensor reached."
@@ -146,6 +127,34 @@ enum Command {
     /// Export a model to a file format.
     #[command(subcommand)]
     Export(Export),
+}
+
+#[derive(Args, Debug)]
+struct SmoothArgs {
+    /// A Hugging Face model folder or a .gguf file (the one the statistics were computed on).
+    model: PathBuf,
+    /// Statistics from `edgepack calibrate`.
+    #[arg(long)]
+    stats: PathBuf,
+    /// Migration strength α in 0..=1: one value, one per layer (comma-separated), or `auto`.
+    #[arg(long, default_value = "0.5")]
+    alpha: String,
+    /// Calibration text for `--alpha auto` (default: edgepack's own corpus).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tokens per sample of the `--alpha auto` search.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Which folds: `all` (norms → projections, v → o, up → down) or `norms` (only the
+    /// norm groups, as the SmoothQuant reference does for Llama).
+    #[arg(long, value_enum, default_value_t = ScopeArg::All)]
+    scope: ScopeArg,
+    /// Weight dtype of the output: f32, f16 or bf16 (default: the model's float type).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Output folder (must not exist or be empty).
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 /// `--scope` of `edgepack smooth`.
@@ -410,22 +419,7 @@ pub fn run(cli: Cli) -> Result<()> {
             &output,
             json_out,
         ),
-        Command::Smooth {
-            model,
-            stats,
-            alpha,
-            scope,
-            dtype,
-            output,
-        } => run_smooth(
-            &model,
-            &stats,
-            &alpha,
-            scope.into(),
-            dtype.as_deref(),
-            &output,
-            json_out,
-        ),
+        Command::Smooth(a) => run_smooth(&a, json_out),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -591,25 +585,33 @@ fn parse_alpha(s: &str) -> Result<Alpha> {
     })
 }
 
-fn run_smooth(
-    model: &Path,
-    stats_path: &Path,
-    alpha: &str,
-    scope: smooth::Scope,
-    dtype: Option<&str>,
-    output: &Path,
-    json_out: bool,
-) -> Result<()> {
-    ensure_not_input(output, &[model, stats_path])?;
-    let alpha = parse_alpha(alpha)?;
+fn run_smooth(a: &SmoothArgs, json_out: bool) -> Result<()> {
+    let (model, stats_path, output) = (&a.model, &a.stats, &a.output);
+    let mut ins: Vec<&Path> = vec![model, stats_path];
+    ins.extend(a.data.as_deref());
+    ensure_not_input(output, &ins)?;
     let t0 = Instant::now();
     let m = import::open(model).with_context(|| format!("importing {}", model.display()))?;
-    let dtype = match dtype {
+    let dtype = match &a.dtype {
         Some(d) => parse_float_dtype(d)?,
         None => m.float_dtype(),
     };
     let st = CalibStats::read(stats_path)
         .with_context(|| format!("reading statistics {}", stats_path.display()))?;
+    let scope: smooth::Scope = a.scope.into();
+    let bars = Bars::new(json_out);
+    let mut search = None;
+    let alpha = if a.alpha.trim() == "auto" {
+        let (texts, dataset) =
+            data::texts_or_default(a.data.as_deref(), &m).context("reading calibration data")?;
+        let (alpha, per_layer) =
+            smooth::search_alpha(&m, &st, stats_path, &texts, a.seq_len, scope, &bars)
+                .with_context(|| format!("searching alpha on {dataset}"))?;
+        search = Some(per_layer);
+        alpha
+    } else {
+        parse_alpha(&a.alpha)?
+    };
     let smoothed = smooth::smooth(&m, &st, stats_path, &alpha, scope).with_context(|| {
         format!(
             "smoothing {} with {}",
@@ -618,13 +620,15 @@ fn run_smooth(
         )
     })?;
     let (sm, rep) = (smoothed.model, smoothed.report);
-    let bars = Bars::new(json_out);
     let r = export_hf(&sm, output, dtype, &bars)
         .with_context(|| format!("writing {}", output.display()))?;
     let secs = t0.elapsed().as_secs_f64();
     if json_out {
         let mut v = serde_json::to_value(&r)?;
         v["smooth"] = serde_json::to_value(&rep)?;
+        if let Some(s) = &search {
+            v["alpha_search"] = serde_json::to_value(s)?;
+        }
         v["seconds"] = json!(secs);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -632,6 +636,13 @@ fn run_smooth(
             "wrote {} ({} tensors, {}; {} groups smoothed, max |activation| {:.3} -> {:.3}) in {:.1}s",
             r.path, r.n_tensors, r.dtype, rep.groups, rep.act_max_before, rep.act_max_after, secs
         );
+        if let Some(s) = &search {
+            let a: Vec<String> = s.iter().map(|l| format!("{:.2}", l.alpha)).collect();
+            println!(
+                "alpha per layer (lowest W8A8 output error): {}",
+                a.join(",")
+            );
+        }
     }
     Ok(())
 }

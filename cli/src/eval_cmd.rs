@@ -18,12 +18,15 @@ use edgepack_converters::import;
 use edgepack_converters::io::{ensure_not_input, AtomicFile};
 use edgepack_converters::model::chat::{Message, Prompter};
 use edgepack_converters::model::Model;
-use edgepack_converters::transform::smooth::Alpha;
+use edgepack_converters::transform::smooth::{self, Alpha, Scope};
 use edgepack_converters::transform::sparsify::{self, Method, Pattern};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::progress::Bars;
+
+/// Tokens per sample of the α search behind `--w8a8-smooth auto` (as `edgepack smooth`).
+const SEARCH_SEQ_LEN: usize = 256;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -37,9 +40,10 @@ pub struct EvalArgs {
     /// activations with the scales of --stats) running the reference.
     #[arg(long, requires = "stats")]
     w8a8: bool,
-    /// Also compare W8A8 after SmoothQuant at this alpha (repeatable).
-    #[arg(long = "w8a8-smooth", value_name = "ALPHA", requires = "stats")]
-    w8a8_smooth: Vec<f32>,
+    /// Also compare W8A8 after SmoothQuant at this alpha, or `auto` for the per-layer search
+    /// on edgepack's calibration corpus (repeatable).
+    #[arg(long = "w8a8-smooth", value_name = "ALPHA|auto", requires = "stats")]
+    w8a8_smooth: Vec<String>,
     /// Calibration statistics of the reference (`edgepack calibrate`), for the W8A8 scales.
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -108,7 +112,8 @@ struct Report {
 /// A candidate to score: a model file, or the reference run by a simulated W8A8 engine.
 enum Candidate {
     Model(PathBuf),
-    W8A8(Option<f32>),
+    /// W8A8 without smoothing, at a global α, or at the searched per-layer α (`None` inside).
+    W8A8(Option<Option<f32>>),
 }
 
 impl Candidate {
@@ -116,7 +121,8 @@ impl Candidate {
         match self {
             Candidate::Model(p) => p.display().to_string(),
             Candidate::W8A8(None) => "W8A8".into(),
-            Candidate::W8A8(Some(a)) => format!("W8A8 + SmoothQuant α={a}"),
+            Candidate::W8A8(Some(Some(a))) => format!("W8A8 + SmoothQuant α={a}"),
+            Candidate::W8A8(Some(None)) => "W8A8 + SmoothQuant α=auto".into(),
         }
     }
 
@@ -128,7 +134,23 @@ impl Candidate {
             }
             Candidate::W8A8(alpha) => {
                 let (st, sp) = stats.context("--w8a8 needs --stats")?;
-                let a = alpha.map(Alpha::Global);
+                let a = match alpha {
+                    None => None,
+                    Some(Some(a)) => Some(Alpha::Global(*a)),
+                    Some(None) => {
+                        let texts = [data::DEFAULT_CORPUS.to_string()];
+                        let (a, _) = smooth::search_alpha(
+                            reference,
+                            st,
+                            sp,
+                            &texts,
+                            SEARCH_SEQ_LEN,
+                            Scope::All,
+                            &edgepack_converters::progress::Silent,
+                        )?;
+                        Some(a)
+                    }
+                };
                 let (m, scales) = w8a8::prepare(reference, st, sp, a.as_ref())
                     .with_context(|| format!("W8A8 scales from {}", sp.display()))?;
                 let mut f = Forward::new(&m)?;
@@ -167,7 +189,14 @@ pub fn run_eval(a: &EvalArgs, json_out: bool) -> Result<()> {
     if a.w8a8 {
         candidates.push(Candidate::W8A8(None));
     }
-    candidates.extend(a.w8a8_smooth.iter().map(|&x| Candidate::W8A8(Some(x))));
+    for x in &a.w8a8_smooth {
+        candidates.push(Candidate::W8A8(Some(match x.trim() {
+            "auto" => None,
+            v => Some(v.parse::<f32>().map_err(|_| {
+                anyhow::anyhow!("--w8a8-smooth {v}: give a number in 0..=1 or `auto`")
+            })?),
+        })));
+    }
 
     let ref_name = a.model.display().to_string();
     let ref_fwd =

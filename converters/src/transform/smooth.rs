@@ -247,18 +247,39 @@ pub fn smooth(
     Ok(out)
 }
 
-/// Computes the factors of one group from the original model and writes the changed tensors
-/// into `out` (reading a producer from `out` when an earlier group already changed it: Phi-3's
-/// fused qkv is both a consumer of the norm and the producer of v).
-fn fold(
-    model: &Model,
+/// A group's inputs to the factor formula.
+struct Prepared {
+    /// Consumer input channel → factor index.
+    map: Vec<usize>,
+    /// Per factor: pooled max|X| and max|W| over the consumers.
+    amax: Vec<f32>,
+    wmax: Vec<f32>,
+    /// The consumers' weights `[out, in]`, f32.
+    ws: Vec<Vec<f32>>,
+}
+
+impl Prepared {
+    fn n_in(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The factor of every consumer input channel at `alpha`.
+    fn per_channel(&self, alpha: f32) -> (Vec<f32>, Vec<f32>) {
+        let s = scales_from_max(&self.amax, &self.wmax, alpha);
+        let pc = self.map.iter().map(|&k| s[k]).collect();
+        (s, pc)
+    }
+}
+
+/// Reads a group's statistics and consumer weights (from `weights`, which may already hold
+/// earlier folds), checking shapes against the statistics.
+fn prepare_group(
+    weights: &Model,
     stats: &CalibStats,
     stats_path: &Path,
     g: &Group,
-    alpha: f32,
-    out: &mut Smoothed,
-) -> Result<()> {
-    let src = &model.source;
+) -> Result<Prepared> {
+    let src = &weights.source;
     let first = &g.consumers[0];
     let act = &stats
         .entries
@@ -286,8 +307,7 @@ fn fold(
     let n_s = map.iter().max().map_or(0, |m| m + 1);
     let mut ws = Vec::with_capacity(g.consumers.len());
     for c in &g.consumers {
-        let t = out
-            .model
+        let t = weights
             .tensor(c)
             .ok_or_else(|| Error::format(src, c, "missing"))?;
         if t.shape.len() != 2 || t.shape[1] != n_in {
@@ -314,12 +334,34 @@ fn fold(
             }
         }
     }
-    let s = scales_from_max(&amax, &wmax, alpha);
-    for (x, si) in amax.iter().zip(&s) {
+    Ok(Prepared {
+        map,
+        amax,
+        wmax,
+        ws,
+    })
+}
+
+/// Computes the factors of one group and writes the changed tensors into `out` (reading
+/// weights from `out`, since an earlier group may have changed them: Phi-3's fused qkv is both
+/// a consumer of the norm and the producer of v).
+fn fold(
+    model: &Model,
+    stats: &CalibStats,
+    stats_path: &Path,
+    g: &Group,
+    alpha: f32,
+    out: &mut Smoothed,
+) -> Result<()> {
+    let src = &model.source;
+    let p = prepare_group(&out.model, stats, stats_path, g)?;
+    let n_in = p.n_in();
+    let (s, per_channel) = p.per_channel(alpha);
+    let n_s = s.len();
+    for (x, si) in p.amax.iter().zip(&s) {
         out.report.act_max_before = out.report.act_max_before.max(*x);
         out.report.act_max_after = out.report.act_max_after.max(x / si);
     }
-    let per_channel: Vec<f32> = map.iter().map(|&k| s[k]).collect();
     // The producer absorbs 1/s.
     let divide = |name: &str, start: usize, out: &mut Smoothed| -> Result<()> {
         let t = out
@@ -361,7 +403,7 @@ fn fold(
             }
         }
     }
-    for (c, mut w) in g.consumers.iter().zip(ws) {
+    for (c, mut w) in g.consumers.iter().zip(p.ws) {
         for row in w.chunks_exact_mut(n_in) {
             row.iter_mut()
                 .zip(&per_channel)
@@ -379,6 +421,181 @@ fn fold(
     }
     out.report.groups += 1;
     Ok(())
+}
+
+/// The α grid the automatic search tries: 0, 0.1, ..., 1 (the reference sweeps the same
+/// range; finer steps changed the chosen α's error by well under 1% on SmolLM2).
+pub const ALPHA_GRID_STEP: f32 = 0.1;
+
+/// Tokens of calibration activations the search keeps per linear input; enough for stable
+/// error estimates, small enough to hold every layer's inputs at once.
+pub const SEARCH_TOKENS: usize = 256;
+
+/// The result of the automatic α search for one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSearch {
+    pub layer: usize,
+    pub alpha: f32,
+    /// Relative int8 output error ‖Y − Ŷ‖² / ‖Y‖² summed over the layer's groups, at the chosen
+    /// α and without smoothing (α = 0 is not "no smoothing": it still rescales by 1/max|W|).
+    pub error: f64,
+    pub error_unsmoothed: f64,
+}
+
+/// Chooses α per layer by minimizing the W8A8 output error of each layer's linears on
+/// calibration activations: for every group and α on the grid, the consumers' outputs with
+/// int8 per-tensor activations (scale from the statistics, after smoothing) and int8 per-row
+/// weights are compared with the float outputs. `texts` are run through the model in samples
+/// of `seq_len` tokens until [`SEARCH_TOKENS`] tokens are seen.
+pub fn search_alpha(
+    model: &Model,
+    stats: &CalibStats,
+    stats_path: &Path,
+    texts: &[String],
+    seq_len: usize,
+    scope: Scope,
+    progress: &dyn crate::progress::Progress,
+) -> Result<(Alpha, Vec<LayerSearch>)> {
+    use crate::calib::forward::Forward;
+    stats.check_model(model, stats_path)?;
+    let c = &model.config;
+    let n_layers = c.num_hidden_layers;
+    let all: Vec<Vec<Group>> = (0..n_layers).map(|l| groups(c, l, scope)).collect();
+    let wanted: std::collections::BTreeSet<String> = all
+        .iter()
+        .flatten()
+        .map(|g| g.consumers[0].clone())
+        .collect();
+    let n_samples = SEARCH_TOKENS.div_ceil(seq_len).max(1);
+    let chunks = crate::calib::imatrix::chunk_tokens(model, texts, seq_len, Some(n_samples))?;
+    let fwd = Forward::new(model)?;
+    let mut acts: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    for chunk in &chunks.chunks {
+        let mut cache = fwd.cache(chunk.len());
+        fwd.forward_observed(chunk, &mut cache, &mut |name, x, _| {
+            if wanted.contains(name) {
+                acts.entry(name.to_string())
+                    .or_default()
+                    .extend_from_slice(x);
+            }
+        })?;
+    }
+    drop(fwd);
+    let grid: Vec<f32> = (0..=(1.0 / ALPHA_GRID_STEP).round() as usize)
+        .map(|i| i as f32 * ALPHA_GRID_STEP)
+        .collect();
+    progress.start("searching alpha", n_layers as u64);
+    let mut out = Vec::with_capacity(n_layers);
+    for (l, gs) in all.iter().enumerate() {
+        let mut errs = vec![0f64; grid.len()];
+        let mut base = 0f64;
+        for g in gs {
+            let p = prepare_group(model, stats, stats_path, g)?;
+            let x = &acts[&g.consumers[0]];
+            let act_absmax = &stats.entries[&g.consumers[0]].absmax;
+            let reference = float_outputs(&p, x)?;
+            base += w8a8_error(&p, x, &reference, act_absmax, None)?;
+            for (e, &a) in errs.iter_mut().zip(&grid) {
+                *e += w8a8_error(&p, x, &reference, act_absmax, Some(a))?;
+            }
+        }
+        let (best, err) = errs
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f64::INFINITY),
+                |(bi, be), (i, &e)| if e < be { (i, e) } else { (bi, be) },
+            );
+        out.push(LayerSearch {
+            layer: l,
+            alpha: grid[best],
+            error: err,
+            error_unsmoothed: base,
+        });
+        progress.advance(1, &format!("layer {l}: alpha {}", grid[best]));
+    }
+    progress.finish();
+    Ok((Alpha::PerLayer(out.iter().map(|s| s.alpha).collect()), out))
+}
+
+fn search_err(e: candle_core::Error) -> Error {
+    Error::Invalid(format!("alpha search: {e}"))
+}
+
+/// The float outputs `x Wᵀ` of every consumer of a group, with their squared norms.
+fn float_outputs(p: &Prepared, x: &[f32]) -> Result<Vec<(candle_core::Tensor, f64)>> {
+    use candle_core::{Device, Tensor as CTensor};
+    let n_in = p.n_in();
+    let xf = CTensor::from_slice(x, (x.len() / n_in, n_in), &Device::Cpu).map_err(search_err)?;
+    p.ws.iter()
+        .map(|w| {
+            let wf =
+                CTensor::from_slice(w, (w.len() / n_in, n_in), &Device::Cpu).map_err(search_err)?;
+            let y = xf
+                .matmul(&wf.t().map_err(search_err)?)
+                .map_err(search_err)?;
+            let n = y
+                .sqr()
+                .and_then(|d| d.sum_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .map_err(search_err)?;
+            Ok((y, n as f64))
+        })
+        .collect()
+}
+
+/// Relative output error of a group's consumers under W8A8 at `alpha` (`None`: unsmoothed),
+/// on activations `x` (`[tokens, in]`) whose float outputs are `reference`.
+fn w8a8_error(
+    p: &Prepared,
+    x: &[f32],
+    reference: &[(candle_core::Tensor, f64)],
+    act_absmax: &[f32],
+    alpha: Option<f32>,
+) -> Result<f64> {
+    use crate::calib::w8a8::{fake_quant_row, QMAX};
+    use candle_core::{Device, Tensor as CTensor};
+    let n_in = p.n_in();
+    let tokens = x.len() / n_in;
+    let s = match alpha {
+        Some(a) => p.per_channel(a).1,
+        None => vec![1f32; n_in],
+    };
+    let scale = act_absmax
+        .iter()
+        .zip(&s)
+        .map(|(a, s)| a / s)
+        .fold(0f32, f32::max)
+        .max(f32::MIN_POSITIVE)
+        / QMAX;
+    let xq: Vec<f32> = x
+        .chunks_exact(n_in)
+        .flat_map(|row| {
+            row.iter()
+                .zip(&s)
+                .map(|(v, si)| (v / si / scale).round().clamp(-QMAX, QMAX) * scale)
+        })
+        .collect();
+    let xq = CTensor::from_vec(xq, (tokens, n_in), &Device::Cpu).map_err(search_err)?;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (w, (y, norm)) in p.ws.iter().zip(reference) {
+        let mut wq = w.clone();
+        for row in wq.chunks_exact_mut(n_in) {
+            row.iter_mut().zip(&s).for_each(|(v, si)| *v *= si);
+            fake_quant_row(row);
+        }
+        let wq = CTensor::from_vec(wq, (w.len() / n_in, n_in), &Device::Cpu).map_err(search_err)?;
+        let d = xq
+            .matmul(&wq.t().map_err(search_err)?)
+            .and_then(|yq| y - yq)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .map_err(search_err)?;
+        num += d as f64;
+        den += norm;
+    }
+    Ok(if den > 0.0 { num / den } else { 0.0 })
 }
 
 fn set_owned(model: &mut Model, name: &str, vals: Vec<f32>) {
