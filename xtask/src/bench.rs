@@ -29,6 +29,23 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/convert.json")]
         output: PathBuf,
     },
+    /// What each compression costs on SmolLM2: `edgepack eval` of Q8_0, Q4_K_M (with and
+    /// without imatrix, and llama.cpp's own), Wanda/magnitude/2:4 sparsity and simulated W8A8
+    /// (plain, SmoothQuant 0.5 and auto) against the float model; answer similarity; TTFT.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench quality -o target/bench/quality.json\n\nAlso writes the Markdown table (.md) and the TTFT plot (.svg) beside the JSON."
+    )]
+    Quality {
+        /// Tokens per evaluation chunk.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Chunks of edgepack's corpus to score.
+        #[arg(long, default_value_t = 8)]
+        chunks: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/quality.json")]
+        output: PathBuf,
+    },
 }
 
 /// Wall time and peak resident memory of a child process.
@@ -94,6 +111,19 @@ pub fn bench(b: Bench) -> Result<()> {
             quant,
             output,
         } => convert(model, &quant, &output),
+        Bench::Quality {
+            ctx,
+            chunks,
+            output,
+        } => crate::quality::quality(
+            &crate::quality::Quality {
+                ctx,
+                chunks,
+                output,
+            },
+            &edgepack_release()?,
+            &py(),
+        ),
     }
 }
 
