@@ -2,4 +2,5 @@
 
 pub mod gguf;
 pub mod gguf_lora;
+pub mod graph;
 pub mod hf;
