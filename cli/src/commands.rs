@@ -11,6 +11,9 @@ use edgepack_converters::calib::stats::{self, CalibStats};
 use edgepack_converters::export::gguf::{export_gguf, plan_types, GgufOptions};
 use edgepack_converters::export::gguf_lora::export_gguf_lora;
 use edgepack_converters::export::hf::export_hf;
+use edgepack_converters::export::tflite::{
+    self as tflite, support::OpSupport, Precision, TfliteOptions,
+};
 use edgepack_converters::import;
 use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::Model;
@@ -174,6 +177,31 @@ enum Export {
         #[arg(long)]
         dtype: Option<String>,
         /// Output folder (must not exist or be empty).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write a LiteRT (TFLite) model with prefill and decode signatures and the KV cache as inputs and outputs.
+    #[command(
+        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
+    )]
+    Tflite {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// fp32, fp16 or dynamic-int8.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// KV cache length (static): the most positions a conversation holds.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Tokens per prefill call (the prefill_<L> signature); default: --seq-len.
+        #[arg(long)]
+        prefill_len: Option<usize>,
+        /// Board whose NPU op support to report (imx8mp, imx93, imx95, rpi5).
+        #[arg(long)]
+        target: Option<String>,
+        /// Output .tflite path.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -385,6 +413,24 @@ pub fn run(cli: Cli) -> Result<()> {
             dtype,
             output,
         } => run_smooth(&model, &stats, &alpha, dtype.as_deref(), &output, json_out),
+        Command::Export(Export::Tflite {
+            model,
+            lora,
+            precision,
+            seq_len,
+            prefill_len,
+            target,
+            output,
+        }) => run_export_tflite(
+            &model,
+            &lora,
+            &precision,
+            seq_len,
+            prefill_len,
+            target.as_deref(),
+            &output,
+            json_out,
+        ),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -413,6 +459,67 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_export_tflite(
+    model: &Path,
+    lora: &LoraArgs,
+    precision: &str,
+    seq_len: usize,
+    prefill_len: Option<usize>,
+    target: Option<&str>,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    let precision = Precision::parse(precision)
+        .with_context(|| format!("--precision {precision}: use one of {}", Precision::ALL))?;
+    let lp = lora.paths()?;
+    ensure_not_input(output, &inputs(model, &lp))?;
+    let target = match target {
+        Some(t) => OpSupport::for_board(t).context("--target")?,
+        None => None,
+    };
+    let (m, _) = load(model, lora)?;
+    let opts = TfliteOptions {
+        precision,
+        seq_len,
+        prefill_len: prefill_len.unwrap_or(seq_len),
+        target,
+    };
+    let started = Instant::now();
+    let prepared = tflite::prepare(&m, &opts)
+        .with_context(|| format!("exporting {} to TFLite", model.display()))?;
+    if let (Some(t), false) = (&prepared.report.target, json_out) {
+        eprintln!(
+            "{} ({}): {} of {} operators on the NPU; CPU fallbacks:",
+            t.board, t.npu, t.on_npu, t.operators
+        );
+        for f in &t.cpu_fallbacks {
+            eprintln!(
+                "  {:>4} x {:<22} {} (first: {})",
+                f.count, f.op, f.reason, f.first_output
+            );
+        }
+    }
+    let r = tflite::write(prepared, output, &Bars::new(json_out))
+        .with_context(|| format!("writing {}", output.display()))?;
+    if json_out {
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = json!(started.elapsed().as_secs_f64());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let sigs: Vec<&str> = r.signatures.iter().map(|s| s.key.as_str()).collect();
+        println!(
+            "wrote {} ({}, signatures {}, {:.2} MiB, {:.1} s)",
+            r.path,
+            r.precision.name(),
+            sigs.join(" + "),
+            r.bytes as f64 / (1 << 20) as f64,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// What every command that runs calibration text needs: the output checked against the

@@ -4,3 +4,4 @@ pub mod gguf;
 pub mod gguf_lora;
 pub mod graph;
 pub mod hf;
+pub mod tflite;
