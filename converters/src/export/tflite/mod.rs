@@ -31,6 +31,7 @@ use crate::progress::Progress;
 /// Metadata entry names (`Model.metadata`): the tokenizer and its config (with the chat
 /// template) as Hugging Face writes them, and our own description of the signatures.
 pub const META_TOKENIZER: &str = "tokenizer.json";
+pub const META_SENTENCEPIECE: &str = "tokenizer.model";
 pub const META_TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const META_EDGEPACK: &str = "edgepack.json";
 
@@ -197,14 +198,21 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
         .map(|t| t.check(&def, opts.precision))
         .transpose()?;
 
-    let tokenizer = model.tokenizer.tokenizer_json.clone().ok_or_else(|| {
-        Error::format(
+    let tok = &model.tokenizer;
+    let mut meta = Vec::new();
+    if let Some(j) = &tok.tokenizer_json {
+        meta.push((META_TOKENIZER.to_string(), j.clone().into_bytes()));
+    }
+    if let Some(spm) = &tok.sentencepiece_model {
+        meta.push((META_SENTENCEPIECE.to_string(), spm.clone()));
+    }
+    if meta.is_empty() {
+        return Err(Error::format(
             src,
             "tokenizer.json",
-            "missing: the TFLite model carries the tokenizer as metadata",
-        )
-    })?;
-    let mut meta = vec![(META_TOKENIZER.to_string(), tokenizer.into_bytes())];
+            "missing (and no tokenizer.model): the TFLite model carries the tokenizer as metadata",
+        ));
+    }
     if let Some(cfg) = &model.tokenizer.tokenizer_config {
         meta.push((
             META_TOKENIZER_CONFIG.to_string(),

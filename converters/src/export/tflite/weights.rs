@@ -52,7 +52,17 @@ impl WeightSource {
     }
 
     fn rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        let mut v = self.weight.rows_f32(rows)?;
+        // A vector made of several parts (a packed q/k/v bias) is one row spanning every part;
+        // read the parts whole rather than by row index.
+        let mut v = if self.weight.shape.len() == 1 {
+            let mut all = Vec::with_capacity(self.weight.numel());
+            for p in &self.weight.parts {
+                all.extend(p.to_f32()?);
+            }
+            all
+        } else {
+            self.weight.rows_f32(rows)?
+        };
         if let Some(s) = &self.col_scale {
             let n = s.len();
             v.par_chunks_mut(n).for_each(|row| {
