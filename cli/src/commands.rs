@@ -223,6 +223,40 @@ enum Export {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Write an ONNX decoder with KV cache for onnxruntime (and onnxruntime-genai with --ops contrib).
+    #[command(
+        after_help = "Example:\n  edgepack export onnx ./merged --precision int4 -o out/onnx\n  edgepack export onnx ./merged --precision int8-static --stats stats.calib --smooth 0.5 -o out/onnx\n  edgepack export onnx ./merged --precision fp16 --ops standard -o out/onnx\n\nPrecisions: fp32 fp16 int8 (dynamic) int4 (weight-only, MatMulNBits) int8-static (W8A8 QDQ)\nOperator sets: contrib (onnxruntime com.microsoft ops; writes genai_config.json for onnxruntime-genai)\n               standard (default-domain ONNX ops only, Optimum input names with position_ids)"
+    )]
+    Onnx {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// fp32, fp16, int8, int4 or int8-static.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// Operator set: contrib or standard.
+        #[arg(long, default_value = "contrib")]
+        ops: String,
+        /// int4 block size along the input dimension: 32, 64 or 128.
+        #[arg(long, default_value_t = 32)]
+        block_size: usize,
+        /// int4 with a zero point per block (default: symmetric).
+        #[arg(long, conflicts_with = "symmetric")]
+        asymmetric: bool,
+        /// int4 without zero points (the default).
+        #[arg(long)]
+        symmetric: bool,
+        /// Calibration statistics for int8-static (from `edgepack calibrate`).
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
+        /// SmoothQuant strength alpha (0..=1) applied before int8-static quantization.
+        #[arg(long, value_name = "ALPHA")]
+        smooth: Option<f32>,
+        /// Output folder (must not exist or be empty).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -374,6 +408,31 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Export(Export::Onnx {
+            model,
+            lora,
+            precision,
+            ops,
+            block_size,
+            asymmetric,
+            symmetric: _,
+            stats,
+            smooth,
+            output,
+        }) => run_export_onnx(
+            &model,
+            &lora,
+            OnnxArgs {
+                precision: &precision,
+                ops: &ops,
+                block_size,
+                asymmetric,
+                stats: stats.as_deref(),
+                smooth,
+            },
+            &output,
+            json_out,
+        ),
         Command::Imatrix {
             model,
             lora,
@@ -637,6 +696,72 @@ fn run_calibrate(
                 st.tokens_total, st.tokens_used, st.samples, st.seq_len
             );
         }
+    }
+    Ok(())
+}
+
+/// The ONNX export options as given on the command line.
+struct OnnxArgs<'a> {
+    precision: &'a str,
+    ops: &'a str,
+    block_size: usize,
+    asymmetric: bool,
+    stats: Option<&'a Path>,
+    smooth: Option<f32>,
+}
+
+fn run_export_onnx(
+    model: &Path,
+    lora: &LoraArgs,
+    a: OnnxArgs<'_>,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    use edgepack_converters::export::onnx::{self, OnnxOptions, StaticCalibration};
+    let precision: onnx::Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
+    let ops: onnx::OpSet = a.ops.parse().map_err(anyhow::Error::msg)?;
+    if a.smooth.is_some() && a.stats.is_none() {
+        bail!("--smooth needs --stats FILE (from `edgepack calibrate`)");
+    }
+    let lp = lora.paths()?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(a.stats);
+    ensure_not_input(output, &ins)?;
+    let t0 = Instant::now();
+    let (m, _) = load(model, lora)?;
+    let calibration = match a.stats {
+        Some(p) => Some(StaticCalibration {
+            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
+            path: p.to_path_buf(),
+            smooth: a.smooth,
+        }),
+        None => None,
+    };
+    let opts = OnnxOptions {
+        ops,
+        precision,
+        block_size: a.block_size,
+        symmetric: !a.asymmetric,
+        calibration,
+    };
+    let bars = Bars::new(json_out);
+    let report = onnx::export_onnx(&m, output, &opts, &bars)
+        .with_context(|| format!("exporting {} to {}", model.display(), output.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if json_out {
+        let mut v = serde_json::to_value(&report)?;
+        v["seconds"] = json!(secs);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} {}, {:.2} MiB of weights, {} nodes) in {:.1}s",
+            report.path,
+            report.precision,
+            a.ops,
+            report.data_bytes as f64 / (1 << 20) as f64,
+            report.nodes,
+            secs
+        );
     }
     Ok(())
 }

@@ -175,9 +175,17 @@ impl Weight {
         self.shape.iter().product()
     }
 
-    /// Rows `rows` in f32, row-major (a vector has one row).
+    /// Rows `rows` in f32, row-major (a vector has one row: its parts end to end).
     pub fn rows_f32(&self, rows: Range<usize>) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(rows.len() * self.row_len());
+        if self.shape.len() == 1 {
+            if rows.start < rows.end {
+                for p in &self.parts {
+                    out.extend(p.to_f32()?);
+                }
+            }
+            return Ok(out);
+        }
         let mut base = 0;
         for p in &self.parts {
             let n = p.n_rows();
@@ -868,6 +876,32 @@ mod tests {
         want.extend(k.rows_f32(0..1).unwrap());
         assert_eq!(got, want);
         assert_eq!(qkv.to_f32().unwrap().len(), 32 * 16);
+    }
+
+    #[test]
+    fn a_packed_bias_holds_the_q_k_and_v_biases_end_to_end() {
+        let qwen_biases: Vec<(String, usize)> = [("q", 16), ("k", 8), ("v", 8)]
+            .map(|(p, n)| (format!("model.layers.0.self_attn.{p}_proj.bias"), n))
+            .into_iter()
+            .chain(
+                [("q", 16), ("k", 8), ("v", 8)]
+                    .map(|(p, n)| (format!("model.layers.1.self_attn.{p}_proj.bias"), n)),
+            )
+            .collect();
+        let qb: Vec<(&str, usize)> = qwen_biases.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let m = toy("Qwen2ForCausalLM", false, &qb);
+        let g = DecoderGraph::build(&m).unwrap();
+        let bias = linear(&g, "model.layers.0.attn.qkv_proj.bias");
+        assert_eq!(bias.shape, vec![32]);
+        assert_eq!(bias.n_rows(), 1);
+        let mut want = Vec::new();
+        for p in ["q", "k", "v"] {
+            let t = m
+                .tensor(&format!("model.layers.0.self_attn.{p}_proj.bias"))
+                .unwrap();
+            want.extend(t.to_f32().unwrap());
+        }
+        assert_eq!(bias.to_f32().unwrap(), want);
     }
 
     #[test]
