@@ -182,14 +182,14 @@ enum Export {
     },
     /// Write a LiteRT (TFLite) model with prefill and decode signatures and the KV cache as inputs and outputs.
     #[command(
-        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
+        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n  edgepack export tflite ./merged --precision int8 --stats stats.calib --smooth 0.5 --target imx93 --seq-len 256 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations), int8 (static W8A8 linears: int8 per-channel weights, int8 inputs with scales from --stats after --smooth, int32 biases, int16 outputs; norms, rotary and attention stay float).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
     )]
     Tflite {
         /// A Hugging Face model folder or a .gguf file.
         model: PathBuf,
         #[command(flatten)]
         lora: LoraArgs,
-        /// fp32, fp16 or dynamic-int8.
+        /// fp32, fp16, dynamic-int8 or int8 (needs --stats).
         #[arg(long, default_value = "fp32")]
         precision: String,
         /// KV cache length (static): the most positions a conversation holds.
@@ -201,6 +201,12 @@ enum Export {
         /// Board whose NPU op support to report (imx8mp, imx93, imx95, rpi5).
         #[arg(long)]
         target: Option<String>,
+        /// Activation statistics (from `edgepack calibrate`) for --precision int8.
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
+        /// SmoothQuant strength applied before int8 quantization (0..1, or one per layer: 0.5,0.8,...).
+        #[arg(long, value_name = "ALPHA")]
+        smooth: Option<String>,
         /// Output .tflite path.
         #[arg(short, long)]
         output: PathBuf,
@@ -479,17 +485,21 @@ pub fn run(cli: Cli) -> Result<()> {
             seq_len,
             prefill_len,
             target,
+            stats,
+            smooth,
             output,
-        }) => run_export_tflite(
-            &model,
-            &lora,
-            &precision,
+        }) => run_export_tflite(TfliteArgs {
+            model: &model,
+            lora: &lora,
+            precision: &precision,
             seq_len,
             prefill_len,
-            target.as_deref(),
-            &output,
+            target: target.as_deref(),
+            stats: stats.as_deref(),
+            smooth: smooth.as_deref(),
+            output: &output,
             json_out,
-        ),
+        }),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -520,23 +530,52 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_export_tflite(
-    model: &Path,
-    lora: &LoraArgs,
-    precision: &str,
+/// The TFLite export options as given on the command line.
+struct TfliteArgs<'a> {
+    model: &'a Path,
+    lora: &'a LoraArgs,
+    precision: &'a str,
     seq_len: usize,
     prefill_len: Option<usize>,
-    target: Option<&str>,
-    output: &Path,
+    target: Option<&'a str>,
+    stats: Option<&'a Path>,
+    smooth: Option<&'a str>,
+    output: &'a Path,
     json_out: bool,
-) -> Result<()> {
+}
+
+fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
+    let TfliteArgs {
+        model,
+        lora,
+        precision,
+        seq_len,
+        prefill_len,
+        target,
+        stats,
+        smooth,
+        output,
+        json_out,
+    } = a;
     let precision = Precision::parse(precision)
         .with_context(|| format!("--precision {precision}: use one of {}", Precision::ALL))?;
     let lp = lora.paths()?;
-    ensure_not_input(output, &inputs(model, &lp))?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(stats);
+    ensure_not_input(output, &ins)?;
     let target = match target {
         Some(t) => OpSupport::for_board(t).context("--target")?,
+        None => None,
+    };
+    if smooth.is_some() && stats.is_none() {
+        bail!("--smooth needs --stats (the activation statistics SmoothQuant scales come from)");
+    }
+    let calibration = match stats {
+        Some(p) => Some(tflite::Calibration {
+            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
+            path: p.to_path_buf(),
+            alpha: smooth.map(parse_alpha).transpose()?,
+        }),
         None => None,
     };
     let (m, _) = load(model, lora)?;
@@ -545,6 +584,7 @@ fn run_export_tflite(
         seq_len,
         prefill_len: prefill_len.unwrap_or(seq_len),
         target,
+        calibration,
     };
     let started = Instant::now();
     let prepared = tflite::prepare(&m, &opts)

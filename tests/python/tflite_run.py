@@ -9,6 +9,8 @@
   tflite_run.py chat MODEL QUESTION MAX_NEW
       reads tokenizer.json and the chat template from the model's metadata, formats the
       question as a user turn, decodes greedily, prints the reply.
+  tflite_run.py call MODEL KEY INPUTS_JSON
+      runs signature KEY with float32 inputs {name: nested list}; prints the outputs.
   tflite_run.py speed MODEL PROMPT_LEN N_DECODE
       tokens/s of prefill and decode.
 
@@ -152,10 +154,21 @@ def main():
             logits = llm.step(t, pos)
             pos += 1
         print(json.dumps({"prompt_tokens": len(ids), "ids": out, "text": tok.decode(out)}))
+    elif cmd == "call":
+        interp = Interpreter(model_path=path)
+        runner = interp.get_signature_runner(sys.argv[3])
+        ins = {k: np.array(v, dtype=np.float32) for k, v in json.loads(sys.argv[4]).items()}
+        out = runner(**ins)
+        print(json.dumps({k: v.tolist() for k, v in out.items()}))
     elif cmd == "speed":
         p, n = int(sys.argv[3]), int(sys.argv[4])
         llm = Llm(path)
         ids = [(i * 7919 + 13) % 1000 for i in range(p)]
+        # One untimed call of each signature: the first call allocates and plans.
+        llm.prompt(ids)
+        llm.step(0, p)
+        for name in llm.cache:
+            llm.cache[name][:] = 0
         t0 = time.perf_counter()
         logits = llm.prompt(ids)[-1]
         t1 = time.perf_counter()

@@ -1,8 +1,8 @@
 //! `edgepack export tflite` against LiteRT's own interpreter (ai-edge-litert): every precision
 //! loads and runs both signatures with LiteRT's generative names and static shapes; fp32 logits
 //! equal the reference forward pass on tiny Llama / Qwen2 / Phi-3 models and on SmolLM2-135M
-//! over a prompt and decode steps; fp16 and int8 variants report KL against float; greedy chat
-//! answers mention Paris; --target reports the NPU's CPU fallbacks before writing; bad requests
+//! over a prompt and decode steps; fp16, dynamic int8 and static int8 (calibrated, smoothed)
+//! report KL against float; greedy chat answers mention Paris; --target reports the NPU's CPU fallbacks before writing; bad requests
 //! fail naming the field and write nothing.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::import;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::{
-    edgepack, oracle, run_err, run_ok, shared_work_dir, smollm2_gguf, tiny, token_ids,
+    edgepack, edgepack_bin, oracle, run_err, run_ok, shared_work_dir, smollm2_gguf, tiny, token_ids,
 };
 use serde_json::Value;
 
@@ -23,11 +23,16 @@ const FP16_MAX_MEAN_KL: f64 = 1e-3;
 const INT8_MAX_MEAN_KL: f64 = 0.1;
 
 fn export(model: &Path, precision: &str, seq: usize, prefill: usize, out: &Path) -> Value {
+    let stats = if precision == "int8" {
+        stats_for("tiny-llama", model, 2, 32)
+    } else {
+        PathBuf::new()
+    };
     let o = run_ok(
         edgepack()
             .args(["--json", "export", "tflite"])
             .arg(model)
-            .args(["--precision", precision])
+            .args(precision_args(precision, &stats))
             .args(["--seq-len", &seq.to_string()])
             .args(["--prefill-len", &prefill.to_string()])
             .arg("-o")
@@ -36,11 +41,64 @@ fn export(model: &Path, precision: &str, seq: usize, prefill: usize, out: &Path)
     serde_json::from_slice(&o.stdout).expect("--json prints the report")
 }
 
+/// Identifies the edgepack build, so files cached across runs are remade after a rebuild.
+fn build_stamp() -> u128 {
+    std::fs::metadata(edgepack_bin())
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Calibration statistics of `model` (a few samples: enough for static scales), made once.
+fn stats_for(name: &str, model: &Path, samples: usize, seq: usize) -> PathBuf {
+    let p = shared_work_dir().join(format!("{name}-{}-tflite.calib", build_stamp()));
+    if !p.is_file() {
+        let tmp = p.with_extension(format!("{}.part", std::process::id()));
+        run_ok(
+            edgepack()
+                .arg("calibrate")
+                .arg(model)
+                .args(["--samples", &samples.to_string()])
+                .args(["--seq-len", &seq.to_string()])
+                .arg("-o")
+                .arg(&tmp),
+        );
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+    p
+}
+
+/// Extra arguments of a precision: int8 takes statistics and SmoothQuant.
+fn precision_args(precision: &str, stats: &Path) -> Vec<String> {
+    let mut v = vec!["--precision".to_string(), precision.to_string()];
+    if precision == "int8" {
+        v.extend(["--stats".into(), stats.display().to_string()]);
+        v.extend(["--smooth".into(), "0.5".into()]);
+    }
+    v
+}
+
 /// SmolLM2 exported once per test run for a precision.
 fn smollm2_tflite(precision: &str) -> PathBuf {
-    let p = shared_work_dir().join(format!("smollm2-s128-p32-{precision}.tflite"));
+    let p = shared_work_dir().join(format!(
+        "smollm2-s128-p32-{precision}-{}.tflite",
+        build_stamp()
+    ));
     if !p.is_file() {
-        export(&smollm2_gguf(), precision, 128, 32, &p);
+        let gguf = smollm2_gguf();
+        let stats = stats_for("smollm2", &gguf, 4, 128);
+        let tmp = p.with_extension(format!("{}.part.tflite", std::process::id()));
+        run_ok(
+            edgepack()
+                .args(["export", "tflite"])
+                .arg(&gguf)
+                .args(precision_args(precision, &stats))
+                .args(["--seq-len", "128", "--prefill-len", "32", "-o"])
+                .arg(&tmp),
+        );
+        std::fs::rename(&tmp, &p).unwrap();
     }
     p
 }
@@ -111,7 +169,7 @@ fn qwen2() -> Tiny {
 fn every_precision_loads_in_litert_with_generative_signatures_names_and_static_shapes() {
     let dir = tiny("llama-tied-f32", Tiny::llama());
     let work = tempfile::tempdir().unwrap();
-    for precision in ["fp32", "fp16", "dynamic-int8"] {
+    for precision in ["fp32", "fp16", "dynamic-int8", "int8"] {
         let out = work.path().join(format!("{precision}.tflite"));
         let report = export(&dir, precision, 32, 8, &out);
         assert_eq!(report["precision"], precision, "{report}");
@@ -211,7 +269,7 @@ fn smollm2_fp32_logits_match_the_reference_over_a_prompt_and_decode_steps() {
 }
 
 #[test]
-fn smollm2_fp16_and_int8_variants_report_kl_against_float() {
+fn smollm2_fp16_dynamic_int8_and_static_int8_report_kl_against_float() {
     let gguf = smollm2_gguf();
     let ids = token_ids(40, 49152);
     let prompt = 32;
@@ -219,6 +277,7 @@ fn smollm2_fp16_and_int8_variants_report_kl_against_float() {
     for (precision, bound) in [
         ("fp16", FP16_MAX_MEAN_KL),
         ("dynamic-int8", INT8_MAX_MEAN_KL),
+        ("int8", INT8_MAX_MEAN_KL),
     ] {
         let got = litert_logits(&smollm2_tflite(precision), &ids, prompt);
         let kl = mean_kl(&float, &got, 49152);
@@ -246,8 +305,8 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 #[test]
-fn greedy_chat_from_the_model_metadata_says_paris_for_fp32_and_dynamic_int8() {
-    for precision in ["fp32", "dynamic-int8"] {
+fn greedy_chat_from_the_model_metadata_says_paris_for_fp32_dynamic_int8_and_int8() {
+    for precision in ["fp32", "dynamic-int8", "int8"] {
         let r = oracle(
             "tflite_run.py",
             &[
@@ -316,8 +375,10 @@ fn bad_requests_fail_naming_the_field_and_write_nothing() {
     let dir = tiny("llama-tied-f32", Tiny::llama());
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("bad.tflite");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--precision", "int3"], "--precision int3"),
+        (&["--precision", "int8"], "--precision int8 needs --stats"),
+        (&["--smooth", "0.5"], "--smooth needs --stats"),
         (
             &["--seq-len", "16", "--prefill-len", "32"],
             "prefill length 32",
@@ -339,4 +400,76 @@ fn bad_requests_fail_naming_the_field_and_write_nothing() {
     }
     let leftovers: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn buffers_placed_beyond_4_gib_load_in_litert_through_64_bit_offsets() {
+    use edgepack_converters::export::tflite::schema::{
+        layout, BufferDef, BuiltinOp, ModelDef, OperatorDef, Options, SignatureDef, SubGraphDef,
+        TensorDef, TensorMap, TensorType,
+    };
+    use std::io::{Seek, SeekFrom, Write};
+    // Buffer 1 is a 4.5 GiB payload no tensor uses; the constant of the ADD lands after it, so
+    // its offset needs more than 32 bits. The file is sparse: only the flatbuffer and the
+    // constant are written.
+    let big: u64 = 9 << 29;
+    let tensor = |name: &str, buffer: u32| TensorDef {
+        name: name.into(),
+        shape: vec![4],
+        dtype: TensorType::Float32,
+        buffer,
+        quantization: None,
+    };
+    let def = ModelDef {
+        description: "add".into(),
+        buffers: vec![
+            BufferDef::Empty,
+            BufferDef::Appended { size: big },
+            BufferDef::Appended { size: 16 },
+        ],
+        subgraphs: vec![SubGraphDef {
+            name: "add".into(),
+            tensors: vec![tensor("x", 0), tensor("c", 2), tensor("y", 0)],
+            inputs: vec![0],
+            outputs: vec![2],
+            operators: vec![OperatorDef {
+                op: BuiltinOp::Add,
+                version: 1,
+                inputs: vec![0, 1],
+                outputs: vec![2],
+                options: Options::Add,
+            }],
+        }],
+        metadata: vec![],
+        signatures: vec![SignatureDef {
+            key: "add".into(),
+            subgraph_index: 0,
+            inputs: vec![TensorMap {
+                name: "x".into(),
+                tensor_index: 0,
+            }],
+            outputs: vec![TensorMap {
+                name: "y".into(),
+                tensor_index: 2,
+            }],
+        }],
+    };
+    let l = layout(&def);
+    let (_, c_offset, _) = l.payloads[1];
+    assert!(c_offset > u32::MAX as u64, "offset {c_offset}");
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("far.tflite");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&l.flatbuffer).unwrap();
+    f.seek(SeekFrom::Start(c_offset)).unwrap();
+    let c: [f32; 4] = [10.0, 20.0, 30.0, 40.0];
+    let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
+    f.write_all(&bytes).unwrap();
+    f.set_len(l.file_size).unwrap();
+    drop(f);
+    let r = oracle(
+        "tflite_run.py",
+        &[&"call", &path, &"add", &r#"{"x": [1, 2, 3, 4]}"#],
+    );
+    assert_eq!(r["y"], serde_json::json!([11.0, 22.0, 33.0, 44.0]), "{r}");
 }

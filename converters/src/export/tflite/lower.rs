@@ -50,11 +50,24 @@ pub fn weight_key(dg: &DecoderGraph, id: usize) -> String {
     w.name.clone()
 }
 
+/// Static quantization of one linear ([`Precision::Int8`]).
+#[derive(Debug, Clone)]
+pub struct FcQuant {
+    /// Scale of the int16 input (zero point 0).
+    pub in_scale: f32,
+    /// Scale of the int16 output (zero point 0).
+    pub out_scale: f32,
+    /// Placement key of the int64 bias, if the linear has one.
+    pub bias_key: Option<String>,
+}
+
 /// What a lowering needs besides the graph.
 pub struct LowerCtx<'a> {
     pub dg: &'a DecoderGraph,
     pub precision: Precision,
     pub max_seq_len: usize,
+    /// Per linear (by weight placement key), for [`Precision::Int8`].
+    pub fc: &'a HashMap<String, FcQuant>,
 }
 
 /// One lowered signature.
@@ -384,6 +397,42 @@ impl LowerCtx<'_> {
                 let key = weight_key(dg, *weight);
                 let w = sig.g.weight(&key);
                 let n_out = sig.g.shape(w)[0];
+                if let Some(fq) = self.fc.get(&key) {
+                    let n_in = sig.g.shape(x)[1];
+                    let g = &mut *sig.g;
+                    let xq = g.op_q(
+                        B::Quantize,
+                        4,
+                        &[x],
+                        Options::Quantize,
+                        ("x_int16", &[ti, n_in], Ty::Int16),
+                        Some(Quantization::per_tensor(fq.in_scale, 0)),
+                    );
+                    let b = match &fq.bias_key {
+                        Some(k) => g.weight(k),
+                        None => -1,
+                    };
+                    let y = g.op_q(
+                        B::FullyConnected,
+                        11,
+                        &[xq, w, b],
+                        Options::FullyConnected {
+                            keep_num_dims: false,
+                            asymmetric_quantize_inputs: false,
+                        },
+                        ("y_int16", &[ti, n_out], Ty::Int16),
+                        Some(Quantization::per_tensor(fq.out_scale, 0)),
+                    );
+                    let yf = g.op(
+                        B::Dequantize,
+                        4,
+                        &[y],
+                        Options::Dequantize,
+                        (out, &[ti, n_out], Ty::Float32),
+                    );
+                    sig.values.insert(out.clone(), yf);
+                    return Ok(());
+                }
                 let hybrid = sig.g.dtype(w) == Ty::Int8;
                 let w = if hybrid {
                     w

@@ -10,23 +10,28 @@ pub mod support;
 pub mod weights;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use self::builder::{Buffers, Graph, Payload};
+use self::lower::FcQuant;
 use self::lower::{placed, prefill_key, signature_def, weight_key, LowerCtx, DECODE};
 use self::schema::{
     layout, ModelDef, Quantization, TensorType, BUFFER_LOCATION_KEY, BUFFER_LOCATION_VALUE,
 };
 use self::support::OpSupport;
 use self::weights::{Encoding, WeightSource};
+use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
-use crate::export::graph::{DecoderGraph, WeightKind};
+use crate::export::graph::{DecoderGraph, LinearRole, Op, WeightKind};
 use crate::io::AtomicFile;
+use crate::model::names::Role;
 use crate::model::Model;
 use crate::progress::Progress;
+use crate::transform::smooth::{smooth, Alpha};
 
 /// Metadata entry names (`Model.metadata`): the tokenizer and its config (with the chat
 /// template) as Hugging Face writes them, and our own description of the signatures.
@@ -46,6 +51,10 @@ pub enum Precision {
     /// Embedding and linear weights int8 with one scale per output row; activations stay f32
     /// and the kernels quantize them on the fly ("hybrid" kernels).
     DynamicInt8,
+    /// Static integer linears: int8 per-channel weights, int16 inputs and outputs with static
+    /// scales from calibration statistics (after SmoothQuant), int64 biases (TFLite's 16x8
+    /// FULLY_CONNECTED); the glue between linears (norms, rotary, attention) stays f32.
+    Int8,
 }
 
 impl Precision {
@@ -54,6 +63,7 @@ impl Precision {
             "fp32" => Some(Precision::Fp32),
             "fp16" => Some(Precision::Fp16),
             "dynamic-int8" => Some(Precision::DynamicInt8),
+            "int8" => Some(Precision::Int8),
             _ => None,
         }
     }
@@ -63,10 +73,11 @@ impl Precision {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
             Precision::DynamicInt8 => "dynamic-int8",
+            Precision::Int8 => "int8",
         }
     }
 
-    pub const ALL: &'static str = "fp32, fp16, dynamic-int8";
+    pub const ALL: &'static str = "fp32, fp16, dynamic-int8, int8";
 }
 
 /// Options of a TFLite export.
@@ -79,6 +90,18 @@ pub struct TfliteOptions {
     pub prefill_len: usize,
     /// The NPU's op list to check against, if a target was named.
     pub target: Option<OpSupport>,
+    /// Activation statistics (and SmoothQuant strength) for [`Precision::Int8`].
+    pub calibration: Option<Calibration>,
+}
+
+/// Where static activation scales come from.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub stats: CalibStats,
+    /// The statistics file, named in errors.
+    pub path: PathBuf,
+    /// SmoothQuant strength; `None` leaves the model unsmoothed.
+    pub alpha: Option<Alpha>,
 }
 
 /// What was written.
@@ -115,13 +138,182 @@ fn encoding_for(kind: WeightKind, precision: Precision) -> Option<TensorType> {
     match (kind, precision) {
         (WeightKind::Norm | WeightKind::Bias(_), _) | (_, Precision::Fp32) => None,
         (_, Precision::Fp16) => Some(TensorType::Float16),
-        (_, Precision::DynamicInt8) => Some(TensorType::Int8),
+        (_, Precision::DynamicInt8 | Precision::Int8) => Some(TensorType::Int8),
     }
+}
+
+/// Largest magnitude of a symmetric int16 activation; TFLite's int16 activations have zero
+/// point 0 (facts/tflite_targets.md §1.5).
+pub const INT16_ACT_MAX: f64 = 32767.0;
+
+/// For [`Precision::Int8`]: places every linear's int8 weight and int64 bias and returns the
+/// static scales of its input and output.
+///
+/// Activations are int16 at the linears because LiteRT's int8-input FULLY_CONNECTED writes
+/// only int8 outputs, whose scales would need output ranges the statistics do not hold; the
+/// 16x8 kernel takes int16 in and out. The input scale is the calibrated per-channel abs-max
+/// (divided by the SmoothQuant factor where the model was smoothed) over 32767; the output
+/// scale covers the largest output such inputs can give, `Σ_j |W_oj|·a_j + |b_o|`, over 32767,
+/// so outputs never saturate on calibrated ranges.
+fn place_static_linears(
+    dg: &DecoderGraph,
+    original: &Model,
+    model: &Model,
+    cal: &Calibration,
+    buffers: &mut Buffers,
+) -> Result<HashMap<String, FcQuant>> {
+    let mut out = HashMap::new();
+    for op in &dg.ops {
+        let Op::Linear { weight, bias, .. } = op else {
+            continue;
+        };
+        let w = &dg.weights[*weight];
+        let key = weight_key(dg, *weight);
+        let stats_key = w.stats_key.as_deref().unwrap_or(&w.name);
+        let entry = cal.stats.entries.get(stats_key).ok_or_else(|| {
+            Error::format(
+                &cal.path,
+                stats_key,
+                format!(
+                    "no statistics for the input of {} (needed for --precision int8)",
+                    w.name
+                ),
+            )
+        })?;
+        if entry.absmax.len() != w.row_len() {
+            return Err(Error::mismatch(
+                &cal.path,
+                stats_key,
+                format!(
+                    "{} channels, {} takes {}",
+                    entry.absmax.len(),
+                    w.name,
+                    w.row_len()
+                ),
+            ));
+        }
+        let mut a = entry.absmax.clone();
+        // SmoothQuant divided the norm before this linear by s: s = γ / γ'.
+        let norm = match (w.kind, w.layer) {
+            (WeightKind::Linear(LinearRole::Qkv), Some(l)) => Some(Role::InputNorm.hf_name(l)),
+            (WeightKind::Linear(LinearRole::GateUp), Some(l)) => Some(Role::PostNorm.hf_name(l)),
+            _ => None,
+        };
+        if let (Some(norm), Some(_)) = (norm, &cal.alpha) {
+            let before = original
+                .tensor(&norm)
+                .ok_or_else(|| Error::format(&original.source, &norm, "missing"))?
+                .to_f32()?;
+            let after = model
+                .tensor(&norm)
+                .ok_or_else(|| Error::format(&model.source, &norm, "missing"))?
+                .to_f32()?;
+            for ((x, g0), g1) in a.iter_mut().zip(&before).zip(&after) {
+                if *g1 != 0.0 {
+                    *x *= (g1 / g0).abs();
+                }
+            }
+        }
+        let a_max = a.iter().fold(0f32, |m, v| m.max(*v));
+        if !(a_max > 0.0 && a_max.is_finite()) {
+            return Err(Error::format(
+                &cal.path,
+                stats_key,
+                format!("input abs-max {a_max} cannot give an int8 scale"),
+            ));
+        }
+        let in_scale = (a_max as f64 / INT16_ACT_MAX) as f32;
+        let source = WeightSource::plain(w.clone());
+        let (w_scales, bounds) = source.int8_scales_and_output_bounds(&a)?;
+        let b = match bias {
+            Some(b) => Some(WeightSource::plain(dg.weights[*b].clone())),
+            None => None,
+        };
+        let b_vals = match &b {
+            Some(b) => {
+                let mut v = Vec::new();
+                b.for_each_chunk(|_, c| {
+                    v.extend(c);
+                    Ok(())
+                })?;
+                v
+            }
+            None => vec![0.0; w_scales.len()],
+        };
+        let bound = bounds
+            .iter()
+            .zip(&b_vals)
+            .map(|(o, b)| o + b.abs() as f64)
+            .fold(0f64, f64::max);
+        let out_scale = (bound.max(f64::MIN_POSITIVE) / INT16_ACT_MAX) as f32;
+        if buffers.placed(&key).is_none() {
+            let q = Quantization::per_channel(w_scales.clone(), 0);
+            let buffer = buffers.push(Payload::Weight {
+                source,
+                encoding: Encoding::Int8 {
+                    scales: Arc::new(w_scales.clone()),
+                },
+            });
+            buffers.place(&key, placed(buffer, &w.shape, TensorType::Int8, Some(q)));
+        }
+        let mut bias_key = None;
+        if let (Some(src), Some(bid)) = (b, bias) {
+            let bk = format!("{};int64", weight_key(dg, *bid));
+            let scales: Vec<f32> = w_scales.iter().map(|s| s * in_scale).collect();
+            let q = Quantization::per_channel(scales.clone(), 0);
+            let buffer = buffers.push(Payload::Weight {
+                source: src,
+                encoding: Encoding::Int64 {
+                    scales: Arc::new(scales),
+                },
+            });
+            buffers.place(
+                &bk,
+                placed(buffer, &[w_scales.len()], TensorType::Int64, Some(q)),
+            );
+            bias_key = Some(bk);
+        }
+        out.insert(
+            key,
+            FcQuant {
+                in_scale,
+                out_scale,
+                bias_key,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Builds the model description (no file is written; weights are read only to compute int8
 /// scales). Fails before anything is written on what the precision or target cannot express.
 pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
+    let original = model;
+    let smoothed;
+    let model = match (opts.precision, &opts.calibration) {
+        (Precision::Int8, None) => {
+            return Err(Error::Invalid(
+                "--precision int8 needs --stats: static activation scales come from `edgepack calibrate`".into(),
+            ))
+        }
+        (Precision::Int8, Some(c)) => {
+            c.stats.check_model(model, &c.path)?;
+            match &c.alpha {
+                Some(a) => {
+                    smoothed = smooth(model, &c.stats, &c.path, a)?.0;
+                    &smoothed
+                }
+                None => model,
+            }
+        }
+        (_, Some(_)) => {
+            return Err(Error::Invalid(format!(
+                "--stats and --smooth apply to --precision int8, not {}",
+                opts.precision.name()
+            )))
+        }
+        (_, None) => model,
+    };
     let src = &model.source;
     let dg = DecoderGraph::build(model)?;
     if opts.seq_len == 0 || opts.prefill_len == 0 || opts.prefill_len > opts.seq_len {
@@ -141,6 +333,12 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
         ));
     }
     let mut buffers = Buffers::new();
+    let fc = match &opts.calibration {
+        Some(cal) if opts.precision == Precision::Int8 => {
+            place_static_linears(&dg, original, model, cal, &mut buffers)?
+        }
+        _ => HashMap::new(),
+    };
     for (id, w) in dg.weights.iter().enumerate() {
         let key = weight_key(&dg, id);
         if buffers.placed(&key).is_some() {
@@ -170,6 +368,7 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
         dg: &dg,
         precision: opts.precision,
         max_seq_len: opts.seq_len,
+        fc: &fc,
     };
     let mut def = ModelDef {
         description: format!("edgepack {} ({})", model.name, opts.precision.name()),

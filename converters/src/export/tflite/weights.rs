@@ -23,6 +23,11 @@ pub enum Encoding {
     Int8 {
         scales: Arc<Vec<f32>>,
     },
+    /// int64 with one scale per element (a bias of a 16x8 linear: input scale × weight row
+    /// scale).
+    Int64 {
+        scales: Arc<Vec<f32>>,
+    },
 }
 
 impl Encoding {
@@ -31,6 +36,7 @@ impl Encoding {
             Encoding::F32 => 4,
             Encoding::F16 => 2,
             Encoding::Int8 { .. } => 1,
+            Encoding::Int64 { .. } => 8,
         }
     }
 }
@@ -107,6 +113,34 @@ impl WeightSource {
         Ok(scales)
     }
 
+    /// Per output row: the int8 scale (as [`WeightSource::int8_row_scales`]) and
+    /// `Σ_j |w_j|·a_j`, the largest |output| an input bounded by `a` per channel can give.
+    pub fn int8_scales_and_output_bounds(&self, a: &[f32]) -> Result<(Vec<f32>, Vec<f64>)> {
+        let row_len = self.weight.row_len();
+        let mut scales = Vec::with_capacity(self.weight.n_rows());
+        let mut bounds = Vec::with_capacity(self.weight.n_rows());
+        self.for_each_chunk(|_, v| {
+            let rows: Vec<(f32, f64)> = v
+                .par_chunks(row_len)
+                .map(|r| {
+                    let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let b = r
+                        .iter()
+                        .zip(a)
+                        .map(|(w, x)| (w.abs() * x) as f64)
+                        .sum::<f64>();
+                    (if m > 0.0 { m / INT8_WEIGHT_MAX } else { 1.0 }, b)
+                })
+                .collect();
+            for (s, b) in rows {
+                scales.push(s);
+                bounds.push(b);
+            }
+            Ok(())
+        })?;
+        Ok((scales, bounds))
+    }
+
     /// Streams the encoded bytes to `sink`.
     pub fn write(&self, enc: &Encoding, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let row_len = self.weight.row_len();
@@ -137,6 +171,14 @@ pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) 
                     }
                 });
             out
+        }
+        Encoding::Int64 { scales } => {
+            let q: Vec<i64> = values
+                .iter()
+                .zip(&scales[first_row * row_len..])
+                .map(|(&x, &s)| (x as f64 / s as f64).round() as i64)
+                .collect();
+            bytemuck::cast_slice(&q).to_vec()
         }
     }
 }
