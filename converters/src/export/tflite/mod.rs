@@ -1,7 +1,8 @@
 //! TFLite export: lowers the decoder description to a LiteRT model with a `prefill_<L>` and a
 //! `decode` signature (LiteRT's generative layout, KV cache as explicit inputs and outputs,
-//! static shapes), in fp32, fp16 weights, or dynamic-range int8, and streams it to disk one
-//! weight at a time behind a flatbuffer of our own schema subset ([`schema`]).
+//! static shapes), in fp32, fp16 weights, dynamic-range int8, or static integer linears from
+//! calibration statistics, and streams it to disk one weight at a time behind a flatbuffer of
+//! our own schema subset ([`schema`]). `docs/tflite.md` describes the file.
 
 pub mod builder;
 pub mod lower;
@@ -225,10 +226,7 @@ fn place_static_linears(
         let in_scale = (a_max as f64 / INT16_ACT_MAX) as f32;
         let source = WeightSource::plain(w.clone());
         let (w_scales, bounds) = source.int8_scales_and_output_bounds(&a)?;
-        let b = match bias {
-            Some(b) => Some(WeightSource::plain(dg.weights[*b].clone())),
-            None => None,
-        };
+        let b = bias.map(|b| WeightSource::plain(dg.weights[b].clone()));
         let b_vals = match &b {
             Some(b) => {
                 let mut v = Vec::new();
@@ -332,6 +330,22 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
             ),
         ));
     }
+    // TFLite shapes are int32: every dimension must fit.
+    for w in &dg.weights {
+        if let Some(d) = w.shape.iter().find(|&&d| d > i32::MAX as usize) {
+            return Err(Error::unsupported(
+                src,
+                &w.name,
+                format!("dimension {d} exceeds TFLite's int32 shapes"),
+            ));
+        }
+    }
+    if opts.seq_len > i32::MAX as usize {
+        return Err(Error::Invalid(format!(
+            "--seq-len {} exceeds TFLite's int32 shapes",
+            opts.seq_len
+        )));
+    }
     let mut buffers = Buffers::new();
     let fc = match &opts.calibration {
         Some(cal) if opts.precision == Precision::Int8 => {
@@ -391,11 +405,7 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
             *ops.entry(op.op.name().to_string()).or_default() += 1;
         }
     }
-    let target = opts
-        .target
-        .as_ref()
-        .map(|t| t.check(&def, opts.precision))
-        .transpose()?;
+    let target = opts.target.as_ref().map(|t| t.check(&def));
 
     let tok = &model.tokenizer;
     let mut meta = Vec::new();

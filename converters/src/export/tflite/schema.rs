@@ -2,7 +2,7 @@
 //! serialization on `flatbuffers::FlatBufferBuilder`.
 //!
 //! Field slots, enum values and union indices follow the published TFLite schema (schema
-//! version 3, LiteRT's "3d" revision); see `docs/tflite.md` for the table of facts. Every
+//! version 3, LiteRT's "3d" revision; the field tables are in `docs/tflite.md`). Every
 //! weight buffer is stored in the "buffer offset" form: the flatbuffer holds only each buffer's
 //! absolute file offset and size, and the payloads follow the flatbuffer, so a model of any size
 //! streams to disk one tensor at a time and the flatbuffer itself stays far below the 2 GiB

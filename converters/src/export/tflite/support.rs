@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::schema::{ModelDef, TensorType};
-use super::Precision;
 use crate::error::{Error, Result};
 
 /// What an NPU of one board accepts.
@@ -149,7 +148,7 @@ impl OpSupport {
     }
 
     /// Every operator of `model` the NPU will not take, grouped by op and reason.
-    pub fn check(&self, model: &ModelDef, _precision: Precision) -> Result<TargetReport> {
+    pub fn check(&self, model: &ModelDef) -> TargetReport {
         let mut fallbacks: BTreeMap<(String, String), Fallback> = BTreeMap::new();
         let mut total = 0;
         let mut on_npu = 0;
@@ -190,14 +189,14 @@ impl OpSupport {
                 }
             }
         }
-        Ok(TargetReport {
+        TargetReport {
             board: self.board.to_string(),
             npu: self.npu.to_string(),
             operators: total,
             on_npu,
             cpu_fallbacks: fallbacks.into_values().collect(),
             source: self.source.to_string(),
-        })
+        }
     }
 }
 
