@@ -11,6 +11,9 @@ use edgepack_converters::calib::stats::{self, CalibStats};
 use edgepack_converters::export::gguf::{export_gguf, plan_types, GgufOptions};
 use edgepack_converters::export::gguf_lora::export_gguf_lora;
 use edgepack_converters::export::hf::export_hf;
+use edgepack_converters::export::tflite::{
+    self as tflite, support::OpSupport, Precision, TfliteOptions,
+};
 use edgepack_converters::import;
 use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::Model;
@@ -216,6 +219,37 @@ enum Export {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Write a LiteRT (TFLite) model with prefill and decode signatures and the KV cache as inputs and outputs.
+    #[command(
+        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n  edgepack export tflite ./merged --precision int8 --stats stats.calib --smooth 0.5 --target imx93 --seq-len 256 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations), int8 (static W8A8 linears: int8 per-channel weights, int8 inputs with scales from --stats after --smooth, int32 biases, int16 outputs; norms, rotary and attention stay float).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
+    )]
+    Tflite {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// fp32, fp16, dynamic-int8 or int8 (needs --stats).
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// KV cache length (static): the most positions a conversation holds.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Tokens per prefill call (the prefill_<L> signature); default: --seq-len.
+        #[arg(long)]
+        prefill_len: Option<usize>,
+        /// Board whose NPU op support to report (imx8mp, imx93, imx95, rpi5).
+        #[arg(long)]
+        target: Option<String>,
+        /// Activation statistics (from `edgepack calibrate`) for --precision int8.
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
+        /// SmoothQuant strength applied before int8 quantization (0..1, or one per layer: 0.5,0.8,...).
+        #[arg(long, value_name = "ALPHA")]
+        smooth: Option<String>,
+        /// Output .tflite path.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Write a PEFT LoRA adapter as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER).
     #[command(
         name = "gguf-lora",
@@ -231,6 +265,40 @@ enum Export {
         #[arg(long, default_value = "f32")]
         outtype: String,
         /// Output .gguf path.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write an ONNX decoder with KV cache for onnxruntime (and onnxruntime-genai with --ops contrib).
+    #[command(
+        after_help = "Example:\n  edgepack export onnx ./merged --precision int4 -o out/onnx\n  edgepack export onnx ./merged --precision int8-static --stats stats.calib --smooth 0.5 -o out/onnx\n  edgepack export onnx ./merged --precision fp16 --ops standard -o out/onnx\n\nPrecisions: fp32 fp16 int8 (dynamic) int4 (weight-only, MatMulNBits) int8-static (W8A8 QDQ)\nOperator sets: contrib (onnxruntime com.microsoft ops; writes genai_config.json for onnxruntime-genai)\n               standard (default-domain ONNX ops only, Optimum input names with position_ids)"
+    )]
+    Onnx {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// fp32, fp16, int8, int4 or int8-static.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// Operator set: contrib or standard.
+        #[arg(long, default_value = "contrib")]
+        ops: String,
+        /// int4 block size along the input dimension: 32, 64 or 128.
+        #[arg(long, default_value_t = 32)]
+        block_size: usize,
+        /// int4 with a zero point per block (default: symmetric).
+        #[arg(long, conflicts_with = "symmetric")]
+        asymmetric: bool,
+        /// int4 without zero points (the default).
+        #[arg(long)]
+        symmetric: bool,
+        /// Calibration statistics for int8-static (from `edgepack calibrate`).
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
+        /// SmoothQuant strength alpha (0..=1) applied before int8-static quantization.
+        #[arg(long, value_name = "ALPHA")]
+        smooth: Option<f32>,
+        /// Output folder (must not exist or be empty).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -387,6 +455,31 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Export(Export::Onnx {
+            model,
+            lora,
+            precision,
+            ops,
+            block_size,
+            asymmetric,
+            symmetric: _,
+            stats,
+            smooth,
+            output,
+        }) => run_export_onnx(
+            &model,
+            &lora,
+            OnnxArgs {
+                precision: &precision,
+                ops: &ops,
+                block_size,
+                asymmetric,
+                stats: stats.as_deref(),
+                smooth,
+            },
+            &output,
+            json_out,
+        ),
         Command::Imatrix {
             model,
             lora,
@@ -420,6 +513,28 @@ pub fn run(cli: Cli) -> Result<()> {
             json_out,
         ),
         Command::Smooth(a) => run_smooth(&a, json_out),
+        Command::Export(Export::Tflite {
+            model,
+            lora,
+            precision,
+            seq_len,
+            prefill_len,
+            target,
+            stats,
+            smooth,
+            output,
+        }) => run_export_tflite(TfliteArgs {
+            model: &model,
+            lora: &lora,
+            precision: &precision,
+            seq_len,
+            prefill_len,
+            target: target.as_deref(),
+            stats: stats.as_deref(),
+            smooth: smooth.as_deref(),
+            output: &output,
+            json_out,
+        }),
         Command::Export(Export::GgufLora {
             adapter,
             base,
@@ -448,6 +563,97 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The TFLite export options as given on the command line.
+struct TfliteArgs<'a> {
+    model: &'a Path,
+    lora: &'a LoraArgs,
+    precision: &'a str,
+    seq_len: usize,
+    prefill_len: Option<usize>,
+    target: Option<&'a str>,
+    stats: Option<&'a Path>,
+    smooth: Option<&'a str>,
+    output: &'a Path,
+    json_out: bool,
+}
+
+fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
+    let TfliteArgs {
+        model,
+        lora,
+        precision,
+        seq_len,
+        prefill_len,
+        target,
+        stats,
+        smooth,
+        output,
+        json_out,
+    } = a;
+    let precision = Precision::parse(precision)
+        .with_context(|| format!("--precision {precision}: use one of {}", Precision::ALL))?;
+    let lp = lora.paths()?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(stats);
+    ensure_not_input(output, &ins)?;
+    let target = match target {
+        Some(t) => OpSupport::for_board(t).context("--target")?,
+        None => None,
+    };
+    if smooth.is_some() && stats.is_none() {
+        bail!("--smooth needs --stats (the activation statistics SmoothQuant scales come from)");
+    }
+    let calibration = match stats {
+        Some(p) => Some(tflite::Calibration {
+            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
+            path: p.to_path_buf(),
+            alpha: smooth.map(parse_alpha).transpose()?,
+        }),
+        None => None,
+    };
+    let (m, _) = load(model, lora)?;
+    let opts = TfliteOptions {
+        precision,
+        seq_len,
+        prefill_len: prefill_len.unwrap_or(seq_len),
+        target,
+        calibration,
+    };
+    let started = Instant::now();
+    let prepared = tflite::prepare(&m, &opts)
+        .with_context(|| format!("exporting {} to TFLite", model.display()))?;
+    if let (Some(t), false) = (&prepared.report.target, json_out) {
+        eprintln!(
+            "{} ({}): {} of {} operators on the NPU; CPU fallbacks:",
+            t.board, t.npu, t.on_npu, t.operators
+        );
+        for f in &t.cpu_fallbacks {
+            eprintln!(
+                "  {:>4} x {:<22} {} (first: {})",
+                f.count, f.op, f.reason, f.first_output
+            );
+        }
+    }
+    let r = tflite::write(prepared, output, &Bars::new(json_out))
+        .with_context(|| format!("writing {}", output.display()))?;
+    if json_out {
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = json!(started.elapsed().as_secs_f64());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let sigs: Vec<&str> = r.signatures.iter().map(|s| s.key.as_str()).collect();
+        println!(
+            "wrote {} ({}, signatures {}, {:.2} MiB, {:.1} s)",
+            r.path,
+            r.precision.name(),
+            sigs.join(" + "),
+            r.bytes as f64 / (1 << 20) as f64,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// What every command that runs calibration text needs: the output checked against the
@@ -565,6 +771,72 @@ fn run_calibrate(
                 st.tokens_total, st.tokens_used, st.samples, st.seq_len
             );
         }
+    }
+    Ok(())
+}
+
+/// The ONNX export options as given on the command line.
+struct OnnxArgs<'a> {
+    precision: &'a str,
+    ops: &'a str,
+    block_size: usize,
+    asymmetric: bool,
+    stats: Option<&'a Path>,
+    smooth: Option<f32>,
+}
+
+fn run_export_onnx(
+    model: &Path,
+    lora: &LoraArgs,
+    a: OnnxArgs<'_>,
+    output: &Path,
+    json_out: bool,
+) -> Result<()> {
+    use edgepack_converters::export::onnx::{self, OnnxOptions, StaticCalibration};
+    let precision: onnx::Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
+    let ops: onnx::OpSet = a.ops.parse().map_err(anyhow::Error::msg)?;
+    if a.smooth.is_some() && a.stats.is_none() {
+        bail!("--smooth needs --stats FILE (from `edgepack calibrate`)");
+    }
+    let lp = lora.paths()?;
+    let mut ins = inputs(model, &lp);
+    ins.extend(a.stats);
+    ensure_not_input(output, &ins)?;
+    let t0 = Instant::now();
+    let (m, _) = load(model, lora)?;
+    let calibration = match a.stats {
+        Some(p) => Some(StaticCalibration {
+            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
+            path: p.to_path_buf(),
+            smooth: a.smooth,
+        }),
+        None => None,
+    };
+    let opts = OnnxOptions {
+        ops,
+        precision,
+        block_size: a.block_size,
+        symmetric: !a.asymmetric,
+        calibration,
+    };
+    let bars = Bars::new(json_out);
+    let report = onnx::export_onnx(&m, output, &opts, &bars)
+        .with_context(|| format!("exporting {} to {}", model.display(), output.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if json_out {
+        let mut v = serde_json::to_value(&report)?;
+        v["seconds"] = json!(secs);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} {}, {:.2} MiB of weights, {} nodes) in {:.1}s",
+            report.path,
+            report.precision,
+            a.ops,
+            report.data_bytes as f64 / (1 << 20) as f64,
+            report.nodes,
+            secs
+        );
     }
     Ok(())
 }

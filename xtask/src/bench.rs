@@ -46,15 +46,37 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/quality.json")]
         output: PathBuf,
     },
+    /// Model -> TFLite per precision: export time, peak RSS, file size, and LiteRT's
+    /// prefill and decode tokens/s on this machine.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench tflite --seq-len 256 --prefill-len 64 -o target/bench/tflite.json"
+    )]
+    Tflite {
+        /// A model folder or GGUF (default: the SmolLM2-135M-Instruct GGUF).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// KV cache length of the exported models.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Prefill signature length (the prompt run for tokens/s).
+        #[arg(long, default_value_t = 64)]
+        prefill_len: usize,
+        /// Decode steps timed.
+        #[arg(long, default_value_t = 64)]
+        decode_steps: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/tflite.json")]
+        output: PathBuf,
+    },
 }
 
 /// Wall time and peak resident memory of a child process.
-struct Measured {
-    seconds: f64,
-    max_rss_mib: f64,
+pub(crate) struct Measured {
+    pub seconds: f64,
+    pub max_rss_mib: f64,
 }
 
-fn measure(cmd: &mut Command) -> Result<Measured> {
+pub(crate) fn measure(cmd: &mut Command) -> Result<Measured> {
     eprintln!("$ {cmd:?}");
     let t0 = Instant::now();
     let child = cmd
@@ -78,7 +100,7 @@ fn measure(cmd: &mut Command) -> Result<Measured> {
     })
 }
 
-fn edgepack_release() -> Result<PathBuf> {
+pub(crate) fn edgepack_release() -> Result<PathBuf> {
     run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(root())
@@ -87,7 +109,7 @@ fn edgepack_release() -> Result<PathBuf> {
     Ok(root().join("target/release/edgepack"))
 }
 
-fn py() -> PathBuf {
+pub(crate) fn py() -> PathBuf {
     cache_dir().join("venv/bin/python")
 }
 
@@ -124,6 +146,13 @@ pub fn bench(b: Bench) -> Result<()> {
             &edgepack_release()?,
             &py(),
         ),
+        Bench::Tflite {
+            model,
+            seq_len,
+            prefill_len,
+            decode_steps,
+            output,
+        } => crate::bench_tflite::tflite(model, seq_len, prefill_len, decode_steps, &output),
     }
 }
 

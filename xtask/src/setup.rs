@@ -20,6 +20,7 @@ const REQUIREMENTS: &[&str] = &[
     "peft==0.21.2",
     "sentencepiece==0.2.3",
     "tokenizers==0.23.3",
+    "ai-edge-litert==2.3.0",
 ];
 
 /// The registry package that ships SmolLM2-135M-Instruct as a Q4_1 GGUF.

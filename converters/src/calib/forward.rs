@@ -161,7 +161,7 @@ fn rope_num(scaling: &Json, key: &str, source: &std::path::Path) -> Result<f64> 
 
 /// The rotary inverse frequencies transformers computes for this config
 /// (`modeling_rope_utils`: default, linear and llama3), in f64.
-fn rope_inv_freq(config: &ModelConfig, source: &std::path::Path) -> Result<Vec<f64>> {
+pub(crate) fn rope_inv_freq(config: &ModelConfig, source: &std::path::Path) -> Result<Vec<f64>> {
     let d = config.head_dim;
     if d == 0 || d % 2 != 0 {
         return Err(Error::format(

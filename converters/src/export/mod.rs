@@ -2,4 +2,7 @@
 
 pub mod gguf;
 pub mod gguf_lora;
+pub mod graph;
 pub mod hf;
+pub mod onnx;
+pub mod tflite;

@@ -1,0 +1,566 @@
+//! ONNX export: lowers the shared [`DecoderGraph`] to an ONNX decoder with a KV cache and
+//! writes a folder that onnxruntime (and, for `--ops contrib`, onnxruntime-genai) runs as is.
+//!
+//! Layout of the output folder:
+//! - `contrib`: `model.onnx`, `model.onnx.data`, `genai_config.json`, tokenizer files
+//!   (onnxruntime-genai's model-builder layout, shared/facts/onnx.md §1.8–1.9).
+//! - `standard`: `model.onnx`, `model.onnx_data`, `config.json` (with
+//!   `transformers.js_config.use_external_data_format`), tokenizer and generation files
+//!   (Optimum / transformers.js names, §2).
+//!
+//! Every weight goes to the external data file whatever the model's size: one layout for all
+//! models, the `.onnx` stays a small graph far below protobuf's 2 GiB limit, and the writer
+//! streams each tensor straight to disk (see `data`). Small shape-like constants stay inline as
+//! Constant nodes, which load-time shape inference needs (§6.2).
+//!
+//! Header: IR version 10, default-domain opset 21, `com.microsoft` opset 1 (§6.1: the model
+//! builder's choice, loadable by onnxruntime 1.18+, and the first opset with int4 and blocked
+//! DequantizeLinear).
+//!
+//! Everything that can be refused (architecture features the graph cannot express, option
+//! combinations) is checked before the output folder is created.
+
+mod builder;
+mod data;
+mod lower;
+mod pack;
+pub mod proto;
+mod stream;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use prost::Message;
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+
+use crate::calib::stats::CalibStats;
+use crate::error::{Error, Result};
+use crate::export::graph::{DecoderGraph, LinearRole, WeightId, WeightKind};
+use crate::io::{write_file, AtomicDir};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::transform::smooth::{self, Alpha};
+
+/// ONNX IR version written (shared/facts/onnx.md §6.1).
+pub const IR_VERSION: i64 = 10;
+/// Default-domain opset (§6.1).
+pub const OPSET: i64 = 21;
+/// `com.microsoft` opset (§1.1).
+pub const MS_OPSET: i64 = 1;
+/// Block sizes offered for int4 (MatMulNBits takes any power of two ≥ 16; these are the
+/// model builder's common choices, §1.5).
+pub const BLOCK_SIZES: [usize; 3] = [32, 64, 128];
+/// int8 codes span ±127 (symmetric, the zero point is 0).
+const INT8_MAX: f32 = 127.0;
+
+/// Which operators the graph may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpSet {
+    /// onnxruntime's com.microsoft fused ops, as onnxruntime-genai's model builder uses them.
+    Contrib,
+    /// Default-domain ONNX ops only.
+    Standard,
+}
+
+impl std::str::FromStr for OpSet {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "contrib" => Ok(OpSet::Contrib),
+            "standard" => Ok(OpSet::Standard),
+            _ => Err(format!("--ops {s}: use contrib or standard")),
+        }
+    }
+}
+
+/// Weight (and activation) precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Precision {
+    #[serde(rename = "fp32")]
+    Fp32,
+    #[serde(rename = "fp16")]
+    Fp16,
+    /// int8 per-channel weights, activations quantized at run time.
+    #[serde(rename = "int8")]
+    Int8,
+    /// int4 weight-only, blockwise.
+    #[serde(rename = "int4")]
+    Int4,
+    /// W8A8 in QDQ form with static activation scales from calibration (SmoothQuant).
+    #[serde(rename = "int8-static")]
+    Int8Static,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "fp16" => Ok(Precision::Fp16),
+            "int8" => Ok(Precision::Int8),
+            "int4" => Ok(Precision::Int4),
+            "int8-static" => Ok(Precision::Int8Static),
+            _ => Err(format!(
+                "--precision {s}: use fp32, fp16, int8, int4 or int8-static"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+            Precision::Int8Static => "int8-static",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Calibration input of int8-static.
+#[derive(Debug, Clone)]
+pub struct StaticCalibration {
+    pub stats: CalibStats,
+    /// The stats file, named in errors.
+    pub path: std::path::PathBuf,
+    /// SmoothQuant strength; `None` quantizes the unsmoothed model.
+    pub smooth: Option<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OnnxOptions {
+    pub ops: OpSet,
+    pub precision: Precision,
+    /// int4 block size along the input dimension.
+    pub block_size: usize,
+    /// int4: symmetric (implicit zero point 8) or asymmetric (zero point per block).
+    pub symmetric: bool,
+    /// Required for int8-static, refused otherwise.
+    pub calibration: Option<StaticCalibration>,
+}
+
+impl Default for OnnxOptions {
+    fn default() -> Self {
+        OnnxOptions {
+            ops: OpSet::Contrib,
+            precision: Precision::Fp32,
+            block_size: 32,
+            symmetric: true,
+            calibration: None,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone, Serialize)]
+pub struct OnnxReport {
+    pub path: String,
+    pub ops: OpSet,
+    pub precision: Precision,
+    pub files: Vec<String>,
+    /// Bytes of the graph file and of the external data.
+    pub model_bytes: u64,
+    pub data_bytes: u64,
+    pub nodes: usize,
+    pub initializers: usize,
+    /// int8-static with smoothing: the largest per-channel activation max before and after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smooth: Option<smooth::SmoothReport>,
+}
+
+/// The data file's name for an operator set (genai and Optimum spell it differently, §6.2).
+pub fn data_file_name(ops: OpSet) -> &'static str {
+    match ops {
+        OpSet::Contrib => "model.onnx.data",
+        OpSet::Standard => "model.onnx_data",
+    }
+}
+
+/// Checks the options on their own (before a model is read).
+fn check_options(o: &OnnxOptions) -> Result<()> {
+    let int4 = o.precision == Precision::Int4;
+    if int4 && !BLOCK_SIZES.contains(&o.block_size) {
+        return Err(Error::Invalid(format!(
+            "--block-size {}: unsupported (use 32, 64 or 128)",
+            o.block_size
+        )));
+    }
+    if !int4 && (o.block_size != 32 || !o.symmetric) {
+        return Err(Error::Invalid(format!(
+            "--block-size and --asymmetric apply to --precision int4 only, not {}",
+            o.precision
+        )));
+    }
+    match (o.precision, &o.calibration) {
+        (Precision::Int8Static, None) => Err(Error::Invalid(
+            "--precision int8-static needs --stats FILE (from `edgepack calibrate`)".into(),
+        )),
+        (p, Some(_)) if p != Precision::Int8Static => Err(Error::Invalid(format!(
+            "--stats and --smooth apply to --precision int8-static only, not {p}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Positions the exported model serves: the trained context, cut to the sliding attention
+/// window where one applies. Neither lowering (nor the reference forward pass) masks keys
+/// beyond a window, so the rotary tables stop there instead: within them full attention and
+/// windowed attention agree, and a longer sequence fails in onnxruntime (the tables are too
+/// short) rather than silently attending further than the model was trained to.
+fn served_context(model: &Model) -> usize {
+    let c = &model.config;
+    let used = c
+        .raw
+        .as_ref()
+        .and_then(|r| r.get("use_sliding_window"))
+        .and_then(Json::as_bool)
+        .unwrap_or(true);
+    match c.sliding_window {
+        Some(w) if used && w > 0 => w.min(c.max_position_embeddings),
+        _ => c.max_position_embeddings,
+    }
+}
+
+/// Per-tensor activation scales for int8-static: max |x| over the input of each quantized
+/// linear, divided by the SmoothQuant factor of its channel where the input was smoothed
+/// (`x / s`), over [`INT8_MAX`].
+fn activation_scales(
+    g: &DecoderGraph,
+    original: &Model,
+    cal: &StaticCalibration,
+) -> Result<HashMap<WeightId, f32>> {
+    let mut out = HashMap::new();
+    for (id, w) in g.weights.iter().enumerate() {
+        let WeightKind::Linear(role) = w.kind else {
+            continue;
+        };
+        if role == LinearRole::LmHead {
+            continue;
+        }
+        let key = w.stats_key.as_deref().expect("linears carry a stats key");
+        let st = cal
+            .stats
+            .entries
+            .get(key)
+            .ok_or_else(|| Error::format(&cal.path, key, "no statistics for this weight"))?;
+        let smoothed = matches!(role, LinearRole::Qkv | LinearRole::GateUp);
+        let amax = match cal.smooth {
+            Some(alpha) if smoothed => {
+                // The same factors transform::smooth folded into this linear's weight: from
+                // the original (unsmoothed) weights of the group.
+                let mut ws = Vec::with_capacity(w.parts.len());
+                for p in &w.parts {
+                    let t = original
+                        .tensor(&p.name)
+                        .ok_or_else(|| Error::format(&original.source, &p.name, "missing"))?;
+                    ws.push(t.to_f32()?);
+                }
+                let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
+                let s = smooth::scales(&st.absmax, &refs, alpha);
+                st.absmax
+                    .iter()
+                    .zip(&s)
+                    .fold(0f32, |m, (a, s)| m.max(a / s))
+            }
+            _ => st.absmax.iter().fold(0f32, |m, a| m.max(*a)),
+        };
+        if !(amax.is_finite() && amax > 0.0) {
+            return Err(Error::format(
+                &cal.path,
+                key,
+                format!("activation range {amax} cannot set an int8 scale"),
+            ));
+        }
+        out.insert(id, amax / INT8_MAX);
+    }
+    Ok(out)
+}
+
+/// Exports `model` to the folder `out` (created atomically; it must not exist or be empty).
+pub fn export_onnx(
+    model: &Model,
+    out: &Path,
+    opts: &OnnxOptions,
+    progress: &dyn Progress,
+) -> Result<OnnxReport> {
+    check_options(opts)?;
+    if opts.ops == OpSet::Contrib && model.tokenizer.tokenizer_json.is_none() {
+        return Err(Error::unsupported(
+            &model.source,
+            "tokenizer.json",
+            "missing: onnxruntime-genai loads the tokenizer from tokenizer.json (a SentencePiece \
+             tokenizer.model alone is not enough)\nhint: convert the tokenizer with transformers \
+             (AutoTokenizer.from_pretrained(...).save_pretrained(...)), or use --ops standard",
+        ));
+    }
+    // int8-static: smooth first (exact), then quantize the smoothed model.
+    let mut smooth_report = None;
+    let smoothed;
+    let model_used = match &opts.calibration {
+        Some(cal) => {
+            cal.stats.check_model(model, &cal.path)?;
+            match cal.smooth {
+                Some(a) => {
+                    // Norm groups only: activation_scales derives those factors again.
+                    let sm = smooth::smooth(
+                        model,
+                        &cal.stats,
+                        &cal.path,
+                        &Alpha::Global(a),
+                        smooth::Scope::Norms,
+                    )?;
+                    smooth_report = Some(sm.report);
+                    smoothed = sm.model;
+                    &smoothed
+                }
+                None => model,
+            }
+        }
+        None => model,
+    };
+    let g = DecoderGraph::build(model_used)?;
+    let act_scales = match &opts.calibration {
+        Some(cal) => activation_scales(&g, model, cal)?,
+        None => HashMap::new(),
+    };
+    let b = lower::lower(
+        &g,
+        &lower::Lowering {
+            ops: opts.ops,
+            precision: opts.precision,
+            block_size: opts.block_size,
+            symmetric: opts.symmetric,
+            act_scales: &act_scales,
+            context: served_context(model),
+        },
+    )?;
+    let dir = AtomicDir::create(out)?;
+    let stage = dir.staging();
+    let data_name = data_file_name(opts.ops);
+    let mut data = data::DataFile::create(&stage.join(data_name))?;
+    let initializers = stream::write_jobs(&g, &b.jobs, &mut data, data_name, progress)?;
+    let data_bytes = data.finish()?;
+    let n_nodes = b.nodes.len();
+    let n_inits = initializers.len();
+    let mut opset_import = vec![proto::OperatorSetIdProto {
+        domain: String::new(),
+        version: OPSET,
+    }];
+    if opts.ops == OpSet::Contrib {
+        opset_import.push(proto::OperatorSetIdProto {
+            domain: lower::MS.into(),
+            version: MS_OPSET,
+        });
+    }
+    let m = proto::ModelProto {
+        ir_version: IR_VERSION,
+        opset_import,
+        producer_name: "edgepack".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(proto::GraphProto {
+            node: b.nodes,
+            name: "main_graph".into(),
+            initializer: initializers,
+            input: b.inputs,
+            output: b.outputs,
+            value_info: Vec::new(),
+        }),
+        metadata_props: vec![proto::StringStringEntryProto {
+            key: "edgepack.precision".into(),
+            value: opts.precision.to_string(),
+        }],
+    };
+    let bytes = m.encode_to_vec();
+    write_file(&stage.join("model.onnx"), &bytes)?;
+    let mut files = vec!["model.onnx".to_string(), data_name.to_string()];
+    match opts.ops {
+        OpSet::Contrib => {
+            write_json(
+                &stage.join("genai_config.json"),
+                &genai_config(model, &g, served_context(model))?,
+            )?;
+            files.push("genai_config.json".into());
+        }
+        OpSet::Standard => {
+            let mut cfg = model
+                .config
+                .to_hf_json(if opts.precision == Precision::Fp16 {
+                    "float16"
+                } else {
+                    "float32"
+                });
+            cfg["transformers.js_config"] = json!({"use_external_data_format": true});
+            cfg["use_cache"] = json!(true);
+            write_json(&stage.join("config.json"), &cfg)?;
+            files.push("config.json".into());
+        }
+    }
+    files.extend(write_tokenizer(model, stage)?);
+    dir.commit()?;
+    Ok(OnnxReport {
+        path: out.display().to_string(),
+        ops: opts.ops,
+        precision: opts.precision,
+        files,
+        model_bytes: bytes.len() as u64,
+        data_bytes,
+        nodes: n_nodes,
+        initializers: n_inits,
+        smooth: smooth_report,
+    })
+}
+
+fn write_json(path: &Path, v: &Json) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    s.push('\n');
+    write_file(path, s.as_bytes())
+}
+
+/// The tokenizer and generation files, as the model has them.
+fn write_tokenizer(model: &Model, stage: &Path) -> Result<Vec<String>> {
+    let tok = &model.tokenizer;
+    let mut files = Vec::new();
+    if let Some(t) = &tok.tokenizer_json {
+        write_file(&stage.join("tokenizer.json"), t.as_bytes())?;
+        files.push("tokenizer.json".to_string());
+    }
+    if let Some(b) = &tok.sentencepiece_model {
+        write_file(&stage.join("tokenizer.model"), b)?;
+        files.push("tokenizer.model".into());
+    }
+    for (name, v) in [
+        ("tokenizer_config.json", &tok.tokenizer_config),
+        ("special_tokens_map.json", &tok.special_tokens_map),
+        ("generation_config.json", &tok.generation_config),
+    ] {
+        if let Some(v) = v {
+            write_json(&stage.join(name), v)?;
+            files.push(name.into());
+        }
+    }
+    Ok(files)
+}
+
+/// A token id field: from generation_config.json, then config.json, then the token string
+/// named in tokenizer_config.json looked up in tokenizer.json's added tokens.
+fn token_id(model: &Model, key: &str) -> Option<Json> {
+    let tok = &model.tokenizer;
+    for src in [tok.generation_config.as_ref(), model.config.raw.as_ref()] {
+        if let Some(v) = src.and_then(|j| j.get(key)).filter(|v| !v.is_null()) {
+            return Some(v.clone());
+        }
+    }
+    let tkey = key.trim_end_matches("_id");
+    let text = match tok.tokenizer_config.as_ref()?.get(tkey)? {
+        Json::String(s) => s.clone(),
+        Json::Object(o) => o.get("content")?.as_str()?.to_string(),
+        _ => return None,
+    };
+    let tj: Json = serde_json::from_str(tok.tokenizer_json.as_ref()?).ok()?;
+    tj.get("added_tokens")?
+        .as_array()?
+        .iter()
+        .find(|t| t.get("content").and_then(Json::as_str) == Some(text.as_str()))
+        .and_then(|t| t.get("id").cloned())
+}
+
+/// `genai_config.json` as the model builder writes it (§1.9).
+fn genai_config(model: &Model, g: &DecoderGraph, context: usize) -> Result<Json> {
+    let d = &g.dims;
+    let eos = token_id(model, "eos_token_id").ok_or_else(|| {
+        Error::format(
+            &model.source,
+            "eos_token_id",
+            "not found in generation_config.json, config.json or tokenizer_config.json",
+        )
+    })?;
+    let first_eos = match &eos {
+        Json::Array(a) => a.first().cloned().unwrap_or(Json::Null),
+        v => v.clone(),
+    };
+    let bos = token_id(model, "bos_token_id").unwrap_or(json!(1));
+    let pad = token_id(model, "pad_token_id").unwrap_or(first_eos);
+    Ok(json!({
+        "model": {
+            "bos_token_id": bos,
+            "context_length": context,
+            "decoder": {
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": []
+                },
+                "filename": "model.onnx",
+                "head_size": d.head_dim,
+                "hidden_size": d.hidden,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value"
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"
+                },
+                "num_attention_heads": d.n_heads,
+                "num_hidden_layers": d.n_layers,
+                "num_key_value_heads": d.n_kv_heads
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": model.config.arch.hf_model_type(),
+            "vocab_size": d.vocab
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": false,
+            "early_stopping": true,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": true,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 50,
+            "top_p": 1.0
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_combinations_are_checked_naming_the_option() {
+        let o = |precision, block_size, symmetric| OnnxOptions {
+            precision,
+            block_size,
+            symmetric,
+            ..OnnxOptions::default()
+        };
+        assert!(check_options(&o(Precision::Int4, 64, false)).is_ok());
+        let e = check_options(&o(Precision::Int4, 48, true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--block-size 48"), "{e}");
+        let e = check_options(&o(Precision::Fp16, 64, true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--block-size") && e.contains("fp16"), "{e}");
+        let e = check_options(&o(Precision::Int8Static, 32, true))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--stats"), "{e}");
+    }
+}

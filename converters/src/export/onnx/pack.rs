@@ -1,0 +1,167 @@
+//! Weight encodings of the ONNX exporter, one output row (output channel) at a time:
+//! MatMulNBits block quantization (shared/facts/onnx.md §1.5–1.6) and int8 per-channel
+//! symmetric quantization for MatMulInteger / QDQ.
+
+use half::f16;
+
+/// MatMulNBits blocks along K for one output row: quantized bytes (`k_blocks · block · bits/8`,
+/// K index `2j` in the low nibble of byte `j` for 4 bits), one scale per block, and one zero
+/// point per block (asymmetric only; unpacked here, packed by [`pack_zero_points`]).
+///
+/// Symmetric (ORT `quant_slice_symmetric`): the scale is the block's largest-magnitude value,
+/// with its sign, divided by `-2^(bits-1)`, so that value lands exactly on the most negative
+/// code; codes are stored offset by `2^(bits-1)` (the implicit zero point when none is given).
+/// Asymmetric (`quant_slice_asymmetric`): the range `[min(0, min), max(0, max)]` over
+/// `2^bits - 1` steps, zero point `round(-min / scale)`.
+pub fn nbits_row(
+    row: &[f32],
+    block: usize,
+    bits: u32,
+    symmetric: bool,
+    q_out: &mut Vec<u8>,
+    scales: &mut Vec<f32>,
+    zps: &mut Vec<u8>,
+) {
+    let mut codes = vec![0u8; block];
+    for vals in row.chunks(block) {
+        let (scale, zp) = block_codes(vals, bits, symmetric, &mut codes);
+        match bits {
+            4 => q_out.extend(codes.chunks_exact(2).map(|p| p[0] | (p[1] << 4))),
+            8 => q_out.extend_from_slice(&codes),
+            _ => unreachable!("MatMulNBits widths used: 4 and 8"),
+        }
+        scales.push(scale);
+        if !symmetric {
+            zps.push(zp);
+        }
+    }
+}
+
+/// Quantizes one block (`vals`, at most `codes.len()` values; the rest of `codes` is padding
+/// at the zero point) to unsigned codes `0..2^bits`; returns (scale, zero point). Symmetric
+/// codes carry the implicit zero point `2^(bits-1)`. Rounding and tie-breaking follow MLAS's
+/// blockwise quantizer (`q4_dq.cpp`: `range2scale`, `range2scalezp`, `roundf(v / s + zp)`), so
+/// the codes are the ones onnxruntime's own MatMulNBits quantizer produces.
+pub fn block_codes(vals: &[f32], bits: u32, symmetric: bool, codes: &mut [u8]) -> (f32, u8) {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let mid = (1u32 << (bits - 1)) as f32;
+    let lo = vals.iter().copied().fold(f32::MAX, f32::min);
+    let hi = vals.iter().copied().fold(-f32::MAX, f32::max);
+    let (scale, zp) = if symmetric {
+        // The value of largest magnitude, the negative one on a tie, lands on code 0 (-mid).
+        let big = if hi.abs() > lo.abs() { hi } else { lo };
+        (big / -mid, mid)
+    } else {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let s = (hi - lo) / levels;
+        let zp = if s == 0.0 { lo } else { 0.0 - lo / s };
+        (s, zp.clamp(0.0, levels).round())
+    };
+    let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+    // Past the values, MLAS leaves the buffer's zeros, except the partner of an odd last
+    // value, which it sets to the zero point.
+    codes.iter_mut().for_each(|c| *c = 0);
+    if let Some(c) = codes.get_mut(vals.len()).filter(|_| vals.len() % 2 == 1) {
+        *c = zp as u8;
+    }
+    for (c, &v) in codes.iter_mut().zip(vals) {
+        *c = (v * inv + zp).round().clamp(0.0, levels) as u8;
+    }
+    (scale, zp as u8)
+}
+
+/// Packs per-block zero points of one row as MatMulNBits wants them: `ceil(k_blocks·bits/8)`
+/// bytes, block `2j` in the low nibble for 4 bits; an odd count leaves 8 in the last high
+/// nibble, as MLAS does.
+pub fn pack_zero_points(zps: &[u8], bits: u32, out: &mut Vec<u8>) {
+    match bits {
+        4 => out.extend(
+            zps.chunks(2)
+                .map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)),
+        ),
+        _ => out.extend_from_slice(zps),
+    }
+}
+
+/// Symmetric int8 of one output channel: scale `max|w| / 127`, codes in `[-127, 127]`.
+pub fn int8_row(row: &[f32], q_out: &mut [i8]) -> f32 {
+    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    for (q, &v) in q_out.iter_mut().zip(row) {
+        let x = if scale == 0.0 { 0.0 } else { v / scale };
+        *q = x.round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
+/// Little-endian bytes of f32 values rounded to f16.
+pub fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+    bytemuck::cast_slice(&h).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dequant(q: &[u8], scales: &[f32], zps: Option<&[u8]>, block: usize, k: usize) -> Vec<f32> {
+        (0..k)
+            .map(|i| {
+                let byte = q[i / 2];
+                let code = if i % 2 == 0 { byte & 15 } else { byte >> 4 } as f32;
+                let zp = zps.map_or(8.0, |z| z[i / block] as f32);
+                (code - zp) * scales[i / block]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn symmetric_int4_maps_the_largest_magnitude_to_minus_eight_and_rounds_the_rest() {
+        let row: Vec<f32> = (0..40).map(|i| (i as f32 - 17.0) * 0.25).collect();
+        let (mut q, mut s, mut z) = (Vec::new(), Vec::new(), Vec::new());
+        nbits_row(&row, 32, 4, true, &mut q, &mut s, &mut z);
+        assert_eq!(q.len(), 32, "two blocks of 16 bytes, K padded to 64");
+        assert!(z.is_empty());
+        // Block 0 holds -4.25 ..= 3.5: the largest magnitude is -4.25, scale 4.25/8.
+        assert_eq!(s[0], -4.25 / -8.0);
+        assert_eq!(q[0] & 15, 0, "-4.25 is code -8, stored 0");
+        let d = dequant(&q, &s, None, 32, 40);
+        for (a, b) in row.iter().zip(&d) {
+            assert!(
+                (a - b).abs() <= s[0].abs() / 2.0 + 1e-6
+                    || (a - b).abs() <= s[1].abs() / 2.0 + 1e-6
+            );
+        }
+    }
+
+    #[test]
+    fn asymmetric_int4_spans_min_to_max_with_a_zero_point() {
+        let row: Vec<f32> = (0..32).map(|i| i as f32 * 0.1 + 0.5).collect();
+        let (mut q, mut s, mut z) = (Vec::new(), Vec::new(), Vec::new());
+        nbits_row(&row, 32, 4, false, &mut q, &mut s, &mut z);
+        // min clamps to 0 (the range always holds zero), so the zero point is 0.
+        assert_eq!(z, vec![0]);
+        assert!((s[0] - 3.6 / 15.0).abs() < 1e-6);
+        let d = dequant(&q, &s, Some(&z), 32, 32);
+        for (a, b) in row.iter().zip(&d) {
+            assert!((a - b).abs() <= s[0] / 2.0 + 1e-6, "{a} vs {b}");
+        }
+        let mut packed = Vec::new();
+        pack_zero_points(&[3, 9, 5], 4, &mut packed);
+        assert_eq!(packed, vec![3 | (9 << 4), 5 | (8 << 4)]);
+    }
+
+    #[test]
+    fn int8_per_channel_is_symmetric_over_127_levels() {
+        let row = [1.27f32, -0.64, 0.0];
+        let mut q = [0i8; 3];
+        let s = int8_row(&row, &mut q);
+        assert!((s - 0.01).abs() < 1e-8);
+        assert_eq!(q, [127, -64, 0]);
+    }
+}

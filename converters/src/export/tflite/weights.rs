@@ -1,0 +1,209 @@
+//! Weight encodings of the TFLite exporter: how a model tensor's f32 rows become the bytes of a
+//! TFLite buffer (f32, f16, or int8 with one symmetric scale per output row), streamed a chunk
+//! of rows at a time.
+
+use std::sync::Arc;
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::export::graph::Weight;
+
+/// Largest magnitude of a symmetric int8 weight: TFLite's int8 weight convention is the range
+/// [-127, 127] with zero point 0, so -128 is never produced.
+pub const INT8_WEIGHT_MAX: f32 = 127.0;
+
+/// How one weight tensor is stored.
+#[derive(Debug, Clone)]
+pub enum Encoding {
+    F32,
+    F16,
+    /// int8, `scales[r]` for output row `r` (per-channel along dimension 0).
+    Int8 {
+        scales: Arc<Vec<f32>>,
+    },
+    /// int64 with one scale per element (a bias of a 16x8 linear: input scale × weight row
+    /// scale).
+    Int64 {
+        scales: Arc<Vec<f32>>,
+    },
+}
+
+impl Encoding {
+    pub fn bytes_per_value(&self) -> usize {
+        match self {
+            Encoding::F32 => 4,
+            Encoding::F16 => 2,
+            Encoding::Int8 { .. } => 1,
+            Encoding::Int64 { .. } => 8,
+        }
+    }
+}
+
+/// A graph weight to be written as one buffer: optionally each column multiplied by
+/// `col_scale` first (SmoothQuant folds its per-channel factors into the weights this way).
+#[derive(Debug, Clone)]
+pub struct WeightSource {
+    pub weight: Weight,
+    pub col_scale: Option<Arc<Vec<f32>>>,
+}
+
+impl WeightSource {
+    pub fn plain(weight: Weight) -> WeightSource {
+        WeightSource {
+            weight,
+            col_scale: None,
+        }
+    }
+
+    fn rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        // A vector made of several parts (a packed q/k/v bias) is one row spanning every part;
+        // read the parts whole rather than by row index.
+        let mut v = if self.weight.shape.len() == 1 {
+            let mut all = Vec::with_capacity(self.weight.numel());
+            for p in &self.weight.parts {
+                all.extend(p.to_f32()?);
+            }
+            all
+        } else {
+            self.weight.rows_f32(rows)?
+        };
+        if let Some(s) = &self.col_scale {
+            let n = s.len();
+            v.par_chunks_mut(n).for_each(|row| {
+                row.iter_mut().zip(s.iter()).for_each(|(x, k)| *x *= k);
+            });
+        }
+        Ok(v)
+    }
+
+    /// Streams the rows through `f` a chunk at a time.
+    pub fn for_each_chunk(
+        &self,
+        mut f: impl FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<()>,
+    ) -> Result<()> {
+        let n_rows = self.weight.n_rows();
+        let step = self.weight.rows_per_chunk();
+        let mut row = 0;
+        while row < n_rows {
+            let end = (row + step).min(n_rows);
+            f(row..end, self.rows(row..end)?)?;
+            row = end;
+        }
+        Ok(())
+    }
+
+    /// The symmetric int8 scale of every row: `max |w| / 127` (a zero row gets scale 1 so it
+    /// dequantizes to zeros without dividing by zero).
+    pub fn int8_row_scales(&self) -> Result<Vec<f32>> {
+        let row_len = self.weight.row_len();
+        let mut scales = Vec::with_capacity(self.weight.n_rows());
+        self.for_each_chunk(|_, v| {
+            scales.par_extend(v.par_chunks(row_len).map(|r| {
+                let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
+                if m > 0.0 {
+                    m / INT8_WEIGHT_MAX
+                } else {
+                    1.0
+                }
+            }));
+            Ok(())
+        })?;
+        Ok(scales)
+    }
+
+    /// Per output row: the int8 scale (as [`WeightSource::int8_row_scales`]) and
+    /// `Σ_j |w_j|·a_j`, the largest |output| an input bounded by `a` per channel can give.
+    pub fn int8_scales_and_output_bounds(&self, a: &[f32]) -> Result<(Vec<f32>, Vec<f64>)> {
+        let row_len = self.weight.row_len();
+        let mut scales = Vec::with_capacity(self.weight.n_rows());
+        let mut bounds = Vec::with_capacity(self.weight.n_rows());
+        self.for_each_chunk(|_, v| {
+            let rows: Vec<(f32, f64)> = v
+                .par_chunks(row_len)
+                .map(|r| {
+                    let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let b = r
+                        .iter()
+                        .zip(a)
+                        .map(|(w, x)| (w.abs() * x) as f64)
+                        .sum::<f64>();
+                    (if m > 0.0 { m / INT8_WEIGHT_MAX } else { 1.0 }, b)
+                })
+                .collect();
+            for (s, b) in rows {
+                scales.push(s);
+                bounds.push(b);
+            }
+            Ok(())
+        })?;
+        Ok((scales, bounds))
+    }
+
+    /// Streams the encoded bytes to `sink`.
+    pub fn write(&self, enc: &Encoding, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let row_len = self.weight.row_len();
+        self.for_each_chunk(|rows, v| {
+            let bytes = encode(&v, row_len, rows.start, enc);
+            sink(&bytes)
+        })
+    }
+}
+
+/// Encodes rows `first_row..` of a tensor, given as f32 values.
+pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) -> Vec<u8> {
+    match enc {
+        Encoding::F32 => bytemuck::cast_slice(values).to_vec(),
+        Encoding::F16 => {
+            let h: Vec<f16> = values.par_iter().map(|&x| f16::from_f32(x)).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        }
+        Encoding::Int8 { scales } => {
+            let mut out = vec![0u8; values.len()];
+            out.par_chunks_mut(row_len)
+                .zip(values.par_chunks(row_len))
+                .enumerate()
+                .for_each(|(i, (o, r))| {
+                    let s = scales[first_row + i];
+                    for (b, &x) in o.iter_mut().zip(r) {
+                        *b = quantize_i8(x, s) as u8;
+                    }
+                });
+            out
+        }
+        Encoding::Int64 { scales } => {
+            let q: Vec<i64> = values
+                .iter()
+                .zip(&scales[first_row * row_len..])
+                .map(|(&x, &s)| (x as f64 / s as f64).round() as i64)
+                .collect();
+            bytemuck::cast_slice(&q).to_vec()
+        }
+    }
+}
+
+/// `round(x / scale)` clamped to the symmetric int8 weight range.
+pub fn quantize_i8(x: f32, scale: f32) -> i8 {
+    (x / scale).round().clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX) as i8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_rows_use_their_own_scale_and_hit_plus_minus_127() {
+        let scales = Arc::new(vec![1.0 / 127.0, 2.0 / 127.0]);
+        let v = [1.0, -0.5, 0.0, -2.0, 1.0, 0.0];
+        let b = encode(&v, 3, 0, &Encoding::Int8 { scales });
+        let q: Vec<i8> = b.iter().map(|&x| x as i8).collect();
+        assert_eq!(q, [127, -64, 0, -127, 64, 0]);
+    }
+
+    #[test]
+    fn f16_encoding_is_little_endian_halves() {
+        let b = encode(&[1.0, -2.0], 2, 0, &Encoding::F16);
+        assert_eq!(b, [0x00, 0x3c, 0x00, 0xc0]);
+    }
+}

@@ -1,0 +1,475 @@
+//! `edgepack export tflite` against LiteRT's own interpreter (ai-edge-litert): every precision
+//! loads and runs both signatures with LiteRT's generative names and static shapes; fp32 logits
+//! equal the reference forward pass on tiny Llama / Qwen2 / Phi-3 models and on SmolLM2-135M
+//! over a prompt and decode steps; fp16, dynamic int8 and static int8 (calibrated, smoothed)
+//! report KL against float; greedy chat answers mention Paris; --target reports the NPU's CPU fallbacks before writing; bad requests
+//! fail naming the field and write nothing.
+
+use std::path::{Path, PathBuf};
+
+use edgepack_converters::calib::forward::Forward;
+use edgepack_converters::import;
+use edgepack_tests::fixtures::Tiny;
+use edgepack_tests::{
+    edgepack, edgepack_bin, oracle, run_err, run_ok, shared_work_dir, smollm2_gguf, tiny, token_ids,
+};
+use serde_json::Value;
+
+/// Logit tolerance of fp32 against the reference forward pass (the issue's bound).
+const FP32_MAX_ABS_DIFF: f32 = 1e-3;
+/// Mean per-position KL(float ‖ variant) a working weight quantization stays under on SmolLM2
+/// (fp16 is ~1e-5, dynamic int8 ~1e-2 in our runs; broken scales give KL ≫ 1).
+const FP16_MAX_MEAN_KL: f64 = 1e-3;
+const INT8_MAX_MEAN_KL: f64 = 0.1;
+
+fn export(model: &Path, precision: &str, seq: usize, prefill: usize, out: &Path) -> Value {
+    let stats = if precision == "int8" {
+        stats_for("tiny-llama", model, 2, 32)
+    } else {
+        PathBuf::new()
+    };
+    let o = run_ok(
+        edgepack()
+            .args(["--json", "export", "tflite"])
+            .arg(model)
+            .args(precision_args(precision, &stats))
+            .args(["--seq-len", &seq.to_string()])
+            .args(["--prefill-len", &prefill.to_string()])
+            .arg("-o")
+            .arg(out),
+    );
+    serde_json::from_slice(&o.stdout).expect("--json prints the report")
+}
+
+/// Identifies the edgepack build, so files cached across runs are remade after a rebuild.
+fn build_stamp() -> u128 {
+    std::fs::metadata(edgepack_bin())
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Calibration statistics of `model` (a few samples: enough for static scales), made once.
+fn stats_for(name: &str, model: &Path, samples: usize, seq: usize) -> PathBuf {
+    let p = shared_work_dir().join(format!("{name}-{}-tflite.calib", build_stamp()));
+    if !p.is_file() {
+        let tmp = p.with_extension(format!("{}.part", std::process::id()));
+        run_ok(
+            edgepack()
+                .arg("calibrate")
+                .arg(model)
+                .args(["--samples", &samples.to_string()])
+                .args(["--seq-len", &seq.to_string()])
+                .arg("-o")
+                .arg(&tmp),
+        );
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+    p
+}
+
+/// Extra arguments of a precision: int8 takes statistics and SmoothQuant.
+fn precision_args(precision: &str, stats: &Path) -> Vec<String> {
+    let mut v = vec!["--precision".to_string(), precision.to_string()];
+    if precision == "int8" {
+        v.extend(["--stats".into(), stats.display().to_string()]);
+        v.extend(["--smooth".into(), "0.5".into()]);
+    }
+    v
+}
+
+/// SmolLM2 exported once per test run for a precision.
+fn smollm2_tflite(precision: &str) -> PathBuf {
+    let p = shared_work_dir().join(format!(
+        "smollm2-s128-p32-{precision}-{}.tflite",
+        build_stamp()
+    ));
+    if !p.is_file() {
+        let gguf = smollm2_gguf();
+        let stats = stats_for("smollm2", &gguf, 4, 128);
+        let tmp = p.with_extension(format!("{}.part.tflite", std::process::id()));
+        run_ok(
+            edgepack()
+                .args(["export", "tflite"])
+                .arg(&gguf)
+                .args(precision_args(precision, &stats))
+                .args(["--seq-len", "128", "--prefill-len", "32", "-o"])
+                .arg(&tmp),
+        );
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+    p
+}
+
+/// LiteRT's logits for `ids`: prefill of the first `prompt` tokens, then one decode call per
+/// remaining token.
+fn litert_logits(model: &Path, ids: &[u32], prompt: usize) -> Vec<f32> {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("logits.f32");
+    let ids_json = serde_json::to_string(ids).unwrap();
+    let meta = oracle(
+        "tflite_run.py",
+        &[&"logits", &model, &ids_json, &prompt.to_string(), &out],
+    );
+    let v: Vec<f32> = std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(meta["shape"][0].as_u64(), Some(ids.len() as u64), "{meta}");
+    v
+}
+
+fn reference_logits(model: &Path, ids: &[u32]) -> Vec<f32> {
+    let m = import::open(model).unwrap();
+    let fwd = Forward::new(&m).unwrap();
+    fwd.forward(ids, &mut fwd.cache(ids.len())).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Mean over positions of KL(p ‖ q), p from `float` logits and q from `other`.
+fn mean_kl(float: &[f32], other: &[f32], vocab: usize) -> f64 {
+    let rows = float.len() / vocab;
+    let mut total = 0.0;
+    for (a, b) in float.chunks(vocab).zip(other.chunks(vocab)) {
+        let (lp, lq) = (log_softmax(a), log_softmax(b));
+        total += lp
+            .iter()
+            .zip(&lq)
+            .map(|(p, q)| p.exp() * (p - q))
+            .sum::<f64>();
+    }
+    total / rows as f64
+}
+
+fn qwen2() -> Tiny {
+    Tiny {
+        arch: "qwen2",
+        tied: false,
+        ..Tiny::llama()
+    }
+}
+
+#[test]
+fn every_precision_loads_in_litert_with_generative_signatures_names_and_static_shapes() {
+    let dir = tiny("llama-tied-f32", Tiny::llama());
+    let work = tempfile::tempdir().unwrap();
+    for precision in ["fp32", "fp16", "dynamic-int8", "int8"] {
+        let out = work.path().join(format!("{precision}.tflite"));
+        let report = export(&dir, precision, 32, 8, &out);
+        assert_eq!(report["precision"], precision, "{report}");
+        let info = oracle("tflite_run.py", &[&"inspect", &out]);
+        assert_eq!(info["identifier"], "TFL3", "{precision}");
+        assert_eq!(info["version"], 3, "{precision}");
+        let sigs = info["signatures"].as_object().unwrap();
+        let mut keys: Vec<&String> = sigs.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["decode", "prefill_8"], "{precision}");
+        for (key, t) in [("prefill_8", 8), ("decode", 1)] {
+            let s = &sigs[key];
+            assert_eq!(s["inputs"]["tokens"]["shape"], serde_json::json!([1, t]));
+            assert_eq!(s["inputs"]["tokens"]["dtype"], "int32");
+            assert_eq!(s["inputs"]["input_pos"]["shape"], serde_json::json!([t]));
+            assert_eq!(
+                s["outputs"]["logits"]["shape"],
+                serde_json::json!([1, t, 49152])
+            );
+            for l in 0..2 {
+                for kind in ["k", "v"] {
+                    let name = format!("kv_cache_{kind}_{l}");
+                    // BTNH: [batch, max_seq_len, kv_heads, head_dim].
+                    let want = serde_json::json!([1, 32, 2, 64]);
+                    assert_eq!(
+                        s["inputs"][&name]["shape"], want,
+                        "{precision} {key} {name}"
+                    );
+                    assert_eq!(
+                        s["outputs"][&name]["shape"], want,
+                        "{precision} {key} {name}"
+                    );
+                }
+            }
+        }
+        // DYNAMIC_UPDATE_SLICE (151) is past the byte field: 127 there, the code in builtin_code.
+        let codes = info["operator_codes"].as_array().unwrap();
+        assert!(
+            codes
+                .iter()
+                .any(|c| c["builtin"] == 151 && c["deprecated"] == 127),
+            "{codes:?}"
+        );
+        let meta: Vec<&str> = info["metadata"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        for m in ["tokenizer.json", "tokenizer_config.json", "edgepack.json"] {
+            assert!(meta.contains(&m), "{precision}: metadata {meta:?}");
+        }
+        assert_eq!(info["edgepack"]["seq_len"], 32);
+        // Both signatures run, chained through the cache.
+        let ids = token_ids(11, 49152);
+        let got = litert_logits(&out, &ids, 8);
+        assert!(got.iter().all(|v| v.is_finite()), "{precision}");
+    }
+}
+
+#[test]
+fn fp32_matches_the_reference_forward_pass_on_tiny_llama_qwen2_and_phi3() {
+    let work = tempfile::tempdir().unwrap();
+    for (name, spec) in [
+        ("llama-tied-f32", Tiny::llama()),
+        ("qwen2-untied-f32", qwen2()),
+        ("phi3-untied-spm-f32", Tiny::phi3()),
+    ] {
+        let dir = tiny(name, spec);
+        let out = work.path().join(format!("{name}.tflite"));
+        export(&dir, "fp32", 32, 8, &out);
+        // Two prefill calls (8 + 4 tokens) then four decode steps.
+        let ids = token_ids(16, 520);
+        let want = reference_logits(&dir, &ids);
+        let got = litert_logits(&out, &ids, 12);
+        let d = max_abs_diff(&got, &want);
+        eprintln!("{name}: LiteRT fp32 vs reference max abs diff {d:e}");
+        assert!(d < FP32_MAX_ABS_DIFF, "{name}: max abs diff {d}");
+    }
+}
+
+#[test]
+fn smollm2_fp32_logits_match_the_reference_over_a_prompt_and_decode_steps() {
+    let gguf = smollm2_gguf();
+    let model = smollm2_tflite("fp32");
+    let ids = token_ids(32, 49152);
+    let prompt = 26;
+    let want = reference_logits(&gguf, &ids);
+    let got = litert_logits(&model, &ids, prompt);
+    let d = max_abs_diff(&got, &want);
+    eprintln!(
+        "SmolLM2 fp32: {} prompt + {} decode positions, max abs diff {d:e}",
+        prompt,
+        ids.len() - prompt
+    );
+    assert!(d < FP32_MAX_ABS_DIFF, "max abs diff {d}");
+}
+
+#[test]
+fn smollm2_fp16_dynamic_int8_and_static_int8_report_kl_against_float() {
+    let gguf = smollm2_gguf();
+    let ids = token_ids(40, 49152);
+    let prompt = 32;
+    let float = reference_logits(&gguf, &ids);
+    for (precision, bound) in [
+        ("fp16", FP16_MAX_MEAN_KL),
+        ("dynamic-int8", INT8_MAX_MEAN_KL),
+        ("int8", INT8_MAX_MEAN_KL),
+    ] {
+        let got = litert_logits(&smollm2_tflite(precision), &ids, prompt);
+        let kl = mean_kl(&float, &got, 49152);
+        let top1 = float
+            .chunks(49152)
+            .zip(got.chunks(49152))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        eprintln!(
+            "SmolLM2 {precision}: mean KL vs float {kl:.3e}, top-1 agreement {top1}/{}",
+            ids.len()
+        );
+        assert!(kl < bound, "{precision}: mean KL {kl} (bound {bound})");
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0
+}
+
+#[test]
+fn greedy_chat_from_the_model_metadata_says_paris_for_fp32_dynamic_int8_and_int8() {
+    for precision in ["fp32", "dynamic-int8", "int8"] {
+        let r = oracle(
+            "tflite_run.py",
+            &[
+                &"chat",
+                &smollm2_tflite(precision),
+                &"What is the capital of France?",
+                &"24",
+            ],
+        );
+        let text = r["text"].as_str().unwrap();
+        eprintln!("{precision}: {text:?}");
+        assert!(text.contains("Paris"), "{precision}: {r}");
+    }
+}
+
+#[test]
+fn target_report_lists_npu_fallbacks_before_writing() {
+    let dir = tiny("llama-tied-f32", Tiny::llama());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("m.tflite");
+    let o = run_ok(
+        edgepack()
+            .args(["--json", "export", "tflite"])
+            .arg(&dir)
+            .args([
+                "--precision",
+                "dynamic-int8",
+                "--seq-len",
+                "16",
+                "--target",
+                "imx93",
+            ])
+            .arg("-o")
+            .arg(&out),
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = &r["target"];
+    assert_eq!(t["board"], "imx93");
+    let ops: Vec<&str> = t["cpu_fallbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["op"].as_str().unwrap())
+        .collect();
+    // Vela's U65 list has neither; facts/tflite_targets.md §3.4.
+    assert!(ops.contains(&"BATCH_MATMUL"), "{t}");
+    assert!(ops.contains(&"DYNAMIC_UPDATE_SLICE"), "{t}");
+    assert!(t["on_npu"].as_u64().unwrap() < t["operators"].as_u64().unwrap());
+    // Text mode prints the report on stderr before the file is written.
+    let o = run_ok(
+        edgepack()
+            .args(["export", "tflite"])
+            .arg(&dir)
+            .args(["--seq-len", "16", "--target", "imx8mp", "-o"])
+            .arg(work.path().join("t.tflite")),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("CPU fallbacks") && err.contains("BATCH_MATMUL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_requests_fail_naming_the_field_and_write_nothing() {
+    let dir = tiny("llama-tied-f32", Tiny::llama());
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("bad.tflite");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--precision", "int3"], "--precision int3"),
+        (&["--precision", "int8"], "--precision int8 needs --stats"),
+        (&["--smooth", "0.5"], "--smooth needs --stats"),
+        (
+            &["--seq-len", "16", "--prefill-len", "32"],
+            "prefill length 32",
+        ),
+        (&["--seq-len", "100000"], "max_position_embeddings"),
+        (&["--target", "imx7"], "unknown target `imx7`"),
+    ];
+    for (args, want) in cases {
+        let err = run_err(
+            edgepack()
+                .args(["export", "tflite"])
+                .arg(&dir)
+                .args(args)
+                .arg("-o")
+                .arg(&out),
+        );
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn buffers_placed_beyond_4_gib_load_in_litert_through_64_bit_offsets() {
+    use edgepack_converters::export::tflite::schema::{
+        layout, BufferDef, BuiltinOp, ModelDef, OperatorDef, Options, SignatureDef, SubGraphDef,
+        TensorDef, TensorMap, TensorType,
+    };
+    use std::io::{Seek, SeekFrom, Write};
+    // Buffer 1 is a 4.5 GiB payload no tensor uses; the constant of the ADD lands after it, so
+    // its offset needs more than 32 bits. The file is sparse: only the flatbuffer and the
+    // constant are written.
+    let big: u64 = 9 << 29;
+    let tensor = |name: &str, buffer: u32| TensorDef {
+        name: name.into(),
+        shape: vec![4],
+        dtype: TensorType::Float32,
+        buffer,
+        quantization: None,
+    };
+    let def = ModelDef {
+        description: "add".into(),
+        buffers: vec![
+            BufferDef::Empty,
+            BufferDef::Appended { size: big },
+            BufferDef::Appended { size: 16 },
+        ],
+        subgraphs: vec![SubGraphDef {
+            name: "add".into(),
+            tensors: vec![tensor("x", 0), tensor("c", 2), tensor("y", 0)],
+            inputs: vec![0],
+            outputs: vec![2],
+            operators: vec![OperatorDef {
+                op: BuiltinOp::Add,
+                version: 1,
+                inputs: vec![0, 1],
+                outputs: vec![2],
+                options: Options::Add,
+            }],
+        }],
+        metadata: vec![],
+        signatures: vec![SignatureDef {
+            key: "add".into(),
+            subgraph_index: 0,
+            inputs: vec![TensorMap {
+                name: "x".into(),
+                tensor_index: 0,
+            }],
+            outputs: vec![TensorMap {
+                name: "y".into(),
+                tensor_index: 2,
+            }],
+        }],
+    };
+    let l = layout(&def);
+    let (_, c_offset, _) = l.payloads[1];
+    assert!(c_offset > u32::MAX as u64, "offset {c_offset}");
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("far.tflite");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&l.flatbuffer).unwrap();
+    f.seek(SeekFrom::Start(c_offset)).unwrap();
+    let c: [f32; 4] = [10.0, 20.0, 30.0, 40.0];
+    let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
+    f.write_all(&bytes).unwrap();
+    f.set_len(l.file_size).unwrap();
+    drop(f);
+    let r = oracle(
+        "tflite_run.py",
+        &[&"call", &path, &"add", &r#"{"x": [1, 2, 3, 4]}"#],
+    );
+    assert_eq!(r["y"], serde_json::json!([11.0, 22.0, 33.0, 44.0]), "{r}");
+}
