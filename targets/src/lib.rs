@@ -1,5 +1,9 @@
-//! Board profiles, bundles and deploy over SSH.
+//! Board profiles, fit checks and bundles.
 //!
-//! This crate is empty until the target-profile and bundle work lands; it exists so the
-//! workspace layout is the final one. It must never depend on conversion internals beyond a
-//! bundle's inputs.
+//! `profile` reads board descriptions (data files embedded in the binary, or the user's own).
+//! Nothing here knows how a model is converted. The on-board runtime depends on this crate to
+//! verify bundles.
+
+pub mod profile;
+
+pub use profile::{Profile, TargetError};
