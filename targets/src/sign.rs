@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -38,7 +40,13 @@ pub fn generate(private_pem: &Path, public_pem: &Path) -> Result<VerifyingKey, B
         .map_err(|e| key_error(private_pem, format!("no random source: {e}")))?;
     let key = SigningKey::from_bytes(&seed);
     seed.fill(0);
-    let secret = key
+    // PKCS#8 v1 (no embedded public key): the form `openssl genpkey` writes and OpenSSL 3.0
+    // reads; it rejects ed25519-dalek's default v2 encoding.
+    let pair = KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    };
+    let secret = pair
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| key_error(private_pem, e.to_string()))?;
     let public = key
