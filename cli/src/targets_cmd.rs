@@ -36,7 +36,10 @@ const RUNTIME_FILE: &str = "bin/edgepack-runtime";
 #[derive(Subcommand, Debug)]
 pub enum TargetCommand {
     /// Board profiles: list the built-in ones or show one in full.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  edgepack targets list\n  edgepack targets show imx93\n  edgepack targets show --profile my-board.toml"
+    )]
     Targets(Targets),
     /// Will a model fit a board? Weights + KV cache + runtime overhead against each RAM variant.
     #[command(
@@ -67,7 +70,7 @@ pub enum TargetCommand {
     },
     /// Build a bundle for one board: model, tokenizer, optional runtime binary, manifest, signature.
     #[command(
-        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
+        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
     )]
     Bundle {
         /// A Hugging Face model folder or a .gguf file.

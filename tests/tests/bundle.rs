@@ -498,3 +498,64 @@ fn a_runtime_for_another_architecture_is_refused_and_a_matching_one_is_shipped_e
     );
     verify_json(&dir, None);
 }
+
+#[test]
+fn a_bundle_with_a_lora_holds_the_exporters_merged_gguf_and_the_adapter_hashes() {
+    let work = tempfile::tempdir().unwrap();
+    let base = tiny("llama-tied-f32", fixtures::Tiny::llama());
+    let adapter = work.path().join("adapter");
+    let merged = work.path().join("peft-merged");
+    oracle("peft_make.py", &[&base, &adapter, &merged, &"plain", &"5"]);
+    let lora = format!("{}:0.5", adapter.display());
+    run_ok(
+        edgepack()
+            .arg("bundle")
+            .arg(&base)
+            .args(["--lora", &lora])
+            .args(["--target", "imx93", "--quant", "Q8_0", "--name", "tiny"])
+            .arg("-o")
+            .arg(work.path().join("out")),
+    );
+    let exported = work.path().join("direct.gguf");
+    run_ok(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&base)
+            .args(["--lora", &lora, "--quant", "Q8_0", "-o"])
+            .arg(&exported),
+    );
+    let dir = work.path().join("out/tiny-imx93");
+    assert_eq!(
+        fs::read(dir.join("model/tiny.gguf")).unwrap(),
+        fs::read(&exported).unwrap(),
+        "the bundle's model is what `edgepack export gguf` writes"
+    );
+    let m = manifest(&dir);
+    let ad = &m["model"]["adapters"][0];
+    assert_eq!(ad["weight"], 0.5);
+    let names: Vec<&str> = ad["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"adapter_config.json"), "{names:?}");
+    assert!(names.contains(&"adapter_model.safetensors"), "{names:?}");
+    let sources: Vec<&str> = m["model"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(sources.contains(&"config.json"), "{sources:?}");
+    let r = oracle("bundle_read.py", &[&dir]);
+    for (path, e) in r["listed"].as_object().unwrap() {
+        assert_eq!(e["matches"], true, "{path}: {e}");
+    }
+    assert!(r["present"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p != "manifest.sig"));
+    assert_eq!(verify_json(&dir, None)["signature"], "unsigned");
+}

@@ -33,6 +33,26 @@ fn smollm2_exported(quant: &str) -> PathBuf {
 }
 
 #[test]
+fn every_target_and_bundle_command_has_help_with_an_example() {
+    for args in [
+        &["targets", "--help"][..],
+        &["targets", "list", "--help"],
+        &["targets", "show", "--help"],
+        &["fit", "--help"],
+        &["keygen", "--help"],
+        &["bundle", "--help"],
+        &["verify", "--help"],
+    ] {
+        let out = run_ok(edgepack().args(args));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("Example:"),
+            "{args:?} has no example:\n{text}"
+        );
+    }
+}
+
+#[test]
 fn targets_list_names_every_builtin_board_with_its_triple_and_glibc_floor() {
     let v = json_of(edgepack().args(["targets", "list"]));
     let all = v.as_array().unwrap();
