@@ -130,6 +130,8 @@ enum Command {
     /// Export a model to a file format.
     #[command(subcommand)]
     Export(Export),
+    #[command(flatten)]
+    Targets(crate::targets_cmd::TargetCommand),
 }
 
 #[derive(Args, Debug)]
@@ -305,14 +307,14 @@ enum Export {
 }
 
 #[derive(Args, Debug, Clone)]
-struct LoraArgs {
+pub(crate) struct LoraArgs {
     /// PEFT LoRA adapter folder to merge, optionally with a weight: --lora ./a:0.5 (repeatable).
     #[arg(long = "lora", value_name = "DIR[:WEIGHT]")]
     adapters: Vec<String>,
 }
 
 impl LoraArgs {
-    fn parse(&self) -> Result<Vec<(PathBuf, f32)>> {
+    pub(crate) fn parse(&self) -> Result<Vec<(PathBuf, f32)>> {
         self.adapters
             .iter()
             .map(|s| {
@@ -343,7 +345,7 @@ pub(crate) fn parse_float_dtype(s: &str) -> Result<GgmlType> {
 }
 
 /// Opens a model and merges adapters into it (lazily).
-fn load(model: &Path, lora: &LoraArgs) -> Result<(Model, Vec<LoraAdapter>)> {
+pub(crate) fn load(model: &Path, lora: &LoraArgs) -> Result<(Model, Vec<LoraAdapter>)> {
     let mut m = import::open(model).with_context(|| format!("importing {}", model.display()))?;
     let mut adapters = Vec::new();
     for (p, w) in lora.parse()? {
@@ -364,7 +366,7 @@ fn load(model: &Path, lora: &LoraArgs) -> Result<(Model, Vec<LoraAdapter>)> {
     Ok((m, adapters.into_iter().map(|(a, _)| a).collect()))
 }
 
-fn inputs<'a>(model: &'a Path, lora: &'a [PathBuf]) -> Vec<&'a Path> {
+pub(crate) fn inputs<'a>(model: &'a Path, lora: &'a [PathBuf]) -> Vec<&'a Path> {
     let mut v = vec![model];
     v.extend(lora.iter().map(PathBuf::as_path));
     v
@@ -376,6 +378,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect { model } => inspect(&model, json_out),
         Command::Sparsify(a) => crate::eval_cmd::run_sparsify(&a, json_out),
         Command::Eval(a) => crate::eval_cmd::run_eval(&a, json_out),
+        Command::Targets(c) => crate::targets_cmd::run(c, json_out),
         Command::Merge {
             base,
             lora,

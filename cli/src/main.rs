@@ -4,6 +4,7 @@
 mod commands;
 mod eval_cmd;
 mod progress;
+mod targets_cmd;
 
 use std::process::ExitCode;
 

@@ -1,4 +1,11 @@
 //! What runs on the board: verify a bundle, load the model, serve HTTP, bench.
 //!
-//! This crate is empty until the runtime work lands; it must stay small, never depend on
-//! `edgepack-converters`, and cross-compile cleanly for aarch64.
+//! It stays small and never depends on `edgepack-converters`: the bundle is checked with
+//! `edgepack-targets`, the model runs in llama.cpp (`llama-cpp-2`), and the HTTP API is axum.
+
+pub mod bench;
+pub mod bundle;
+pub mod engine;
+pub mod metrics;
+pub mod server;
+pub mod stop;

@@ -1,5 +1,15 @@
-//! Board profiles, bundles and deploy over SSH.
+//! Board profiles, fit checks and bundles.
 //!
-//! This crate is empty until the target-profile and bundle work lands; it exists so the
-//! workspace layout is the final one. It must never depend on conversion internals beyond a
-//! bundle's inputs.
+//! `profile` reads board descriptions (data files embedded in the binary, or the user's own);
+//! `fit` turns a model's sizes and a profile into memory margins and a decode ceiling;
+//! `bundle` writes, packs, unpacks and verifies the directory that leaves the workstation, and
+//! `sign` holds its ed25519 keys. Nothing here knows how a model is converted: the caller hands
+//! over finished files and facts. The on-board runtime depends on this crate to verify bundles.
+
+pub mod bundle;
+pub mod fit;
+pub mod profile;
+pub mod sign;
+
+pub use bundle::{verify_dir, BundleError, Manifest};
+pub use profile::{Profile, TargetError};

@@ -1,0 +1,275 @@
+//! `edgepack-runtime`: serve or bench a verified edgepack bundle on the board.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edgepack_runtime::bench::{self, BenchConfig};
+use edgepack_runtime::bundle;
+use edgepack_runtime::engine::{Engine, EngineConfig};
+use edgepack_runtime::server::{self, AppState};
+
+/// Context size when none is asked for: room for a chat turn and its answer without a
+/// board-sized model's KV cache growing past a few tens of MiB.
+const DEFAULT_CTX_SIZE: u32 = 2048;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgepack-runtime",
+    version,
+    about = "Serve or bench an edgepack bundle: verify it, load the model with llama.cpp, answer an OpenAI-compatible HTTP API",
+    after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --host 0.0.0.0 --port 8080\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --json"
+)]
+struct Cli {
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify the bundle, load its model, and serve /v1/chat/completions, /v1/completions,
+    /// /v1/models, /health and /metrics.
+    #[command(after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080\n  curl -s localhost:8080/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'")]
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Address to listen on (loopback by default; 0.0.0.0 to serve the network).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Measure time to first token and decode tokens/s for each prompt size.
+    #[command(after_help = "Example:\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --gen-tokens 64 --json")]
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths in tokens, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
+        prompt_sizes: Vec<usize>,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: u32,
+        /// Runs per prompt size; the medians are reported.
+        #[arg(long, default_value_t = 3)]
+        repetitions: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// The bundle directory (manifest.json, model/, bin/); verified before anything loads.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Public key (PEM) the bundle's manifest.sig must verify against; without it an
+    /// unsigned bundle is accepted and a signed one is only checked for integrity.
+    #[arg(long)]
+    trusted_key: Option<PathBuf>,
+    /// Threads for llama.cpp (default: every available core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Context size in tokens (capped at the model's training context).
+    #[arg(long, default_value_t = DEFAULT_CTX_SIZE)]
+    ctx_size: u32,
+}
+
+impl ModelArgs {
+    fn threads(&self) -> Result<i32> {
+        let n = match self.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        i32::try_from(n).context("--threads is too large")
+    }
+
+    /// Verifies the bundle and returns the engine config and the model id.
+    fn open(&self) -> Result<(EngineConfig, String)> {
+        let threads = self.threads()?;
+        let verified = bundle::open(&self.bundle, self.trusted_key.as_deref())
+            .with_context(|| format!("refusing bundle {}", self.bundle.display()))?;
+        Ok((
+            EngineConfig {
+                model_path: verified.model_path,
+                threads,
+                ctx_size: self.ctx_size,
+            },
+            verified.model_id,
+        ))
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    // llama.cpp logs every metadata key at load (target `llama-cpp-2`); its warnings and
+    // errors are what an operator needs. The bindings' own notes about log framing are noise.
+    let filter = EnvFilter::try_from_env("EDGEPACK_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,llama-cpp-2=warn,llama_cpp_2=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .init();
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { model, host, port } => serve(&model, &host, port, cli.json),
+        Command::Bench {
+            model,
+            prompt_sizes,
+            gen_tokens,
+            repetitions,
+        } => {
+            if prompt_sizes.is_empty() || prompt_sizes.contains(&0) {
+                bail!("--prompt-sizes needs one or more sizes above 0");
+            }
+            if gen_tokens == 0 {
+                bail!("--gen-tokens must be at least 1");
+            }
+            let (config, model_id) = model.open()?;
+            let model_path = config.model_path.clone();
+            let engine = Engine::load(config).context("loading the model")?;
+            let cfg = BenchConfig {
+                prompt_sizes,
+                gen_tokens,
+                repetitions,
+            };
+            let json = cli.json;
+            if !json {
+                println!(
+                    "{:>8} {:>6} {:>10} {:>12} {:>12}",
+                    "prompt", "gen", "ttft_ms", "prompt_t/s", "decode_t/s"
+                );
+            }
+            let rows = bench::run(&engine, &cfg, |r| {
+                if !json {
+                    println!(
+                        "{:>8} {:>6} {:>10.1} {:>12.1} {:>12.1}",
+                        r.prompt_tokens,
+                        r.gen_tokens,
+                        r.ttft_ms,
+                        r.prompt_tokens_per_s,
+                        r.decode_tokens_per_s
+                    );
+                }
+            })
+            .context("benchmark run")?;
+            if json {
+                let out = serde_json::json!({
+                    "model": model_id,
+                    "model_path": model_path,
+                    "threads": engine.info.threads,
+                    "n_ctx": engine.info.n_ctx,
+                    "results": rows,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
+    // Verification happens before the socket opens or any model byte is mapped.
+    let (config, model_id) = model.open()?;
+    let addr: SocketAddr = format!("{host}:{port}")
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|()| anyhow::anyhow!("--host {host:?} is not an address this machine resolves"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        // HTTP is light; llama.cpp's own threads do the work.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let state = Arc::new(AppState::new(model_id.clone()));
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "listening", "addr": local.to_string(), "model": model_id})
+            );
+        } else {
+            println!("listening on http://{local} (model {model_id}, loading)");
+        }
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let load_failed = Arc::new(tokio::sync::Notify::new());
+        let (loader_state, loader_failed, loader_notify) =
+            (state.clone(), failed.clone(), load_failed.clone());
+        let model_path = config.model_path.clone();
+        tokio::task::spawn_blocking(move || match Engine::load(config) {
+            Ok(engine) => {
+                tracing::info!(
+                    model = %model_path.display(),
+                    threads = engine.info.threads,
+                    n_ctx = engine.info.n_ctx,
+                    "model loaded"
+                );
+                let _ = loader_state.engine.set(engine);
+            }
+            Err(e) => {
+                *loader_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                // A permit is stored if the server is not waiting yet.
+                loader_notify.notify_one();
+            }
+        });
+        let app = server::router(state);
+        let stop = async move {
+            tokio::select! {
+                () = shutdown_signal() => {},
+                () = load_failed.notified() => {},
+            }
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+            .context("HTTP server")?;
+        if let Some(e) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(anyhow::Error::new(e).context("loading the model"));
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

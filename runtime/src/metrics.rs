@@ -1,0 +1,138 @@
+//! Request metrics in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Counters for requests and tokens, a histogram of time to first token, and the decode speed
+//! of the last request: what an operator watches on a board.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use crate::engine::GenStats;
+
+/// Upper bounds (seconds) of the time-to-first-token histogram: a small model on a fast core
+/// answers in tens of milliseconds, a long prompt on a Cortex-A53 takes seconds.
+pub const TTFT_BUCKETS: [f64; 10] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests_ok: u64,
+    requests_failed: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    ttft_sum: f64,
+    ttft_count: u64,
+    ttft_buckets: [u64; TTFT_BUCKETS.len()],
+    decode_seconds: f64,
+    decode_tokens: u64,
+    last_decode_tps: f64,
+}
+
+/// Shared between the HTTP handlers.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    pub fn record(&self, stats: &GenStats) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.requests_ok += 1;
+        m.prompt_tokens += stats.prompt_tokens as u64;
+        m.completion_tokens += stats.completion_tokens as u64;
+        if stats.completion_tokens > 0 {
+            let ttft = stats.ttft.as_secs_f64();
+            m.ttft_sum += ttft;
+            m.ttft_count += 1;
+            for (bucket, le) in m.ttft_buckets.iter_mut().zip(TTFT_BUCKETS) {
+                if ttft <= le {
+                    *bucket += 1;
+                }
+            }
+        }
+        if let Some(tps) = stats.decode_tokens_per_second() {
+            m.decode_seconds += stats.decode.as_secs_f64();
+            m.decode_tokens += stats.completion_tokens as u64 - 1;
+            m.last_decode_tps = tps;
+        }
+    }
+
+    pub fn record_failure(&self) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requests_failed += 1;
+    }
+
+    /// The exposition text.
+    pub fn render(&self, model: &str) -> String {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let label = format!("model=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (suffix_labels, value) in lines {
+                let _ = writeln!(out, "{name}{suffix_labels} {value}");
+            }
+        };
+        metric(
+            "edgepack_requests_total",
+            "counter",
+            "Generation requests by outcome.",
+            &[
+                (format!("{{{label},outcome=\"ok\"}}"), m.requests_ok.to_string()),
+                (
+                    format!("{{{label},outcome=\"error\"}}"),
+                    m.requests_failed.to_string(),
+                ),
+            ],
+        );
+        metric(
+            "edgepack_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            &[(format!("{{{label}}}"), m.prompt_tokens.to_string())],
+        );
+        metric(
+            "edgepack_completion_tokens_total",
+            "counter",
+            "Tokens generated.",
+            &[(format!("{{{label}}}"), m.completion_tokens.to_string())],
+        );
+        let mut ttft: Vec<(String, String)> = TTFT_BUCKETS
+            .iter()
+            .zip(m.ttft_buckets)
+            .map(|(le, n)| (format!("_bucket{{{label},le=\"{le}\"}}"), n.to_string()))
+            .collect();
+        ttft.push((
+            format!("_bucket{{{label},le=\"+Inf\"}}"),
+            m.ttft_count.to_string(),
+        ));
+        ttft.push((format!("_sum{{{label}}}"), format!("{}", m.ttft_sum)));
+        ttft.push((format!("_count{{{label}}}"), m.ttft_count.to_string()));
+        metric(
+            "edgepack_time_to_first_token_seconds",
+            "histogram",
+            "Time from taking a request to its first generated token.",
+            &ttft,
+        );
+        metric(
+            "edgepack_decode_seconds_total",
+            "counter",
+            "Time spent generating tokens after the first one.",
+            &[(format!("{{{label}}}"), format!("{}", m.decode_seconds))],
+        );
+        metric(
+            "edgepack_decode_tokens_total",
+            "counter",
+            "Tokens generated after the first one (rate over decode_seconds is tokens/s).",
+            &[(format!("{{{label}}}"), m.decode_tokens.to_string())],
+        );
+        metric(
+            "edgepack_decode_tokens_per_second",
+            "gauge",
+            "Decode speed of the last request that generated two or more tokens.",
+            &[(format!("{{{label}}}"), format!("{}", m.last_decode_tps))],
+        );
+        out
+    }
+}

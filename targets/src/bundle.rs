@@ -1,0 +1,844 @@
+//! The bundle: the directory (and its `.tar.zst`) that carries a model to one board.
+//!
+//! ```text
+//! manifest.json          schema 1; fixed key order, no timestamps unless asked
+//! manifest.sig           optional: ed25519 signature of the exact bytes of manifest.json
+//! model/<name>.gguf      the model in the bundle's format (onnx/tflite files join under model/)
+//! model/tokenizer.json, model/tokenizer_config.json   when the model has them
+//! bin/edgepack-runtime   optional: the runtime built for the board's triple
+//! ```
+//!
+//! `manifest.json` lists every other file with its size and SHA-256; the signature covers the
+//! manifest, so it covers every file. Verification refuses missing files, unlisted files,
+//! anything but regular files and folders, and paths that leave the bundle. Archives are
+//! byte-identical for identical inputs: entries sorted, mtime 0, uid/gid 0, modes 0644/0755,
+//! one zstd level.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::sign;
+
+/// The manifest format this code writes and reads.
+pub const SCHEMA: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const SIGNATURE: &str = "manifest.sig";
+/// zstd's own default level: quantized weights are close to incompressible, so higher levels
+/// cost minutes on large models for a few percent. Fixed so archives are reproducible.
+pub const ZSTD_LEVEL: i32 = 3;
+/// Modes written to archives: files are 0644, executables 0755, folders 0755.
+const FILE_MODE: u32 = 0o644;
+const EXEC_MODE: u32 = 0o755;
+const HASH_BUFFER: usize = 1 << 20;
+
+/// Errors of bundle writing, reading and verification. Each names the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Manifest { path: PathBuf, message: String },
+    #[error("{}: schema {found} is not supported (this edgepack reads schema {SCHEMA})\nhint: use the edgepack version that made the bundle", path.display())]
+    Schema { path: PathBuf, found: u64 },
+    #[error("{}: listed in manifest.json but missing from the bundle", path.display())]
+    Missing { path: PathBuf },
+    #[error("{}: not listed in manifest.json; a bundle holds only the files its manifest names", path.display())]
+    Unlisted { path: PathBuf },
+    #[error("{}: not a regular file or folder; bundles hold no links or devices", path.display())]
+    NotRegular { path: PathBuf },
+    #[error("{}: size is {actual} bytes, manifest.json says {expected}", path.display())]
+    Size {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{}: sha256 is {actual}, manifest.json says {expected}", path.display())]
+    Digest {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{}: `{entry}` is not a safe relative path inside the bundle", path.display())]
+    UnsafePath { path: PathBuf, entry: String },
+    #[error("{}: missing; a public key was given, so the bundle must be signed\nhint: sign it with `edgepack bundle ... --sign key.pem`", path.display())]
+    SignatureMissing { path: PathBuf },
+    #[error("{}: the signature does not match manifest.json for key {fingerprint}; the manifest was changed or signed with another key", path.display())]
+    SignatureInvalid { path: PathBuf, fingerprint: String },
+    #[error("{}: the bundle is signed but no public key was given, so the signature is unverified\nhint: pass the signer's public key (--key key.pub.pem)", path.display())]
+    SignatureUnverified { path: PathBuf },
+    #[error("{}: {message}", path.display())]
+    Key { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Archive { path: PathBuf, message: String },
+}
+
+impl BundleError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        BundleError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            BundleError::Io { path, .. }
+            | BundleError::Manifest { path, .. }
+            | BundleError::Schema { path, .. }
+            | BundleError::Missing { path }
+            | BundleError::Unlisted { path }
+            | BundleError::NotRegular { path }
+            | BundleError::Size { path, .. }
+            | BundleError::Digest { path, .. }
+            | BundleError::UnsafePath { path, .. }
+            | BundleError::SignatureMissing { path }
+            | BundleError::SignatureInvalid { path, .. }
+            | BundleError::SignatureUnverified { path }
+            | BundleError::Key { path, .. }
+            | BundleError::Archive { path, .. } => path,
+        }
+    }
+}
+
+/// A file of the bundle (or of the model's sources): path relative to its folder, `/`-separated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+}
+
+/// The board the bundle was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetInfo {
+    /// The profile name.
+    pub profile: String,
+    pub rust_target: String,
+    pub target_cpu: String,
+    pub glibc_floor: String,
+}
+
+/// A LoRA adapter merged into the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterInfo {
+    pub weight: f32,
+    pub files: Vec<FileEntry>,
+}
+
+/// What the model is and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Architecture (llama.cpp's name: `llama`, `qwen2`, `phi3`).
+    pub arch: String,
+    pub n_params: u64,
+    /// The model file inside the bundle.
+    pub file: String,
+    /// The files the model was made from, named relative to the source (a file, or each file
+    /// of a source folder).
+    pub sources: Vec<FileEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterInfo>,
+}
+
+/// How the weights are quantized.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantInfo {
+    /// The preset or precision asked for, e.g. `Q4_K_M`.
+    pub preset: String,
+    /// Number of tensors of each type in the model file.
+    pub tensor_types: BTreeMap<String, u64>,
+}
+
+/// The tokenizer files shipped beside the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerInfo {
+    pub files: Vec<String>,
+    pub chat_template: bool,
+}
+
+/// The runtime binary shipped in the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeInfo {
+    pub file: String,
+    pub version: String,
+    /// The triple the binary was built for.
+    pub triple: String,
+}
+
+/// The tool that made the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+}
+
+/// `manifest.json`. Fields serialize in declaration order, so equal manifests are equal bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema: u32,
+    pub target: TargetInfo,
+    /// `gguf` (later `onnx`, `tflite`).
+    pub format: String,
+    pub model: ModelInfo,
+    pub quant: QuantInfo,
+    pub tokenizer: TokenizerInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeInfo>,
+    pub created_by: Tool,
+    /// Only when asked for: a timestamp makes two otherwise identical bundles differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Every file of the bundle except the manifest and its signature, sorted by path.
+    pub files: Vec<FileEntry>,
+}
+
+impl Manifest {
+    /// The exact bytes written to `manifest.json`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = serde_json::to_vec_pretty(self).expect("a manifest serializes");
+        b.push(b'\n');
+        b
+    }
+
+    /// Parses manifest bytes read from `path`, checking the schema first so a newer bundle
+    /// gets a clear message rather than a field error.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Manifest, BundleError> {
+        let bad = |message: String| BundleError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        match v.get("schema").and_then(serde_json::Value::as_u64) {
+            Some(s) if s == SCHEMA as u64 => {}
+            Some(found) => {
+                return Err(BundleError::Schema {
+                    path: path.to_path_buf(),
+                    found,
+                })
+            }
+            None => return Err(bad("field `schema`: missing or not a number".into())),
+        }
+        let m: Manifest = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        m.check(path)?;
+        Ok(m)
+    }
+
+    /// The listed file at `path`, if any.
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    /// Sum of the listed files' sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    fn check(&self, path: &Path) -> Result<(), BundleError> {
+        let bad = |message: String| BundleError::Manifest {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut seen = BTreeSet::new();
+        for f in &self.files {
+            if !is_safe_relative(&f.path) {
+                return Err(BundleError::UnsafePath {
+                    path: path.to_path_buf(),
+                    entry: f.path.clone(),
+                });
+            }
+            if f.path == MANIFEST || f.path == SIGNATURE {
+                return Err(bad(format!(
+                    "field `files`: lists `{}`, which cannot hash itself",
+                    f.path
+                )));
+            }
+            if !seen.insert(f.path.as_str()) {
+                return Err(bad(format!("field `files`: `{}` is listed twice", f.path)));
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad(format!(
+                    "field `files`: `{}` has no valid sha256",
+                    f.path
+                )));
+            }
+        }
+        let mut named = vec![("model.file", &self.model.file)];
+        named.extend(self.tokenizer.files.iter().map(|f| ("tokenizer.files", f)));
+        if let Some(r) = &self.runtime {
+            named.push(("runtime.file", &r.file));
+        }
+        for (field, file) in named {
+            if !seen.contains(file.as_str()) {
+                return Err(bad(format!(
+                    "field `{field}`: `{file}` is not among `files`"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path written in a manifest or an archive: relative, `/`-separated, no `.`/`..`, no empty
+/// parts, no backslashes.
+fn is_safe_relative(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\\')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Size and lower-case hex SHA-256 of a file, streamed.
+pub fn file_digest(path: &Path) -> Result<(u64, String), BundleError> {
+    let mut f = File::open(path).map_err(|e| BundleError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; HASH_BUFFER];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| BundleError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hex::encode(h.finalize())))
+}
+
+/// A file's entry: `name` as recorded, digest of `path`.
+pub fn file_entry(path: &Path, name: &str) -> Result<FileEntry, BundleError> {
+    let (size, sha256) = file_digest(path)?;
+    Ok(FileEntry {
+        path: name.to_string(),
+        size,
+        sha256,
+    })
+}
+
+/// What a walk of a bundle folder finds, by relative `/`-separated path.
+struct Tree {
+    files: BTreeMap<String, PathBuf>,
+    dirs: BTreeSet<String>,
+}
+
+fn walk(root: &Path) -> Result<Tree, BundleError> {
+    let mut tree = Tree {
+        files: BTreeMap::new(),
+        dirs: BTreeSet::new(),
+    };
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for entry in fs::read_dir(&dir).map_err(|e| BundleError::io(&dir, e))? {
+            let entry = entry.map_err(|e| BundleError::io(&dir, e))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_str().ok_or_else(|| BundleError::UnsafePath {
+                path: path.clone(),
+                entry: name.to_string_lossy().into_owned(),
+            })?;
+            let rel_path = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ty = entry.file_type().map_err(|e| BundleError::io(&path, e))?;
+            if ty.is_dir() {
+                tree.dirs.insert(rel_path.clone());
+                stack.push((path, rel_path));
+            } else if ty.is_file() {
+                tree.files.insert(rel_path, path);
+            } else {
+                return Err(BundleError::NotRegular { path });
+            }
+        }
+    }
+    Ok(tree)
+}
+
+/// Whether the signature of a checked bundle was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignatureState {
+    /// No `manifest.sig` and no key asked for one.
+    Unsigned,
+    /// `manifest.sig` verified with the given key.
+    Verified,
+    /// `manifest.sig` present, but no key was given to check it.
+    Unverified,
+}
+
+/// A bundle whose files all match its manifest.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub manifest: Manifest,
+    pub signature: SignatureState,
+}
+
+/// Checks a bundle folder: the signature (when `trusted` is given it is required and must
+/// match), then that the files on disk are exactly the listed ones with the listed sizes and
+/// SHA-256. A signed bundle checked without a key is reported as
+/// [`SignatureState::Unverified`]; callers that must not load an unverified bundle use
+/// [`verify_dir`].
+pub fn check_dir(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Checked, BundleError> {
+    let manifest_path = dir.join(MANIFEST);
+    let sig_path = dir.join(SIGNATURE);
+    let bytes = match fs::read(&manifest_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(BundleError::Missing {
+                path: manifest_path,
+            })
+        }
+        Err(e) => return Err(BundleError::io(&manifest_path, e)),
+    };
+    let sig = match fs::read(&sig_path) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(BundleError::io(&sig_path, e)),
+    };
+    // The signature is checked on the raw bytes before anything in them is believed.
+    let signature = match (trusted, &sig) {
+        (Some(key), Some(sig)) => {
+            if !sign::verify(key, &bytes, sig) {
+                return Err(BundleError::SignatureInvalid {
+                    path: sig_path,
+                    fingerprint: sign::fingerprint(key),
+                });
+            }
+            SignatureState::Verified
+        }
+        (Some(_), None) => return Err(BundleError::SignatureMissing { path: sig_path }),
+        (None, Some(_)) => SignatureState::Unverified,
+        (None, None) => SignatureState::Unsigned,
+    };
+    let manifest = Manifest::from_bytes(&bytes, &manifest_path)?;
+    let tree = walk(dir)?;
+    let listed: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    for f in &manifest.files {
+        if !tree.files.contains_key(&f.path) {
+            let path = dir.join(&f.path);
+            return Err(if tree.dirs.contains(&f.path) {
+                BundleError::NotRegular { path }
+            } else {
+                BundleError::Missing { path }
+            });
+        }
+    }
+    for (rel, path) in &tree.files {
+        if rel != MANIFEST && rel != SIGNATURE && !listed.contains(rel.as_str()) {
+            return Err(BundleError::Unlisted { path: path.clone() });
+        }
+    }
+    for f in &manifest.files {
+        let path = &tree.files[&f.path];
+        let size = fs::metadata(path)
+            .map_err(|e| BundleError::io(path, e))?
+            .len();
+        if size != f.size {
+            return Err(BundleError::Size {
+                path: path.clone(),
+                expected: f.size,
+                actual: size,
+            });
+        }
+    }
+    for f in &manifest.files {
+        let path = &tree.files[&f.path];
+        let (_, sha) = file_digest(path)?;
+        if sha != f.sha256 {
+            return Err(BundleError::Digest {
+                path: path.clone(),
+                expected: f.sha256.clone(),
+                actual: sha,
+            });
+        }
+    }
+    Ok(Checked {
+        manifest,
+        signature,
+    })
+}
+
+/// Verifies a bundle folder before anything in it is used: every listed file present with its
+/// size and SHA-256, no unlisted files, and the signature. With `trusted` the bundle must be
+/// signed by that key. Without it an unsigned bundle passes on its checksums, and a signed one
+/// is refused with [`BundleError::SignatureUnverified`]: whoever signed it meant it to be
+/// checked, so a loader with no key must not treat it as verified.
+pub fn verify_dir(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Manifest, BundleError> {
+    let c = check_dir(dir, trusted)?;
+    if c.signature == SignatureState::Unverified {
+        return Err(BundleError::SignatureUnverified {
+            path: dir.join(SIGNATURE),
+        });
+    }
+    Ok(c.manifest)
+}
+
+/// Fills `manifest.files` from what is in `dir` (every file but the manifest and signature),
+/// writes `manifest.json`, and with `key` writes `manifest.sig`. Returns the manifest bytes.
+pub fn write_manifest(
+    dir: &Path,
+    manifest: &mut Manifest,
+    key: Option<&SigningKey>,
+) -> Result<Vec<u8>, BundleError> {
+    let tree = walk(dir)?;
+    manifest.files = tree
+        .files
+        .iter()
+        .filter(|(rel, _)| *rel != MANIFEST && *rel != SIGNATURE)
+        .map(|(rel, path)| file_entry(path, rel))
+        .collect::<Result<_, _>>()?;
+    manifest.schema = SCHEMA;
+    let path = dir.join(MANIFEST);
+    manifest.check(&path)?;
+    let bytes = manifest.to_bytes();
+    write_atomic(&path, &bytes, FILE_MODE)?;
+    let sig_path = dir.join(SIGNATURE);
+    match key {
+        Some(k) => write_atomic(&sig_path, &sign::sign(k, &bytes), FILE_MODE)?,
+        None if sig_path.exists() => {
+            fs::remove_file(&sig_path).map_err(|e| BundleError::io(&sig_path, e))?
+        }
+        None => {}
+    }
+    Ok(bytes)
+}
+
+/// Writes a small file through a temporary name in the same folder, fsynced, then renamed.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), BundleError> {
+    let tmp = tmp_sibling(path);
+    let res = (|| {
+        let mut f = File::create(&tmp)?;
+        set_mode(&tmp, mode)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(BundleError::io(&tmp, e));
+    }
+    fs::rename(&tmp, path).map_err(|e| BundleError::io(path, e))
+}
+
+fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(_meta: &fs::Metadata) -> bool {
+    false
+}
+
+/// Packs the folder `dir` as `archive` (.tar.zst) with every entry under `top/`, reproducibly:
+/// entries sorted by path, mtime 0, uid/gid 0, no owner names, modes 0644 (0755 for
+/// executables and folders), zstd level [`ZSTD_LEVEL`]. The archive appears atomically.
+pub fn pack(dir: &Path, top: &str, archive: &Path) -> Result<(), BundleError> {
+    if !is_safe_relative(top) || top.contains('/') {
+        return Err(BundleError::UnsafePath {
+            path: archive.to_path_buf(),
+            entry: top.to_string(),
+        });
+    }
+    let tree = walk(dir)?;
+    let mut entries: Vec<(String, Option<&PathBuf>)> = tree
+        .dirs
+        .iter()
+        .map(|d| (d.clone(), None))
+        .chain(tree.files.iter().map(|(r, p)| (r.clone(), Some(p))))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let tmp = tmp_sibling(archive);
+    let res = (|| -> Result<(), BundleError> {
+        let file = File::create(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
+        let mut enc = zstd::Encoder::new(BufWriter::new(file), ZSTD_LEVEL)
+            .map_err(|e| BundleError::io(&tmp, e))?;
+        enc.include_checksum(true)
+            .map_err(|e| BundleError::io(&tmp, e))?;
+        let mut tar = tar::Builder::new(enc);
+        let mut dir_header = header(tar::EntryType::Directory, 0, EXEC_MODE);
+        tar.append_data(&mut dir_header, format!("{top}/"), std::io::empty())
+            .map_err(|e| BundleError::io(&tmp, e))?;
+        for (rel, path) in entries {
+            let name = format!("{top}/{rel}");
+            match path {
+                None => {
+                    let mut h = header(tar::EntryType::Directory, 0, EXEC_MODE);
+                    tar.append_data(&mut h, format!("{name}/"), std::io::empty())
+                        .map_err(|e| BundleError::io(&tmp, e))?;
+                }
+                Some(path) => {
+                    let f = File::open(path).map_err(|e| BundleError::io(path, e))?;
+                    let meta = f.metadata().map_err(|e| BundleError::io(path, e))?;
+                    let mode = if is_executable(&meta) {
+                        EXEC_MODE
+                    } else {
+                        FILE_MODE
+                    };
+                    let mut h = header(tar::EntryType::Regular, meta.len(), mode);
+                    tar.append_data(&mut h, &name, BufReader::new(f))
+                        .map_err(|e| BundleError::io(path, e))?;
+                }
+            }
+        }
+        let enc = tar.into_inner().map_err(|e| BundleError::io(&tmp, e))?;
+        let out = enc.finish().map_err(|e| BundleError::io(&tmp, e))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| BundleError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| BundleError::io(&tmp, e))?;
+        set_mode(&tmp, FILE_MODE).map_err(|e| BundleError::io(&tmp, e))
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, archive).map_err(|e| BundleError::io(archive, e))
+}
+
+fn header(ty: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(ty);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+/// Unpacks a bundle archive into `dest/<top>/` and returns that folder. The archive must hold
+/// one top folder and only regular files and folders with safe relative paths; links, devices,
+/// absolute paths, `..` and duplicate entries are refused. The folder appears only when the
+/// whole archive was extracted; an existing one is never replaced.
+pub fn unpack(archive: &Path, dest: &Path) -> Result<PathBuf, BundleError> {
+    let bad = |message: String| BundleError::Archive {
+        path: archive.to_path_buf(),
+        message,
+    };
+    fs::create_dir_all(dest).map_err(|e| BundleError::io(dest, e))?;
+    let file = File::open(archive).map_err(|e| BundleError::io(archive, e))?;
+    let dec = zstd::Decoder::new(file).map_err(|e| BundleError::io(archive, e))?;
+    let mut tar = tar::Archive::new(dec);
+    let staging = dest.join(format!(".unpack.{}.tmp", std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(|e| BundleError::io(&staging, e))?;
+    }
+    fs::create_dir(&staging).map_err(|e| BundleError::io(&staging, e))?;
+    let res = (|| -> Result<String, BundleError> {
+        let mut top: Option<String> = None;
+        let entries = tar
+            .entries()
+            .map_err(|e| bad(format!("not a tar.zst archive: {e}")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| bad(format!("not a tar.zst archive: {e}")))?;
+            let raw = entry
+                .path()
+                .map_err(|e| bad(format!("entry path: {e}")))?
+                .to_string_lossy()
+                .into_owned();
+            let rel = raw.trim_end_matches('/');
+            let unsafe_path = || BundleError::UnsafePath {
+                path: archive.to_path_buf(),
+                entry: raw.clone(),
+            };
+            if !is_safe_relative(rel)
+                || Path::new(rel)
+                    .components()
+                    .any(|c| !matches!(c, Component::Normal(_)))
+            {
+                return Err(unsafe_path());
+            }
+            let first = rel.split('/').next().unwrap_or_default().to_string();
+            match &top {
+                None => top = Some(first),
+                Some(t) if *t == first => {}
+                Some(t) => {
+                    return Err(bad(format!(
+                        "entries under `{t}/` and `{first}/`; a bundle archive holds one folder"
+                    )))
+                }
+            }
+            let out = staging.join(rel);
+            match entry.header().entry_type() {
+                tar::EntryType::Directory => {
+                    fs::create_dir_all(&out).map_err(|e| BundleError::io(&out, e))?;
+                }
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    if let Some(parent) = out.parent() {
+                        fs::create_dir_all(parent).map_err(|e| BundleError::io(parent, e))?;
+                    }
+                    let mode = entry.header().mode().unwrap_or(FILE_MODE);
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&out)
+                        .map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                                bad(format!("`{raw}` appears twice"))
+                            } else {
+                                BundleError::io(&out, e)
+                            }
+                        })?;
+                    std::io::copy(&mut entry, &mut f).map_err(|e| BundleError::io(&out, e))?;
+                    let m = if mode & 0o111 != 0 {
+                        EXEC_MODE
+                    } else {
+                        FILE_MODE
+                    };
+                    set_mode(&out, m).map_err(|e| BundleError::io(&out, e))?;
+                }
+                other => {
+                    return Err(bad(format!(
+                        "`{raw}` is a {other:?} entry; bundles hold only files and folders"
+                    )))
+                }
+            }
+        }
+        top.ok_or_else(|| bad("the archive is empty".into()))
+    })();
+    let top = match res {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    let target = dest.join(&top);
+    if target.exists() {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(BundleError::Archive {
+            path: target,
+            message: "exists; refusing to unpack over it".into(),
+        });
+    }
+    let from = staging.join(&top);
+    let renamed = fs::rename(&from, &target).map_err(|e| BundleError::io(&target, e));
+    let _ = fs::remove_dir_all(&staging);
+    renamed?;
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> Manifest {
+        fs::create_dir_all(dir.join("model")).unwrap();
+        fs::write(dir.join("model/m.gguf"), b"GGUF weights").unwrap();
+        fs::write(dir.join("model/tokenizer.json"), b"{}").unwrap();
+        let mut m = Manifest {
+            schema: SCHEMA,
+            target: TargetInfo {
+                profile: "imx93".into(),
+                rust_target: "aarch64-unknown-linux-gnu".into(),
+                target_cpu: "cortex-a55".into(),
+                glibc_floor: "2.35".into(),
+            },
+            format: "gguf".into(),
+            model: ModelInfo {
+                name: "m".into(),
+                arch: "llama".into(),
+                n_params: 1,
+                file: "model/m.gguf".into(),
+                sources: vec![],
+                adapters: vec![],
+            },
+            quant: QuantInfo {
+                preset: "Q8_0".into(),
+                tensor_types: BTreeMap::new(),
+            },
+            tokenizer: TokenizerInfo {
+                files: vec!["model/tokenizer.json".into()],
+                chat_template: false,
+            },
+            runtime: None,
+            created_by: Tool {
+                name: "edgepack".into(),
+                version: "0".into(),
+            },
+            created_at: None,
+            files: vec![],
+        };
+        write_manifest(dir, &mut m, None).unwrap();
+        m
+    }
+
+    #[test]
+    fn a_written_bundle_verifies_and_names_a_changed_file() {
+        let d = tempfile::tempdir().unwrap();
+        let m = sample(d.path());
+        assert_eq!(verify_dir(d.path(), None).unwrap(), m);
+        fs::write(d.path().join("model/m.gguf"), b"GGUF weightz").unwrap();
+        let e = verify_dir(d.path(), None).unwrap_err();
+        assert!(matches!(e, BundleError::Digest { .. }), "{e}");
+        assert!(e.to_string().contains("model/m.gguf"), "{e}");
+    }
+
+    #[test]
+    fn manifest_paths_that_leave_the_bundle_are_refused() {
+        for p in ["../x", "/etc/passwd", "a//b", "./a", "a\\b", ""] {
+            assert!(!is_safe_relative(p), "{p}");
+        }
+        assert!(is_safe_relative("model/m.gguf"));
+    }
+
+    #[test]
+    fn pack_then_unpack_round_trips_and_is_reproducible() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        sample(&src);
+        let (a, b) = (d.path().join("a.tar.zst"), d.path().join("b.tar.zst"));
+        pack(&src, "m-imx93", &a).unwrap();
+        pack(&src, "m-imx93", &b).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        let out = unpack(&a, &d.path().join("out")).unwrap();
+        assert!(out.ends_with("m-imx93"));
+        verify_dir(&out, None).unwrap();
+        let e = unpack(&a, &d.path().join("out")).unwrap_err();
+        assert!(e.to_string().contains("exists"), "{e}");
+    }
+}
