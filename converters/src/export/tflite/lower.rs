@@ -16,7 +16,6 @@ use super::builder::{Graph, Placed, T};
 use super::schema::{
     BuiltinOp as B, Options, Quantization, SignatureDef, SubGraphDef, TensorMap, TensorType as Ty,
 };
-use super::Precision;
 use crate::error::{Error, Result};
 use crate::export::graph::{DecoderGraph, Op, WeightKind, INPUT_IDS};
 
@@ -84,9 +83,9 @@ impl ActWidth {
     }
 }
 
-/// Static quantization of one linear ([`Precision::Int8`], [`Precision::Int8A16`]): one input quantization, then one
-/// FULLY_CONNECTED per piece (a packed linear may be split so each part has its own output
-/// scale), concatenated back in float.
+/// Static quantization of one linear (the `int8` and `int8-a16` precisions): one input
+/// quantization, then one FULLY_CONNECTED per piece (a packed linear may be split so each part
+/// has its own output scale), concatenated back in float.
 #[derive(Debug, Clone)]
 pub struct FcQuant {
     pub act: ActWidth,
@@ -110,7 +109,6 @@ pub struct FcPiece {
 /// What a lowering needs besides the graph.
 pub struct LowerCtx<'a> {
     pub dg: &'a DecoderGraph,
-    pub precision: Precision,
     pub max_seq_len: usize,
     /// Per linear (by weight placement key), for the static precisions.
     pub fc: &'a HashMap<String, FcQuant>,

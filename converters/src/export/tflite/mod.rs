@@ -386,10 +386,12 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
     let original = model;
     let smoothed;
     let model = match (opts.precision, &opts.calibration) {
-        (p, None) if p.is_static() => return Err(Error::Invalid(format!(
+        (p, None) if p.is_static() => {
+            return Err(Error::Invalid(format!(
             "--precision {} needs --stats: static activation scales come from `edgepack calibrate`",
             p.name()
-        ))),
+        )))
+        }
         (p, Some(c)) if p.is_static() => {
             c.stats.check_model(model, &c.path)?;
             match &c.alpha {
@@ -492,7 +494,6 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
 
     let ctx = LowerCtx {
         dg: &dg,
-        precision: opts.precision,
         max_seq_len: opts.seq_len,
         fc: &fc,
     };
