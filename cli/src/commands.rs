@@ -223,14 +223,14 @@ enum Export {
     },
     /// Write a LiteRT (TFLite) model with prefill and decode signatures and the KV cache as inputs and outputs.
     #[command(
-        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n  edgepack export tflite ./merged --precision int8 --stats stats.calib --smooth 0.5 --target imx93 --seq-len 256 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations), int8 (static W8A8 linears: int8 per-channel weights, int8 inputs with scales from --stats after --smooth, int32 biases, int16 outputs; norms, rotary and attention stay float).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
+        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n  edgepack export tflite ./merged --precision int8 --stats stats.calib --smooth 0.5 --target imx93 --seq-len 256 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations), int8 (static scales from --stats after --smooth: int8 per-channel weights, int8 activations on q/k/v and gate/up, int16 on o/down/lm_head; norms, rotary and attention stay float), int8-a16 (as int8 with int16 activations on every linear).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
     )]
     Tflite {
         /// A Hugging Face model folder or a .gguf file.
         model: PathBuf,
         #[command(flatten)]
         lora: LoraArgs,
-        /// fp32, fp16, dynamic-int8 or int8 (needs --stats).
+        /// fp32, fp16, dynamic-int8, int8 or int8-a16 (the last two need --stats).
         #[arg(long, default_value = "fp32")]
         precision: String,
         /// KV cache length (static): the most positions a conversation holds.
@@ -242,7 +242,7 @@ enum Export {
         /// Board whose NPU op support to report (imx8mp, imx93, imx95, rpi5).
         #[arg(long)]
         target: Option<String>,
-        /// Activation statistics (from `edgepack calibrate`) for --precision int8.
+        /// Activation statistics (from `edgepack calibrate`) for --precision int8 / int8-a16.
         #[arg(long, value_name = "FILE")]
         stats: Option<PathBuf>,
         /// SmoothQuant strength applied before int8 quantization (0..1, or one per layer: 0.5,0.8,...).

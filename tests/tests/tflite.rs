@@ -21,9 +21,12 @@ const FP32_MAX_ABS_DIFF: f32 = 1e-3;
 /// (fp16 is ~1e-5, dynamic int8 ~1e-2 in our runs; broken scales give KL ≫ 1).
 const FP16_MAX_MEAN_KL: f64 = 1e-3;
 const INT8_MAX_MEAN_KL: f64 = 0.1;
+/// int8 activations with static per-tensor scales from 4 calibration samples (~0.6 in our
+/// runs) stay well below an unrelated model's KL (several nats), and still answer correctly.
+const INT8_A8_MAX_MEAN_KL: f64 = 1.0;
 
 fn export(model: &Path, precision: &str, seq: usize, prefill: usize, out: &Path) -> Value {
-    let stats = if precision == "int8" {
+    let stats = if precision.starts_with("int8") {
         stats_for("tiny-llama", model, 2, 32)
     } else {
         PathBuf::new()
@@ -51,56 +54,67 @@ fn build_stamp() -> u128 {
         .unwrap_or(0)
 }
 
+/// `path`, made by `make(tmp)` unless it exists from this same edgepack build (a sidecar
+/// `.stamp` records the build). Rebuilt files replace the old ones, so nothing accumulates.
+fn cached(path: PathBuf, make: impl FnOnce(&Path)) -> PathBuf {
+    let stamp = path.with_extension("stamp");
+    let now = build_stamp().to_string();
+    if path.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(now.as_str()) {
+        return path;
+    }
+    let ext = path.extension().unwrap().to_string_lossy().into_owned();
+    let tmp = path.with_extension(format!("{}.part.{ext}", std::process::id()));
+    make(&tmp);
+    std::fs::rename(&tmp, &path).unwrap();
+    std::fs::write(&stamp, now).unwrap();
+    path
+}
+
 /// Calibration statistics of `model` (a few samples: enough for static scales), made once.
 fn stats_for(name: &str, model: &Path, samples: usize, seq: usize) -> PathBuf {
-    let p = shared_work_dir().join(format!("{name}-{}-tflite.calib", build_stamp()));
-    if !p.is_file() {
-        let tmp = p.with_extension(format!("{}.part", std::process::id()));
-        run_ok(
-            edgepack()
-                .arg("calibrate")
-                .arg(model)
-                .args(["--samples", &samples.to_string()])
-                .args(["--seq-len", &seq.to_string()])
-                .arg("-o")
-                .arg(&tmp),
-        );
-        std::fs::rename(&tmp, &p).unwrap();
-    }
-    p
+    cached(
+        shared_work_dir().join(format!("{name}-tflite.calib")),
+        |tmp| {
+            run_ok(
+                edgepack()
+                    .arg("calibrate")
+                    .arg(model)
+                    .args(["--samples", &samples.to_string()])
+                    .args(["--seq-len", &seq.to_string()])
+                    .arg("-o")
+                    .arg(tmp),
+            );
+        },
+    )
 }
 
 /// Extra arguments of a precision: int8 takes statistics and SmoothQuant.
 fn precision_args(precision: &str, stats: &Path) -> Vec<String> {
     let mut v = vec!["--precision".to_string(), precision.to_string()];
-    if precision == "int8" {
+    if precision.starts_with("int8") {
         v.extend(["--stats".into(), stats.display().to_string()]);
         v.extend(["--smooth".into(), "0.5".into()]);
     }
     v
 }
 
-/// SmolLM2 exported once per test run for a precision.
+/// SmolLM2 exported once per build for a precision.
 fn smollm2_tflite(precision: &str) -> PathBuf {
-    let p = shared_work_dir().join(format!(
-        "smollm2-s128-p32-{precision}-{}.tflite",
-        build_stamp()
-    ));
-    if !p.is_file() {
-        let gguf = smollm2_gguf();
-        let stats = stats_for("smollm2", &gguf, 4, 128);
-        let tmp = p.with_extension(format!("{}.part.tflite", std::process::id()));
-        run_ok(
-            edgepack()
-                .args(["export", "tflite"])
-                .arg(&gguf)
-                .args(precision_args(precision, &stats))
-                .args(["--seq-len", "128", "--prefill-len", "32", "-o"])
-                .arg(&tmp),
-        );
-        std::fs::rename(&tmp, &p).unwrap();
-    }
-    p
+    let gguf = smollm2_gguf();
+    let stats = stats_for("smollm2", &gguf, 4, 128);
+    cached(
+        shared_work_dir().join(format!("smollm2-s128-p32-{precision}.tflite")),
+        |tmp| {
+            run_ok(
+                edgepack()
+                    .args(["export", "tflite"])
+                    .arg(&gguf)
+                    .args(precision_args(precision, &stats))
+                    .args(["--seq-len", "128", "--prefill-len", "32", "-o"])
+                    .arg(tmp),
+            );
+        },
+    )
 }
 
 /// LiteRT's logits for `ids`: prefill of the first `prompt` tokens, then one decode call per
@@ -169,7 +183,7 @@ fn qwen2() -> Tiny {
 fn every_precision_loads_in_litert_with_generative_signatures_names_and_static_shapes() {
     let dir = tiny("llama-tied-f32", Tiny::llama());
     let work = tempfile::tempdir().unwrap();
-    for precision in ["fp32", "fp16", "dynamic-int8", "int8"] {
+    for precision in ["fp32", "fp16", "dynamic-int8", "int8", "int8-a16"] {
         let out = work.path().join(format!("{precision}.tflite"));
         let report = export(&dir, precision, 32, 8, &out);
         assert_eq!(report["precision"], precision, "{report}");
@@ -277,7 +291,8 @@ fn smollm2_fp16_dynamic_int8_and_static_int8_report_kl_against_float() {
     for (precision, bound) in [
         ("fp16", FP16_MAX_MEAN_KL),
         ("dynamic-int8", INT8_MAX_MEAN_KL),
-        ("int8", INT8_MAX_MEAN_KL),
+        ("int8", INT8_A8_MAX_MEAN_KL),
+        ("int8-a16", INT8_MAX_MEAN_KL),
     ] {
         let got = litert_logits(&smollm2_tflite(precision), &ids, prompt);
         let kl = mean_kl(&float, &got, 49152);

@@ -68,6 +68,25 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/tflite.json")]
         output: PathBuf,
     },
+    /// HF folder -> ONNX per operator set and precision: export time, peak RSS and bytes against
+    /// onnxruntime-genai's model builder on the same folder, and onnxruntime tokens/s of each.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench onnx --prefill 64 --decode 64 -o target/bench/onnx.json"
+    )]
+    Onnx {
+        /// An HF model folder (default: SmolLM2-135M-Instruct recovered from its GGUF as F32).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Prompt tokens run as one prefill.
+        #[arg(long, default_value_t = 64)]
+        prefill: usize,
+        /// Greedy decode steps timed.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/onnx.json")]
+        output: PathBuf,
+    },
 }
 
 /// Wall time and peak resident memory of a child process.
@@ -146,6 +165,12 @@ pub fn bench(b: Bench) -> Result<()> {
             &edgepack_release()?,
             &py(),
         ),
+        Bench::Onnx {
+            model,
+            prefill,
+            decode,
+            output,
+        } => crate::bench_onnx::onnx(model, prefill, decode, &output),
         Bench::Tflite {
             model,
             seq_len,

@@ -11,11 +11,11 @@ use crate::bench::{edgepack_release, measure, py};
 use crate::{root, setup};
 
 /// The precisions benchmarked, in order.
-const PRECISIONS: &[&str] = &["fp32", "fp16", "dynamic-int8", "int8"];
-/// Calibration for the static int8 variant: samples x tokens of edgepack's default corpus.
+const PRECISIONS: &[&str] = &["fp32", "fp16", "dynamic-int8", "int8", "int8-a16"];
+/// Calibration for the static int8 variants: samples x tokens of edgepack's default corpus.
 const CALIB_SAMPLES: usize = 8;
 const CALIB_SEQ_LEN: usize = 256;
-/// SmoothQuant strength of the static int8 variant.
+/// SmoothQuant strength of the static int8 variants.
 const SMOOTH_ALPHA: &str = "0.5";
 
 pub fn tflite(
@@ -56,7 +56,7 @@ pub fn tflite(
         cmd.args(["export", "tflite"])
             .arg(&model)
             .args(["--precision", precision]);
-        if *precision == "int8" {
+        if precision.starts_with("int8") {
             cmd.arg("--stats")
                 .arg(&stats)
                 .args(["--smooth", SMOOTH_ALPHA]);

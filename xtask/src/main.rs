@@ -2,6 +2,7 @@
 //! running the whole suite, and benchmarks against the peer tools.
 
 mod bench;
+mod bench_onnx;
 mod bench_tflite;
 mod quality;
 mod setup;

@@ -20,6 +20,11 @@ const REQUIREMENTS: &[&str] = &[
     "peft==0.21.2",
     "sentencepiece==0.2.3",
     "tokenizers==0.23.3",
+    "onnx==1.23.2",
+    "onnxruntime==1.31.1",
+    "onnxruntime-genai==0.18.0",
+    // The model builder (bench onnx) and onnxruntime's MatMulNBits quantizer need it.
+    "onnx_ir==1.1.0",
     "ai-edge-litert==2.3.0",
 ];
 

@@ -846,7 +846,26 @@ impl Lowerer<'_> {
         };
         match self.o.precision {
             Precision::Fp32 | Precision::Fp16 => {
-                let wt = self.float_weight(id, true)?;
+                let wt = if w.tied {
+                    // A tied head multiplies by the embedding table the Gather already reads:
+                    // one copy in the file, transposed in the graph (onnxruntime folds it).
+                    let table = self
+                        .g
+                        .weights
+                        .iter()
+                        .find(|t| t.kind == WeightKind::Embedding)
+                        .expect("a graph has an embedding")
+                        .name
+                        .clone();
+                    self.b.op(
+                        "Transpose",
+                        &format!("{p}/TiedTranspose"),
+                        &[&table],
+                        vec![attr_ints("perm", &[1, 0])],
+                    )
+                } else {
+                    self.float_weight(id, true)?
+                };
                 self.b.node_to(
                     "MatMul",
                     "",

@@ -540,6 +540,40 @@ fn genai_config(model: &Model, g: &DecoderGraph, context: usize) -> Result<Json>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ModelConfig, SourceFormat, TokenizerFiles};
+
+    fn model_with(extra: Json) -> Model {
+        let mut cfg = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
+            "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 10, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096});
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        Model {
+            config: ModelConfig::from_hf_json(&cfg, Path::new("m/config.json")).unwrap(),
+            tensors: Vec::new(),
+            tokenizer: TokenizerFiles::default(),
+            source: "m".into(),
+            source_format: SourceFormat::HfFolder,
+            name: "m".into(),
+            card: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_in_use_cuts_the_served_context() {
+        assert_eq!(served_context(&model_with(json!({}))), 4096);
+        assert_eq!(
+            served_context(&model_with(json!({"sliding_window": 2047}))),
+            2047
+        );
+        assert_eq!(
+            served_context(&model_with(
+                json!({"sliding_window": 2047, "use_sliding_window": false})
+            )),
+            4096
+        );
+    }
 
     #[test]
     fn option_combinations_are_checked_naming_the_option() {

@@ -16,7 +16,6 @@ use super::builder::{Graph, Placed, T};
 use super::schema::{
     BuiltinOp as B, Options, Quantization, SignatureDef, SubGraphDef, TensorMap, TensorType as Ty,
 };
-use super::Precision;
 use crate::error::{Error, Result};
 use crate::export::graph::{DecoderGraph, Op, WeightKind, INPUT_IDS};
 
@@ -50,23 +49,68 @@ pub fn weight_key(dg: &DecoderGraph, id: usize) -> String {
     w.name.clone()
 }
 
-/// Static quantization of one linear ([`Precision::Int8`]).
+/// Width of the activations of a static integer linear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActWidth {
+    /// int8 in and out, int32 bias.
+    I8,
+    /// int16 in and out, int64 bias (TFLite's 16x8 kernels).
+    I16,
+}
+
+impl ActWidth {
+    /// Largest magnitude of a symmetric activation (zero point 0; TFLite's int16 activations
+    /// are always symmetric, facts/tflite_targets.md §1.5).
+    pub fn max(self) -> f64 {
+        match self {
+            ActWidth::I8 => 127.0,
+            ActWidth::I16 => 32767.0,
+        }
+    }
+
+    pub fn tensor_type(self) -> Ty {
+        match self {
+            ActWidth::I8 => Ty::Int8,
+            ActWidth::I16 => Ty::Int16,
+        }
+    }
+
+    pub fn bias_type(self) -> Ty {
+        match self {
+            ActWidth::I8 => Ty::Int32,
+            ActWidth::I16 => Ty::Int64,
+        }
+    }
+}
+
+/// Static quantization of one linear (the `int8` and `int8-a16` precisions): one input
+/// quantization, then one FULLY_CONNECTED per piece (a packed linear may be split so each part
+/// has its own output scale), concatenated back in float.
 #[derive(Debug, Clone)]
 pub struct FcQuant {
-    /// Scale of the int16 input (zero point 0).
+    pub act: ActWidth,
+    /// Scale of the input (zero point 0).
     pub in_scale: f32,
-    /// Scale of the int16 output (zero point 0).
+    pub pieces: Vec<FcPiece>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FcPiece {
+    /// Placement key of the int8 weight.
+    pub weight_key: String,
+    /// Output rows (features) of this piece.
+    pub rows: usize,
+    /// Scale of the output (zero point 0).
     pub out_scale: f32,
-    /// Placement key of the int64 bias, if the linear has one.
+    /// Placement key of the integer bias, if any.
     pub bias_key: Option<String>,
 }
 
 /// What a lowering needs besides the graph.
 pub struct LowerCtx<'a> {
     pub dg: &'a DecoderGraph,
-    pub precision: Precision,
     pub max_seq_len: usize,
-    /// Per linear (by weight placement key), for [`Precision::Int8`].
+    /// Per linear (by weight placement key), for the static precisions.
     pub fc: &'a HashMap<String, FcQuant>,
 }
 
@@ -395,44 +439,61 @@ impl LowerCtx<'_> {
             } => {
                 let x = val(sig, x)?;
                 let key = weight_key(dg, *weight);
-                let w = sig.g.weight(&key);
-                let n_out = sig.g.shape(w)[0];
+                let n_out = dg.weights[*weight].n_rows() as i32;
                 if let Some(fq) = self.fc.get(&key) {
                     let n_in = sig.g.shape(x)[1];
                     let g = &mut *sig.g;
+                    let at = fq.act.tensor_type();
                     let xq = g.op_q(
                         B::Quantize,
                         4,
                         &[x],
                         Options::Quantize,
-                        ("x_int16", &[ti, n_in], Ty::Int16),
+                        ("x_q", &[ti, n_in], at),
                         Some(Quantization::per_tensor(fq.in_scale, 0)),
                     );
-                    let b = match &fq.bias_key {
-                        Some(k) => g.weight(k),
-                        None => -1,
+                    let mut ys = Vec::new();
+                    for p in &fq.pieces {
+                        let w = g.weight(&p.weight_key);
+                        let b = match &p.bias_key {
+                            Some(k) => g.weight(k),
+                            None => -1,
+                        };
+                        let rows = p.rows as i32;
+                        let y = g.op_q(
+                            B::FullyConnected,
+                            11,
+                            &[xq, w, b],
+                            Options::FullyConnected {
+                                keep_num_dims: false,
+                                asymmetric_quantize_inputs: false,
+                            },
+                            ("y_q", &[ti, rows], at),
+                            Some(Quantization::per_tensor(p.out_scale, 0)),
+                        );
+                        ys.push(g.op(
+                            B::Dequantize,
+                            4,
+                            &[y],
+                            Options::Dequantize,
+                            (out, &[ti, rows], Ty::Float32),
+                        ));
+                    }
+                    let y = if ys.len() == 1 {
+                        ys[0]
+                    } else {
+                        g.op(
+                            B::Concatenation,
+                            1,
+                            &ys,
+                            Options::Concatenation { axis: 1 },
+                            (out, &[ti, n_out], Ty::Float32),
+                        )
                     };
-                    let y = g.op_q(
-                        B::FullyConnected,
-                        11,
-                        &[xq, w, b],
-                        Options::FullyConnected {
-                            keep_num_dims: false,
-                            asymmetric_quantize_inputs: false,
-                        },
-                        ("y_int16", &[ti, n_out], Ty::Int16),
-                        Some(Quantization::per_tensor(fq.out_scale, 0)),
-                    );
-                    let yf = g.op(
-                        B::Dequantize,
-                        4,
-                        &[y],
-                        Options::Dequantize,
-                        (out, &[ti, n_out], Ty::Float32),
-                    );
-                    sig.values.insert(out.clone(), yf);
+                    sig.values.insert(out.clone(), y);
                     return Ok(());
                 }
+                let w = sig.g.weight(&key);
                 let hybrid = sig.g.dtype(w) == Ty::Int8;
                 let w = if hybrid {
                     w

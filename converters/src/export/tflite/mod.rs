@@ -18,16 +18,17 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use self::builder::{Buffers, Graph, Payload};
-use self::lower::FcQuant;
 use self::lower::{placed, prefill_key, signature_def, weight_key, LowerCtx, DECODE};
+use self::lower::{ActWidth, FcPiece, FcQuant};
 use self::schema::{
     layout, ModelDef, Quantization, TensorType, BUFFER_LOCATION_KEY, BUFFER_LOCATION_VALUE,
 };
 use self::support::OpSupport;
+use self::weights::LinearRowStats;
 use self::weights::{Encoding, WeightSource};
 use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
-use crate::export::graph::{DecoderGraph, LinearRole, Op, WeightKind};
+use crate::export::graph::{DecoderGraph, LinearRole, Op, Weight, WeightKind};
 use crate::io::AtomicFile;
 use crate::model::names::Role;
 use crate::model::Model;
@@ -52,10 +53,15 @@ pub enum Precision {
     /// Embedding and linear weights int8 with one scale per output row; activations stay f32
     /// and the kernels quantize them on the fly ("hybrid" kernels).
     DynamicInt8,
-    /// Static integer linears: int8 per-channel weights, int16 inputs and outputs with static
-    /// scales from calibration statistics (after SmoothQuant), int64 biases (TFLite's 16x8
-    /// FULLY_CONNECTED); the glue between linears (norms, rotary, attention) stays f32.
+    /// Static integer linears from calibration statistics (after SmoothQuant), int8
+    /// per-channel weights: int8 activations on the smoothed linears (q/k/v, gate/up; a packed
+    /// linear is split so each part has its own output scale), int16 activations on the
+    /// others (o_proj, down_proj, LM head; TFLite's 16x8 kernels), whose unsmoothed inputs
+    /// carry outliers int8 cannot hold. Norms, rotary and attention stay f32.
     Int8,
+    /// As [`Precision::Int8`] with int16 activations on every linear (more accurate; no int8
+    /// activations).
+    Int8A16,
 }
 
 impl Precision {
@@ -65,6 +71,7 @@ impl Precision {
             "fp16" => Some(Precision::Fp16),
             "dynamic-int8" => Some(Precision::DynamicInt8),
             "int8" => Some(Precision::Int8),
+            "int8-a16" => Some(Precision::Int8A16),
             _ => None,
         }
     }
@@ -75,10 +82,16 @@ impl Precision {
             Precision::Fp16 => "fp16",
             Precision::DynamicInt8 => "dynamic-int8",
             Precision::Int8 => "int8",
+            Precision::Int8A16 => "int8-a16",
         }
     }
 
-    pub const ALL: &'static str = "fp32, fp16, dynamic-int8, int8";
+    pub const ALL: &'static str = "fp32, fp16, dynamic-int8, int8, int8-a16";
+
+    /// Whether activations get static scales from calibration statistics.
+    pub fn is_static(self) -> bool {
+        matches!(self, Precision::Int8 | Precision::Int8A16)
+    }
 }
 
 /// Options of a TFLite export.
@@ -91,7 +104,7 @@ pub struct TfliteOptions {
     pub prefill_len: usize,
     /// The NPU's op list to check against, if a target was named.
     pub target: Option<OpSupport>,
-    /// Activation statistics (and SmoothQuant strength) for [`Precision::Int8`].
+    /// Activation statistics (and SmoothQuant strength) for the static precisions.
     pub calibration: Option<Calibration>,
 }
 
@@ -139,24 +152,31 @@ fn encoding_for(kind: WeightKind, precision: Precision) -> Option<TensorType> {
     match (kind, precision) {
         (WeightKind::Norm | WeightKind::Bias(_), _) | (_, Precision::Fp32) => None,
         (_, Precision::Fp16) => Some(TensorType::Float16),
-        (_, Precision::DynamicInt8 | Precision::Int8) => Some(TensorType::Int8),
+        (_, Precision::DynamicInt8 | Precision::Int8 | Precision::Int8A16) => {
+            Some(TensorType::Int8)
+        }
     }
 }
 
-/// Largest magnitude of a symmetric int16 activation; TFLite's int16 activations have zero
-/// point 0 (facts/tflite_targets.md §1.5).
-pub const INT16_ACT_MAX: f64 = 32767.0;
+/// int8 outputs of a static linear cover this many of its estimated standard deviations
+/// (`sqrt(Σ_j W_oj²·rms_j²)` from the calibrated per-channel second moments), or the hard
+/// bound `Σ_j |W_oj|·a_j` if that is smaller. LLM activations are heavy-tailed, so the range is
+/// wide; what lies beyond it saturates.
+pub const OUTPUT_RANGE_SIGMAS: f64 = 8.0;
 
-/// For [`Precision::Int8`]: places every linear's int8 weight and int64 bias and returns the
-/// static scales of its input and output.
+/// For the static precisions: places every linear's int8 weight and integer bias and returns
+/// the static scales of its input and outputs. `act` is the widest activation type asked for:
+/// with int8, only the smoothed linears (q/k/v, gate/up) take int8 and the rest int16.
 ///
-/// Activations are int16 at the linears because LiteRT's int8-input FULLY_CONNECTED writes
-/// only int8 outputs, whose scales would need output ranges the statistics do not hold; the
-/// 16x8 kernel takes int16 in and out. The input scale is the calibrated per-channel abs-max
-/// (divided by the SmoothQuant factor where the model was smoothed) over 32767; the output
-/// scale covers the largest output such inputs can give, `Σ_j |W_oj|·a_j + |b_o|`, over 32767,
-/// so outputs never saturate on calibrated ranges.
+/// The input scale is the calibrated per-channel abs-max (divided by the SmoothQuant factor
+/// where the model was smoothed) over the type's maximum. LiteRT's int8-input
+/// FULLY_CONNECTED writes only int8 outputs, and the statistics hold input ranges only, so
+/// output scales are derived: int16 outputs cover the largest output calibrated inputs can
+/// give, `Σ_j |W_oj|·a_j + |b_o|` (never saturating); int8 outputs cover
+/// [`OUTPUT_RANGE_SIGMAS`] estimated standard deviations, where the bound would leave too few
+/// levels.
 fn place_static_linears(
+    act: ActWidth,
     dg: &DecoderGraph,
     original: &Model,
     model: &Model,
@@ -170,6 +190,12 @@ fn place_static_linears(
         };
         let w = &dg.weights[*weight];
         let key = weight_key(dg, *weight);
+        let act = match (act, w.kind) {
+            (ActWidth::I8, WeightKind::Linear(LinearRole::Qkv | LinearRole::GateUp)) => {
+                ActWidth::I8
+            }
+            _ => ActWidth::I16,
+        };
         let stats_key = w.stats_key.as_deref().unwrap_or(&w.name);
         let entry = cal.stats.entries.get(stats_key).ok_or_else(|| {
             Error::format(
@@ -194,6 +220,7 @@ fn place_static_linears(
             ));
         }
         let mut a = entry.absmax.clone();
+        let mut rms = entry.rms();
         // SmoothQuant divided the norm before this linear by s: s = γ / γ'.
         let norm = match (w.kind, w.layer) {
             (WeightKind::Linear(LinearRole::Qkv), Some(l)) => Some(Role::InputNorm.hf_name(l)),
@@ -209,9 +236,10 @@ fn place_static_linears(
                 .tensor(&norm)
                 .ok_or_else(|| Error::format(&model.source, &norm, "missing"))?
                 .to_f32()?;
-            for ((x, g0), g1) in a.iter_mut().zip(&before).zip(&after) {
+            for (((x, r), g0), g1) in a.iter_mut().zip(&mut rms).zip(&before).zip(&after) {
                 if *g1 != 0.0 {
                     *x *= (g1 / g0).abs();
+                    *r *= (g1 / g0).abs();
                 }
             }
         }
@@ -223,64 +251,133 @@ fn place_static_linears(
                 format!("input abs-max {a_max} cannot give an int8 scale"),
             ));
         }
-        let in_scale = (a_max as f64 / INT16_ACT_MAX) as f32;
-        let source = WeightSource::plain(w.clone());
-        let (w_scales, bounds) = source.int8_scales_and_output_bounds(&a)?;
-        let b = bias.map(|b| WeightSource::plain(dg.weights[b].clone()));
-        let b_vals = match &b {
-            Some(b) => {
-                let mut v = Vec::new();
-                b.for_each_chunk(|_, c| {
-                    v.extend(c);
-                    Ok(())
-                })?;
-                v
+        let in_scale = (a_max as f64 / act.max()) as f32;
+        // int8 outputs of a packed linear ([Q; K; V], [gate; up]) get one scale per part: their
+        // ranges differ by orders of magnitude.
+        let split = act == ActWidth::I8 && w.parts.len() > 1;
+        let pieces: Vec<(String, Weight, Option<Weight>)> = if split {
+            let mut v = Vec::new();
+            for (i, p) in w.parts.iter().enumerate() {
+                let part = |name: String, t: &crate::model::Tensor| Weight {
+                    name,
+                    kind: w.kind,
+                    layer: w.layer,
+                    shape: t.shape.clone(),
+                    parts: vec![t.clone()],
+                    stats_key: w.stats_key.clone(),
+                    tied: false,
+                };
+                let b = bias.map(|b| {
+                    let bw = &dg.weights[b];
+                    part(format!("{}#{i}", bw.name), &bw.parts[i])
+                });
+                v.push((format!("{key}#{i}"), part(format!("{key}#{i}"), p), b));
             }
-            None => vec![0.0; w_scales.len()],
+            v
+        } else {
+            vec![(key.clone(), w.clone(), bias.map(|b| dg.weights[b].clone()))]
         };
-        let bound = bounds
-            .iter()
-            .zip(&b_vals)
-            .map(|(o, b)| o + b.abs() as f64)
-            .fold(0f64, f64::max);
-        let out_scale = (bound.max(f64::MIN_POSITIVE) / INT16_ACT_MAX) as f32;
-        if buffers.placed(&key).is_none() {
-            let q = Quantization::per_channel(w_scales.clone(), 0);
-            let buffer = buffers.push(Payload::Weight {
-                source,
-                encoding: Encoding::Int8 {
-                    scales: Arc::new(w_scales.clone()),
-                },
-            });
-            buffers.place(&key, placed(buffer, &w.shape, TensorType::Int8, Some(q)));
-        }
-        let mut bias_key = None;
-        if let (Some(src), Some(bid)) = (b, bias) {
-            let bk = format!("{};int64", weight_key(dg, *bid));
-            let scales: Vec<f32> = w_scales.iter().map(|s| s * in_scale).collect();
-            let q = Quantization::per_channel(scales.clone(), 0);
-            let buffer = buffers.push(Payload::Weight {
-                source: src,
-                encoding: Encoding::Int64 {
-                    scales: Arc::new(scales),
-                },
-            });
-            buffers.place(
-                &bk,
-                placed(buffer, &[w_scales.len()], TensorType::Int64, Some(q)),
-            );
-            bias_key = Some(bk);
+        let mut placed_pieces = Vec::new();
+        for (pkey, pw, pb) in pieces {
+            placed_pieces.push(place_piece(
+                act, &pkey, pw, pb, &a, &rms, in_scale, buffers,
+            )?);
         }
         out.insert(
             key,
             FcQuant {
+                act,
                 in_scale,
-                out_scale,
-                bias_key,
+                pieces: placed_pieces,
             },
         );
     }
     Ok(out)
+}
+
+/// Places one FULLY_CONNECTED's int8 weight and integer bias; returns its output scale.
+#[allow(clippy::too_many_arguments)]
+fn place_piece(
+    act: ActWidth,
+    key: &str,
+    w: Weight,
+    bias: Option<Weight>,
+    a: &[f32],
+    rms: &[f32],
+    in_scale: f32,
+    buffers: &mut Buffers,
+) -> Result<FcPiece> {
+    let shape = w.shape.clone();
+    let source = WeightSource::plain(w);
+    let LinearRowStats {
+        scales: w_scales,
+        bounds,
+        rms: out_rms,
+    } = source.linear_row_stats(a, rms)?;
+    let b = bias.map(WeightSource::plain);
+    let b_vals = match &b {
+        Some(b) => {
+            let mut v = Vec::new();
+            b.for_each_chunk(|_, c| {
+                v.extend(c);
+                Ok(())
+            })?;
+            v
+        }
+        None => vec![0.0; w_scales.len()],
+    };
+    let bound = bounds
+        .iter()
+        .zip(&b_vals)
+        .map(|(o, b)| o + b.abs() as f64)
+        .fold(0f64, f64::max);
+    let range = match act {
+        ActWidth::I16 => bound,
+        ActWidth::I8 => {
+            let typical = out_rms
+                .iter()
+                .zip(&b_vals)
+                .map(|(o, b)| OUTPUT_RANGE_SIGMAS * o + b.abs() as f64)
+                .fold(0f64, f64::max);
+            typical.min(bound)
+        }
+    };
+    let out_scale = (range.max(f64::MIN_POSITIVE) / act.max()) as f32;
+    if buffers.placed(key).is_none() {
+        let q = Quantization::per_channel(w_scales.clone(), 0);
+        let buffer = buffers.push(Payload::Weight {
+            source,
+            encoding: Encoding::Int8 {
+                scales: Arc::new(w_scales.clone()),
+            },
+        });
+        buffers.place(key, placed(buffer, &shape, TensorType::Int8, Some(q)));
+    }
+    let mut bias_key = None;
+    if let Some(src) = b {
+        let bk = format!("{};{}", src.weight.name, act.bias_type().name());
+        let scales: Vec<f32> = w_scales.iter().map(|s| s * in_scale).collect();
+        let q = Quantization::per_channel(scales.clone(), 0);
+        let scales = Arc::new(scales);
+        let buffer = buffers.push(Payload::Weight {
+            source: src,
+            encoding: match act {
+                ActWidth::I8 => Encoding::Int32 { scales },
+                ActWidth::I16 => Encoding::Int64 { scales },
+            },
+        });
+        buffers.place(
+            &bk,
+            placed(buffer, &[w_scales.len()], act.bias_type(), Some(q)),
+        );
+        bias_key = Some(bk);
+    }
+    Ok(FcPiece {
+        weight_key: key.to_string(),
+        rows: w_scales.len(),
+        out_scale,
+        bias_key,
+    })
 }
 
 /// Builds the model description (no file is written; weights are read only to compute int8
@@ -289,12 +386,13 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
     let original = model;
     let smoothed;
     let model = match (opts.precision, &opts.calibration) {
-        (Precision::Int8, None) => {
-            return Err(Error::Invalid(
-                "--precision int8 needs --stats: static activation scales come from `edgepack calibrate`".into(),
-            ))
+        (p, None) if p.is_static() => {
+            return Err(Error::Invalid(format!(
+            "--precision {} needs --stats: static activation scales come from `edgepack calibrate`",
+            p.name()
+        )))
         }
-        (Precision::Int8, Some(c)) => {
+        (p, Some(c)) if p.is_static() => {
             c.stats.check_model(model, &c.path)?;
             match &c.alpha {
                 Some(a) => {
@@ -307,7 +405,7 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
         }
         (_, Some(_)) => {
             return Err(Error::Invalid(format!(
-                "--stats and --smooth apply to --precision int8, not {}",
+                "--stats and --smooth apply to --precision int8 and int8-a16, not {}",
                 opts.precision.name()
             )))
         }
@@ -349,14 +447,30 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
     }
     let mut buffers = Buffers::new();
     let fc = match &opts.calibration {
-        Some(cal) if opts.precision == Precision::Int8 => {
-            place_static_linears(&dg, original, model, cal, &mut buffers)?
+        Some(cal) if opts.precision.is_static() => {
+            let act = if opts.precision == Precision::Int8 {
+                ActWidth::I8
+            } else {
+                ActWidth::I16
+            };
+            place_static_linears(act, &dg, original, model, cal, &mut buffers)?
         }
         _ => HashMap::new(),
     };
+    // Weights and biases of static linears are placed by `place_static_linears` (possibly as
+    // separate pieces); they must not be written a second time.
+    let mut handled = std::collections::HashSet::new();
+    if !fc.is_empty() {
+        for op in &dg.ops {
+            if let Op::Linear { weight, bias, .. } = op {
+                handled.insert(*weight);
+                handled.extend(*bias);
+            }
+        }
+    }
     for (id, w) in dg.weights.iter().enumerate() {
         let key = weight_key(&dg, id);
-        if buffers.placed(&key).is_some() {
+        if handled.contains(&id) || buffers.placed(&key).is_some() {
             continue;
         }
         let source = WeightSource::plain(w.clone());
@@ -381,7 +495,6 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
 
     let ctx = LowerCtx {
         dg: &dg,
-        precision: opts.precision,
         max_seq_len: opts.seq_len,
         fc: &fc,
     };

@@ -14,6 +14,14 @@ use crate::export::graph::Weight;
 /// [-127, 127] with zero point 0, so -128 is never produced.
 pub const INT8_WEIGHT_MAX: f32 = 127.0;
 
+/// What [`WeightSource::linear_row_stats`] finds, per output row.
+#[derive(Debug, Clone, Default)]
+pub struct LinearRowStats {
+    pub scales: Vec<f32>,
+    pub bounds: Vec<f64>,
+    pub rms: Vec<f64>,
+}
+
 /// How one weight tensor is stored.
 #[derive(Debug, Clone)]
 pub enum Encoding {
@@ -23,8 +31,12 @@ pub enum Encoding {
     Int8 {
         scales: Arc<Vec<f32>>,
     },
-    /// int64 with one scale per element (a bias of a 16x8 linear: input scale × weight row
+    /// int32 with one scale per element (a bias of an int8 linear: input scale × weight row
     /// scale).
+    Int32 {
+        scales: Arc<Vec<f32>>,
+    },
+    /// int64 likewise (the bias of a 16x8 linear).
     Int64 {
         scales: Arc<Vec<f32>>,
     },
@@ -36,6 +48,7 @@ impl Encoding {
             Encoding::F32 => 4,
             Encoding::F16 => 2,
             Encoding::Int8 { .. } => 1,
+            Encoding::Int32 { .. } => 4,
             Encoding::Int64 { .. } => 8,
         }
     }
@@ -113,32 +126,36 @@ impl WeightSource {
         Ok(scales)
     }
 
-    /// Per output row: the int8 scale (as [`WeightSource::int8_row_scales`]) and
-    /// `Σ_j |w_j|·a_j`, the largest |output| an input bounded by `a` per channel can give.
-    pub fn int8_scales_and_output_bounds(&self, a: &[f32]) -> Result<(Vec<f32>, Vec<f64>)> {
+    /// Per output row, for a static integer linear whose input channel `j` is bounded by
+    /// `a[j]` and has root-mean-square `rms[j]`: the int8 weight scale (as
+    /// [`WeightSource::int8_row_scales`]), the largest output such inputs can give
+    /// (`Σ_j |w_j|·a_j`) and the output's root-mean-square if channels were uncorrelated
+    /// (`sqrt(Σ_j w_j²·rms_j²)`).
+    pub fn linear_row_stats(&self, a: &[f32], rms: &[f32]) -> Result<LinearRowStats> {
         let row_len = self.weight.row_len();
-        let mut scales = Vec::with_capacity(self.weight.n_rows());
-        let mut bounds = Vec::with_capacity(self.weight.n_rows());
+        let mut out = LinearRowStats::default();
         self.for_each_chunk(|_, v| {
-            let rows: Vec<(f32, f64)> = v
+            let rows: Vec<(f32, f64, f64)> = v
                 .par_chunks(row_len)
                 .map(|r| {
                     let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    let b = r
-                        .iter()
-                        .zip(a)
-                        .map(|(w, x)| (w.abs() * x) as f64)
-                        .sum::<f64>();
-                    (if m > 0.0 { m / INT8_WEIGHT_MAX } else { 1.0 }, b)
+                    let (mut b, mut e) = (0f64, 0f64);
+                    for ((w, x), q) in r.iter().zip(a).zip(rms) {
+                        b += (w.abs() * x) as f64;
+                        e += (*w as f64 * *q as f64).powi(2);
+                    }
+                    let s = if m > 0.0 { m / INT8_WEIGHT_MAX } else { 1.0 };
+                    (s, b, e.sqrt())
                 })
                 .collect();
-            for (s, b) in rows {
-                scales.push(s);
-                bounds.push(b);
+            for (s, b, e) in rows {
+                out.scales.push(s);
+                out.bounds.push(b);
+                out.rms.push(e);
             }
             Ok(())
         })?;
-        Ok((scales, bounds))
+        Ok(out)
     }
 
     /// Streams the encoded bytes to `sink`.
@@ -171,6 +188,14 @@ pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) 
                     }
                 });
             out
+        }
+        Encoding::Int32 { scales } => {
+            let q: Vec<i32> = values
+                .iter()
+                .zip(&scales[first_row * row_len..])
+                .map(|(&x, &s)| (x as f64 / s as f64).round() as i32)
+                .collect();
+            bytemuck::cast_slice(&q).to_vec()
         }
         Encoding::Int64 { scales } => {
             let q: Vec<i64> = values
