@@ -33,7 +33,9 @@ pub enum EngineError {
     Load { path: PathBuf, reason: String },
     #[error("cannot create a llama.cpp context of {n_ctx} tokens: {reason}")]
     Context { n_ctx: u32, reason: String },
-    #[error("the model has no chat template (GGUF key tokenizer.chat_template); use /v1/completions")]
+    #[error(
+        "the model has no chat template (GGUF key tokenizer.chat_template); use /v1/completions"
+    )]
     NoChatTemplate,
     #[error("cannot apply the chat template: {0}")]
     Template(String),
@@ -195,7 +197,10 @@ impl Engine {
     }
 
     /// Runs a request to the end from synchronous code: the text and the stats.
-    pub fn generate_blocking(&self, request: GenRequest) -> Result<(String, GenStats), EngineError> {
+    pub fn generate_blocking(
+        &self,
+        request: GenRequest,
+    ) -> Result<(String, GenStats), EngineError> {
         let mut rx = self.submit(request);
         let mut text = String::new();
         while let Some(ev) = rx.blocking_recv() {
