@@ -134,6 +134,8 @@ enum Command {
     Export(Export),
     #[command(flatten)]
     Targets(crate::targets_cmd::TargetCommand),
+    #[command(flatten)]
+    Deploy(crate::deploy_cmd::DeployCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -270,6 +272,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model } => inspect(&model, json_out),
         Command::Targets(c) => crate::targets_cmd::run(c, json_out),
+        Command::Deploy(c) => crate::deploy_cmd::run(c, json_out),
         Command::Merge {
             base,
             lora,

@@ -2,6 +2,7 @@
 //! math logic live in `edgepack-converters`.
 
 mod commands;
+mod deploy_cmd;
 mod progress;
 mod targets_cmd;
 
