@@ -51,6 +51,17 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/runtime.json")]
         output: PathBuf,
     },
+    /// `edgepack deploy` (first deploy and redeploy of one bundle) against plain `scp -r` of
+    /// the same files, over a real sshd on loopback: seconds and bytes on the wire.
+    #[command(after_help = "Example:\n  cargo xtask bench deploy -o target/bench/deploy.json")]
+    Deploy {
+        /// Quantization of the SmolLM2 bundle deployed.
+        #[arg(long, default_value = "Q8_0")]
+        quant: String,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/deploy.json")]
+        output: PathBuf,
+    },
 }
 
 /// Wall time and peak resident memory of a child process.
@@ -129,6 +140,9 @@ pub fn bench(b: Bench) -> Result<()> {
             threads,
             output,
         }),
+        Bench::Deploy { quant, output } => {
+            crate::bench_deploy::bench(crate::bench_deploy::Options { quant, output })
+        }
     }
 }
 

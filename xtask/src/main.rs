@@ -2,6 +2,7 @@
 //! running the whole suite, and benchmarks against the peer tools.
 
 mod bench;
+mod bench_deploy;
 mod bench_runtime;
 mod dist;
 mod setup;
