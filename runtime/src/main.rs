@@ -80,6 +80,9 @@ struct ModelArgs {
     /// Context size in tokens (capped at the model's training context).
     #[arg(long, default_value_t = DEFAULT_CTX_SIZE)]
     ctx_size: u32,
+    /// Use llama.cpp's flash attention (off by default, as in llama-bench).
+    #[arg(long)]
+    flash_attn: bool,
 }
 
 impl ModelArgs {
@@ -102,6 +105,7 @@ impl ModelArgs {
                 model_path: verified.model_path,
                 threads,
                 ctx_size: self.ctx_size,
+                flash_attn: self.flash_attn,
             },
             verified.model_id,
         ))
