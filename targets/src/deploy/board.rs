@@ -224,6 +224,8 @@ true
             s,
             r#"if [ -f runtime.pid ]; then
   pid=$(cat runtime.pid)
+  # Only a real supervisor pid: `kill -SIG -1` would signal every process.
+  case "$pid" in ''|*[!0-9]*|0|1) pid= ;; esac
   if [ -n "$pid" ] && alive "$pid"; then
     kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     i=0

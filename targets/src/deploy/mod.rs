@@ -464,7 +464,19 @@ async fn record_health(
     release: &str,
     result: &Result<Health, String>,
 ) -> Result<(), DeployError> {
-    let v = match result {
+    record_health_with(c, l, release, result, None).await
+}
+
+/// Writes health.json; after a rollback it also says which release failed and why, so the
+/// reason survives on the board (operators ask for that log).
+async fn record_health_with(
+    c: &Conn,
+    l: &Layout,
+    release: &str,
+    result: &Result<Health, String>,
+    rolled_back: Option<(&str, &str)>,
+) -> Result<(), DeployError> {
+    let mut v = match result {
         Ok(hl) => serde_json::json!({
             "release": release, "checked_at": now_unix(), "ok": true,
             "ready_s": hl.ready_s, "ttft_ms": hl.ttft_ms, "tokens_per_s": hl.tokens_per_s,
@@ -474,6 +486,10 @@ async fn record_health(
             "release": release, "checked_at": now_unix(), "ok": false, "reason": why,
         }),
     };
+    if let Some((from, why)) = rolled_back {
+        v["rolled_back_from"] = serde_json::json!(from);
+        v["rollback_reason"] = serde_json::json!(why);
+    }
     c.sh(
         "recording the health check",
         &l.write_file(
@@ -685,7 +701,9 @@ async fn deploy_connected(
                     restart(c, h, &l, &p, signed).await?;
                     r.outcome = Outcome::RolledBack;
                     r.release = Some(prev.clone());
-                    match check_health(c, h, &l, &p, opts.health_timeout).await {
+                    let again = check_health(c, h, &l, &p, opts.health_timeout).await;
+                    record_health_with(c, &l, prev, &again, Some((id, &reason))).await?;
+                    match again {
                         Ok(hl) => {
                             r.health = Some(hl);
                             format!("rolled back to {prev}, which is healthy")

@@ -24,6 +24,7 @@ pub struct Conn {
     session: Session,
     pub host: String,
     fwd_dir: tempfile::TempDir,
+    forwarded: tokio::sync::Mutex<std::collections::BTreeSet<u16>>,
 }
 
 /// Joins an error and its sources: `openssh` keeps ssh's own message (the one that says why)
@@ -109,6 +110,7 @@ impl Conn {
             session,
             host: h.name.clone(),
             fwd_dir,
+            forwarded: Default::default(),
         })
     }
 
@@ -242,8 +244,14 @@ impl Conn {
     }
 
     /// Forwards a local unix socket to `127.0.0.1:port` on the board and returns its path.
+    /// A port is forwarded once per connection: ssh keeps the listener, and asking again for
+    /// the same socket would leave the old listener behind a removed path.
     pub async fn forward(&self, port: u16) -> Result<PathBuf, DeployError> {
         let sock = self.fwd_dir.path().join(format!("rt{port}.sock"));
+        let mut done = self.forwarded.lock().await;
+        if done.contains(&port) {
+            return Ok(sock);
+        }
         let _ = std::fs::remove_file(&sock);
         self.session
             .request_port_forward(
@@ -255,6 +263,7 @@ impl Conn {
             )
             .await
             .map_err(|e| self.ssh_error("forwarding the runtime's port", e))?;
+        done.insert(port);
         Ok(sock)
     }
 
