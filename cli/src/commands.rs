@@ -132,6 +132,8 @@ enum Command {
     Export(Export),
     #[command(flatten)]
     Targets(crate::targets_cmd::TargetCommand),
+    #[command(flatten)]
+    Deploy(crate::deploy_cmd::DeployCommand),
 }
 
 #[derive(Args, Debug)]
@@ -379,6 +381,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sparsify(a) => crate::eval_cmd::run_sparsify(&a, json_out),
         Command::Eval(a) => crate::eval_cmd::run_eval(&a, json_out),
         Command::Targets(c) => crate::targets_cmd::run(c, json_out),
+        Command::Deploy(c) => crate::deploy_cmd::run(c, json_out),
         Command::Merge {
             base,
             lora,

@@ -3,6 +3,7 @@
 
 mod commands;
 mod eval_cmd;
+mod deploy_cmd;
 mod progress;
 mod targets_cmd;
 

@@ -25,6 +25,10 @@ use crate::stop::StopFilter;
 /// Tokens decoded per `llama_decode` call while reading a prompt; llama.cpp's own default
 /// (`llama_context_default_params().n_batch`).
 pub const PROMPT_BATCH: u32 = 2048;
+/// llama.h `enum llama_flash_attn_type`: DISABLED = 0, ENABLED = 1 (AUTO = -1 is the default
+/// of `llama_context_default_params`).
+const FLASH_ATTN_DISABLED: i32 = 0;
+const FLASH_ATTN_ENABLED: i32 = 1;
 
 /// Why the engine could not load or run.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +37,9 @@ pub enum EngineError {
     Load { path: PathBuf, reason: String },
     #[error("cannot create a llama.cpp context of {n_ctx} tokens: {reason}")]
     Context { n_ctx: u32, reason: String },
-    #[error("the model has no chat template (GGUF key tokenizer.chat_template); use /v1/completions")]
+    #[error(
+        "the model has no chat template (GGUF key tokenizer.chat_template); use /v1/completions"
+    )]
     NoChatTemplate,
     #[error("cannot apply the chat template: {0}")]
     Template(String),
@@ -72,6 +78,10 @@ pub struct EngineConfig {
     pub threads: i32,
     /// Context size in tokens; capped at the model's training context.
     pub ctx_size: u32,
+    /// Flash attention. Off unless asked, as in llama-bench, so `cargo xtask bench runtime`
+    /// compares like with like; llama.cpp's own default (auto) turns it on for CPUs, which for
+    /// a small model measured no faster here.
+    pub flash_attn: bool,
 }
 
 /// What the loaded model reports about itself.
@@ -195,7 +205,10 @@ impl Engine {
     }
 
     /// Runs a request to the end from synchronous code: the text and the stats.
-    pub fn generate_blocking(&self, request: GenRequest) -> Result<(String, GenStats), EngineError> {
+    pub fn generate_blocking(
+        &self,
+        request: GenRequest,
+    ) -> Result<(String, GenStats), EngineError> {
         let mut rx = self.submit(request);
         let mut text = String::new();
         while let Some(ev) = rx.blocking_recv() {
@@ -234,7 +247,12 @@ fn worker(
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(PROMPT_BATCH.min(n_ctx))
         .with_n_threads(config.threads)
-        .with_n_threads_batch(config.threads);
+        .with_n_threads_batch(config.threads)
+        .with_flash_attention_policy(if config.flash_attn {
+            FLASH_ATTN_ENABLED
+        } else {
+            FLASH_ATTN_DISABLED
+        });
     let mut ctx = match model.new_context(&backend, params) {
         Ok(c) => c,
         Err(e) => {

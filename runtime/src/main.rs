@@ -34,7 +34,9 @@ struct Cli {
 enum Command {
     /// Verify the bundle, load its model, and serve /v1/chat/completions, /v1/completions,
     /// /v1/models, /health and /metrics.
-    #[command(after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080\n  curl -s localhost:8080/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'")]
+    #[command(
+        after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080\n  curl -s localhost:8080/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'"
+    )]
     Serve {
         #[command(flatten)]
         model: ModelArgs,
@@ -45,7 +47,9 @@ enum Command {
         port: u16,
     },
     /// Measure time to first token and decode tokens/s for each prompt size.
-    #[command(after_help = "Example:\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --gen-tokens 64 --json")]
+    #[command(
+        after_help = "Example:\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --gen-tokens 64 --json"
+    )]
     Bench {
         #[command(flatten)]
         model: ModelArgs,
@@ -76,6 +80,9 @@ struct ModelArgs {
     /// Context size in tokens (capped at the model's training context).
     #[arg(long, default_value_t = DEFAULT_CTX_SIZE)]
     ctx_size: u32,
+    /// Use llama.cpp's flash attention (off by default, as in llama-bench).
+    #[arg(long)]
+    flash_attn: bool,
 }
 
 impl ModelArgs {
@@ -98,6 +105,7 @@ impl ModelArgs {
                 model_path: verified.model_path,
                 threads,
                 ctx_size: self.ctx_size,
+                flash_attn: self.flash_attn,
             },
             verified.model_id,
         ))

@@ -65,7 +65,10 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, model: &str) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let label = format!("model=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
+        let label = format!(
+            "model=\"{}\"",
+            model.replace('\\', "\\\\").replace('"', "\\\"")
+        );
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -79,7 +82,10 @@ impl Metrics {
             "counter",
             "Generation requests by outcome.",
             &[
-                (format!("{{{label},outcome=\"ok\"}}"), m.requests_ok.to_string()),
+                (
+                    format!("{{{label},outcome=\"ok\"}}"),
+                    m.requests_ok.to_string(),
+                ),
                 (
                     format!("{{{label},outcome=\"error\"}}"),
                     m.requests_failed.to_string(),

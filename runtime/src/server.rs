@@ -237,18 +237,14 @@ impl Sampling {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("invalid request body: {e}"),
-        )
-    })
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
 }
 
 fn chat_prompt(messages: Vec<Message>) -> Result<Prompt, String> {
@@ -357,7 +353,7 @@ impl Api {
 async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let req: ChatRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
     let prompt = match chat_prompt(req.messages) {
         Ok(p) => p,
@@ -369,7 +365,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Respo
 async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
     let req: CompletionRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
     let prompt = match req.prompt {
         PromptField::One(p) => p,
@@ -378,7 +374,10 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
-                format!("prompt: {} prompts given, one per request is supported", v.len()),
+                format!(
+                    "prompt: {} prompts given, one per request is supported",
+                    v.len()
+                ),
             )
         }
     };

@@ -87,6 +87,39 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/onnx.json")]
         output: PathBuf,
     },
+    /// edgepack-runtime against llama.cpp's llama-bench on the same Q8_0 SmolLM2 GGUF: time to
+    /// first token, prompt and decode tokens/s.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench runtime --prompt-sizes 32,128,512 -o target/bench/runtime.json"
+    )]
+    Runtime {
+        /// Prompt lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
+        prompt_sizes: Vec<usize>,
+        /// Tokens generated per run.
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: u32,
+        /// Runs per size (both tools report their mean/median over them).
+        #[arg(long, default_value_t = 3)]
+        repetitions: u32,
+        /// Threads for both tools (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/runtime.json")]
+        output: PathBuf,
+    },
+    /// `edgepack deploy` (first deploy and redeploy of one bundle) against plain `scp -r` of
+    /// the same files, over a real sshd on loopback: seconds and bytes on the wire.
+    #[command(after_help = "Example:\n  cargo xtask bench deploy -o target/bench/deploy.json")]
+    Deploy {
+        /// Quantization of the SmolLM2 bundle deployed.
+        #[arg(long, default_value = "Q8_0")]
+        quant: String,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/deploy.json")]
+        output: PathBuf,
+    },
 }
 
 /// Wall time and peak resident memory of a child process.
@@ -178,6 +211,22 @@ pub fn bench(b: Bench) -> Result<()> {
             decode_steps,
             output,
         } => crate::bench_tflite::tflite(model, seq_len, prefill_len, decode_steps, &output),
+        Bench::Runtime {
+            prompt_sizes,
+            gen_tokens,
+            repetitions,
+            threads,
+            output,
+        } => crate::bench_runtime::bench(crate::bench_runtime::Options {
+            prompt_sizes,
+            gen_tokens,
+            repetitions,
+            threads,
+            output,
+        }),
+        Bench::Deploy { quant, output } => {
+            crate::bench_deploy::bench(crate::bench_deploy::Options { quant, output })
+        }
     }
 }
 

@@ -5,6 +5,9 @@ mod bench;
 mod bench_onnx;
 mod bench_tflite;
 mod quality;
+mod bench_deploy;
+mod bench_runtime;
+mod dist;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +43,19 @@ enum Cmd {
     /// Benchmarks against peer tools, written as JSON.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Cross-compile edgepack-runtime for a board profile (its Rust triple and CPU) and check
+    /// the binary against the board's glibc floor; the result goes to target/dist/<board>/.
+    #[command(
+        after_help = "Example:\n  cargo xtask dist --target imx95\n  cargo xtask dist --target my-board.toml --json"
+    )]
+    Dist {
+        /// A built-in board profile (imx95, rpi5, ...) or a profile TOML file.
+        #[arg(long)]
+        target: String,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn root() -> PathBuf {
@@ -139,5 +155,25 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Bench(b) => bench::bench(b),
         Cmd::Demo => demo(),
+        Cmd::Dist { target, json } => {
+            let out = dist::dist(&target)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "{} ({} for {}, {}; needs {} / {}, floor glibc {})",
+                    out.binary.display(),
+                    out.rust_target,
+                    out.target_cpu,
+                    out.builder,
+                    out.glibc_required.as_deref().unwrap_or("no glibc versions"),
+                    out.glibcxx_required
+                        .as_deref()
+                        .unwrap_or("no libstdc++ versions"),
+                    out.glibc_floor
+                );
+            }
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,333 @@
+//! The layout of an install on the board and the POSIX `sh` scripts that change it.
+//!
+//! ```text
+//! <install_dir>/releases/<release-id>/   one verified bundle per release, never written again
+//! <install_dir>/current  -> releases/<id> the release that runs; replaced by one rename
+//! <install_dir>/previous -> releases/<id> the release `current` replaced; what rollback returns to
+//! <install_dir>/.incoming/<release-id>/  an upload in progress; resumed by the next deploy
+//! <install_dir>/logs/runtime.log         the runtime's output when no systemd runs
+//! <install_dir>/runtime.pid              the supervisor's pid (its process group holds the runtime)
+//! <install_dir>/runtime.exit             written by the supervisor each time the runtime exits
+//! <install_dir>/health.json              the last health check: ok, why, TTFT, tokens/s
+//! ```
+//!
+//! Scripts use only POSIX sh, coreutils/busybox tools (`sha256sum`, `ln`, `mv -T`, `readlink`),
+//! so a minimal board image runs them. Every path is quoted with [`quote`].
+
+use std::fmt::Write as _;
+
+/// Seconds the supervisor waits before starting a runtime that exited, so a runtime that
+/// cannot start does not spin a core.
+const RESTART_DELAY_S: u32 = 2;
+/// How long a stopped runtime gets to exit on SIGTERM before SIGKILL, in 0.2 s steps (10 s).
+const STOP_STEPS: u32 = 50;
+
+/// Quotes `s` for a POSIX shell: single quotes, with each `'` written as `'\''`.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Paths of one install on one board.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub install_dir: String,
+}
+
+impl Layout {
+    pub fn new(install_dir: &str) -> Layout {
+        let d = install_dir.trim_end_matches('/');
+        Layout {
+            install_dir: if d.is_empty() { "/".into() } else { d.into() },
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.install_dir)
+    }
+
+    pub fn release(&self, id: &str) -> String {
+        self.path(&format!("releases/{id}"))
+    }
+
+    pub fn incoming(&self, id: &str) -> String {
+        self.path(&format!(".incoming/{id}"))
+    }
+
+    /// `cd` into the install folder, creating its skeleton; the start of every script.
+    fn prelude(&self) -> String {
+        format!(
+            "set -e\nD={}\nmkdir -p \"$D/releases\" \"$D/.incoming\" \"$D/logs\"\ncd \"$D\"\n",
+            quote(&self.install_dir)
+        )
+    }
+
+    /// Prints facts about the board and the install, one `key value` per line:
+    /// `arch`, `systemd` (yes/no), `current`, `previous`, `release <id>` per release whose
+    /// manifest is present, `sha256sum` (yes/no).
+    pub fn probe(&self) -> String {
+        let mut s = self.prelude();
+        s.push_str(
+            r#"echo "arch $(uname -m)"
+if command -v systemctl >/dev/null 2>&1 && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then echo "systemd yes"; else echo "systemd no"; fi
+if command -v sha256sum >/dev/null 2>&1; then echo "sha256sum yes"; else echo "sha256sum no"; fi
+echo "current $(readlink current 2>/dev/null || true)"
+echo "previous $(readlink previous 2>/dev/null || true)"
+for r in releases/*; do [ -f "$r/manifest.json" ] && echo "release ${r#releases/}"; done
+true
+"#,
+        );
+        s
+    }
+
+    /// Prints `<size> <path>` for each of `files` present under `dir` (relative paths).
+    pub fn sizes(&self, dir: &str, files: &[&str]) -> String {
+        let mut s = self.prelude();
+        let _ = writeln!(s, "cd {} 2>/dev/null || exit 0", quote(dir));
+        for f in files {
+            let q = quote(f);
+            let _ = writeln!(s, "[ -f {q} ] && echo \"$(wc -c < {q}) {f}\"");
+        }
+        s.push_str("true\n");
+        s
+    }
+
+    /// Prints the sha256 of the first `len` bytes of `file`.
+    pub fn prefix_sha(&self, file: &str, len: u64) -> String {
+        format!(
+            "set -e\nhead -c {len} {} | sha256sum | cut -d' ' -f1\n",
+            quote(file)
+        )
+    }
+
+    /// Appends stdin to `file`, creating its folder.
+    pub fn append(&self, file: &str) -> String {
+        let dir = file.rsplit_once('/').map_or(".", |(d, _)| d);
+        format!("set -e\nmkdir -p {}\ncat >> {}\n", quote(dir), quote(file))
+    }
+
+    /// Empties `file` (a partial upload whose bytes do not match the bundle).
+    pub fn truncate(&self, file: &str) -> String {
+        format!("set -e\n: > {}\n", quote(file))
+    }
+
+    /// Hard-links (or, across file systems, copies) `from` to `to` on the board: a file an
+    /// earlier release already holds with the same sha256 is not sent again.
+    pub fn link(&self, from: &str, to: &str) -> String {
+        let dir = to.rsplit_once('/').map_or(".", |(d, _)| d);
+        format!(
+            "set -e\nmkdir -p {d}\nrm -f {t}\nln {f} {t} 2>/dev/null || cp -p {f} {t}\n",
+            d = quote(dir),
+            f = quote(from),
+            t = quote(to)
+        )
+    }
+
+    /// Checks every file of the incoming release against `sums` (`<sha256>  <path>` lines, the
+    /// format `sha256sum -c` reads), refuses files nobody listed, sets the runtime's execute
+    /// bit, syncs, and moves the folder to `releases/<id>` in one rename.
+    pub fn verify_and_commit(&self, id: &str, sums: &str, n_files: usize, exec: &[&str]) -> String {
+        let mut s = self.prelude();
+        let _ = writeln!(s, "I={}", quote(&self.incoming(id)));
+        let _ = writeln!(s, "R={}", quote(&self.release(id)));
+        s.push_str("cd \"$I\"\n");
+        let _ = write!(
+            s,
+            "if ! out=$(sha256sum -c 2>&1 <<'EDGEPACK_SUMS'\n{sums}EDGEPACK_SUMS\n); then\n  echo \"$out\" | grep -v ': OK$' >&2\n  exit 3\nfi\n"
+        );
+        let _ = writeln!(
+            s,
+            "n=$(find . -type f | wc -l)\nif [ \"$n\" -ne {n_files} ]; then echo \"the upload holds $n files, the bundle {n_files}\" >&2; find . -type f >&2; exit 3; fi"
+        );
+        for e in exec {
+            let _ = writeln!(s, "chmod 0755 {}", quote(e));
+        }
+        s.push_str("sync\ncd \"$D\"\nrm -rf \"$R\"\nmv \"$I\" \"$R\"\nsync\n");
+        s
+    }
+
+    /// Points `current` at `releases/<id>` with one rename of a new link, and `previous` at
+    /// what `current` was (unless that is the same release).
+    pub fn switch(&self, id: &str) -> String {
+        let mut s = self.prelude();
+        let _ = writeln!(s, "new={}", quote(&format!("releases/{id}")));
+        s.push_str(
+            r#"old=$(readlink current 2>/dev/null || true)
+if [ -n "$old" ] && [ "$old" != "$new" ]; then
+  ln -sfn "$old" .previous.tmp && mv -T .previous.tmp previous
+fi
+ln -sfn "$new" .current.tmp
+mv -T .current.tmp current
+sync
+"#,
+        );
+        s
+    }
+
+    /// Swaps `current` and `previous` (each by one rename); fails when there is no previous.
+    pub fn swap_back(&self) -> String {
+        let mut s = self.prelude();
+        s.push_str(
+            r#"cur=$(readlink current 2>/dev/null || true)
+prev=$(readlink previous 2>/dev/null || true)
+if [ -z "$prev" ] || [ ! -d "$prev" ]; then echo "no previous release to roll back to" >&2; exit 4; fi
+ln -sfn "$prev" .current.tmp && mv -T .current.tmp current
+if [ -n "$cur" ]; then ln -sfn "$cur" .previous.tmp && mv -T .previous.tmp previous; fi
+sync
+echo "$prev"
+"#,
+        );
+        s
+    }
+
+    /// Removes releases beyond the newest `keep` (by the time they were committed), never the
+    /// `current` or `previous` one, and stale uploads of other releases.
+    pub fn prune(&self, keep: usize, incoming_keep: &str) -> String {
+        let mut s = self.prelude();
+        let _ = writeln!(s, "keep={keep}\nin_keep={}", quote(incoming_keep));
+        s.push_str(
+            r#"cur=$(readlink current 2>/dev/null || true)
+prev=$(readlink previous 2>/dev/null || true)
+i=0
+for r in $(ls -1td releases/*/ 2>/dev/null); do
+  r=${r%/}
+  i=$((i+1))
+  if [ "$r" = "$cur" ] || [ "$r" = "$prev" ]; then continue; fi
+  if [ "$i" -gt "$keep" ]; then rm -rf "$r"; echo "removed ${r#releases/}"; fi
+done
+for u in .incoming/*; do
+  [ -e "$u" ] || continue
+  [ "${u#.incoming/}" = "$in_keep" ] || rm -rf "$u"
+done
+true
+"#,
+        );
+        s
+    }
+
+    /// The shell functions the service scripts share: `alive PID` is false for a zombie too (a
+    /// container's pid 1 may never reap it).
+    fn alive_fn() -> &'static str {
+        concat!(
+            "alive() { kill -0 \"$1\" 2>/dev/null && [ \"$(sed 's/.*) //' /proc/$1/stat 2>/dev/null | cut -c1)\" != Z ]; }\n",
+            "group_alive() { for s in /proc/[0-9]*/stat; do set -- \"$1\" $(sed 's/.*) //' \"$s\" 2>/dev/null); ",
+            "[ \"$2\" != Z ] && [ \"$4\" = \"$1\" ] && return 0; done; return 1; }\n",
+        )
+    }
+
+    /// Stops the supervised runtime: SIGTERM to its process group, SIGKILL after a grace time.
+    /// (`kill -SIG -PGID`, without `--`: dash's builtin kill refuses `--`.) The wait is for
+    /// the whole group, so the port is free when the next runtime starts.
+    pub fn stop_supervised(&self) -> String {
+        let mut s = self.prelude();
+        s.push_str(Self::alive_fn());
+        let _ = write!(
+            s,
+            r#"if [ -f runtime.pid ]; then
+  pid=$(cat runtime.pid)
+  # Only a real supervisor pid: `kill -SIG -1` would signal every process.
+  case "$pid" in ''|*[!0-9]*|0|1) pid= ;; esac
+  if [ -n "$pid" ] && alive "$pid"; then
+    kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    i=0
+    while group_alive "$pid" && [ $i -lt {STOP_STEPS} ]; do sleep 0.2; i=$((i+1)); done
+    kill -KILL "-$pid" 2>/dev/null || true
+  fi
+  rm -f runtime.pid
+fi
+"#
+        );
+        s
+    }
+
+    /// Starts the runtime of `current` under a restarting shell loop in its own session, with
+    /// its output appended to `logs/runtime.log`. `command` is the runtime's command line.
+    pub fn start_supervised(&self, command: &str) -> String {
+        let mut s = self.stop_supervised();
+        let inner = format!(
+            "cd \"$D\"; while :; do {command} >> logs/runtime.log 2>&1; echo $? > runtime.exit; echo \"edgepack: runtime exited with $(cat runtime.exit); restarting in {RESTART_DELAY_S} s\" >> logs/runtime.log; sleep {RESTART_DELAY_S}; done"
+        );
+        let _ = write!(
+            s,
+            "rm -f runtime.exit\necho \"edgepack: starting $(readlink current) at $(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> logs/runtime.log\nD=\"$D\" setsid sh -c {} < /dev/null > /dev/null 2>&1 &\necho $! > runtime.pid\n",
+            quote(&format!("D=\"$D\"; {inner}"))
+        );
+        s
+    }
+
+    /// Installs (or updates) the systemd unit `name` for `command`, and restarts it.
+    pub fn start_systemd(&self, name: &str, command: &str) -> String {
+        let mut s = self.prelude();
+        let unit = format!(
+            "[Unit]\nDescription=edgepack runtime ({dir})\nAfter=network.target\n\n[Service]\nExecStart={command}\nWorkingDirectory={dir}\nRestart=on-failure\nRestartSec={RESTART_DELAY_S}\n\n[Install]\nWantedBy=multi-user.target\n",
+            dir = self.install_dir
+        );
+        let path = format!("/etc/systemd/system/{name}.service");
+        let _ = write!(
+            s,
+            "cat > {tmp} <<'EDGEPACK_UNIT'\n{unit}EDGEPACK_UNIT\nmv {tmp} {path}\nsystemctl daemon-reload\nsystemctl enable {name} >/dev/null 2>&1 || true\nsystemctl restart {name}\n",
+            tmp = quote(&format!("{path}.tmp")),
+            path = quote(&path),
+            name = quote(name),
+        );
+        s
+    }
+
+    /// Prints `running <pid> <seconds>` or `stopped` (supervised) for `status`.
+    pub fn supervised_state(&self) -> String {
+        let mut s = self.prelude();
+        s.push_str(Self::alive_fn());
+        s.push_str(
+            r#"if [ -f runtime.pid ] && pid=$(cat runtime.pid) && alive "$pid"; then
+  up=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
+  echo "running $pid ${up:-?}"
+else echo stopped; fi
+if [ -f runtime.exit ]; then echo "exited $(cat runtime.exit)"; fi
+"#,
+        );
+        s
+    }
+
+    /// Writes `contents` to `rel` under the install folder through a temporary name.
+    pub fn write_file(&self, rel: &str, contents: &str) -> String {
+        let mut s = self.prelude();
+        let tmp = format!(".{}.tmp", rel.replace('/', "_"));
+        let _ = write!(
+            s,
+            "cat > {t} <<'EDGEPACK_FILE'\n{contents}\nEDGEPACK_FILE\nmv {t} {r}\n",
+            t = quote(&tmp),
+            r = quote(rel)
+        );
+        s
+    }
+
+    /// The last `lines` lines of the runtime's log (or the unit's journal), optionally followed.
+    pub fn logs(&self, systemd_unit: Option<&str>, lines: u32, follow: bool) -> String {
+        let f = if follow { " -f" } else { "" };
+        match systemd_unit {
+            Some(u) => format!("journalctl -u {} -n {lines} --no-pager{f}\n", quote(u)),
+            None => format!(
+                "tail -n {lines}{f} {}\n",
+                quote(&self.path("logs/runtime.log"))
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes_and_spaces() {
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn a_switch_renames_a_new_link_over_current() {
+        let s = Layout::new("/opt/edgepack/").switch("m-1");
+        assert!(s.contains("D='/opt/edgepack'"), "{s}");
+        assert!(s.contains("mv -T .current.tmp current"), "{s}");
+        assert!(s.contains("new='releases/m-1'"), "{s}");
+    }
+}

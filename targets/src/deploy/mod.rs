@@ -1,0 +1,1172 @@
+//! Deploy over SSH: put a verified bundle on a board as a new release, switch to it
+//! atomically, (re)start the runtime, check its health, and roll back when the check fails.
+//!
+//! A deploy goes: probe the board → refuse a bundle made for another target → plan each file
+//! (already in `.incoming` and complete, partly there and resumable, held by an earlier
+//! release with the same sha256 and linked, or sent) → upload → `sha256sum -c` on the board
+//! and a check that no unlisted file came along → rename `.incoming/<id>` to `releases/<id>`
+//! → switch `current` with one rename → restart the runtime → `/health` and a smoke prompt
+//! through an SSH forward. The old release stays untouched until the switch and returns when
+//! the check fails. [`board`] holds the layout and the scripts, [`ssh`] the transport,
+//! [`health`] the checks, [`inventory`] the fleet file.
+
+pub mod board;
+pub mod health;
+pub mod inventory;
+pub mod ssh;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::bundle::{self, FileEntry, Manifest, MANIFEST, SIGNATURE};
+use board::{quote, Layout};
+use health::Health;
+use ssh::Conn;
+
+/// Where a profile-less host installs (the profile's path: DESIGN "the board is the user's").
+pub const DEFAULT_INSTALL_DIR: &str = "/opt/edgepack";
+/// The runtime's port on the board's loopback (edgepack-runtime's own default).
+pub const DEFAULT_RUNTIME_PORT: u16 = 8080;
+/// Releases kept on the board besides `current` and `previous`.
+pub const DEFAULT_KEEP: usize = 3;
+pub const DEFAULT_SERVICE: &str = "edgepack";
+/// How long a restarted runtime may take to load its model and answer the smoke prompt.
+/// Generous because an emulated or slow board loads a model in tens of seconds.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often `/health` is asked while the model loads.
+const HEALTH_POLL: Duration = Duration::from_millis(500);
+/// Lines of the runtime's log quoted when it fails.
+const LOG_TAIL: u32 = 15;
+/// Where the runtime sits inside a release (the bundle layout's `bin/edgepack-runtime`).
+const RUNTIME_IN_RELEASE: &str = "bin/edgepack-runtime";
+
+/// What can go wrong, per host. Each names the host and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{host}: the host key of {address} is not in known_hosts; refusing to trust it unseen\nhint: check the key's fingerprint with the board's owner, then pass --accept-new-host-key once")]
+    HostKeyUnknown { host: String, address: String },
+    #[error("{host}: the host key of {address} HAS CHANGED since it was recorded in known_hosts; refusing to connect (this may be an attack, or the board was reinstalled)\nhint: if the board was reinstalled, remove its old line with `ssh-keygen -R {address}`")]
+    HostKeyChanged { host: String, address: String },
+    #[error("{host}: SSH authentication failed: {detail}\nhint: check the user, that your key is in the board's authorized_keys, and that ssh-agent holds it (`ssh-add -l`)")]
+    AuthFailed { host: String, detail: String },
+    #[error("{host}: cannot connect: {detail}")]
+    Connect { host: String, detail: String },
+    #[error("{host}: {step}: {detail}")]
+    Ssh {
+        host: String,
+        step: String,
+        detail: String,
+    },
+    #[error("{host}: {step} failed on the board (exit {code:?}): {stderr}")]
+    Remote {
+        host: String,
+        step: String,
+        code: Option<i32>,
+        stderr: String,
+    },
+    #[error("{host}: {message}")]
+    Refused { host: String, message: String },
+    #[error("{host}: the upload is corrupted, refused before switching (the board stays on {kept}):\n{detail}\nhint: the damaged files were removed; deploy again to send them anew")]
+    Corrupted {
+        host: String,
+        kept: String,
+        detail: String,
+    },
+    #[error("{host}: health check of {release} failed: {reason}; {after}")]
+    Unhealthy {
+        host: String,
+        release: String,
+        reason: String,
+        after: String,
+    },
+    #[error("{}: {message}", path.display())]
+    Inventory { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Local { path: PathBuf, message: String },
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+}
+
+/// Everything about one board that a deploy needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostConfig {
+    /// The label in reports.
+    pub name: String,
+    /// What ssh connects to: `user@host`, `host`, or an alias of ~/.ssh/config.
+    pub address: String,
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    /// The target profile the board is; a bundle for another target is refused.
+    pub target: Option<String>,
+    pub install_dir: String,
+    pub runtime_port: u16,
+    /// A command prefix for the runtime, e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`.
+    pub runner: Option<String>,
+    pub keep: usize,
+    /// The systemd unit's name where systemd runs.
+    pub service: String,
+    pub ssh_config: Option<PathBuf>,
+    pub runtime_args: Vec<String>,
+}
+
+impl HostConfig {
+    /// A host given on the command line: `user@host` and defaults.
+    pub fn new(address: &str) -> HostConfig {
+        HostConfig::from_settings(
+            address.to_string(),
+            address.to_string(),
+            inventory::Settings::default(),
+        )
+    }
+
+    pub(crate) fn from_settings(
+        name: String,
+        address: String,
+        s: inventory::Settings,
+    ) -> HostConfig {
+        HostConfig {
+            name,
+            address,
+            user: s.user,
+            port: s.port,
+            target: s.target,
+            install_dir: s
+                .install_dir
+                .unwrap_or_else(|| DEFAULT_INSTALL_DIR.to_string()),
+            runtime_port: s.runtime_port.unwrap_or(DEFAULT_RUNTIME_PORT),
+            runner: s.runner,
+            keep: s.keep.unwrap_or(DEFAULT_KEEP),
+            service: s.service.unwrap_or_else(|| DEFAULT_SERVICE.to_string()),
+            ssh_config: s.ssh_config,
+            runtime_args: s.runtime_args.unwrap_or_default(),
+        }
+    }
+}
+
+/// Options shared by every host of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub accept_new_host_key: bool,
+    /// The signer's public key (PEM): the bundle must be signed by it, and the runtime on the
+    /// board checks the signature again each time it starts.
+    pub trusted_key: Option<PathBuf>,
+    pub health_timeout: Duration,
+    /// Upload rate cap in bytes/s.
+    pub limit_rate: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            accept_new_host_key: false,
+            trusted_key: None,
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            limit_rate: None,
+        }
+    }
+}
+
+/// A bundle on the workstation, verified, with what a deploy sends.
+#[derive(Debug, Clone)]
+pub struct LocalBundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// `<bundle folder>-<first 12 hex of sha256(manifest.json)>`: the same bundle is the same
+    /// release on every board; any change to any file changes it.
+    pub release_id: String,
+    /// Every file a release holds: the listed files plus manifest.json (and manifest.sig).
+    pub files: Vec<FileEntry>,
+    trusted_key_pem: Option<String>,
+}
+
+/// Reads and verifies a bundle folder; with `trusted_key` its signature must verify.
+pub fn open_bundle(dir: &Path, trusted_key: Option<&Path>) -> Result<LocalBundle, DeployError> {
+    let (key, pem) = match trusted_key {
+        Some(p) => {
+            let k = crate::sign::read_public_key(p)?;
+            let pem = std::fs::read_to_string(p).map_err(|e| DeployError::Local {
+                path: p.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            (Some(k), Some(pem))
+        }
+        None => (None, None),
+    };
+    // The runtime refuses a signed bundle it has no key for, so deploy refuses it here,
+    // before anything is sent.
+    let manifest = bundle::verify_dir(dir, key.as_ref())?;
+    let mut files = manifest.files.clone();
+    files.push(bundle::file_entry(&dir.join(MANIFEST), MANIFEST)?);
+    if dir.join(SIGNATURE).is_file() {
+        files.push(bundle::file_entry(&dir.join(SIGNATURE), SIGNATURE)?);
+    }
+    let manifest_sha = &files
+        .iter()
+        .find(|f| f.path == MANIFEST)
+        .expect("just pushed")
+        .sha256;
+    let folder = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| manifest.model.name.clone());
+    let name: String = folder
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let release_id = format!("{name}-{}", &manifest_sha[..12]);
+    Ok(LocalBundle {
+        dir: dir.to_path_buf(),
+        manifest,
+        release_id,
+        files,
+        trusted_key_pem: pem,
+    })
+}
+
+/// How a deploy ended on one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The new release runs and passed its health check.
+    Deployed,
+    /// The release was already current; it was checked, not restarted.
+    Unchanged,
+    /// The new release failed its health check; the previous one runs again.
+    RolledBack,
+    /// Nothing was switched (refused, unreachable, corrupted upload, broken connection).
+    Failed,
+}
+
+/// Per-host result of a deploy.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub host: String,
+    pub ok: bool,
+    pub outcome: Outcome,
+    pub release: Option<String>,
+    /// The release `current` pointed at before.
+    pub previous: Option<String>,
+    /// File bytes sent over SSH.
+    pub bytes_sent: u64,
+    pub files_sent: usize,
+    pub files_resumed: usize,
+    /// Files an earlier release on the board already had (hard-linked there, not sent).
+    pub files_reused: usize,
+    /// Files already complete in `.incoming` from an interrupted deploy.
+    pub files_present: usize,
+    pub health: Option<Health>,
+    pub error: Option<String>,
+    pub seconds: f64,
+}
+
+/// What a deploy tells its progress display about one host.
+pub trait HostProgress: Send + Sync {
+    fn stage(&self, stage: &str);
+    fn upload_start(&self, total_bytes: u64);
+    fn advance(&self, bytes: u64);
+    fn finish(&self, report: &HostReport);
+}
+
+/// A progress display that shows nothing.
+pub struct Quiet;
+
+impl HostProgress for Quiet {
+    fn stage(&self, _: &str) {}
+    fn upload_start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self, _: &HostReport) {}
+}
+
+/// Facts the probe script prints.
+#[derive(Debug, Default)]
+struct Probe {
+    arch: String,
+    systemd: bool,
+    sha256sum: bool,
+    current: Option<String>,
+    previous: Option<String>,
+    releases: Vec<String>,
+}
+
+fn release_of(link: &str) -> Option<String> {
+    link.strip_prefix("releases/")
+        .map(|s| s.trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+}
+
+async fn probe(c: &Conn, l: &Layout) -> Result<Probe, DeployError> {
+    let out = c.sh("probing the board", &l.probe()).await?;
+    let mut p = Probe::default();
+    for line in out.lines() {
+        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
+        let v = v.trim();
+        match k {
+            "arch" => p.arch = v.to_string(),
+            "systemd" => p.systemd = v == "yes",
+            "sha256sum" => p.sha256sum = v == "yes",
+            "current" => p.current = release_of(v),
+            "previous" => p.previous = release_of(v),
+            "release" => p.releases.push(v.to_string()),
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+/// The machine names `uname -m` prints for a Rust triple's architecture.
+fn arch_matches(triple: &str, uname: &str) -> bool {
+    let want = triple.split('-').next().unwrap_or_default();
+    match want {
+        "aarch64" => matches!(uname, "aarch64" | "arm64"),
+        "x86_64" => matches!(uname, "x86_64" | "amd64"),
+        "armv7" | "arm" => uname.starts_with("armv7") || uname.starts_with("armv8l"),
+        other => other == uname,
+    }
+}
+
+/// The runtime's command line on the board.
+fn runtime_command(h: &HostConfig, l: &Layout, signed: bool) -> String {
+    let cur = l.path("current");
+    let mut cmd = String::new();
+    if let Some(r) = &h.runner {
+        // The runner is the operator's own command prefix (from the inventory), not a path.
+        cmd.push_str(r);
+        cmd.push(' ');
+    }
+    cmd.push_str(&format!(
+        "{} serve --bundle {} --port {}",
+        quote(&format!("{cur}/{RUNTIME_IN_RELEASE}")),
+        quote(&cur),
+        h.runtime_port
+    ));
+    if signed {
+        cmd.push_str(&format!(
+            " --trusted-key {}",
+            quote(&l.path("trusted.pub.pem"))
+        ));
+    }
+    for a in &h.runtime_args {
+        cmd.push(' ');
+        cmd.push_str(&quote(a));
+    }
+    cmd
+}
+
+/// Restarts the runtime of `current` (systemd unit or supervised process).
+async fn restart(
+    c: &Conn,
+    h: &HostConfig,
+    l: &Layout,
+    p: &Probe,
+    signed: bool,
+) -> Result<(), DeployError> {
+    let cmd = runtime_command(h, l, signed);
+    let script = if p.systemd {
+        l.start_systemd(&h.service, &cmd)
+    } else {
+        l.start_supervised(&cmd)
+    };
+    c.sh("starting the runtime", &script).await.map(|_| ())
+}
+
+async fn stop(c: &Conn, h: &HostConfig, l: &Layout, p: &Probe) -> Result<(), DeployError> {
+    let script = if p.systemd {
+        format!("systemctl stop {} || true\n", quote(&h.service))
+    } else {
+        l.stop_supervised()
+    };
+    c.sh("stopping the runtime", &script).await.map(|_| ())
+}
+
+async fn log_tail(c: &Conn, h: &HostConfig, l: &Layout, p: &Probe) -> String {
+    let unit = p.systemd.then_some(h.service.as_str());
+    c.sh("reading the runtime's log", &l.logs(unit, LOG_TAIL, false))
+        .await
+        .unwrap_or_default()
+}
+
+/// Waits for `/health` and runs the smoke prompt. Errors say why, with the log's tail.
+async fn check_health(
+    c: &Conn,
+    h: &HostConfig,
+    l: &Layout,
+    p: &Probe,
+    timeout: Duration,
+) -> Result<Health, String> {
+    let started = Instant::now();
+    let sock = c.forward(h.runtime_port).await.map_err(|e| e.to_string())?;
+    let mut last = String::from("no answer yet");
+    let mut polls = 0u32;
+    loop {
+        if started.elapsed() > timeout {
+            let tail = log_tail(c, h, l, p).await;
+            return Err(format!(
+                "/health did not answer 200 within {timeout:?} (last: {last})\nruntime log:\n{tail}"
+            ));
+        }
+        match health::request(&sock, "GET", "/health", None, Duration::from_secs(10)).await {
+            Ok(a) if a.status == 200 => break,
+            Ok(a) => last = format!("HTTP {} {}", a.status, a.body.trim()),
+            Err(e) => last = e.to_string(),
+        }
+        polls += 1;
+        // The supervisor records each exit: a runtime that cannot start fails now, not at
+        // the timeout.
+        if !p.systemd && polls % 4 == 0 {
+            let exit = c
+                .sh(
+                    "checking the runtime",
+                    &format!("cat {} 2>/dev/null || true", quote(&l.path("runtime.exit"))),
+                )
+                .await
+                .unwrap_or_default();
+            if !exit.trim().is_empty() {
+                let tail = log_tail(c, h, l, p).await;
+                return Err(format!(
+                    "the runtime exited with status {} before it was ready\nruntime log:\n{tail}",
+                    exit.trim()
+                ));
+            }
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+    let ready_s = started.elapsed().as_secs_f64();
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_secs(30));
+    let mut health = health::smoke(&sock, left).await?;
+    health.ready_s = ready_s;
+    Ok(health)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn record_health(
+    c: &Conn,
+    l: &Layout,
+    release: &str,
+    result: &Result<Health, String>,
+) -> Result<(), DeployError> {
+    record_health_with(c, l, release, result, None).await
+}
+
+/// Writes health.json; after a rollback it also says which release failed and why, so the
+/// reason survives on the board (operators ask for that log).
+async fn record_health_with(
+    c: &Conn,
+    l: &Layout,
+    release: &str,
+    result: &Result<Health, String>,
+    rolled_back: Option<(&str, &str)>,
+) -> Result<(), DeployError> {
+    let mut v = match result {
+        Ok(hl) => serde_json::json!({
+            "release": release, "checked_at": now_unix(), "ok": true,
+            "ready_s": hl.ready_s, "ttft_ms": hl.ttft_ms, "tokens_per_s": hl.tokens_per_s,
+            "completion_tokens": hl.completion_tokens, "reply": hl.reply,
+        }),
+        Err(why) => serde_json::json!({
+            "release": release, "checked_at": now_unix(), "ok": false, "reason": why,
+        }),
+    };
+    if let Some((from, why)) = rolled_back {
+        v["rolled_back_from"] = serde_json::json!(from);
+        v["rollback_reason"] = serde_json::json!(why);
+    }
+    c.sh(
+        "recording the health check",
+        &l.write_file(
+            "health.json",
+            &serde_json::to_string_pretty(&v).expect("json"),
+        ),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// sha256 of the first `len` bytes of a local file.
+fn local_prefix_sha(path: &Path, len: u64) -> Result<String, DeployError> {
+    use std::io::Read;
+    let err = |e: std::io::Error| DeployError::Local {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut r = f.take(len);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+enum Plan {
+    /// Complete in `.incoming` already.
+    Present,
+    Resume(u64),
+    Reuse(String),
+    Send,
+}
+
+/// Deploys `b` to one host. Never leaves the board half-switched: every failure before the
+/// switch keeps `current`; a failed health check after it switches back.
+pub async fn deploy_host(
+    h: &HostConfig,
+    b: &LocalBundle,
+    opts: &Options,
+    progress: &dyn HostProgress,
+) -> HostReport {
+    let started = Instant::now();
+    let mut r = HostReport {
+        host: h.name.clone(),
+        ok: false,
+        outcome: Outcome::Failed,
+        release: Some(b.release_id.clone()),
+        previous: None,
+        bytes_sent: 0,
+        files_sent: 0,
+        files_resumed: 0,
+        files_reused: 0,
+        files_present: 0,
+        health: None,
+        error: None,
+        seconds: 0.0,
+    };
+    let res = deploy_inner(h, b, opts, progress, &mut r).await;
+    if let Err(e) = res {
+        r.ok = false;
+        if r.outcome != Outcome::RolledBack {
+            r.outcome = Outcome::Failed;
+        }
+        r.error = Some(e.to_string());
+    }
+    r.seconds = started.elapsed().as_secs_f64();
+    progress.finish(&r);
+    r
+}
+
+async fn deploy_inner(
+    h: &HostConfig,
+    b: &LocalBundle,
+    opts: &Options,
+    progress: &dyn HostProgress,
+    r: &mut HostReport,
+) -> Result<(), DeployError> {
+    let refuse = |message: String| DeployError::Refused {
+        host: h.name.clone(),
+        message,
+    };
+    if let Some(t) = &h.target {
+        if *t != b.manifest.target.profile {
+            return Err(refuse(format!(
+                "the bundle is for target `{}`, the host is `{t}`; refusing to install it",
+                b.manifest.target.profile
+            )));
+        }
+    }
+    let rt = b.manifest.runtime.as_ref().ok_or_else(|| {
+        refuse(format!(
+            "{}: the bundle carries no runtime binary, so nothing could serve it on the board\nhint: edgepack bundle ... --runtime <edgepack-runtime built for the board>",
+            b.dir.display()
+        ))
+    })?;
+    if rt.file != RUNTIME_IN_RELEASE {
+        return Err(refuse(format!(
+            "the bundle's runtime is at `{}`; deploy starts `{RUNTIME_IN_RELEASE}`",
+            rt.file
+        )));
+    }
+    progress.stage("connecting");
+    let c = Conn::open(h, opts.accept_new_host_key).await?;
+    let res = deploy_connected(&c, h, b, opts, progress, r).await;
+    c.close().await;
+    res
+}
+
+async fn deploy_connected(
+    c: &Conn,
+    h: &HostConfig,
+    b: &LocalBundle,
+    opts: &Options,
+    progress: &dyn HostProgress,
+    r: &mut HostReport,
+) -> Result<(), DeployError> {
+    let l = Layout::new(&h.install_dir);
+    let id = &b.release_id;
+    progress.stage("probing");
+    let p = probe(c, &l).await?;
+    r.previous = p.current.clone();
+    let rt = b.manifest.runtime.as_ref().expect("checked by the caller");
+    if h.runner.is_none() && !arch_matches(&rt.triple, &p.arch) {
+        return Err(DeployError::Refused {
+            host: h.name.clone(),
+            message: format!(
+                "the bundle's runtime is built for {}, the board is {}; refusing to install a binary it cannot run\nhint: bundle the runtime for the board's target, or set a `runner` for the host",
+                rt.triple, p.arch
+            ),
+        });
+    }
+    if !p.sha256sum {
+        return Err(DeployError::Refused {
+            host: h.name.clone(),
+            message:
+                "the board has no sha256sum, so the upload cannot be verified before the switch"
+                    .into(),
+        });
+    }
+    let signed = b.trusted_key_pem.is_some();
+    if !p.releases.contains(id) {
+        upload(c, h, &l, b, opts, progress, r).await?;
+        progress.stage("verifying");
+        verify_on_board(c, h, &l, b, &p).await?;
+    }
+    if let Some(pem) = &b.trusted_key_pem {
+        c.sh(
+            "installing the trusted key",
+            &l.write_file("trusted.pub.pem", pem.trim_end()),
+        )
+        .await?;
+    }
+    let was_current = p.current.as_deref() == Some(id.as_str());
+    if was_current {
+        // Same release: keep the process that runs; start it only if it is not running.
+        let state = c
+            .sh("reading the runtime's state", &l.supervised_state())
+            .await?;
+        if !p.systemd && !state.starts_with("running") {
+            restart(c, h, &l, &p, signed).await?;
+        }
+        progress.stage("health check");
+        let checked = check_health(c, h, &l, &p, opts.health_timeout).await;
+        record_health(c, &l, id, &checked).await?;
+        match checked {
+            Ok(hl) => {
+                r.health = Some(hl);
+                r.outcome = Outcome::Unchanged;
+                r.ok = true;
+                return Ok(());
+            }
+            Err(reason) => {
+                return Err(DeployError::Unhealthy {
+                    host: h.name.clone(),
+                    release: id.clone(),
+                    reason,
+                    after: "it was already the current release; nothing was switched".into(),
+                })
+            }
+        }
+    }
+    progress.stage("switching");
+    c.sh("switching current", &l.switch(id)).await?;
+    restart(c, h, &l, &p, signed).await?;
+    progress.stage("health check");
+    let checked = check_health(c, h, &l, &p, opts.health_timeout).await;
+    record_health(c, &l, id, &checked).await?;
+    match checked {
+        Ok(hl) => {
+            r.health = Some(hl);
+            r.outcome = Outcome::Deployed;
+            r.ok = true;
+            progress.stage("pruning");
+            c.sh("removing old releases", &l.prune(h.keep, id)).await?;
+            Ok(())
+        }
+        Err(reason) => {
+            progress.stage("rolling back");
+            let after = match &p.current {
+                Some(prev) => {
+                    c.sh("rolling back", &l.swap_back()).await?;
+                    restart(c, h, &l, &p, signed).await?;
+                    r.outcome = Outcome::RolledBack;
+                    r.release = Some(prev.clone());
+                    let again = check_health(c, h, &l, &p, opts.health_timeout).await;
+                    record_health_with(c, &l, prev, &again, Some((id, &reason))).await?;
+                    match again {
+                        Ok(hl) => {
+                            r.health = Some(hl);
+                            format!("rolled back to {prev}, which is healthy")
+                        }
+                        Err(e) => {
+                            format!("rolled back to {prev}, which is not healthy either: {e}")
+                        }
+                    }
+                }
+                None => {
+                    stop(c, h, &l, &p).await?;
+                    c.sh(
+                        "removing the failed release's link",
+                        &format!("rm -f {}", quote(&l.path("current"))),
+                    )
+                    .await?;
+                    r.release = None;
+                    "there was no previous release; the runtime was stopped".into()
+                }
+            };
+            Err(DeployError::Unhealthy {
+                host: h.name.clone(),
+                release: id.clone(),
+                reason,
+                after,
+            })
+        }
+    }
+}
+
+async fn upload(
+    c: &Conn,
+    h: &HostConfig,
+    l: &Layout,
+    b: &LocalBundle,
+    opts: &Options,
+    progress: &dyn HostProgress,
+    r: &mut HostReport,
+) -> Result<(), DeployError> {
+    progress.stage("planning");
+    let incoming = l.incoming(&b.release_id);
+    let paths: Vec<&str> = b.files.iter().map(|f| f.path.as_str()).collect();
+    let sizes_out = c
+        .sh("listing the partial upload", &l.sizes(&incoming, &paths))
+        .await?;
+    let mut have: BTreeMap<String, u64> = BTreeMap::new();
+    for line in sizes_out.lines() {
+        if let Some((n, p)) = line.trim().split_once(' ') {
+            if let Ok(n) = n.trim().parse() {
+                have.insert(p.to_string(), n);
+            }
+        }
+    }
+    // What earlier releases hold, by sha256: their manifests were verified on the board.
+    let mut held: BTreeMap<String, String> = BTreeMap::new();
+    let listing = c
+        .sh(
+            "listing releases",
+            &format!(
+                "cd {} 2>/dev/null && for m in */manifest.json; do [ -f \"$m\" ] && echo \"${{m%/manifest.json}}\"; done; true",
+                quote(&l.path("releases"))
+            ),
+        )
+        .await?;
+    for rel in listing.lines().map(str::trim).filter(|s| !s.is_empty()) {
+        let text = c
+            .sh(
+                "reading a release's manifest",
+                &format!("cat {}", quote(&format!("{}/{MANIFEST}", l.release(rel)))),
+            )
+            .await?;
+        let Ok(m) = Manifest::from_bytes(text.as_bytes(), Path::new(MANIFEST)) else {
+            continue;
+        };
+        for f in m.files {
+            held.entry(f.sha256)
+                .or_insert_with(|| format!("{}/{}", l.release(rel), f.path));
+        }
+    }
+    let mut plans = Vec::new();
+    let mut to_send = 0u64;
+    for f in &b.files {
+        let local = b.dir.join(&f.path);
+        let plan = match have.get(&f.path).copied() {
+            Some(n) if n == f.size => Plan::Present,
+            Some(n) if n > 0 && n < f.size => {
+                let remote = c
+                    .sh(
+                        "hashing the partial upload",
+                        &l.prefix_sha(&format!("{incoming}/{}", f.path), n),
+                    )
+                    .await?;
+                if remote.trim() == local_prefix_sha(&local, n)? {
+                    Plan::Resume(n)
+                } else {
+                    c.sh(
+                        "discarding a damaged partial upload",
+                        &l.truncate(&format!("{incoming}/{}", f.path)),
+                    )
+                    .await?;
+                    Plan::Resume(0)
+                }
+            }
+            Some(n) if n > f.size => {
+                c.sh(
+                    "discarding a damaged partial upload",
+                    &l.truncate(&format!("{incoming}/{}", f.path)),
+                )
+                .await?;
+                Plan::Resume(0)
+            }
+            _ => match held.get(&f.sha256) {
+                Some(src) => Plan::Reuse(src.clone()),
+                None => Plan::Send,
+            },
+        };
+        match &plan {
+            Plan::Resume(n) => to_send += f.size - n,
+            Plan::Send => to_send += f.size,
+            _ => {}
+        }
+        plans.push((f, local, plan));
+    }
+    progress.upload_start(to_send);
+    progress.stage("uploading");
+    let advance = |n: u64| progress.advance(n);
+    for (f, local, plan) in plans {
+        let remote = format!("{incoming}/{}", f.path);
+        match plan {
+            Plan::Present => r.files_present += 1,
+            Plan::Reuse(src) => {
+                c.sh("reusing a file the board has", &l.link(&src, &remote))
+                    .await?;
+                r.files_reused += 1;
+            }
+            Plan::Resume(n) => {
+                let sent = c
+                    .upload(&local, n, &l.append(&remote), opts.limit_rate, &advance)
+                    .await?;
+                r.bytes_sent += sent;
+                if n > 0 {
+                    r.files_resumed += 1;
+                } else {
+                    r.files_sent += 1;
+                }
+            }
+            Plan::Send => {
+                let sent = c
+                    .upload(&local, 0, &l.append(&remote), opts.limit_rate, &advance)
+                    .await?;
+                r.bytes_sent += sent;
+                r.files_sent += 1;
+            }
+        }
+    }
+    let _ = h;
+    Ok(())
+}
+
+/// `sha256sum -c` of the whole incoming release on the board; on a mismatch the damaged files
+/// are removed (the next deploy sends them again) and nothing is switched.
+async fn verify_on_board(
+    c: &Conn,
+    h: &HostConfig,
+    l: &Layout,
+    b: &LocalBundle,
+    p: &Probe,
+) -> Result<(), DeployError> {
+    let sums: String = b
+        .files
+        .iter()
+        .map(|f| format!("{}  {}\n", f.sha256, f.path))
+        .collect();
+    let exec = [RUNTIME_IN_RELEASE];
+    match c
+        .sh(
+            "verifying the upload",
+            &l.verify_and_commit(&b.release_id, &sums, b.files.len(), &exec),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(DeployError::Remote {
+            code: Some(3),
+            stderr,
+            ..
+        }) => {
+            let incoming = l.incoming(&b.release_id);
+            let bad: Vec<String> = stderr
+                .lines()
+                .filter_map(|line| line.strip_suffix(": FAILED"))
+                .map(|p| quote(&format!("{incoming}/{p}")))
+                .collect();
+            if !bad.is_empty() {
+                c.sh(
+                    "removing damaged files",
+                    &format!("rm -f {}", bad.join(" ")),
+                )
+                .await?;
+            }
+            Err(DeployError::Corrupted {
+                host: h.name.clone(),
+                kept: p
+                    .current
+                    .clone()
+                    .unwrap_or_else(|| "no release".to_string()),
+                detail: stderr,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deploys to every host, at most `parallel` at a time. Each host gets the bundle `pick`
+/// chooses for it (or a refusal).
+pub fn deploy_all(
+    hosts: &[HostConfig],
+    pick: &dyn Fn(&HostConfig) -> Result<Arc<LocalBundle>, String>,
+    opts: &Options,
+    parallel: usize,
+    progress: &dyn Fn(&HostConfig) -> Arc<dyn HostProgress>,
+) -> Vec<HostReport> {
+    let rt = runtime();
+    let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let bundle = pick(h);
+            let prog = progress(h);
+            let (h, opts, sem) = (h.clone(), opts.clone(), sem.clone());
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("semaphore open");
+                let report = match bundle {
+                    Ok(b) => deploy_host(&h, &b, &opts, prog.as_ref()).await,
+                    Err(message) => {
+                        let r = HostReport {
+                            host: h.name.clone(),
+                            ok: false,
+                            outcome: Outcome::Failed,
+                            release: None,
+                            previous: None,
+                            bytes_sent: 0,
+                            files_sent: 0,
+                            files_resumed: 0,
+                            files_reused: 0,
+                            files_present: 0,
+                            health: None,
+                            error: Some(format!("{}: {message}", h.name)),
+                            seconds: 0.0,
+                        };
+                        prog.finish(&r);
+                        r
+                    }
+                };
+                (i, report)
+            });
+        }
+        let mut out: Vec<Option<HostReport>> = vec![None; hosts.len()];
+        while let Some(j) = set.join_next().await {
+            let (i, rep) = j.expect("a deploy task panicked");
+            out[i] = Some(rep);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every host reported"))
+            .collect()
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts")
+}
+
+/// What `edgepack status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub host: String,
+    pub install_dir: String,
+    pub current: Option<String>,
+    pub previous: Option<String>,
+    pub releases: Vec<String>,
+    pub model: Option<String>,
+    pub target: Option<String>,
+    pub service: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub uptime_s: Option<u64>,
+    /// The last health check, as recorded on the board.
+    pub last_check: Option<serde_json::Value>,
+}
+
+pub fn status(h: &HostConfig, opts: &Options) -> Result<Status, DeployError> {
+    runtime().block_on(async {
+        let c = Conn::open(h, opts.accept_new_host_key).await?;
+        let l = Layout::new(&h.install_dir);
+        let p = probe(&c, &l).await?;
+        let (mut model, mut target) = (None, None);
+        if let Some(cur) = &p.current {
+            let text = c
+                .sh(
+                    "reading the current manifest",
+                    &format!("cat {}", quote(&format!("{}/{MANIFEST}", l.release(cur)))),
+                )
+                .await?;
+            if let Ok(m) = Manifest::from_bytes(text.as_bytes(), Path::new(MANIFEST)) {
+                model = Some(format!(
+                    "{} ({}, {})",
+                    m.model.name, m.format, m.quant.preset
+                ));
+                target = Some(m.target.profile);
+            }
+        }
+        let (running, pid, uptime_s, service) = if p.systemd {
+            let out = c
+                .sh(
+                    "reading the unit's state",
+                    &format!(
+                        "systemctl show {} -p MainPID -p ActiveState --value; true",
+                        quote(&h.service)
+                    ),
+                )
+                .await?;
+            let mut it = out.lines();
+            let pid: Option<u32> = it
+                .next()
+                .and_then(|s| s.trim().parse().ok())
+                .filter(|p| *p > 0);
+            let active = it.next().map(|s| s.trim() == "active").unwrap_or(false);
+            (active, pid, None, format!("systemd unit {}", h.service))
+        } else {
+            let out = c
+                .sh("reading the runtime's state", &l.supervised_state())
+                .await?;
+            let first = out.lines().next().unwrap_or("stopped");
+            let parts: Vec<&str> = first.split_whitespace().collect();
+            if parts.first() == Some(&"running") {
+                (
+                    true,
+                    parts.get(1).and_then(|s| s.parse().ok()),
+                    parts.get(2).and_then(|s| s.parse().ok()),
+                    "supervised process (runtime.pid)".to_string(),
+                )
+            } else {
+                (
+                    false,
+                    None,
+                    None,
+                    "supervised process (runtime.pid)".to_string(),
+                )
+            }
+        };
+        let hj = c
+            .sh(
+                "reading health.json",
+                &format!("cat {} 2>/dev/null || true", quote(&l.path("health.json"))),
+            )
+            .await?;
+        let last_check = serde_json::from_str(&hj).ok();
+        c.close().await;
+        Ok(Status {
+            host: h.name.clone(),
+            install_dir: h.install_dir.clone(),
+            current: p.current,
+            previous: p.previous,
+            releases: p.releases,
+            model,
+            target,
+            service,
+            running,
+            pid,
+            uptime_s,
+            last_check,
+        })
+    })
+}
+
+/// What `edgepack rollback` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackReport {
+    pub host: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub health: Option<Health>,
+}
+
+/// Switches `current` back to `previous`, restarts, and checks the health of what now runs.
+pub fn rollback(h: &HostConfig, opts: &Options) -> Result<RollbackReport, DeployError> {
+    runtime().block_on(async {
+        let c = Conn::open(h, opts.accept_new_host_key).await?;
+        let l = Layout::new(&h.install_dir);
+        let p = probe(&c, &l).await?;
+        let to = c.sh("rolling back", &l.swap_back()).await?;
+        let to = release_of(to.trim()).unwrap_or_else(|| to.trim().to_string());
+        let signed = c
+            .sh(
+                "looking for a trusted key",
+                &format!(
+                    "[ -f {} ] && echo yes || true",
+                    quote(&l.path("trusted.pub.pem"))
+                ),
+            )
+            .await?
+            .trim()
+            == "yes";
+        restart(&c, h, &l, &p, signed).await?;
+        let checked = check_health(&c, h, &l, &p, opts.health_timeout).await;
+        record_health(&c, &l, &to, &checked).await?;
+        c.close().await;
+        match checked {
+            Ok(hl) => Ok(RollbackReport {
+                host: h.name.clone(),
+                from: p.current,
+                to,
+                health: Some(hl),
+            }),
+            Err(reason) => Err(DeployError::Unhealthy {
+                host: h.name.clone(),
+                release: to,
+                reason,
+                after: "the rollback switched releases, but what runs now is not healthy".into(),
+            }),
+        }
+    })
+}
+
+/// Prints the runtime's log (systemd journal or `logs/runtime.log`) on our stdout.
+pub fn logs(h: &HostConfig, opts: &Options, lines: u32, follow: bool) -> Result<(), DeployError> {
+    runtime().block_on(async {
+        let c = Conn::open(h, opts.accept_new_host_key).await?;
+        let l = Layout::new(&h.install_dir);
+        let p = probe(&c, &l).await?;
+        let unit = p.systemd.then_some(h.service.as_str());
+        let res = c
+            .sh_inherit("reading the log", &l.logs(unit, lines, follow))
+            .await;
+        c.close().await;
+        res
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architectures_match_uname_names() {
+        assert!(arch_matches("aarch64-unknown-linux-gnu", "aarch64"));
+        assert!(arch_matches("x86_64-unknown-linux-gnu", "x86_64"));
+        assert!(!arch_matches("aarch64-unknown-linux-gnu", "x86_64"));
+    }
+
+    #[test]
+    fn the_runtime_command_quotes_paths_and_keeps_the_runner() {
+        let mut h = HostConfig::new("root@b");
+        h.install_dir = "/tmp/a b".into();
+        h.runner = Some("qemu-aarch64 -L /usr/aarch64-linux-gnu".into());
+        let cmd = runtime_command(&h, &Layout::new(&h.install_dir), true);
+        assert_eq!(
+            cmd,
+            "qemu-aarch64 -L /usr/aarch64-linux-gnu '/tmp/a b/current/bin/edgepack-runtime' serve --bundle '/tmp/a b/current' --port 8080 --trusted-key '/tmp/a b/trusted.pub.pem'"
+        );
+    }
+}

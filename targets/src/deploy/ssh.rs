@@ -1,0 +1,273 @@
+//! The SSH transport: one multiplexed connection per board through the user's own `ssh`
+//! (the `openssh` crate), so ~/.ssh/config, ssh-agent, ProxyJump and known_hosts behave as
+//! they do on the command line. Commands run as `sh -c <script>`; files travel as a byte
+//! stream into `cat >> file`, which works on boards without an SFTP server.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use openssh::{ForwardType, KnownHosts, Session, SessionBuilder, Socket, Stdio};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::{DeployError, HostConfig};
+
+/// How long ssh may take to reach a board before the host counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Keep-alive probes: a board that vanishes mid-upload is noticed within about 3 intervals
+/// (ssh's default ServerAliveCountMax is 3).
+const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Bytes per write into the remote `cat`.
+const CHUNK: usize = 256 * 1024;
+
+/// An open connection to one board.
+pub struct Conn {
+    session: Session,
+    pub host: String,
+    fwd_dir: tempfile::TempDir,
+    forwarded: tokio::sync::Mutex<std::collections::BTreeSet<u16>>,
+}
+
+/// Joins an error and its sources: `openssh` keeps ssh's own message (the one that says why)
+/// in the source chain, under a generic top line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut s = e.source();
+    while let Some(x) = s {
+        parts.push(x.to_string());
+        s = x.source();
+    }
+    parts.join(": ")
+}
+
+fn classify(host: &str, address: &str, e: openssh::Error) -> DeployError {
+    let text = chain(&e);
+    let detail = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('@'))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || text.contains("Host key for") && text.contains("has changed")
+    {
+        DeployError::HostKeyChanged {
+            host: host.into(),
+            address: address.into(),
+        }
+    } else if text.contains("Host key verification failed") {
+        DeployError::HostKeyUnknown {
+            host: host.into(),
+            address: address.into(),
+        }
+    } else if text.contains("Permission denied") {
+        DeployError::AuthFailed {
+            host: host.into(),
+            detail,
+        }
+    } else {
+        DeployError::Connect {
+            host: host.into(),
+            detail,
+        }
+    }
+}
+
+impl Conn {
+    /// Connects with strict host key checking, or `accept-new` when asked: a new host's key is
+    /// then recorded, but a changed key is still refused (ssh's own rule).
+    pub async fn open(h: &HostConfig, accept_new_host_key: bool) -> Result<Conn, DeployError> {
+        let mut b = SessionBuilder::default();
+        b.known_hosts_check(if accept_new_host_key {
+            KnownHosts::Add
+        } else {
+            KnownHosts::Strict
+        });
+        if let Some(u) = &h.user {
+            b.user(u.clone());
+        }
+        if let Some(p) = h.port {
+            b.port(p);
+        }
+        if let Some(c) = &h.ssh_config {
+            b.config_file(c);
+        }
+        b.connect_timeout(CONNECT_TIMEOUT);
+        b.server_alive_interval(ALIVE_INTERVAL);
+        // Unix socket paths are limited to about 108 bytes: keep the control folder short.
+        let fwd_dir = tempfile::Builder::new()
+            .prefix("ep")
+            .tempdir_in(std::env::temp_dir())
+            .map_err(|e| DeployError::Local {
+                path: std::env::temp_dir(),
+                message: e.to_string(),
+            })?;
+        b.control_directory(fwd_dir.path());
+        let session = b
+            .connect_mux(&h.address)
+            .await
+            .map_err(|e| classify(&h.name, &h.address, e))?;
+        Ok(Conn {
+            session,
+            host: h.name.clone(),
+            fwd_dir,
+            forwarded: Default::default(),
+        })
+    }
+
+    fn ssh_error(&self, step: &str, e: openssh::Error) -> DeployError {
+        DeployError::Ssh {
+            host: self.host.clone(),
+            step: step.into(),
+            detail: chain(&e),
+        }
+    }
+
+    /// Runs `script` with `sh -c` and returns its stdout; a non-zero exit is an error carrying
+    /// the script's stderr.
+    pub async fn sh(&self, step: &str, script: &str) -> Result<String, DeployError> {
+        let out = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| self.ssh_error(step, e))?;
+        if !out.status.success() {
+            return Err(DeployError::Remote {
+                host: self.host.clone(),
+                step: step.into(),
+                code: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `script` with its output passed through to ours (for `logs --follow`).
+    pub async fn sh_inherit(&self, step: &str, script: &str) -> Result<(), DeployError> {
+        let status = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status()
+            .await
+            .map_err(|e| self.ssh_error(step, e))?;
+        if !status.success() {
+            return Err(DeployError::Remote {
+                host: self.host.clone(),
+                step: step.into(),
+                code: status.code(),
+                stderr: String::new(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Streams `local` from byte `offset` into `script` (which appends stdin to the remote
+    /// file). `advance` sees each chunk; `limit` caps the rate in bytes/s. Returns bytes sent.
+    pub async fn upload(
+        &self,
+        local: &Path,
+        offset: u64,
+        script: &str,
+        limit: Option<u64>,
+        advance: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64, DeployError> {
+        let local_err = |e: std::io::Error| DeployError::Local {
+            path: local.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut f = tokio::fs::File::open(local).await.map_err(local_err)?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(local_err)?;
+        let mut child = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.ssh_error("upload", e))?;
+        let mut stdin = child.stdin().take().expect("stdin was piped");
+        let mut buf = vec![0u8; CHUNK];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let write_err = |e: std::io::Error| DeployError::Ssh {
+            host: self.host.clone(),
+            step: "upload".into(),
+            detail: format!(
+                "the connection broke while sending {}: {e}",
+                local.display()
+            ),
+        };
+        loop {
+            let n = f.read(&mut buf).await.map_err(local_err)?;
+            if n == 0 {
+                break;
+            }
+            stdin.write_all(&buf[..n]).await.map_err(write_err)?;
+            sent += n as u64;
+            advance(n as u64);
+            if let Some(limit) = limit.filter(|l| *l > 0) {
+                let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        stdin.flush().await.map_err(write_err)?;
+        stdin.shutdown().await.map_err(write_err)?;
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| self.ssh_error("upload", e))?;
+        if !out.status.success() {
+            return Err(DeployError::Remote {
+                host: self.host.clone(),
+                step: format!("upload of {}", local.display()),
+                code: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(sent)
+    }
+
+    /// Forwards a local unix socket to `127.0.0.1:port` on the board and returns its path.
+    /// A port is forwarded once per connection: ssh keeps the listener, and asking again for
+    /// the same socket would leave the old listener behind a removed path.
+    pub async fn forward(&self, port: u16) -> Result<PathBuf, DeployError> {
+        let sock = self.fwd_dir.path().join(format!("rt{port}.sock"));
+        let mut done = self.forwarded.lock().await;
+        if done.contains(&port) {
+            return Ok(sock);
+        }
+        let _ = std::fs::remove_file(&sock);
+        self.session
+            .request_port_forward(
+                ForwardType::Local,
+                Socket::UnixSocket {
+                    path: sock.clone().into(),
+                },
+                Socket::new("127.0.0.1", port),
+            )
+            .await
+            .map_err(|e| self.ssh_error("forwarding the runtime's port", e))?;
+        done.insert(port);
+        Ok(sock)
+    }
+
+    pub async fn close(self) {
+        let _ = self.session.close().await;
+    }
+}

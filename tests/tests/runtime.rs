@@ -1,0 +1,714 @@
+//! The on-board runtime, driven as real binaries: cross-compiled for aarch64 by
+//! `cargo xtask dist` and run under `qemu-aarch64` on a Q8_0 SmolLM2 bundle (health, a greedy
+//! chat completion that knows Paris, SSE streaming), tampered bundles refused before loading,
+//! and the x86-64 build serving the rest of the OpenAI-compatible API natively.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use edgepack_tests::{edgepack, fixtures, root, run_err, run_ok, shared_work_dir, smollm2_hf};
+use serde_json::{json, Value};
+
+/// The board profile the emulated runs stand for (Cortex-A55, glibc floor 2.35).
+const BOARD: &str = "imx95";
+/// qemu's sysroot for the aarch64 loader and libraries (Debian's libc6-arm64-cross).
+const QEMU_SYSROOT: &str = "/usr/aarch64-linux-gnu";
+/// Emulated model loading and inference are slow; generous so a busy machine does not flake.
+const QEMU_READY: Duration = Duration::from_secs(600);
+const NATIVE_READY: Duration = Duration::from_secs(120);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// One llama.cpp thread: ggml's spinning thread pool slows to a crawl when the cores are
+/// shared with other test processes (and under qemu, every thread is emulated).
+const THREADS: &str = "1";
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// The workspace's target folder (the test executable is in target/<profile>/deps/).
+fn target_root() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .nth(3)
+        .expect("target/<profile>/deps/<exe>")
+        .to_path_buf()
+}
+
+/// The x86-64 runtime, built once per run in release (llama.cpp's debug build is too slow).
+fn native_runtime() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        run_ok(cargo().args(["build", "--release", "--quiet", "-p", "edgepack-runtime"]));
+        let bin = target_root().join("release/edgepack-runtime");
+        assert!(bin.is_file(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// `cargo xtask dist --target imx95 --json`: the cross-compiled runtime and what it reports.
+fn dist() -> &'static Value {
+    static OUT: OnceLock<Value> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let out = run_ok(cargo().args(["xtask", "dist", "--target", BOARD, "--json"]));
+        serde_json::from_slice(&out.stdout).expect("dist --json prints JSON")
+    })
+}
+
+/// A key pair from `edgepack keygen`, made once per run under `name`.
+fn keypair(name: &str) -> (PathBuf, PathBuf) {
+    let dir = shared_work_dir().join(format!("runtime-key-{name}"));
+    let dir = fixtures::build_once(&dir, |tmp| {
+        std::fs::create_dir_all(tmp).unwrap();
+        run_ok(edgepack().args(["keygen", "-o"]).arg(tmp.join("key")));
+    });
+    (dir.join("key.pem"), dir.join("key.pub.pem"))
+}
+
+/// The Q8_0 SmolLM2 bundle for the board, with the cross-compiled runtime in bin/, signed.
+fn board_bundle() -> PathBuf {
+    let out = shared_work_dir().join("runtime-bundle-imx95");
+    let runtime = PathBuf::from(dist()["binary"].as_str().expect("dist binary"));
+    let (key, _) = keypair("signer");
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_hf())
+                .args(["--target", BOARD, "--format", "gguf", "--quant", "Q8_0"])
+                .args(["--name", "smollm2", "--runtime"])
+                .arg(&runtime)
+                .arg("--sign")
+                .arg(&key)
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    out.join(format!("smollm2-{BOARD}"))
+}
+
+/// The same model bundled for the x86-64 machine the tests run on, unsigned.
+fn native_bundle() -> PathBuf {
+    let out = shared_work_dir().join("runtime-bundle-x86_64");
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_hf())
+                .args(["--target", "generic-x86_64", "--format", "gguf"])
+                .args(["--quant", "Q8_0", "--name", "smollm2", "-o"])
+                .arg(tmp),
+        );
+    });
+    out.join("smollm2-generic-x86_64")
+}
+
+/// The model's name as the bundle's manifest records it: the id the API answers with.
+fn model_id(bundle: &Path) -> String {
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    m["model"]["name"].as_str().expect("model.name").to_string()
+}
+
+/// A running `edgepack-runtime serve`, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program args.. serve --bundle B --port 0 --json` and waits for `/health` = 200.
+fn serve(mut cmd: Command, bundle: &Path, extra: &[&str], ready: Duration) -> Server {
+    cmd.arg("--json")
+        .arg("serve")
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("spawn runtime");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let event: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("runtime printed no listening JSON ({e}): {line:?}"));
+    let port = event["addr"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {event}"));
+    let mut server = Server { child, port };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().expect("poll runtime") {
+            panic!("runtime exited with {status} before it was healthy");
+        }
+        if let Some(r) = http::try_request(port, "GET", "/health", None, Duration::from_secs(10)) {
+            if r.status == 200 {
+                assert_eq!(r.json()["status"], "ok");
+                return server;
+            }
+            assert_eq!(r.status, 503, "only 503 while loading: {}", r.body);
+            assert_eq!(r.json()["error"]["message"], "Loading model");
+        }
+        assert!(
+            start.elapsed() < ready,
+            "runtime not healthy after {ready:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn qemu(binary: &Path) -> Command {
+    let mut c = Command::new("qemu-aarch64");
+    c.arg("-L").arg(QEMU_SYSROOT).arg(binary);
+    c
+}
+
+fn chat(port: u16, content: &str, extra: Value) -> http::Response {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    http::request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        REQUEST_TIMEOUT,
+    )
+}
+
+#[test]
+fn dist_cross_compiles_an_aarch64_binary_within_the_boards_glibc_floor() {
+    let out = dist();
+    assert_eq!(out["rust_target"], "aarch64-unknown-linux-gnu");
+    assert_eq!(out["target_cpu"], "cortex-a55");
+    let bin = PathBuf::from(out["binary"].as_str().unwrap());
+    // binutils' own reading of the ELF header, not ours.
+    let header = run_ok(Command::new("readelf").arg("-h").arg(&bin));
+    assert!(
+        String::from_utf8_lossy(&header.stdout).contains("AArch64"),
+        "{} is not an AArch64 ELF",
+        bin.display()
+    );
+    let need = out["glibc_required"].as_str().expect("links glibc");
+    let need: Vec<u32> = need
+        .trim_start_matches("GLIBC_")
+        .split('.')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(
+        need <= vec![2, 35],
+        "imx95's floor is glibc 2.35, binary needs {need:?}"
+    );
+    let help = run_ok(qemu(&bin).arg("--help"));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Example:"));
+}
+
+#[test]
+fn dist_refuses_a_board_whose_glibc_is_older_than_the_binary_needs() {
+    // imx95 as it is, but claiming a glibc 2.17 image (older than Debian's cross glibc).
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("targets/profiles/imx95.toml")).unwrap();
+    let old = text.replace("glibc_floor = \"2.35\"", "glibc_floor = \"2.17\"");
+    assert_ne!(old, text, "the imx95 profile states its floor");
+    let profile = dir.path().join("old-imx95.toml");
+    std::fs::write(&profile, old).unwrap();
+    dist(); // the build itself is shared; this run only re-checks it
+    let err = run_err(cargo().args(["xtask", "dist", "--target"]).arg(&profile));
+    assert!(err.contains("GLIBC_2."), "names the version needed: {err}");
+    assert!(err.contains("2.17"), "names the floor: {err}");
+    assert!(err.contains("zigbuild"), "points at the fix: {err}");
+}
+
+#[test]
+fn aarch64_runtime_under_qemu_serves_a_signed_bundle_and_knows_paris() {
+    let bundle = board_bundle();
+    let (_, public) = keypair("signer");
+    let runtime = bundle.join("bin/edgepack-runtime");
+    let key = public.to_str().unwrap();
+    let server = serve(
+        qemu(&runtime),
+        &bundle,
+        &[
+            "--trusted-key",
+            key,
+            "--threads",
+            THREADS,
+            "--ctx-size",
+            "512",
+        ],
+        QEMU_READY,
+    );
+
+    let r = chat(
+        server.port,
+        "What is the capital of France?",
+        json!({"max_tokens": 24}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], model_id(&bundle));
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "answer: {answer:?}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 24);
+
+    let r = chat(
+        server.port,
+        "What is the capital of France?",
+        json!({"max_tokens": 6, "stream": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream")));
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.len() >= 2, "{data:?}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    // Greedy decoding is deterministic: the stream is the start of the full answer.
+    assert!(
+        answer.starts_with(&streamed) && !streamed.is_empty(),
+        "stream {streamed:?} vs answer {answer:?}"
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+}
+
+/// Copies a bundle folder so it can be damaged without touching the shared one.
+fn copy_bundle(src: &Path, dst: &Path) {
+    for entry in walk(src) {
+        let rel = entry.strip_prefix(src).unwrap();
+        let to = dst.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Runs `serve` on a damaged bundle: it must fail without ever listening; returns stderr.
+fn refused(cmd: Command, bundle: &Path, extra: &[&str]) -> String {
+    let mut cmd = cmd;
+    cmd.args(["--json", "serve", "--bundle"])
+        .arg(bundle)
+        .args(["--port", "0"])
+        .args(extra)
+        .env("NO_COLOR", "1");
+    let out = cmd.output().expect("spawn runtime");
+    assert!(!out.status.success(), "a damaged bundle was served");
+    assert!(
+        out.stdout.is_empty(),
+        "the runtime listened before refusing: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tampered_bundles_are_refused_before_loading_naming_the_file() {
+    let good = board_bundle();
+    let (_, signer) = keypair("signer");
+    let (_, stranger) = keypair("stranger");
+    let native = native_runtime();
+    let gguf = "model/smollm2.gguf";
+
+    // One byte flipped in the middle of the weights.
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("b");
+    copy_bundle(&good, &b);
+    let mut bytes = std::fs::read(b.join(gguf)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(b.join(gguf), bytes).unwrap();
+    let err = refused(
+        Command::new(native),
+        &b,
+        &["--trusted-key", signer.to_str().unwrap()],
+    );
+    assert!(err.contains(gguf) && err.contains("sha256"), "{err}");
+
+    // A file the manifest lists is missing.
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("b");
+    copy_bundle(&good, &b);
+    std::fs::remove_file(b.join("model/tokenizer.json")).unwrap();
+    let err = refused(
+        Command::new(native),
+        &b,
+        &["--trusted-key", signer.to_str().unwrap()],
+    );
+    assert!(
+        err.contains("model/tokenizer.json") && err.contains("missing"),
+        "{err}"
+    );
+
+    // Signed by someone else's key than the one the board trusts; the board's own binary
+    // (under qemu) refuses it too.
+    for cmd in [
+        Command::new(native),
+        qemu(&good.join("bin/edgepack-runtime")),
+    ] {
+        let err = refused(cmd, &good, &["--trusted-key", stranger.to_str().unwrap()]);
+        assert!(
+            err.contains("manifest.sig") && err.contains("signature does not match"),
+            "{err}"
+        );
+    }
+
+    // The same bundle with the right key is not refused by `edgepack verify` either: the
+    // damage above is the only difference.
+    run_ok(
+        edgepack()
+            .arg("verify")
+            .arg(&good)
+            .arg("--key")
+            .arg(&signer),
+    );
+}
+
+#[test]
+fn native_runtime_serves_models_completions_and_metrics() {
+    let bundle = native_bundle();
+    let server = serve(
+        Command::new(native_runtime()),
+        &bundle,
+        &["--ctx-size", "1024", "--threads", THREADS],
+        NATIVE_READY,
+    );
+    let port = server.port;
+
+    let models = http::request(port, "GET", "/v1/models", None, REQUEST_TIMEOUT).json();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], model_id(&bundle));
+    assert_eq!(models["data"][0]["meta"]["chat_template"], true);
+    assert_eq!(models["data"][0]["meta"]["n_ctx"], 1024);
+
+    let prompt = json!({"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+    let a = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&prompt),
+        REQUEST_TIMEOUT,
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = a.json();
+    let b = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&prompt),
+        REQUEST_TIMEOUT,
+    )
+    .json();
+    assert_eq!(a["object"], "text_completion");
+    let text = a["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.is_empty());
+    assert_eq!(text, b["choices"][0]["text"], "greedy is deterministic");
+    assert_eq!(a["usage"]["completion_tokens"], 12);
+    assert_eq!(a["choices"][0]["finish_reason"], "length");
+
+    // A stop string cuts the text before it and ends with finish_reason "stop".
+    let first_word = text.split_whitespace().next().unwrap().to_string();
+    let stopped = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(
+            &json!({"prompt": "The capital of France is", "max_tokens": 12,
+                     "temperature": 0, "stop": [first_word.clone()]}),
+        ),
+        REQUEST_TIMEOUT,
+    )
+    .json();
+    let cut = stopped["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        !cut.contains(&first_word),
+        "{cut:?} still holds {first_word:?}"
+    );
+    assert!(text.starts_with(cut));
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    // Streaming completions end with [DONE] and spell the same text.
+    let mut streamed_req = prompt.clone();
+    streamed_req["stream"] = json!(true);
+    streamed_req["stream_options"] = json!({"include_usage": true});
+    let s = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&streamed_req),
+        REQUEST_TIMEOUT,
+    );
+    let data = s.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, text);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 12);
+
+    // A sampled (temperature > 0) answer with a fixed seed repeats too.
+    let sampled = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.8,
+                         "top_p": 0.9, "seed": 42});
+    let x = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&sampled),
+        REQUEST_TIMEOUT,
+    )
+    .json();
+    let y = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&sampled),
+        REQUEST_TIMEOUT,
+    )
+    .json();
+    assert_eq!(x["choices"][0]["text"], y["choices"][0]["text"]);
+
+    // Bad requests are 400 with an OpenAI-style error, and the server keeps serving.
+    let bad = http::request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&json!({"messages": []})),
+        REQUEST_TIMEOUT,
+    );
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("messages"));
+    let too_long = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"prompt": "hi", "max_tokens": 5000})),
+        REQUEST_TIMEOUT,
+    );
+    assert_eq!(too_long.status, 400);
+    assert!(too_long.body.contains("1024"), "{}", too_long.body);
+
+    let m = http::request(port, "GET", "/metrics", None, REQUEST_TIMEOUT);
+    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    // Samples by metric name and, for labelled series, one distinguishing label.
+    let metric = |name: &str| -> f64 {
+        let (name, label) = name.split_once('|').unwrap_or((name, ""));
+        m.body
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{}", m.body))
+    };
+    assert_eq!(metric("edgepack_requests_total|outcome=\"ok\""), 6.0);
+    assert_eq!(metric("edgepack_time_to_first_token_seconds_count"), 6.0);
+    assert!(metric("edgepack_time_to_first_token_seconds_sum") > 0.0);
+    assert!(metric("edgepack_completion_tokens_total") >= 12.0 * 3.0);
+    assert!(metric("edgepack_decode_tokens_per_second") > 0.0);
+}
+
+#[test]
+fn bench_reports_ttft_and_tokens_per_second_for_each_prompt_size() {
+    let out = run_ok(
+        Command::new(native_runtime())
+            .args(["bench", "--bundle"])
+            .arg(native_bundle())
+            .args([
+                "--prompt-sizes",
+                "8,32",
+                "--gen-tokens",
+                "4",
+                "--repetitions",
+                "1",
+            ])
+            .arg("--json"),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bench --json");
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, size) in rows.iter().zip([8, 32]) {
+        assert_eq!(row["prompt_tokens"], size);
+        assert_eq!(row["gen_tokens"], 4);
+        for k in ["ttft_ms", "prompt_tokens_per_s", "decode_tokens_per_s"] {
+            assert!(row[k].as_f64().unwrap() > 0.0, "{k} in {row}");
+        }
+    }
+}
+
+#[test]
+fn runtime_does_not_depend_on_the_converters() {
+    let out = run_ok(cargo().args([
+        "tree",
+        "-p",
+        "edgepack-runtime",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--offline",
+    ]));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("llama-cpp-2"), "{tree}");
+    assert!(tree.contains("edgepack-targets"), "{tree}");
+    assert!(!tree.contains("edgepack-converters"), "{tree}");
+}
+
+/// A minimal HTTP/1.1 client: one request per connection, chunked bodies decoded.
+mod http {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    #[derive(Debug)]
+    pub struct Response {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    impl Response {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        }
+
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body)
+                .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", self.body))
+        }
+
+        /// The payloads of the SSE `data:` lines, in order.
+        pub fn sse_data(&self) -> Vec<String> {
+            self.body
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.trim_start().to_string())
+                .collect()
+        }
+    }
+
+    /// One request to 127.0.0.1:`port`; `None` when nothing answers.
+    pub fn try_request(
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Option<Response> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).ok()?;
+        parse(&raw)
+    }
+
+    pub fn request(
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Response {
+        try_request(port, method, path, body, timeout)
+            .unwrap_or_else(|| panic!("no HTTP answer from 127.0.0.1:{port}{path}"))
+    }
+
+    fn parse(raw: &[u8]) -> Option<Response> {
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+        {
+            body = dechunk(&body)?;
+        }
+        Some(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let end = data.windows(2).position(|w| w == b"\r\n")?;
+            let size_text = String::from_utf8_lossy(&data[..end]);
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            data = &data[end + 2..];
+            if size == 0 {
+                return Some(out);
+            }
+            out.extend_from_slice(data.get(..size)?);
+            data = data.get(size + 2..)?;
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! `cargo xtask dist`: builds `edgepack-runtime` for a board profile's triple and CPU, then
+//! checks that the binary fits the board (architecture, glibc floor).
+//!
+//! Builders, in order: `cross` when a Docker/Podman engine answers (its images carry an old
+//! glibc); else cargo with the Debian cross toolchain (`aarch64-linux-gnu-gcc`/`g++`), whose
+//! glibc is 2.36, so a profile with an older floor fails the check with a pointer to
+//! cargo-zigbuild.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use edgepack_targets::profile::{parse_version, Profile};
+use serde::Serialize;
+
+use crate::root;
+
+/// ELF `e_machine` values (System V gABI, "Machine Information").
+const EM_X86_64: u16 = 62;
+const EM_AARCH64: u16 = 183;
+
+/// What `dist` produced.
+#[derive(Debug, Serialize)]
+pub struct DistOutput {
+    pub board: String,
+    pub rust_target: String,
+    pub target_cpu: String,
+    pub builder: String,
+    pub binary: PathBuf,
+    pub size_bytes: u64,
+    pub glibc_floor: String,
+    /// The newest GLIBC_x.y symbol version the binary needs.
+    pub glibc_required: Option<String>,
+    /// The newest GLIBCXX_x.y.z the binary needs from the board's libstdc++ (llama.cpp is C++).
+    pub glibcxx_required: Option<String>,
+}
+
+/// The board's profile: a built-in name or a TOML file.
+pub fn profile(board: &str) -> Result<Profile> {
+    let path = Path::new(board);
+    if path.extension().is_some_and(|e| e == "toml") {
+        return Profile::load(path).with_context(|| format!("reading profile {board}"));
+    }
+    Profile::builtin(board).with_context(|| format!("--target {board}"))
+}
+
+fn host_triple() -> Result<String> {
+    let out = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .context("rustc -vV printed no host line")
+}
+
+/// Whether a container engine actually answers (a docker client alone is not enough).
+fn container_engine() -> Option<&'static str> {
+    ["docker", "podman"].into_iter().find(|engine| {
+        Command::new(engine)
+            .arg("info")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The Debian cross toolchain prefix for a Rust triple (`aarch64-unknown-linux-gnu` ->
+/// `aarch64-linux-gnu`).
+fn gnu_prefix(triple: &str) -> String {
+    triple.replacen("-unknown-", "-", 1)
+}
+
+pub fn dist(board: &str) -> Result<DistOutput> {
+    let profile = profile(board)?;
+    let triple = profile.rust_target.clone();
+    let host = host_triple()?;
+    let cross_build = triple != host;
+
+    let mut cmd;
+    let builder;
+    let engine = if cross_build {
+        container_engine()
+    } else {
+        None
+    };
+    if let (Some(engine), true) = (engine, on_path("cross")) {
+        builder = format!("cross ({engine})");
+        cmd = Command::new("cross");
+        cmd.env("CROSS_CONTAINER_ENGINE", engine);
+        cmd.args(["rustc", "--release"]);
+    } else {
+        cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["rustc", "--release"]);
+        if cross_build {
+            let prefix = gnu_prefix(&triple);
+            let gcc = format!("{prefix}-gcc");
+            if !on_path(&gcc) {
+                bail!(
+                    "no cross compiler for {triple}: `{gcc}` is not on PATH and no Docker/Podman engine runs\n\
+                     hint: apt-get install gcc-{prefix} g++-{prefix} (Debian), and rustup target add {triple}"
+                );
+            }
+            let var = triple.replace('-', "_");
+            let upper = var.to_uppercase();
+            cmd.env(format!("CARGO_TARGET_{upper}_LINKER"), &gcc)
+                .env(format!("CC_{var}"), &gcc)
+                .env(format!("CXX_{var}"), format!("{prefix}-g++"))
+                .env(format!("AR_{var}"), format!("{prefix}-ar"))
+                // llama.cpp's CMake must not probe the build machine's CPU.
+                .env("CMAKE_SYSTEM_NAME", "Linux")
+                .env("CMAKE_SYSTEM_PROCESSOR", profile.arch())
+                // Libraries and headers come from the target's tree only: the build machine's
+                // OpenSSL (which llama.cpp's optional HTTPS download code looks for) would
+                // otherwise be linked into an aarch64 binary.
+                .env("CMAKE_FIND_ROOT_PATH", format!("/usr/{prefix}"))
+                .env("CMAKE_FIND_ROOT_PATH_MODE_PROGRAM", "NEVER")
+                .env("CMAKE_FIND_ROOT_PATH_MODE_LIBRARY", "ONLY")
+                .env("CMAKE_FIND_ROOT_PATH_MODE_INCLUDE", "ONLY")
+                .env("CMAKE_FIND_ROOT_PATH_MODE_PACKAGE", "ONLY")
+                // bindgen parses llama.h for the target, with the target's C headers.
+                .env(
+                    format!("BINDGEN_EXTRA_CLANG_ARGS_{var}"),
+                    format!("--sysroot=/usr/{prefix}"),
+                );
+            builder = format!("cargo + {gcc}");
+        } else {
+            builder = "cargo".to_string();
+        }
+    }
+    let var = triple.replace('-', "_");
+    // The C/C++ side is tuned for the board's core; its instruction set stays where
+    // llama-cpp-sys-2 pins it (GGML_NATIVE off; armv8-a baseline on aarch64 Linux), because
+    // `-march` from the build script comes last on the compiler line.
+    let tune = format!("-mtune={}", profile.target_cpu);
+    cmd.env(format!("CFLAGS_{var}"), &tune)
+        .env(format!("CXXFLAGS_{var}"), &tune)
+        .env("GGML_NATIVE", "OFF");
+    cmd.current_dir(root())
+        .args([
+            "-p",
+            "edgepack-runtime",
+            "--bin",
+            "edgepack-runtime",
+            "--target",
+        ])
+        .arg(&triple)
+        // Only the final crate: a global target-cpu would reach llama-cpp-sys-2's build
+        // script, which turns it into `-march=<cpu>`, a flag GCC rejects for Arm core names.
+        .args(["--", "-C"])
+        .arg(format!("target-cpu={}", profile.target_cpu))
+        // Boards have small disks and the bundle hashes every byte: no debug info (llama.cpp's
+        // included) in what ships.
+        .args(["-C", "strip=debuginfo"]);
+    crate::run(&mut cmd).with_context(|| format!("building edgepack-runtime for {triple}"))?;
+
+    let built = root()
+        .join("target")
+        .join(&triple)
+        .join("release/edgepack-runtime");
+    check_machine(&built, profile.arch())?;
+    let (glibc, glibcxx) = version_needs(&built)?;
+    let glibc_required = glibc.last().cloned();
+    if let Some(need) = &glibc_required {
+        let (n, floor) = (
+            parse_version(need.trim_start_matches("GLIBC_")),
+            parse_version(&profile.glibc_floor),
+        );
+        if let (Some(n), Some(floor)) = (n, floor) {
+            if n > floor {
+                bail!(
+                    "{} needs {need}, but board {} guarantees only glibc {}: it would fail to start there\n\
+                     hint: build against an older glibc with cargo-zigbuild (`cargo zigbuild --target {triple}.{}`), \
+                     or raise glibc_floor if the board's image is newer (`ldd --version` on the board)",
+                    built.display(),
+                    profile.name,
+                    profile.glibc_floor,
+                    profile.glibc_floor
+                );
+            }
+        }
+    }
+
+    let out_dir = root().join("target/dist").join(&profile.name);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let binary = out_dir.join("edgepack-runtime");
+    let tmp = out_dir.join(".edgepack-runtime.tmp");
+    std::fs::copy(&built, &tmp)
+        .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &binary).with_context(|| format!("writing {}", binary.display()))?;
+    let size_bytes = std::fs::metadata(&binary)?.len();
+    Ok(DistOutput {
+        board: profile.name.clone(),
+        rust_target: triple,
+        target_cpu: profile.target_cpu.clone(),
+        builder,
+        binary,
+        size_bytes,
+        glibc_floor: profile.glibc_floor.clone(),
+        glibc_required,
+        glibcxx_required: glibcxx.last().cloned(),
+    })
+}
+
+/// Fails unless the ELF file is built for the profile's architecture.
+fn check_machine(path: &Path, arch: &str) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" {
+        bail!("{} is not an ELF file", path.display());
+    }
+    // e_machine sits at offset 18 in both ELF32 and ELF64 headers; little-endian targets only.
+    let machine = u16::from_le_bytes([bytes[18], bytes[19]]);
+    let want = match arch {
+        "aarch64" => EM_AARCH64,
+        "x86_64" => EM_X86_64,
+        other => bail!("no ELF machine check for architecture {other}"),
+    };
+    if machine != want {
+        bail!(
+            "{} is built for ELF machine {machine}, not {arch} ({want})",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The GLIBC_* and GLIBCXX_* symbol versions the binary needs, each sorted oldest first.
+pub fn version_needs(path: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let out = Command::new("readelf")
+        .args(["-V", "--wide"])
+        .arg(path)
+        .output()
+        .context("running readelf (binutils)")?;
+    if !out.status.success() {
+        bail!(
+            "readelf -V {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Only the needs (.gnu.version_r), not the versions the binary itself defines.
+    let needs = text
+        .split("Version needs section")
+        .nth(1)
+        .unwrap_or_default();
+    let mut glibc = Vec::new();
+    let mut glibcxx = Vec::new();
+    for word in needs.split_whitespace() {
+        for (prefix, list) in [("GLIBCXX_", &mut glibcxx), ("GLIBC_", &mut glibc)] {
+            if let Some(v) = word.strip_prefix(prefix) {
+                if parse_version(v).is_some() && !list.contains(&word.to_string()) {
+                    list.push(word.to_string());
+                }
+                break;
+            }
+        }
+    }
+    let key = |s: &String| parse_version(s.rsplit('_').next().unwrap_or("")).unwrap_or_default();
+    glibc.sort_by_key(key);
+    glibcxx.sort_by_key(key);
+    Ok((glibc, glibcxx))
+}
