@@ -2,8 +2,8 @@
 //! math logic live in `edgepack-converters`.
 
 mod commands;
-mod eval_cmd;
 mod deploy_cmd;
+mod eval_cmd;
 mod progress;
 mod targets_cmd;
 

@@ -2,12 +2,12 @@
 //! running the whole suite, and benchmarks against the peer tools.
 
 mod bench;
-mod bench_onnx;
-mod bench_tflite;
-mod quality;
 mod bench_deploy;
+mod bench_onnx;
 mod bench_runtime;
+mod bench_tflite;
 mod dist;
+mod quality;
 mod setup;
 
 use std::path::{Path, PathBuf};
