@@ -5,6 +5,7 @@
 //! A missing peer is a loud failure with a hint, never a silent skip.
 
 pub mod fixtures;
+pub mod sshd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,280 @@
+//! A real OpenSSH server on loopback for deploy tests, and a board emulated by a folder.
+//!
+//! Each [`Sshd`] runs Debian's `/usr/sbin/sshd -D` on a free port with its own host key and
+//! authorized_keys, inside a private mount namespace whose `/run` is a tmpfs (sshd as root
+//! needs `/run/sshd`; the host's `/run` is left alone). The client side is an ssh_config in
+//! the same temp folder (alias, port, key, a private known_hosts), passed with `-F`, so the
+//! user's own ~/.ssh is never read or written.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SSHD: &str = "/usr/sbin/sshd";
+const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
+const READY: Duration = Duration::from_secs(20);
+
+fn keygen(path: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "edgepack-test", "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen runs (apt-get install openssh-client)");
+    assert!(out.status.success(), "ssh-keygen: {out:?}");
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free port")
+}
+
+pub struct Sshd {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    /// The alias the client config defines for this server.
+    pub alias: String,
+    child: Option<Child>,
+}
+
+impl Sshd {
+    /// Starts sshd and writes a client config whose known_hosts already holds its host key.
+    pub fn start(alias: &str) -> Sshd {
+        assert!(
+            Path::new(SSHD).is_file(),
+            "{SSHD} is missing\nhint: apt-get install openssh-server openssh-client"
+        );
+        let dir = tempfile::Builder::new().prefix("sshd").tempdir().unwrap();
+        let d = dir.path();
+        keygen(&d.join("host_ed25519"));
+        keygen(&d.join("client_ed25519"));
+        keygen(&d.join("stranger_ed25519"));
+        std::fs::copy(d.join("client_ed25519.pub"), d.join("authorized_keys")).unwrap();
+        let mut s = Sshd {
+            port: free_port(),
+            alias: alias.to_string(),
+            dir,
+            child: None,
+        };
+        s.pin_host_key();
+        s.write_client_config("client_ed25519");
+        s.spawn();
+        s
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The client's ssh_config (for `--ssh-config`).
+    pub fn config(&self) -> PathBuf {
+        self.path("ssh_config")
+    }
+
+    /// known_hosts with this server's real host key.
+    pub fn pin_host_key(&self) {
+        let key = std::fs::read_to_string(self.path("host_ed25519.pub")).unwrap();
+        let key: Vec<&str> = key.split_whitespace().take(2).collect();
+        std::fs::write(
+            self.path("known_hosts"),
+            format!("[127.0.0.1]:{} {}\n", self.port, key.join(" ")),
+        )
+        .unwrap();
+    }
+
+    /// Client config: the alias, the port, `identity` as the only key, no agent.
+    pub fn write_client_config(&self, identity: &str) {
+        let d = self.dir.path().display();
+        let cfg = format!(
+            "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {d}/{identity}\n  IdentitiesOnly yes\n  IdentityAgent none\n  UserKnownHostsFile {d}/known_hosts\n  GlobalKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n",
+            alias = self.alias,
+            port = self.port,
+        );
+        std::fs::write(self.config(), cfg).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path().display();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nAuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nMaxSessions 64\nSubsystem sftp {SFTP_SERVER}\n",
+            port = self.port
+        );
+        std::fs::write(self.path("sshd_config"), cfg).unwrap();
+        let log = std::fs::File::create(self.path("sshd.log")).unwrap();
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && mkdir /run/sshd && exec {SSHD} -D -e -f {d}/sshd_config"
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sshd under unshare");
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t.elapsed() < READY,
+                "sshd did not listen on {} within {READY:?}: {}",
+                self.port,
+                std::fs::read_to_string(self.path("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Cuts every connection and stops the server: SIGKILL to sshd and each process it
+    /// forked for a connection (found by parent pid), as a pulled cable or a crashed
+    /// server would.
+    pub fn cut(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id();
+            for p in descendants(pid) {
+                unsafe_kill(p);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same server again (same port, host key and keys).
+    pub fn restart(&mut self) {
+        self.cut();
+        self.spawn();
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 4, after the parenthesised command name (which may hold spaces).
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Processes whose parent chain leads to `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                let mut p = pid;
+                for _ in 0..16 {
+                    match parent_of(p) {
+                        Some(pp) if pp == root => {
+                            all.push(pid);
+                            break;
+                        }
+                        Some(pp) if pp > 1 => p = pp,
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+    all
+}
+
+fn unsafe_kill(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+}
+
+/// A board: a folder that stands for the root of its file system. Stops the runtime that a
+/// deploy started there when dropped.
+pub struct Board {
+    pub root: tempfile::TempDir,
+}
+
+impl Board {
+    pub fn new() -> Board {
+        Board {
+            root: tempfile::Builder::new().prefix("board").tempdir().unwrap(),
+        }
+    }
+
+    pub fn install_dir(&self) -> PathBuf {
+        self.root.path().join("opt/edgepack")
+    }
+
+    /// The release `current` points at.
+    pub fn current(&self) -> Option<String> {
+        std::fs::read_link(self.install_dir().join("current"))
+            .ok()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+    }
+
+    /// The supervisor's pid, if it runs.
+    pub fn runtime_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.install_dir().join("runtime.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (pid > 1 && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+    }
+
+    /// The release whose model file the running runtime has mapped (read from
+    /// /proc/<pid>/maps of the processes in the supervisor's group): what actually serves,
+    /// whatever the links say.
+    pub fn serving_release(&self) -> Option<String> {
+        let pgid = self.runtime_pid()?;
+        let releases = format!("{}/releases/", self.install_dir().display());
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let group = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<u32>().ok());
+            if group != Some(pgid) {
+                continue;
+            }
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            for line in maps.lines() {
+                if let Some(i) = line.find(&releases) {
+                    let rest = &line[i + releases.len()..];
+                    if rest.contains("/model/") {
+                        return rest.split('/').next().map(str::to_owned);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Board::new()
+    }
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        // The supervisor leads its own process group; the runtime is in it.
+        if let Some(pid) = self.runtime_pid() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{pid}")])
+                .status();
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! `edgepack deploy | status | rollback | logs` against a real OpenSSH server (Debian sshd on
+//! loopback, started per test), with boards emulated by folders and the real runtime serving
+//! the real SmolLM2 model on them.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use edgepack_tests::sshd::{free_port, Board, Sshd};
+use edgepack_tests::{edgepack, fixtures, root, run_err, run_ok, shared_work_dir, smollm2_gguf};
+use serde_json::Value;
+
+const BUNDLE: &str = "smollm2-generic-x86_64";
+
+fn target_root() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .nth(3)
+        .expect("target/<profile>/deps/<exe>")
+        .to_path_buf()
+}
+
+/// The x86-64 runtime in release (llama.cpp's debug build is too slow to serve).
+fn native_runtime() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        run_ok(Command::new(cargo).current_dir(root()).args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "edgepack-runtime",
+        ]));
+        let bin = target_root().join("release/edgepack-runtime");
+        assert!(bin.is_file(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// `edgepack bundle` of SmolLM2 for this machine at `quant`, with `runtime` in bin/.
+fn bundle(tag: &str, quant: &str, runtime: &Path) -> PathBuf {
+    let out = shared_work_dir().join(format!("deploy-bundle-{tag}"));
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_gguf())
+                .args(["--target", "generic-x86_64", "--quant", quant])
+                .args(["--name", "smollm2", "--runtime"])
+                .arg(runtime)
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    out.join(BUNDLE)
+}
+
+/// Release A: Q8_0 with the real runtime.
+fn bundle_a() -> PathBuf {
+    bundle("a-q8", "Q8_0", native_runtime())
+}
+
+/// Release B: another model file (Q4_0), the same runtime binary.
+fn bundle_b() -> PathBuf {
+    bundle("b-q4", "Q4_0", native_runtime())
+}
+
+/// The release id deploy gives a bundle: model name and the manifest's sha256 prefix.
+fn release_id(bundle: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(bundle.join("manifest.json")));
+    let sha = String::from_utf8_lossy(&out.stdout);
+    format!("{BUNDLE}-{}", &sha[..12])
+}
+
+fn deploy(sshd: &Sshd, board: &Board, bundle: &Path, runtime_port: u16) -> Command {
+    let mut c = edgepack();
+    c.arg("--json")
+        .arg("deploy")
+        .arg(bundle)
+        .args(["--host", &sshd.alias, "--ssh-config"])
+        .arg(sshd.config())
+        .arg("--install-dir")
+        .arg(board.install_dir())
+        .args(["--runtime-port", &runtime_port.to_string()]);
+    c
+}
+
+fn host_report(out: &Output) -> Value {
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "deploy --json printed no JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["hosts"][0].clone()
+}
+
+/// Runs a command that must fail and returns its stdout JSON and stderr.
+fn run_fail(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().expect("run edgepack");
+    assert!(
+        !out.status.success(),
+        "expected failure:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, err)
+}
+
+/// GET /health on the board's runtime (the test machine is the board, so its loopback port).
+fn health(port: u16) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn size_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_returns() {
+    let (a, b) = (bundle_a(), bundle_b());
+    let sshd = Sshd::start("board1");
+    let board = Board::new();
+    let port = free_port();
+
+    // First deploy: every file is sent, checked on the board and switched to.
+    let first = host_report(&run_ok(&mut deploy(&sshd, &board, &a, port)));
+    eprintln!("first deploy: {first}");
+    assert_eq!(first["outcome"], "deployed", "{first}");
+    let total: u64 = ["bin/edgepack-runtime", "model/smollm2.gguf"]
+        .iter()
+        .map(|f| size_of(&a.join(f)))
+        .sum();
+    assert!(first["bytes_sent"].as_u64().unwrap() >= total, "{first}");
+    let id_a = release_id(&a);
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    let rel = board.install_dir().join("releases").join(&id_a);
+    // The release on the board is a bundle the independent checker accepts.
+    run_ok(
+        Command::new("sha256sum")
+            .current_dir(&rel)
+            .arg("-c")
+            .arg("--quiet")
+            .stdin(Stdio::from(
+                std::fs::File::open(sums_file(&a, board.root.path())).unwrap(),
+            )),
+    );
+    let h = &first["health"];
+    assert!(h["ttft_ms"].as_f64().unwrap() > 0.0, "{first}");
+    assert!(h["completion_tokens"].as_u64().unwrap() >= 1, "{first}");
+    assert_eq!(health(port), Some(200), "the runtime serves on the board");
+    assert_eq!(board.serving_release().as_deref(), Some(id_a.as_str()));
+    let recorded: Value =
+        serde_json::from_slice(&std::fs::read(board.install_dir().join("health.json")).unwrap())
+            .unwrap();
+    assert_eq!(recorded["ok"], true);
+    assert_eq!(recorded["release"], id_a.as_str());
+    let pid = board
+        .runtime_pid()
+        .expect("a supervised runtime with a pid file");
+
+    // Redeploy of the same bundle: nothing is sent, nothing restarted.
+    let again = host_report(&run_ok(&mut deploy(&sshd, &board, &a, port)));
+    assert_eq!(again["outcome"], "unchanged", "{again}");
+    assert_eq!(again["bytes_sent"], 0, "{again}");
+    assert_eq!(
+        board.runtime_pid(),
+        Some(pid),
+        "the running runtime was kept"
+    );
+
+    // A new model: the model is sent, the unchanged runtime binary is linked on the board.
+    let second = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    assert_eq!(second["outcome"], "deployed", "{second}");
+    assert!(second["files_reused"].as_u64().unwrap() >= 1, "{second}");
+    let sent = second["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < size_of(&b.join("model/smollm2.gguf")) + (4 << 20),
+        "{second}"
+    );
+    let id_b = release_id(&b);
+    assert_eq!(board.current().as_deref(), Some(id_b.as_str()));
+    assert_eq!(second["previous"], id_a.as_str());
+    assert_ne!(board.runtime_pid(), Some(pid), "the runtime was restarted");
+    assert_eq!(board.serving_release().as_deref(), Some(id_b.as_str()));
+    assert_eq!(health(port), Some(200));
+
+    // status shows the release, the model and the last check.
+    let st: Value = serde_json::from_slice(
+        &run_ok(
+            edgepack()
+                .args(["--json", "status", "--host", &sshd.alias, "--ssh-config"])
+                .arg(sshd.config())
+                .arg("--install-dir")
+                .arg(board.install_dir()),
+        )
+        .stdout,
+    )
+    .unwrap();
+    let s = &st["hosts"][0];
+    assert_eq!(s["current"], id_b.as_str(), "{st}");
+    assert_eq!(s["previous"], id_a.as_str(), "{st}");
+    assert_eq!(s["running"], true, "{st}");
+    assert!(s["model"].as_str().unwrap().contains("Q4_0"), "{st}");
+    assert!(s["last_check"]["ttft_ms"].as_f64().unwrap() > 0.0, "{st}");
+
+    // rollback returns to A, restarted and healthy.
+    let rb: Value = serde_json::from_slice(
+        &run_ok(
+            edgepack()
+                .args(["--json", "rollback", "--host", &sshd.alias, "--ssh-config"])
+                .arg(sshd.config())
+                .arg("--install-dir")
+                .arg(board.install_dir())
+                .args(["--runtime-port", &port.to_string()]),
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(rb["to"], id_a.as_str(), "{rb}");
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    assert_eq!(board.serving_release().as_deref(), Some(id_a.as_str()));
+    assert_eq!(health(port), Some(200));
+
+    // logs prints the runtime's log from the board.
+    let logs = run_ok(
+        edgepack()
+            .args([
+                "logs",
+                "--lines",
+                "100000",
+                "--host",
+                &sshd.alias,
+                "--ssh-config",
+            ])
+            .arg(sshd.config())
+            .arg("--install-dir")
+            .arg(board.install_dir()),
+    );
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("edgepack: starting releases/"), "{text}");
+}
+
+/// `sha256sum -c` input for a bundle's files, written outside the board.
+fn sums_file(bundle: &Path, dir: &Path) -> PathBuf {
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    let mut s = String::new();
+    for f in m["files"].as_array().unwrap() {
+        s.push_str(&format!(
+            "{}  {}\n",
+            f["sha256"].as_str().unwrap(),
+            f["path"].as_str().unwrap()
+        ));
+    }
+    let p = dir.join("sums.txt");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+#[test]
+fn a_connection_cut_mid_upload_keeps_the_old_release_running_and_the_next_deploy_resumes() {
+    let (a, b) = (bundle_a(), bundle_b());
+    let mut sshd = Sshd::start("board2");
+    let board = Board::new();
+    let port = free_port();
+    run_ok(&mut deploy(&sshd, &board, &a, port));
+    let id_a = release_id(&a);
+    let pid = board.runtime_pid().unwrap();
+
+    // B's model goes up at 20 MB/s; the server dies once part of it is on the board.
+    let partial = board
+        .install_dir()
+        .join(".incoming")
+        .join(release_id(&b))
+        .join("model/smollm2.gguf");
+    let full = size_of(&b.join("model/smollm2.gguf"));
+    let child = deploy(&sshd, &board, &b, port)
+        .args(["--limit-rate", "20000000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while size_of(&partial) < 16 << 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the upload never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sshd.cut();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a cut deploy must fail");
+    let cut_at = size_of(&partial);
+    assert!(cut_at > 0 && cut_at < full, "{cut_at} of {full}");
+    let r = host_report(&out);
+    assert_eq!(r["outcome"], "failed", "{r}");
+
+    // The board never switched; the old runtime was never touched.
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    assert_eq!(board.runtime_pid(), Some(pid));
+    assert_eq!(board.serving_release().as_deref(), Some(id_a.as_str()));
+    assert_eq!(health(port), Some(200));
+
+    // Next deploy resumes the model from where it stopped.
+    sshd.restart();
+    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    assert_eq!(r["outcome"], "deployed", "{r}");
+    assert_eq!(r["files_resumed"], 1, "{r}");
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= full - cut_at + (4 << 20),
+        "sent {sent}, cut at {cut_at} of {full}"
+    );
+    assert_eq!(board.current().as_deref(), Some(release_id(&b).as_str()));
+    assert_eq!(
+        board.serving_release().as_deref(),
+        Some(release_id(&b).as_str())
+    );
+}
+
+#[test]
+fn a_corrupted_upload_is_refused_before_switching_and_resent_next_time() {
+    let (a, b) = (bundle_a(), bundle_b());
+    let sshd = Sshd::start("board3");
+    let board = Board::new();
+    let port = free_port();
+    run_ok(&mut deploy(&sshd, &board, &a, port));
+    let id_a = release_id(&a);
+    let pid = board.runtime_pid().unwrap();
+
+    // What a failing disk leaves behind: B's model complete in size, wrong in content.
+    let model = b.join("model/smollm2.gguf");
+    let bad = board
+        .install_dir()
+        .join(".incoming")
+        .join(release_id(&b))
+        .join("model/smollm2.gguf");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&bad, &bytes).unwrap();
+
+    let (out, err) = run_fail(&mut deploy(&sshd, &board, &b, port));
+    assert!(err.contains("corrupted"), "{err}");
+    assert!(err.contains("model/smollm2.gguf"), "{err}");
+    assert_eq!(host_report(&out)["outcome"], "failed");
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    assert_eq!(board.runtime_pid(), Some(pid));
+    assert!(!board
+        .install_dir()
+        .join("releases")
+        .join(release_id(&b))
+        .exists());
+    assert!(!bad.exists(), "the damaged file was removed");
+
+    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    assert_eq!(r["outcome"], "deployed", "{r}");
+}
+
+#[test]
+fn a_failing_health_check_rolls_back_to_the_previous_release() {
+    let a = bundle_a();
+    // A bundle whose model is fine but whose runtime cannot serve: its binary exits at once
+    // (the balena fault of a broken engine binary).
+    let broken = bundle("broken-runtime", "Q8_0", Path::new("/bin/false"));
+    let sshd = Sshd::start("board4");
+    let board = Board::new();
+    let port = free_port();
+    run_ok(&mut deploy(&sshd, &board, &a, port));
+    let id_a = release_id(&a);
+
+    let (out, err) = run_fail(&mut deploy(&sshd, &board, &broken, port));
+    let r = host_report(&out);
+    assert_eq!(r["outcome"], "rolled-back", "{r}");
+    assert!(err.contains("health check"), "{err}");
+    assert!(err.contains("runtime exited with status 1"), "{err}");
+    assert!(err.contains(&format!("rolled back to {id_a}")), "{err}");
+    // The unchanged model was linked on the board, not sent again.
+    assert!(r["files_reused"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    assert_eq!(board.serving_release().as_deref(), Some(id_a.as_str()));
+    assert_eq!(health(port), Some(200));
+    let recorded: Value =
+        serde_json::from_slice(&std::fs::read(board.install_dir().join("health.json")).unwrap())
+            .unwrap();
+    assert_eq!(recorded["release"], id_a.as_str(), "{recorded}");
+    assert_eq!(recorded["ok"], true, "{recorded}");
+    assert_eq!(
+        recorded["rolled_back_from"],
+        release_id(&broken),
+        "{recorded}"
+    );
+    assert!(
+        recorded["rollback_reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 1"),
+        "{recorded}"
+    );
+}
+
+fn status(sshd: &Sshd, board: &Board) -> Command {
+    let mut c = edgepack();
+    c.args(["status", "--host", &sshd.alias, "--ssh-config"])
+        .arg(sshd.config())
+        .arg("--install-dir")
+        .arg(board.install_dir());
+    c
+}
+
+#[test]
+fn an_unknown_host_key_is_refused_without_the_flag_and_a_changed_key_always() {
+    let sshd = Sshd::start("board5");
+    let board = Board::new();
+    std::fs::write(sshd.path("known_hosts"), "").unwrap();
+    let err = run_err(&mut status(&sshd, &board));
+    assert!(err.contains("not in known_hosts"), "{err}");
+    assert!(err.contains("--accept-new-host-key"), "{err}");
+
+    run_ok(status(&sshd, &board).arg("--accept-new-host-key"));
+    let known = std::fs::read_to_string(sshd.path("known_hosts")).unwrap();
+    let host_key = std::fs::read_to_string(sshd.path("host_ed25519.pub")).unwrap();
+    let key_b64 = host_key.split_whitespace().nth(1).unwrap();
+    assert!(
+        known.contains(key_b64),
+        "the accepted key was recorded: {known}"
+    );
+    run_ok(&mut status(&sshd, &board));
+
+    // Another key recorded for the same address: a changed key, refused even with the flag.
+    let other = std::fs::read_to_string(sshd.path("stranger_ed25519.pub")).unwrap();
+    let other: Vec<&str> = other.split_whitespace().take(2).collect();
+    std::fs::write(
+        sshd.path("known_hosts"),
+        format!("[127.0.0.1]:{} {}\n", sshd.port, other.join(" ")),
+    )
+    .unwrap();
+    let err = run_err(status(&sshd, &board).arg("--accept-new-host-key"));
+    assert!(err.contains("HAS CHANGED"), "{err}");
+}
+
+#[test]
+fn a_key_the_board_does_not_accept_gives_a_clear_error() {
+    let sshd = Sshd::start("board6");
+    let board = Board::new();
+    sshd.write_client_config("stranger_ed25519");
+    let err = run_err(&mut status(&sshd, &board));
+    assert!(err.contains("SSH authentication failed"), "{err}");
+    assert!(err.contains("authorized_keys"), "{err}");
+}
+
+#[test]
+fn a_fleet_deploys_in_parallel_refuses_a_wrong_target_and_fails_the_run() {
+    let a = bundle_a();
+    let (s1, s2) = (Sshd::start("fleet1"), Sshd::start("fleet2"));
+    let (b1, b2, b3) = (Board::new(), Board::new(), Board::new());
+    // Both servers' client configs in one file, as ~/.ssh/config would hold them.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ssh_config");
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(s1.config()).unwrap(),
+        std::fs::read_to_string(s2.config()).unwrap()
+    );
+    std::fs::write(&cfg, both).unwrap();
+    let inv = dir.path().join("fleet.toml");
+    let host = |name: &str, alias: &str, board: &Board, target: &str| {
+        format!(
+            "[[hosts]]\nname = \"{name}\"\naddress = \"{alias}\"\ngroups = [\"line\"]\ntarget = \"{target}\"\ninstall_dir = \"{}\"\nruntime_port = {}\n",
+            board.install_dir().display(),
+            free_port()
+        )
+    };
+    std::fs::write(
+        &inv,
+        format!(
+            "[defaults]\nssh_config = \"ssh_config\"\nkeep = 2\n[groups.line]\n{}{}{}",
+            host("cam-1", "fleet1", &b1, "generic-x86_64"),
+            host("cam-2", "fleet2", &b2, "generic-x86_64"),
+            host("cam-3", "fleet1", &b3, "imx95"),
+        ),
+    )
+    .unwrap();
+    let out = edgepack()
+        .args(["--json", "deploy"])
+        .arg(a.parent().unwrap())
+        .arg("--inventory")
+        .arg(&inv)
+        .args(["--parallel", "3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "one host failed, so the run fails");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hosts = v["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 3, "{v}");
+    assert_eq!(hosts[0]["host"], "cam-1");
+    assert_eq!(hosts[0]["outcome"], "deployed", "{v}");
+    assert_eq!(hosts[1]["outcome"], "deployed", "{v}");
+    assert_eq!(hosts[2]["outcome"], "failed", "{v}");
+    assert!(hosts[2]["error"].as_str().unwrap().contains("imx95"), "{v}");
+    assert_eq!(v["ok"], false);
+    assert!(b1.current().is_some() && b2.current().is_some());
+    assert!(
+        b3.current().is_none(),
+        "nothing was installed on the refused host"
+    );
+
+    // The text table names every host.
+    let out = edgepack()
+        .arg("deploy")
+        .arg(a.parent().unwrap())
+        .arg("--inventory")
+        .arg(&inv)
+        .args(["--group", "line"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    for name in ["cam-1", "cam-2", "cam-3"] {
+        assert!(table.contains(name), "{table}");
+    }
+    assert!(table.contains("unchanged"), "{table}");
+}
+
+#[test]
+fn deploy_help_has_examples() {
+    for cmd in ["deploy", "status", "rollback", "logs"] {
+        let out = run_ok(edgepack().args([cmd, "--help"]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Example"), "{cmd}: {text}");
+    }
+}
+
+/// `cargo xtask dist --target imx95 --json`: the cross-compiled aarch64 runtime.
+fn aarch64_runtime() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = run_ok(
+        Command::new(cargo)
+            .current_dir(root())
+            .args(["xtask", "dist", "--target", "imx95", "--json"]),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("dist --json prints JSON");
+    PathBuf::from(v["binary"].as_str().expect("dist binary"))
+}
+
+#[test]
+fn a_signed_aarch64_bundle_deploys_and_serves_under_qemu_on_an_imx95_board() {
+    let runtime = aarch64_runtime();
+    let keys = fixtures::build_once(&shared_work_dir().join("deploy-key"), |tmp| {
+        std::fs::create_dir_all(tmp).unwrap();
+        run_ok(edgepack().args(["keygen", "-o"]).arg(tmp.join("key")));
+    });
+    let out = fixtures::build_once(&shared_work_dir().join("deploy-bundle-imx95"), |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_gguf())
+                .args(["--target", "imx95", "--quant", "Q8_0", "--name", "smollm2"])
+                .arg("--runtime")
+                .arg(&runtime)
+                .arg("--sign")
+                .arg(keys.join("key.pem"))
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    let bundle = out.join("smollm2-imx95");
+    let sshd = Sshd::start("imx95");
+    let board = Board::new();
+    let port = free_port();
+    let deploy_imx95 = || {
+        let mut c = edgepack();
+        c.args(["--json", "deploy"])
+            .arg(&bundle)
+            .args(["--host", &sshd.alias, "--ssh-config"])
+            .arg(sshd.config())
+            .arg("--install-dir")
+            .arg(board.install_dir())
+            .args(["--runtime-port", &port.to_string(), "--target", "imx95"])
+            .args(["--health-timeout", "900"]);
+        c
+    };
+
+    // A signed bundle without the key is refused before anything is sent.
+    let err = run_err(&mut deploy_imx95());
+    assert!(err.contains("signature"), "{err}");
+    // The board is x86-64: without a runner the aarch64 runtime is refused.
+    let (_, err) = run_fail(deploy_imx95().arg("--key").arg(keys.join("key.pub.pem")));
+    assert!(err.contains("built for aarch64"), "{err}");
+    assert!(board.current().is_none());
+
+    let r = host_report(&run_ok(
+        deploy_imx95()
+            .arg("--key")
+            .arg(keys.join("key.pub.pem"))
+            .args(["--runner", "qemu-aarch64 -L /usr/aarch64-linux-gnu"]),
+    ));
+    assert_eq!(r["outcome"], "deployed", "{r}");
+    assert!(
+        r["health"]["reply"].as_str().unwrap().contains("Paris"),
+        "{r}"
+    );
+    // The runtime on the board checks the signature itself at every start.
+    assert!(board.install_dir().join("trusted.pub.pem").is_file());
+    assert_eq!(
+        board.current().as_deref(),
+        Some(format!("smollm2-imx95-{}", &release_id(&bundle)[BUNDLE.len() + 1..]).as_str())
+    );
+    assert_eq!(health(port), Some(200));
+}
