@@ -31,7 +31,8 @@ use crate::progress::Bars;
     version,
     about = "Package language models for small Linux boards",
     long_about = "edgepack imports Hugging Face folders and GGUF files, merges LoRA adapters, \
-quantizes, and exports GGUF (and HF folders) shaped for a board.",
+calibrates, smooths, sparsifies and quantizes, exports GGUF, ONNX and TFLite shaped for a board, \
+measures what that costs, and bundles and deploys the result to boards over SSH.",
     after_help = "Examples:\n  edgepack inspect ./SmolLM2-135M-Instruct\n  edgepack export gguf ./base --lora ./adapter --quant Q4_K_M -o model.gguf"
 )]
 pub struct Cli {
