@@ -76,46 +76,6 @@ fn onnx_logits(dir: &Path, ids: &[u32], prefill: usize) -> (Vec<f32>, serde_json
     (logits, meta)
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let m = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
-    let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-    row.iter().map(|&v| v as f64 - lse).collect()
-}
-
-/// Mean over positions of KL(reference ‖ got) in nats, and how often the top token agrees.
-fn kl_and_top1(reference: &[f32], got: &[f32], vocab: usize) -> (f64, f64) {
-    let mut kl = 0.0;
-    let mut same = 0usize;
-    let rows = reference.len() / vocab;
-    for (r, g) in reference.chunks_exact(vocab).zip(got.chunks_exact(vocab)) {
-        let (lp, lq) = (log_softmax(r), log_softmax(g));
-        kl += lp
-            .iter()
-            .zip(&lq)
-            .map(|(p, q)| p.exp() * (p - q))
-            .sum::<f64>();
-        let argmax = |v: &[f32]| {
-            v.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-                )
-                .0
-        };
-        same += (argmax(r) == argmax(g)) as usize;
-    }
-    (kl / rows as f64, same as f64 / rows as f64)
-}
-
 /// Text the quantized variants are judged on: ordinary English, not the calibration corpus.
 const EVAL_TEXT: &str = "The river town woke slowly. Fishermen pulled their boats onto the \
 gravel while the baker opened his shutters and the smell of bread drifted over the square. \

@@ -11,7 +11,8 @@ use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::import;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::{
-    edgepack, edgepack_bin, oracle, run_err, run_ok, shared_work_dir, smollm2_gguf, tiny, token_ids,
+    edgepack, edgepack_bin, kl_and_top1, max_abs_diff, oracle, run_err, run_ok, shared_work_dir,
+    smollm2_gguf, tiny, token_ids,
 };
 use serde_json::Value;
 
@@ -142,33 +143,9 @@ fn reference_logits(model: &Path, ids: &[u32]) -> Vec<f32> {
     fwd.forward(ids, &mut fwd.cache(ids.len())).unwrap()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
-    row.iter().map(|&x| x as f64 - lse).collect()
-}
-
 /// Mean over positions of KL(p ‖ q), p from `float` logits and q from `other`.
 fn mean_kl(float: &[f32], other: &[f32], vocab: usize) -> f64 {
-    let rows = float.len() / vocab;
-    let mut total = 0.0;
-    for (a, b) in float.chunks(vocab).zip(other.chunks(vocab)) {
-        let (lp, lq) = (log_softmax(a), log_softmax(b));
-        total += lp
-            .iter()
-            .zip(&lq)
-            .map(|(p, q)| p.exp() * (p - q))
-            .sum::<f64>();
-    }
-    total / rows as f64
+    kl_and_top1(float, other, vocab).0
 }
 
 fn qwen2() -> Tiny {
