@@ -230,26 +230,41 @@ pub fn bench(b: Bench) -> Result<()> {
     }
 }
 
-fn convert(model: Option<PathBuf>, quant: &str, output: &Path) -> Result<()> {
-    let ep = edgepack_release()?;
-    let work = root().join("target/bench/convert-work");
+/// An empty `target/bench/<name>` for one benchmark's files.
+pub(crate) fn fresh_work_dir(name: &str) -> Result<PathBuf> {
+    let work = root().join("target/bench").join(name);
     if work.exists() {
         std::fs::remove_dir_all(&work)?;
     }
     std::fs::create_dir_all(&work)?;
-    let model = match model {
-        Some(m) => m,
-        None => {
-            let hf = work.join("smollm2-hf");
-            run(Command::new(&ep)
-                .args(["export", "hf"])
-                .arg(setup::smollm2_gguf())
-                .args(["--dtype", "bf16", "-o"])
-                .arg(&hf)
-                .env("CI", "1"))?;
-            hf
-        }
-    };
+    Ok(work)
+}
+
+/// `model` if given, else SmolLM2-135M-Instruct recovered from its GGUF as an HF folder of
+/// `dtype` in `work`: both tools of a benchmark then read the same folder.
+pub(crate) fn model_or_smollm2(
+    ep: &Path,
+    work: &Path,
+    model: Option<PathBuf>,
+    dtype: &str,
+) -> Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m);
+    }
+    let hf = work.join("smollm2-hf");
+    run(Command::new(ep)
+        .args(["export", "hf"])
+        .arg(setup::smollm2_gguf())
+        .args(["--dtype", dtype, "-o"])
+        .arg(&hf)
+        .env("CI", "1"))?;
+    Ok(hf)
+}
+
+fn convert(model: Option<PathBuf>, quant: &str, output: &Path) -> Result<()> {
+    let ep = edgepack_release()?;
+    let work = fresh_work_dir("convert-work")?;
+    let model = model_or_smollm2(&ep, &work, model, "bf16")?;
     let ftype = match quant.to_ascii_uppercase().as_str() {
         "Q8_0" => 7,
         "Q4_0" => 2,

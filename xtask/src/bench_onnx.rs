@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::bench::{edgepack_release, measure, py};
-use crate::{root, run, setup};
+use crate::root;
 
 /// edgepack variants timed: (label, arguments after the model path).
 const OURS: &[(&str, &[&str])] = &[
@@ -45,25 +45,9 @@ const BUILDER: &[(&str, &str)] = &[
 
 pub fn onnx(model: Option<PathBuf>, prefill: usize, decode: usize, output: &Path) -> Result<()> {
     let ep = edgepack_release()?;
-    let work = root().join("target/bench/onnx-work");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
-    std::fs::create_dir_all(&work)?;
+    let work = crate::bench::fresh_work_dir("onnx-work")?;
     // The builder reads an HF folder through transformers: both tools get the same one.
-    let model = match model {
-        Some(m) => m,
-        None => {
-            let hf = work.join("smollm2-hf");
-            run(Command::new(&ep)
-                .args(["export", "hf"])
-                .arg(setup::smollm2_gguf())
-                .args(["--dtype", "f32", "-o"])
-                .arg(&hf)
-                .env("CI", "1"))?;
-            hf
-        }
-    };
+    let model = crate::bench::model_or_smollm2(&ep, &work, model, "f32")?;
     let mut ours = Vec::new();
     for (label, args) in OURS {
         let out = work.join(format!("edgepack-{label}"));

@@ -30,11 +30,7 @@ fn step(log: &mut Vec<String>, cmd: &mut Command) -> Result<()> {
 }
 
 pub fn quality(q: &Quality, ep: &Path, py: &Path) -> Result<()> {
-    let work = root().join("target/bench/quality-work");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)?;
-    }
-    std::fs::create_dir_all(&work)?;
+    let work = crate::bench::fresh_work_dir("quality-work")?;
     let mut log = Vec::new();
     let hf = work.join("smollm2-f32");
     step(
