@@ -41,6 +41,15 @@ impl Tiny {
         }
     }
 
+    /// A Qwen2-style toy: the Llama toy with q/k/v biases, untied.
+    pub fn qwen2() -> Tiny {
+        Tiny {
+            arch: "qwen2",
+            tied: false,
+            ..Tiny::llama()
+        }
+    }
+
     /// A Phi-3-style toy: fused projections, untied, SentencePiece tokenizer.
     pub fn phi3() -> Tiny {
         Tiny {

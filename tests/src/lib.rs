@@ -138,6 +138,23 @@ pub fn shared_work_dir() -> PathBuf {
     d
 }
 
+/// SmolLM2's calibration statistics (8 samples of 128 tokens), computed once per run by
+/// `edgepack calibrate` and shared by every suite that needs them.
+pub fn smollm2_stats() -> PathBuf {
+    let dir = shared_work_dir().join("smollm2-calib");
+    fixtures::build_once(&dir, |tmp| {
+        std::fs::create_dir_all(tmp).unwrap();
+        run_ok(
+            edgepack()
+                .arg("calibrate")
+                .arg(smollm2_hf())
+                .args(["--samples", "8", "--seq-len", "128", "-o"])
+                .arg(tmp.join("stats.calib")),
+        );
+    })
+    .join("stats.calib")
+}
+
 /// llama.cpp's source tree (from the llama-cpp-python sdist), for its converter scripts.
 pub fn llama_cpp_src() -> PathBuf {
     let p = cache_dir().join("src/llama_cpp_python-0.3.36/vendor/llama.cpp");

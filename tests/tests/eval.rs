@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use edgepack_converters::calib::embed::Embedder;
-use edgepack_tests::fixtures::build_once;
 use edgepack_tests::*;
 use serde_json::Value;
 
@@ -20,22 +19,6 @@ fn minilm_dir() -> PathBuf {
         d.display()
     );
     d
-}
-
-/// Calibration statistics of SmolLM2 (8 samples of 128 tokens), built once per run.
-fn smollm2_stats() -> PathBuf {
-    let dir = shared_work_dir().join("smollm2-calib");
-    build_once(&dir, |tmp| {
-        std::fs::create_dir_all(tmp).unwrap();
-        run_ok(
-            edgepack()
-                .arg("calibrate")
-                .arg(smollm2_hf())
-                .args(["--samples", "8", "--seq-len", "128", "-o"])
-                .arg(tmp.join("stats.calib")),
-        );
-    })
-    .join("stats.calib")
 }
 
 fn eval_json(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {

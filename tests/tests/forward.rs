@@ -17,20 +17,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn qwen2() -> Tiny {
-    Tiny {
-        arch: "qwen2",
-        tied: false,
-        ..Tiny::llama()
-    }
-}
-
 #[test]
 fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
     let ids = token_ids(12, 520);
     for (name, spec) in [
         ("llama-tied-f32", Tiny::llama()),
-        ("qwen2-untied-f32", qwen2()),
+        ("qwen2-untied-f32", Tiny::qwen2()),
         ("phi3-untied-spm-f32", Tiny::phi3()),
     ] {
         let dir = tiny(name, spec);
@@ -49,7 +41,7 @@ fn kv_cache_decoding_equals_full_prompt_logits() {
     let prefill = 5;
     for (name, spec) in [
         ("llama-tied-f32", Tiny::llama()),
-        ("qwen2-untied-f32", qwen2()),
+        ("qwen2-untied-f32", Tiny::qwen2()),
         ("phi3-untied-spm-f32", Tiny::phi3()),
     ] {
         let model = import::open(&tiny(name, spec)).unwrap();

@@ -42,22 +42,6 @@ fn smollm2_onnx_once(args: &[&str]) -> tempfile::TempDir {
     dir
 }
 
-/// SmolLM2's calibration statistics, computed once per run by `edgepack calibrate`.
-fn smollm2_stats() -> PathBuf {
-    let dir = shared_work_dir().join("smollm2-calib");
-    build_once(&dir, |tmp| {
-        std::fs::create_dir_all(tmp).unwrap();
-        run_ok(
-            edgepack()
-                .arg("calibrate")
-                .arg(smollm2_hf())
-                .args(["--samples", "8", "--seq-len", "128", "-o"])
-                .arg(tmp.join("stats.calib")),
-        );
-    })
-    .join("stats.calib")
-}
-
 /// onnxruntime's logits `[ids.len(), vocab]`: a prefill of `prefill` ids, then one id per step
 /// through the KV cache (tests/python/onnx_logits.py).
 fn onnx_logits(dir: &Path, ids: &[u32], prefill: usize) -> (Vec<f32>, serde_json::Value) {
@@ -398,20 +382,12 @@ fn onnxruntime_genai_answers_the_chat_prompt_as_llama_cpp_does() {
     }
 }
 
-fn qwen2() -> Tiny {
-    Tiny {
-        arch: "qwen2",
-        tied: false,
-        ..Tiny::llama()
-    }
-}
-
 #[test]
 fn tiny_llama_qwen2_and_phi3_lowerings_match_the_reference_forward_pass() {
     let ids = token_ids(12, 520);
     for (name, spec) in [
         ("llama-tied-f32", Tiny::llama()),
-        ("qwen2-untied-f32", qwen2()),
+        ("qwen2-untied-f32", Tiny::qwen2()),
         // onnxruntime-genai reads tokenizer.json: the Phi-3 toy with SmolLM2's BPE.
         (
             "phi3-untied-bpe-f32",

@@ -148,14 +148,6 @@ fn mean_kl(float: &[f32], other: &[f32], vocab: usize) -> f64 {
     kl_and_top1(float, other, vocab).0
 }
 
-fn qwen2() -> Tiny {
-    Tiny {
-        arch: "qwen2",
-        tied: false,
-        ..Tiny::llama()
-    }
-}
-
 #[test]
 fn every_precision_loads_in_litert_with_generative_signatures_names_and_static_shapes() {
     let dir = tiny("llama-tied-f32", Tiny::llama());
@@ -226,7 +218,7 @@ fn fp32_matches_the_reference_forward_pass_on_tiny_llama_qwen2_and_phi3() {
     let work = tempfile::tempdir().unwrap();
     for (name, spec) in [
         ("llama-tied-f32", Tiny::llama()),
-        ("qwen2-untied-f32", qwen2()),
+        ("qwen2-untied-f32", Tiny::qwen2()),
         ("phi3-untied-spm-f32", Tiny::phi3()),
     ] {
         let dir = tiny(name, spec);

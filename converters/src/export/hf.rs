@@ -151,10 +151,25 @@ pub fn export_hf(
         &model.config.to_hf_json(torch_dtype(dtype)),
     )?;
     files.push("config.json".into());
+    files.extend(write_tokenizer_files(model, &stage)?);
+    dir.commit()?;
+    Ok(HfReport {
+        path: out.display().to_string(),
+        dtype: dtype.to_string(),
+        files,
+        bytes,
+        n_tensors: tensors.len(),
+    })
+}
+
+/// Writes the model's tokenizer and generation files into `stage` as Hugging Face has them;
+/// returns their names. Every exporter that ships a tokenizer beside the model uses this.
+pub(crate) fn write_tokenizer_files(model: &Model, stage: &Path) -> Result<Vec<String>> {
     let tok = &model.tokenizer;
+    let mut files = Vec::new();
     if let Some(t) = &tok.tokenizer_json {
         write_file(&stage.join("tokenizer.json"), t.as_bytes())?;
-        files.push("tokenizer.json".into());
+        files.push("tokenizer.json".to_string());
     }
     if let Some(b) = &tok.sentencepiece_model {
         write_file(&stage.join("tokenizer.model"), b)?;
@@ -170,17 +185,11 @@ pub fn export_hf(
             files.push(name.into());
         }
     }
-    dir.commit()?;
-    Ok(HfReport {
-        path: out.display().to_string(),
-        dtype: dtype.to_string(),
-        files,
-        bytes,
-        n_tensors: tensors.len(),
-    })
+    Ok(files)
 }
 
-fn write_json(path: &Path, v: &Json) -> Result<()> {
+/// Pretty JSON with a final newline, written atomically.
+pub(crate) fn write_json(path: &Path, v: &Json) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v)
         .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     s.push('\n');

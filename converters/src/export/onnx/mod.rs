@@ -27,7 +27,7 @@ mod pack;
 pub mod proto;
 mod stream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use prost::Message;
@@ -37,6 +37,7 @@ use serde_json::{json, Value as Json};
 use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
 use crate::export::graph::{DecoderGraph, LinearRole, WeightId, WeightKind};
+use crate::export::hf::write_json;
 use crate::io::{write_file, AtomicDir};
 use crate::model::Model;
 use crate::progress::Progress;
@@ -231,8 +232,8 @@ fn served_context(model: &Model) -> usize {
 /// (`x / s`), over [`INT8_MAX`].
 fn activation_scales(
     g: &DecoderGraph,
-    original: &Model,
     cal: &StaticCalibration,
+    factors: &BTreeMap<String, Vec<f32>>,
 ) -> Result<HashMap<WeightId, f32>> {
     let mut out = HashMap::new();
     for (id, w) in g.weights.iter().enumerate() {
@@ -248,26 +249,10 @@ fn activation_scales(
             .entries
             .get(key)
             .ok_or_else(|| Error::format(&cal.path, key, "no statistics for this weight"))?;
-        let smoothed = matches!(role, LinearRole::Qkv | LinearRole::GateUp);
-        let amax = match cal.smooth {
-            Some(alpha) if smoothed => {
-                // The same factors transform::smooth folded into this linear's weight: from
-                // the original (unsmoothed) weights of the group.
-                let mut ws = Vec::with_capacity(w.parts.len());
-                for p in &w.parts {
-                    let t = original
-                        .tensor(&p.name)
-                        .ok_or_else(|| Error::format(&original.source, &p.name, "missing"))?;
-                    ws.push(t.to_f32()?);
-                }
-                let refs: Vec<&[f32]> = ws.iter().map(Vec::as_slice).collect();
-                let s = smooth::scales(&st.absmax, &refs, alpha);
-                st.absmax
-                    .iter()
-                    .zip(&s)
-                    .fold(0f32, |m, (a, s)| m.max(a / s))
-            }
-            _ => st.absmax.iter().fold(0f32, |m, a| m.max(*a)),
+        // The factors transform::smooth divided this linear's input by, if it was smoothed.
+        let amax = match factors.get(key) {
+            Some(s) => st.absmax.iter().zip(s).fold(0f32, |m, (a, s)| m.max(a / s)),
+            None => st.absmax.iter().fold(0f32, |m, a| m.max(*a)),
         };
         if !(amax.is_finite() && amax > 0.0) {
             return Err(Error::format(
@@ -300,13 +285,14 @@ pub fn export_onnx(
     }
     // int8-static: smooth first (exact), then quantize the smoothed model.
     let mut smooth_report = None;
+    let mut factors = BTreeMap::new();
     let smoothed;
     let model_used = match &opts.calibration {
         Some(cal) => {
             cal.stats.check_model(model, &cal.path)?;
             match cal.smooth {
                 Some(a) => {
-                    // Norm groups only: activation_scales derives those factors again.
+                    // Norm groups only, the folds int8-static was measured with.
                     let sm = smooth::smooth(
                         model,
                         &cal.stats,
@@ -315,6 +301,7 @@ pub fn export_onnx(
                         smooth::Scope::Norms,
                     )?;
                     smooth_report = Some(sm.report);
+                    factors = sm.factors;
                     smoothed = sm.model;
                     &smoothed
                 }
@@ -325,7 +312,7 @@ pub fn export_onnx(
     };
     let g = DecoderGraph::build(model_used)?;
     let act_scales = match &opts.calibration {
-        Some(cal) => activation_scales(&g, model, cal)?,
+        Some(cal) => activation_scales(&g, cal, &factors)?,
         None => HashMap::new(),
     };
     let b = lower::lower(
@@ -400,7 +387,7 @@ pub fn export_onnx(
             files.push("config.json".into());
         }
     }
-    files.extend(write_tokenizer(model, stage)?);
+    files.extend(crate::export::hf::write_tokenizer_files(model, stage)?);
     dir.commit()?;
     Ok(OnnxReport {
         path: out.display().to_string(),
@@ -413,38 +400,6 @@ pub fn export_onnx(
         initializers: n_inits,
         smooth: smooth_report,
     })
-}
-
-fn write_json(path: &Path, v: &Json) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(v)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-    s.push('\n');
-    write_file(path, s.as_bytes())
-}
-
-/// The tokenizer and generation files, as the model has them.
-fn write_tokenizer(model: &Model, stage: &Path) -> Result<Vec<String>> {
-    let tok = &model.tokenizer;
-    let mut files = Vec::new();
-    if let Some(t) = &tok.tokenizer_json {
-        write_file(&stage.join("tokenizer.json"), t.as_bytes())?;
-        files.push("tokenizer.json".to_string());
-    }
-    if let Some(b) = &tok.sentencepiece_model {
-        write_file(&stage.join("tokenizer.model"), b)?;
-        files.push("tokenizer.model".into());
-    }
-    for (name, v) in [
-        ("tokenizer_config.json", &tok.tokenizer_config),
-        ("special_tokens_map.json", &tok.special_tokens_map),
-        ("generation_config.json", &tok.generation_config),
-    ] {
-        if let Some(v) = v {
-            write_json(&stage.join(name), v)?;
-            files.push(name.into());
-        }
-    }
-    Ok(files)
 }
 
 /// A token id field: from generation_config.json, then config.json, then the token string
