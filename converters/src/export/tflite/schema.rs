@@ -352,9 +352,9 @@ fn align_up(v: u64, a: u64) -> u64 {
 /// Serializes `model` and lays out its appended buffers after the flatbuffer.
 pub fn layout(model: &ModelDef) -> Layout {
     // The flatbuffer's size does not depend on the offsets it records (each is an always-present
-    // u64), so one pass with placeholders measures it and a second writes the real offsets.
-    let placeholder: Vec<u64> = vec![u64::MAX; model.buffers.len()];
-    let probe = serialize(model, &placeholder);
+    // u64), so one pass with provisional offsets measures it and a second writes the real ones.
+    let provisional: Vec<u64> = vec![u64::MAX; model.buffers.len()];
+    let probe = serialize(model, &provisional);
     let mut offsets = vec![0u64; model.buffers.len()];
     let mut payloads = Vec::new();
     let mut at = align_up(probe.len() as u64, PAYLOAD_ALIGN);
