@@ -39,26 +39,36 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Builds `bin` of workspace package `package` in the tests' own profile and returns its path.
+/// Everything it needs was built with the test executables, so this is normally a no-op.
+fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let path = target_dir().join(bin);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(root());
+    if target_dir().ends_with("release") {
+        cmd.arg("--release");
+    }
+    let st = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
+    assert!(st.success(), "cargo build -p {package} failed");
+    assert!(path.is_file(), "{} missing after build", path.display());
+    path
+}
+
 /// The `edgepack` binary, built once per test run in the same profile as the tests.
 pub fn edgepack_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let bin = target_dir().join("edgepack");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = target_dir().ends_with("release");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "edgepack", "--bin", "edgepack"])
-            .current_dir(root());
-        if release {
-            cmd.arg("--release");
-        }
-        let st = cmd
-            .status()
-            .expect("run cargo build for the edgepack binary");
-        assert!(st.success(), "cargo build -p edgepack failed");
-        assert!(bin.is_file(), "{} missing after build", bin.display());
-        bin
-    })
+    BIN.get_or_init(|| workspace_bin("edgepack", "edgepack"))
+}
+
+/// The host's `edgepack-runtime`, built once per test run in the same profile as the tests.
+/// llama.cpp inside it is an optimised CMake build in every profile.
+pub fn runtime_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("edgepack-runtime", "edgepack-runtime"))
 }
 
 /// A command running the real binary with a clean environment for CI-like output.

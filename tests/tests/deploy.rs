@@ -6,40 +6,15 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use edgepack_tests::sshd::{free_port, Board, Sshd};
-use edgepack_tests::{edgepack, fixtures, root, run_err, run_ok, shared_work_dir, smollm2_gguf};
+use edgepack_tests::{
+    edgepack, fixtures, root, run_err, run_ok, runtime_bin, shared_work_dir, smollm2_gguf,
+};
 use serde_json::Value;
 
 const BUNDLE: &str = "smollm2-generic-x86_64";
-
-fn target_root() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.ancestors()
-        .nth(3)
-        .expect("target/<profile>/deps/<exe>")
-        .to_path_buf()
-}
-
-/// The x86-64 runtime in release (llama.cpp's debug build is too slow to serve).
-fn native_runtime() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        run_ok(Command::new(cargo).current_dir(root()).args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "edgepack-runtime",
-        ]));
-        let bin = target_root().join("release/edgepack-runtime");
-        assert!(bin.is_file(), "{} missing after build", bin.display());
-        bin
-    })
-}
 
 /// `edgepack bundle` of SmolLM2 for this machine at `quant`, with `runtime` in bin/.
 fn bundle(tag: &str, quant: &str, runtime: &Path) -> PathBuf {
@@ -61,12 +36,12 @@ fn bundle(tag: &str, quant: &str, runtime: &Path) -> PathBuf {
 
 /// Release A: Q8_0 with the real runtime.
 fn bundle_a() -> PathBuf {
-    bundle("a-q8", "Q8_0", native_runtime())
+    bundle("a-q8", "Q8_0", runtime_bin())
 }
 
 /// Release B: another model file (Q4_0), the same runtime binary.
 fn bundle_b() -> PathBuf {
-    bundle("b-q4", "Q4_0", native_runtime())
+    bundle("b-q4", "Q4_0", runtime_bin())
 }
 
 /// The release id deploy gives a bundle: model name and the manifest's sha256 prefix.

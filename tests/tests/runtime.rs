@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use edgepack_tests::{edgepack, fixtures, root, run_err, run_ok, shared_work_dir, smollm2_hf};
+use edgepack_tests::{
+    edgepack, fixtures, root, run_err, run_ok, runtime_bin, shared_work_dir, smollm2_hf,
+};
 use serde_json::{json, Value};
 
 /// The board profile the emulated runs stand for (Cortex-A55, glibc floor 2.35).
@@ -28,26 +30,6 @@ fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
-}
-
-/// The workspace's target folder (the test executable is in target/<profile>/deps/).
-fn target_root() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.ancestors()
-        .nth(3)
-        .expect("target/<profile>/deps/<exe>")
-        .to_path_buf()
-}
-
-/// The x86-64 runtime, built once per run in release (llama.cpp's debug build is too slow).
-fn native_runtime() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        run_ok(cargo().args(["build", "--release", "--quiet", "-p", "edgepack-runtime"]));
-        let bin = target_root().join("release/edgepack-runtime");
-        assert!(bin.is_file(), "{} missing after build", bin.display());
-        bin
-    })
 }
 
 /// `cargo xtask dist --target imx95 --json`: the cross-compiled runtime and what it reports.
@@ -352,7 +334,7 @@ fn tampered_bundles_are_refused_before_loading_naming_the_file() {
     let good = board_bundle();
     let (_, signer) = keypair("signer");
     let (_, stranger) = keypair("stranger");
-    let native = native_runtime();
+    let native = runtime_bin();
     let gguf = "model/smollm2.gguf";
 
     // One byte flipped in the middle of the weights.
@@ -413,7 +395,7 @@ fn tampered_bundles_are_refused_before_loading_naming_the_file() {
 fn native_runtime_serves_models_completions_and_metrics() {
     let bundle = native_bundle();
     let server = serve(
-        Command::new(native_runtime()),
+        Command::new(runtime_bin()),
         &bundle,
         &["--ctx-size", "1024", "--threads", THREADS],
         NATIVE_READY,
@@ -562,7 +544,7 @@ fn native_runtime_serves_models_completions_and_metrics() {
 #[test]
 fn bench_reports_ttft_and_tokens_per_second_for_each_prompt_size() {
     let out = run_ok(
-        Command::new(native_runtime())
+        Command::new(runtime_bin())
             .args(["bench", "--bundle"])
             .arg(native_bundle())
             .args([
