@@ -245,6 +245,9 @@ enum Export {
         /// Board whose NPU op support to report (imx8mp, imx93, imx95, rpi5).
         #[arg(long)]
         target: Option<String>,
+        /// A board profile file of your own instead of --target (same fields as `targets show`).
+        #[arg(long, value_name = "FILE", conflicts_with = "target")]
+        profile: Option<PathBuf>,
         /// Activation statistics (from `edgepack calibrate`) for --precision int8 / int8-a16.
         #[arg(long, value_name = "FILE")]
         stats: Option<PathBuf>,
@@ -527,6 +530,7 @@ pub fn run(cli: Cli) -> Result<()> {
             seq_len,
             prefill_len,
             target,
+            profile,
             stats,
             smooth,
             output,
@@ -537,6 +541,7 @@ pub fn run(cli: Cli) -> Result<()> {
             seq_len,
             prefill_len,
             target: target.as_deref(),
+            profile: profile.as_deref(),
             stats: stats.as_deref(),
             smooth: smooth.as_deref(),
             output: &output,
@@ -580,10 +585,26 @@ struct TfliteArgs<'a> {
     seq_len: usize,
     prefill_len: Option<usize>,
     target: Option<&'a str>,
+    profile: Option<&'a Path>,
     stats: Option<&'a Path>,
     smooth: Option<&'a str>,
     output: &'a Path,
     json_out: bool,
+}
+
+/// The TFLite operator support of a board's NPU, from its profile's `[npu]` table; `None`
+/// when the board has no NPU or its NPU does not take TFLite.
+fn npu_support(p: &edgepack_targets::Profile) -> Option<OpSupport> {
+    let npu = p.npu.as_ref().filter(|n| n.takes("tflite"))?;
+    Some(OpSupport {
+        board: p.name.clone(),
+        npu: format!("{} via {}", npu.name, npu.compiler),
+        allow: npu.ops.clone(),
+        deny: npu.cpu_ops.clone(),
+        integer_only: npu.integer_only,
+        per_channel_fc: npu.per_channel(),
+        source: format!("target profile `{}` ([npu] table)", p.name),
+    })
 }
 
 fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
@@ -594,6 +615,7 @@ fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
         seq_len,
         prefill_len,
         target,
+        profile,
         stats,
         smooth,
         output,
@@ -605,9 +627,19 @@ fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
     let mut ins = inputs(model, &lp);
     ins.extend(stats);
     ensure_not_input(output, &ins)?;
-    let target = match target {
-        Some(t) => OpSupport::for_board(t).context("--target")?,
-        None => None,
+    let target = match (target, profile) {
+        (None, None) => None,
+        (t, p) => {
+            let p = crate::targets_cmd::resolve_profile(t, p)?;
+            let support = npu_support(&p);
+            if support.is_none() && !json_out {
+                eprintln!(
+                    "{}: no NPU takes TFLite there; every operator runs on the CPU",
+                    p.name
+                );
+            }
+            support
+        }
     };
     if smooth.is_some() && stats.is_none() {
         bail!("--smooth needs --stats (the activation statistics SmoothQuant scales come from)");

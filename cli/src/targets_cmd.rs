@@ -155,7 +155,7 @@ impl TargetArgs {
     }
 }
 
-fn resolve_profile(name: Option<&str>, file: Option<&Path>) -> Result<Profile> {
+pub(crate) fn resolve_profile(name: Option<&str>, file: Option<&Path>) -> Result<Profile> {
     match (name, file) {
         (_, Some(f)) => {
             let p = Profile::load(f).with_context(|| format!("reading profile {}", f.display()))?;
@@ -320,7 +320,15 @@ fn show(p: &Profile, json_out: bool) -> Result<()> {
                     .map(|g| format!(" (prefer {g})"))
                     .unwrap_or_default()
             );
-            println!("  npu ops        {}", n.ops.join(" "));
+            if let Some(ops) = &n.ops {
+                println!("  npu ops        {}", ops.join(" "));
+            }
+            if !n.cpu_ops.is_empty() {
+                println!("  npu cpu ops    {}", n.cpu_ops.join(" "));
+            }
+            if n.integer_only {
+                println!("  npu types      integer only (float operators run on the CPU)");
+            }
         }
         None => println!("  npu            none"),
     }

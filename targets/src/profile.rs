@@ -81,8 +81,32 @@ pub struct Npu {
     /// The granularity to emit when both run but one is much faster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preferred_int8_weights: Option<String>,
-    /// TFLite builtin operators it executes; anything else falls back to the CPU.
-    pub ops: Vec<String>,
+    /// TFLite builtin operators it executes; anything else falls back to the CPU. Left out
+    /// when the vendor publishes no list: then every operator not in `cpu_ops` counts as taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Vec<String>>,
+    /// Operators known to run on the CPU even where `ops` would let them through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_ops: Vec<String>,
+    /// It computes in integers only: an operator with a float input or output runs on the CPU.
+    #[serde(default = "integer_only_default")]
+    pub integer_only: bool,
+}
+
+fn integer_only_default() -> bool {
+    true
+}
+
+impl Npu {
+    /// Whether its delegate or compiler takes `format` (`tflite`, `onnx`).
+    pub fn takes(&self, format: &str) -> bool {
+        self.formats.iter().any(|f| f == format)
+    }
+
+    /// Whether it runs int8 weights with one scale per output channel.
+    pub fn per_channel(&self) -> bool {
+        self.int8_weights.iter().any(|g| g == "per-channel")
+    }
 }
 
 /// What to produce when the user does not say.
@@ -252,6 +276,16 @@ impl Profile {
             for f in &npu.formats {
                 if !FORMATS.contains(&f.as_str()) {
                     return Err(bad("npu.formats", format!("unknown format `{f}`")));
+                }
+            }
+            let named = npu.ops.iter().flatten().map(|o| ("npu.ops", o));
+            for (field, op) in named.chain(npu.cpu_ops.iter().map(|o| ("npu.cpu_ops", o))) {
+                let upper = |c: char| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_';
+                if op.is_empty() || !op.chars().all(upper) {
+                    return Err(bad(
+                        field,
+                        format!("`{op}`: use TFLite builtin operator names, e.g. FULLY_CONNECTED"),
+                    ));
                 }
             }
             for g in npu.int8_weights.iter().chain(&npu.preferred_int8_weights) {

@@ -11,8 +11,8 @@ use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::import;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::{
-    edgepack, edgepack_bin, kl_and_top1, max_abs_diff, oracle, run_err, run_ok, shared_work_dir,
-    smollm2_gguf, tiny, token_ids,
+    edgepack, edgepack_bin, kl_and_top1, max_abs_diff, oracle, root, run_err, run_ok,
+    shared_work_dir, smollm2_gguf, tiny, token_ids,
 };
 use serde_json::Value;
 
@@ -352,6 +352,65 @@ fn target_report_lists_npu_fallbacks_before_writing() {
         err.contains("CPU fallbacks") && err.contains("BATCH_MATMUL"),
         "{err}"
     );
+}
+
+#[test]
+fn a_profile_file_of_ones_own_drives_the_npu_report() {
+    let dir = tiny("llama-tied-f32", Tiny::llama());
+    let work = tempfile::tempdir().unwrap();
+    // imx93 with an NPU that takes only FULLY_CONNECTED and keeps CUSTOM on the CPU.
+    let text = std::fs::read_to_string(root().join("targets/profiles/imx93.toml")).unwrap();
+    let start = text.find("ops = [").unwrap();
+    let end = start + text[start..].find("]\n").unwrap() + 2;
+    let text = format!(
+        "{}ops = [\"FULLY_CONNECTED\"]\ncpu_ops = [\"CUSTOM\"]\n{}",
+        &text[..start],
+        &text[end..]
+    )
+    .replace("name = \"imx93\"", "name = \"my-npu-board\"");
+    let profile = work.path().join("my-npu-board.toml");
+    std::fs::write(&profile, text).unwrap();
+    let o = run_ok(
+        edgepack()
+            .args(["--json", "export", "tflite"])
+            .arg(&dir)
+            .args([
+                "--precision",
+                "dynamic-int8",
+                "--seq-len",
+                "16",
+                "--profile",
+            ])
+            .arg(&profile)
+            .arg("-o")
+            .arg(work.path().join("m.tflite")),
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = &r["target"];
+    assert_eq!(t["board"], "my-npu-board");
+    let ops: Vec<&str> = t["cpu_fallbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["op"].as_str().unwrap())
+        .collect();
+    // Everything but FULLY_CONNECTED is off the list; the FCs themselves have float
+    // activations in dynamic-int8, so nothing at all runs on this NPU.
+    for op in ["ADD", "MUL", "RSQRT", "GATHER", "FULLY_CONNECTED"] {
+        assert!(ops.contains(&op), "{op} in {t}");
+    }
+    assert_eq!(t["on_npu"], 0, "{t}");
+    // A board without an NPU says so and writes the model.
+    let o = run_ok(
+        edgepack()
+            .args(["export", "tflite"])
+            .arg(&dir)
+            .args(["--seq-len", "16", "--target", "rpi5", "-o"])
+            .arg(work.path().join("cpu.tflite")),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rpi5: no NPU takes TFLite"), "{err}");
+    assert!(work.path().join("cpu.tflite").is_file());
 }
 
 #[test]

@@ -1,141 +1,41 @@
 //! Which operators a board's NPU takes: checked against the ops and tensor types of a model
 //! before it is written, so the user learns what will fall back to the CPU.
 //!
-//! The lists are data (one [`OpSupport`] per board) until board profiles carry them; each
-//! entry cites where its facts come from (`/work/shared/facts/tflite_targets.md` §3).
+//! The facts come from the board's target profile (its `[npu]` table); the caller turns the
+//! profile into an [`OpSupport`], so a user's own profile is checked the same way.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use super::schema::{ModelDef, TensorType};
-use crate::error::{Error, Result};
 
 /// What an NPU of one board accepts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpSupport {
-    pub board: &'static str,
-    pub npu: &'static str,
+    pub board: String,
+    pub npu: String,
     /// Operators the NPU compiler/delegate accepts; `None` when only exclusions are known.
-    pub allow: Option<&'static [&'static str]>,
+    pub allow: Option<Vec<String>>,
     /// Operators known to fall back even when the allow-list has them (or with no list).
-    pub deny: &'static [&'static str],
+    pub deny: Vec<String>,
     /// The NPU computes in integers only: any op with a float input or output falls back.
     pub integer_only: bool,
     /// FULLY_CONNECTED with per-channel (per-axis) weight scales is accepted.
     pub per_channel_fc: bool,
-    pub source: &'static str,
+    /// Where the facts come from, e.g. the profile's name or file.
+    pub source: String,
 }
 
-/// Arm Ethos-U65 via Vela (i.MX 93): Vela's supported-operator list for U55/U65.
-const ETHOS_U65_OPS: &[&str] = &[
-    "ABS",
-    "ADD",
-    "AVERAGE_POOL_2D",
-    "CONCATENATION",
-    "CONV_2D",
-    "DEPTHWISE_CONV_2D",
-    "EXPAND_DIMS",
-    "FULLY_CONNECTED",
-    "HARD_SWISH",
-    "LEAKY_RELU",
-    "LOGISTIC",
-    "MAXIMUM",
-    "MAX_POOL_2D",
-    "MEAN",
-    "MINIMUM",
-    "MUL",
-    "PACK",
-    "PAD",
-    "PRELU",
-    "QUANTIZE",
-    "RELU",
-    "RELU6",
-    "RELU_N1_TO_1",
-    "RESHAPE",
-    "RESIZE_BILINEAR",
-    "RESIZE_NEAREST_NEIGHBOR",
-    "SHAPE",
-    "SLICE",
-    "SOFTMAX",
-    "SPLIT",
-    "SPLIT_V",
-    "SQUEEZE",
-    "STRIDED_SLICE",
-    "SUB",
-    "TANH",
-    "TRANSPOSE_CONV",
-    "UNPACK",
-];
-
-pub const BOARDS: &[OpSupport] = &[
-    OpSupport {
-        board: "imx93",
-        npu: "Arm Ethos-U65 (Vela)",
-        allow: Some(ETHOS_U65_OPS),
-        deny: &[],
-        integer_only: true,
-        per_channel_fc: false,
-        source: "Vela SUPPORTED_OPS.md (U55/U65): int8/int16 tensors, per-axis quantization only for convolutions",
-    },
-    OpSupport {
-        board: "imx8mp",
-        npu: "VeriSilicon NPU (VX delegate)",
-        allow: None,
-        deny: &[
-            "BATCH_MATMUL",
-            "DYNAMIC_UPDATE_SLICE",
-            "GATHER",
-            "EMBEDDING_LOOKUP",
-            "CUSTOM",
-        ],
-        integer_only: true,
-        per_channel_fc: true,
-        source: "8/16-bit integer MACs (NXP AN13854); two-activation BATCH_MATMUL, DYNAMIC_UPDATE_SLICE, runtime-index GATHER and CUSTOM run on the CPU (tflite-vx-delegate#206, TIM-VX#316)",
-    },
-    OpSupport {
-        board: "imx95",
-        npu: "NXP eIQ Neutron (Neutron converter)",
-        allow: None,
-        deny: &["CUSTOM"],
-        integer_only: true,
-        per_channel_fc: true,
-        source: "Neutron converter takes already-quantized models with 8-bit weights and 8/16-bit activations; unsupported parts stay on the Cortex-A55",
-    },
-];
-
-/// Boards without an NPU: everything runs on the CPU, nothing to report.
-pub const CPU_ONLY_BOARDS: &[&str] = &["rpi5"];
-
 impl OpSupport {
-    /// The NPU table of `board`; `Ok(None)` for a known board without an NPU.
-    pub fn for_board(board: &str) -> Result<Option<OpSupport>> {
-        if CPU_ONLY_BOARDS.contains(&board) {
-            return Ok(None);
-        }
-        BOARDS
-            .iter()
-            .find(|b| b.board == board)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| {
-                let mut known: Vec<&str> = BOARDS.iter().map(|b| b.board).collect();
-                known.extend(CPU_ONLY_BOARDS);
-                Error::Invalid(format!(
-                    "unknown target `{board}` (known: {})",
-                    known.join(", ")
-                ))
-            })
-    }
-
     /// Why `op` with these tensor types runs on the CPU, or `None` if the NPU takes it.
     fn reason(&self, op: &str, float_io: bool, per_channel: bool) -> Option<String> {
-        if let Some(allow) = self.allow {
-            if !allow.contains(&op) {
+        if let Some(allow) = &self.allow {
+            if !allow.iter().any(|a| a == op) {
                 return Some(format!("{op} is not in the {} operator list", self.npu));
             }
         }
-        if self.deny.contains(&op) {
+        if self.deny.iter().any(|d| d == op) {
             return Some(format!("{op} runs on the CPU with the {}", self.npu));
         }
         if self.integer_only && float_io {
@@ -190,12 +90,12 @@ impl OpSupport {
             }
         }
         TargetReport {
-            board: self.board.to_string(),
-            npu: self.npu.to_string(),
+            board: self.board.clone(),
+            npu: self.npu.clone(),
             operators: total,
             on_npu,
             cpu_fallbacks: fallbacks.into_values().collect(),
-            source: self.source.to_string(),
+            source: self.source.clone(),
         }
     }
 }
@@ -224,19 +124,38 @@ pub struct Fallback {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unknown_boards_are_refused_listing_the_known_ones() {
-        let e = OpSupport::for_board("imx7").unwrap_err().to_string();
-        assert!(e.contains("imx93") && e.contains("rpi5"), "{e}");
-        assert_eq!(OpSupport::for_board("rpi5").unwrap(), None);
+    fn ethos_u() -> OpSupport {
+        OpSupport {
+            board: "imx93".into(),
+            npu: "Arm Ethos-U65".into(),
+            allow: Some(["ADD", "FULLY_CONNECTED", "MUL"].map(String::from).to_vec()),
+            deny: vec![],
+            integer_only: true,
+            per_channel_fc: false,
+            source: "test".into(),
+        }
     }
 
     #[test]
-    fn ethos_u_rejects_batch_matmul_and_per_channel_fully_connected() {
-        let u = OpSupport::for_board("imx93").unwrap().unwrap();
+    fn an_allow_list_refuses_unlisted_ops_float_tensors_and_per_channel_fully_connected() {
+        let u = ethos_u();
         assert!(u.reason("BATCH_MATMUL", false, false).is_some());
         assert!(u.reason("FULLY_CONNECTED", false, true).is_some());
         assert!(u.reason("FULLY_CONNECTED", false, false).is_none());
         assert!(u.reason("ADD", true, false).is_some());
+    }
+
+    #[test]
+    fn without_an_allow_list_only_denied_ops_and_float_tensors_fall_back() {
+        let vx = OpSupport {
+            allow: None,
+            deny: vec!["BATCH_MATMUL".into()],
+            per_channel_fc: true,
+            ..ethos_u()
+        };
+        assert!(vx.reason("BATCH_MATMUL", false, false).is_some());
+        assert!(vx.reason("RSQRT", false, false).is_none());
+        assert!(vx.reason("FULLY_CONNECTED", false, true).is_none());
+        assert!(vx.reason("RSQRT", true, false).is_some());
     }
 }
