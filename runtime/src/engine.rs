@@ -78,9 +78,8 @@ pub struct EngineConfig {
     pub threads: i32,
     /// Context size in tokens; capped at the model's training context.
     pub ctx_size: u32,
-    /// Flash attention. Off unless asked, as in llama-bench, so `cargo xtask bench runtime`
-    /// compares like with like; llama.cpp's own default (auto) turns it on for CPUs, which for
-    /// a small model measured no faster here.
+    /// Flash attention. Off unless asked; llama.cpp's own default (auto) turns it on for
+    /// CPUs. `cargo xtask bench runtime` sets it the same way on both sides.
     pub flash_attn: bool,
 }
 

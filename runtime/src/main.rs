@@ -80,7 +80,7 @@ struct ModelArgs {
     /// Context size in tokens (capped at the model's training context).
     #[arg(long, default_value_t = DEFAULT_CTX_SIZE)]
     ctx_size: u32,
-    /// Use llama.cpp's flash attention (off by default, as in llama-bench).
+    /// Use llama.cpp's flash attention (off by default).
     #[arg(long)]
     flash_attn: bool,
 }

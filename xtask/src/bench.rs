@@ -99,12 +99,15 @@ pub enum Bench {
         /// Tokens generated per run.
         #[arg(long, default_value_t = 64)]
         gen_tokens: u32,
-        /// Runs per size (both tools report their mean/median over them).
+        /// Rounds; each runs both tools once per size, alternating (medians are reported).
         #[arg(long, default_value_t = 3)]
         repetitions: u32,
         /// Threads for both tools (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Flash attention on both sides (llama-bench's `-fa on`); off by default.
+        #[arg(long)]
+        flash_attn: bool,
         /// Where to write the JSON.
         #[arg(short, long, default_value = "target/bench/runtime.json")]
         output: PathBuf,
@@ -216,12 +219,14 @@ pub fn bench(b: Bench) -> Result<()> {
             gen_tokens,
             repetitions,
             threads,
+            flash_attn,
             output,
         } => crate::bench_runtime::bench(crate::bench_runtime::Options {
             prompt_sizes,
             gen_tokens,
             repetitions,
             threads,
+            flash_attn,
             output,
         }),
         Bench::Deploy { quant, output } => {

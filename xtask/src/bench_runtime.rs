@@ -6,8 +6,11 @@
 //! `llama-cpp-sys-2` crate the runtime links leaves out `tools/`), into the cache. Both sides
 //! use the same ggml options: `GGML_NATIVE=OFF`, which on x86-64 leaves ggml's default
 //! instruction sets on (SSE4.2, AVX, AVX2, FMA, F16C, BMI2), and no OpenMP; the runtime is the
-//! ordinary release build. The two llama.cpp versions are recorded in the JSON: a difference
-//! between the tools is the runtime's overhead plus whatever changed in llama.cpp between them.
+//! ordinary release build (llama.cpp inside it as CMake Release, as llama-bench). Flash
+//! attention is set on both sides (`--flash-attn`): llama-bench's default is `auto`, which
+//! turns it on for CPUs, and the runtime's is off. The two llama.cpp versions are recorded in
+//! the JSON: a difference between the tools is the runtime's overhead plus whatever changed in
+//! llama.cpp between them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +28,9 @@ pub struct Options {
     pub gen_tokens: u32,
     pub repetitions: u32,
     pub threads: Option<usize>,
+    /// Flash attention, set explicitly on both sides: llama-bench's own default is `auto`
+    /// (on for CPUs), the runtime's is off.
+    pub flash_attn: bool,
     pub output: PathBuf,
 }
 
@@ -169,55 +175,86 @@ pub fn bench(o: Options) -> Result<()> {
             .context("manifest model.file")?,
     );
 
-    let ours: Value = serde_json::from_slice(&output_of(
-        Command::new(&runtime)
-            .args(["bench", "--bundle"])
+    // One round = one run of each tool over every size. Rounds alternate the tools, so a
+    // machine whose speed drifts (a shared VM) drifts under both alike; medians are reported.
+    let run_ours = || -> Result<Value> {
+        let mut cmd = Command::new(&runtime);
+        cmd.args(["bench", "--bundle"])
             .arg(&bundle)
             .args(["--prompt-sizes", &sizes])
             .args(["--gen-tokens", &o.gen_tokens.to_string()])
-            .args(["--repetitions", &o.repetitions.to_string()])
-            .args(["--threads", &threads.to_string(), "--json"]),
-    )?)
-    .context("edgepack-runtime bench --json")?;
-    // llama-bench: pp rows (prompt only) and one tg row (generation from an empty context).
-    let peer: Value = serde_json::from_slice(&output_of(
-        Command::new(&llama_bench)
-            .arg("-m")
-            .arg(&gguf)
-            .args(["-p", &sizes, "-n", &o.gen_tokens.to_string()])
-            .args(["-t", &threads.to_string()])
-            .args(["-r", &o.repetitions.to_string(), "-o", "json"]),
-    )?)
-    .context("llama-bench -o json")?;
-    let peer_rows = peer.as_array().context("llama-bench printed no array")?;
-    let pp = |n: usize| {
-        peer_rows
-            .iter()
-            .find(|r| r["n_prompt"] == n && r["n_gen"] == 0)
-            .and_then(|r| r["avg_ts"].as_f64())
+            .args(["--repetitions", "1"])
+            .args(["--threads", &threads.to_string(), "--json"]);
+        if o.flash_attn {
+            cmd.arg("--flash-attn");
+        }
+        serde_json::from_slice(&output_of(&mut cmd)?).context("edgepack-runtime bench --json")
     };
-    let tg = peer_rows
-        .iter()
-        .find(|r| r["n_prompt"] == 0 && r["n_gen"].as_u64() == Some(o.gen_tokens.into()))
-        .and_then(|r| r["avg_ts"].as_f64());
+    let llama_bench_rows = |args: &[&str]| -> Result<Vec<Value>> {
+        let out: Value = serde_json::from_slice(&output_of(
+            Command::new(&llama_bench)
+                .arg("-m")
+                .arg(&gguf)
+                .args(args)
+                .args(["-t", &threads.to_string()])
+                .args(["-fa", if o.flash_attn { "on" } else { "off" }])
+                .args(["-r", "1", "-o", "json"]),
+        )?)
+        .context("llama-bench -o json")?;
+        match out {
+            Value::Array(rows) => Ok(rows),
+            _ => bail!("llama-bench printed no array"),
+        }
+    };
+    let gen = o.gen_tokens.to_string();
+    let mut ours_rounds = Vec::new();
+    let mut peer_rounds = Vec::new();
+    for _ in 0..o.repetitions.max(1) {
+        ours_rounds.push(run_ours()?);
+        // pp rows start from an empty context; tg rows at a depth of each prompt size, which
+        // is where the runtime's decode starts after that prompt.
+        let mut rows = llama_bench_rows(&["-p", &sizes, "-n", "0"])?;
+        rows.extend(llama_bench_rows(&["-p", "0", "-n", &gen, "-d", &sizes])?);
+        peer_rounds.push(rows);
+    }
+    let ours_of = |n: usize, key: &str| -> Option<f64> {
+        median(ours_rounds.iter().filter_map(|r| {
+            r["results"]
+                .as_array()?
+                .iter()
+                .find(|row| row["prompt_tokens"] == n)?[key]
+                .as_f64()
+        }))
+    };
+    let peer_of = |n_prompt: usize, n_gen: u64, depth: usize| -> Option<f64> {
+        median(peer_rounds.iter().filter_map(|rows| {
+            rows.iter().find(|r| {
+                r["n_prompt"] == n_prompt
+                    && r["n_gen"].as_u64() == Some(n_gen)
+                    && r["n_depth"].as_u64().unwrap_or(0) == depth as u64
+            })?["avg_ts"]
+                .as_f64()
+        }))
+    };
 
     let mut comparison = Vec::new();
-    for row in ours["results"].as_array().context("runtime results")? {
-        let n = row["prompt_tokens"].as_u64().unwrap_or(0) as usize;
-        let our_pp = row["prompt_tokens_per_s"].as_f64();
-        let our_tg = row["decode_tokens_per_s"].as_f64();
-        let peer_pp = pp(n);
+    for &n in &o.prompt_sizes {
+        let our_pp = ours_of(n, "prompt_tokens_per_s");
+        let our_tg = ours_of(n, "decode_tokens_per_s");
+        let peer_pp = peer_of(n, 0, 0);
+        let peer_tg = peer_of(0, o.gen_tokens.into(), n);
         comparison.push(json!({
             "prompt_tokens": n,
             "ttft_ms": {
-                "edgepack_runtime": row["ttft_ms"],
+                "edgepack_runtime": ours_of(n, "ttft_ms"),
                 // llama-bench does not sample; its prompt time is the floor of a TTFT.
                 "llama_bench_prompt_ms": peer_pp.map(|ts| n as f64 / ts * 1e3),
             },
             "prompt_tokens_per_s": {"edgepack_runtime": our_pp, "llama_bench": peer_pp,
                 "ratio": our_pp.zip(peer_pp).map(|(a, b)| a / b)},
-            "decode_tokens_per_s": {"edgepack_runtime": our_tg, "llama_bench": tg,
-                "ratio": our_tg.zip(tg).map(|(a, b)| a / b)},
+            // Both decode after `n` tokens of context (llama-bench's `-d n`).
+            "decode_tokens_per_s": {"edgepack_runtime": our_tg, "llama_bench": peer_tg,
+                "ratio": our_tg.zip(peer_tg).map(|(a, b)| a / b)},
         }));
     }
     let report = json!({
@@ -225,15 +262,16 @@ pub fn bench(o: Options) -> Result<()> {
         "model": gguf.display().to_string(),
         "quant": "Q8_0",
         "threads": threads,
+        "flash_attn": o.flash_attn,
         "gen_tokens": o.gen_tokens,
-        "repetitions": o.repetitions,
+        "rounds_run": o.repetitions.max(1),
+        "statistic": "median over rounds; each round runs both tools once per size",
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
         "llama_cpp": {"llama_bench_source": src.display().to_string(),
                       "llama_cpp_python": LLAMA_CPP_PYTHON, "runtime_llama_cpp_sys_2": version,
                       "build": "GGML_NATIVE=OFF (ggml's default x86-64 ISA set), no OpenMP, both sides"},
         "comparison": comparison,
-        "edgepack_runtime": ours,
-        "llama_bench": peer,
+        "rounds": {"edgepack_runtime": ours_rounds, "llama_bench": peer_rounds},
     });
     if let Some(d) = o.output.parent() {
         std::fs::create_dir_all(d)?;
@@ -243,4 +281,19 @@ pub fn bench(o: Options) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&report["comparison"])?);
     eprintln!("wrote {}", o.output.display());
     Ok(())
+}
+
+/// The median of the values (the mean of the middle two for an even count).
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
 }
