@@ -276,5 +276,24 @@ impl Drop for Board {
                 .args(["-KILL", &format!("-{pid}")])
                 .status();
         }
+        // Anything else still running from this board's folder (a runtime a rollback
+        // restarted, a supervisor between restarts) goes too, so no test leaves a server behind.
+        let root = self.root.path().display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in procs.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            if pid != std::process::id() && String::from_utf8_lossy(&cmdline).contains(&root) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
     }
 }
