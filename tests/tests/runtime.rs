@@ -205,6 +205,22 @@ fn dist_cross_compiles_an_aarch64_binary_within_the_boards_glibc_floor() {
 }
 
 #[test]
+fn dist_builds_llama_cpp_with_the_boards_dot_product_and_fp16_kernels() {
+    let out = dist();
+    assert_eq!(out["c_march"], "armv8.2-a+dotprod+fp16", "{out}");
+    // binutils' disassembly: SDOT appears only if ggml's dot-product kernels were compiled in.
+    let bin = out["binary"].as_str().unwrap();
+    let count = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "aarch64-linux-gnu-objdump -d --no-show-raw-insn '{bin}' | grep -cw sdot"
+    )));
+    let sdot: u64 = String::from_utf8_lossy(&count.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(sdot > 100, "{sdot} SDOT instructions in {bin}");
+}
+
+#[test]
 fn dist_refuses_a_board_whose_glibc_is_older_than_the_binary_needs() {
     // imx95 as it is, but claiming a glibc 2.17 image (older than Debian's cross glibc).
     let dir = tempfile::tempdir().unwrap();

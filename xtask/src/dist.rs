@@ -5,6 +5,12 @@
 //! glibc); else cargo with the Debian cross toolchain (`aarch64-linux-gnu-gcc`/`g++`), whose
 //! glibc is 2.36, so a profile with an older floor fails the check with a pointer to
 //! cargo-zigbuild.
+//!
+//! llama.cpp's kernels follow the board's instruction set: llama-cpp-sys-2 pins ggml to
+//! `-march=armv8-a` for every non-native aarch64 Linux build, which leaves out the dot-product
+//! (SDOT/UDOT) and fp16 kernels the Cortex-A55 and A76 have. With the Debian toolchain the C
+//! and C++ compilers are small wrapper scripts that put the board's `-march` last on every
+//! command line, where GCC takes it over the earlier one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +39,50 @@ pub struct DistOutput {
     pub glibc_required: Option<String>,
     /// The newest GLIBCXX_x.y.z the binary needs from the board's libstdc++ (llama.cpp is C++).
     pub glibcxx_required: Option<String>,
+    /// The `-march` llama.cpp and the other C/C++ code were compiled for; `None` when
+    /// llama-cpp-sys-2's own choice stands (`armv8-a` on aarch64, ggml's default set on x86-64).
+    pub c_march: Option<String>,
+}
+
+/// GCC's `-march` for the board's C and C++ code, from the profile's ISA features; `None`
+/// when the board has none beyond Armv8.0-A (or is not aarch64).
+pub fn c_march(profile: &Profile) -> Option<String> {
+    let cpu = &profile.cpu;
+    if profile.arch() != "aarch64" || !(cpu.dotprod || cpu.fp16 || cpu.i8mm) {
+        return None;
+    }
+    // GCC takes each of these extensions on Armv8.2-A.
+    let mut march = "armv8.2-a".to_string();
+    for (on, ext) in [
+        (cpu.dotprod, "+dotprod"),
+        (cpu.fp16, "+fp16"),
+        (cpu.i8mm, "+i8mm"),
+    ] {
+        if on {
+            march.push_str(ext);
+        }
+    }
+    Some(march)
+}
+
+/// A wrapper around `compiler` that appends `-march=<march>` to every call (the last `-march`
+/// on a GCC command line wins), written under target/ and returned.
+fn march_wrapper(compiler: &str, march: &str) -> Result<PathBuf> {
+    let dir = root().join("target/xtask-cc").join(march);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(compiler);
+    let script = format!(
+        "#!/bin/sh\n# Written by `cargo xtask dist`: the board's instruction set after any -march.\n\
+         exec {compiler} \"$@\" -march={march}\n"
+    );
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(script.as_str()) {
+        let tmp = dir.join(format!(".{compiler}.tmp"));
+        std::fs::write(&tmp, &script).with_context(|| format!("writing {}", tmp.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(path)
 }
 
 /// The board's profile: a built-in name or a TOML file.
@@ -88,6 +138,7 @@ pub fn dist(board: &str) -> Result<DistOutput> {
 
     let mut cmd;
     let builder;
+    let mut march = c_march(&profile);
     let engine = if cross_build {
         container_engine()
     } else {
@@ -98,6 +149,8 @@ pub fn dist(board: &str) -> Result<DistOutput> {
         cmd = Command::new("cross");
         cmd.env("CROSS_CONTAINER_ENGINE", engine);
         cmd.args(["rustc", "--release"]);
+        // The container's compilers are its own; llama-cpp-sys-2's baseline stands there.
+        march = None;
     } else {
         cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.args(["rustc", "--release"]);
@@ -112,9 +165,14 @@ pub fn dist(board: &str) -> Result<DistOutput> {
             }
             let var = triple.replace('-', "_");
             let upper = var.to_uppercase();
+            let gxx = format!("{prefix}-g++");
+            let (cc, cxx) = match &march {
+                Some(m) => (march_wrapper(&gcc, m)?, march_wrapper(&gxx, m)?),
+                None => (PathBuf::from(&gcc), PathBuf::from(&gxx)),
+            };
             cmd.env(format!("CARGO_TARGET_{upper}_LINKER"), &gcc)
-                .env(format!("CC_{var}"), &gcc)
-                .env(format!("CXX_{var}"), format!("{prefix}-g++"))
+                .env(format!("CC_{var}"), &cc)
+                .env(format!("CXX_{var}"), &cxx)
                 .env(format!("AR_{var}"), format!("{prefix}-ar"))
                 // llama.cpp's CMake must not probe the build machine's CPU.
                 .env("CMAKE_SYSTEM_NAME", "Linux")
@@ -135,12 +193,13 @@ pub fn dist(board: &str) -> Result<DistOutput> {
             builder = format!("cargo + {gcc}");
         } else {
             builder = "cargo".to_string();
+            // A native build: llama-cpp-sys-2 already follows the host's target features.
+            march = None;
         }
     }
     let var = triple.replace('-', "_");
-    // The C/C++ side is tuned for the board's core; its instruction set stays where
-    // llama-cpp-sys-2 pins it (GGML_NATIVE off; armv8-a baseline on aarch64 Linux), because
-    // `-march` from the build script comes last on the compiler line.
+    // The C/C++ side is tuned for the board's core; its instruction set comes from the
+    // wrappers above (CFLAGS cannot carry it: the build script's `-march` comes after them).
     let tune = format!("-mtune={}", profile.target_cpu);
     cmd.env(format!("CFLAGS_{var}"), &tune)
         .env(format!("CXXFLAGS_{var}"), &tune)
@@ -208,6 +267,7 @@ pub fn dist(board: &str) -> Result<DistOutput> {
         glibc_floor: profile.glibc_floor.clone(),
         glibc_required,
         glibcxx_required: glibcxx.last().cloned(),
+        c_march: march,
     })
 }
 
@@ -269,4 +329,20 @@ pub fn version_needs(path: &Path) -> Result<(Vec<String>, Vec<String>)> {
     glibc.sort_by_key(key);
     glibcxx.sort_by_key(key);
     Ok((glibc, glibcxx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c_march_follows_the_profiles_isa_features() {
+        let march = |b: &str| c_march(&Profile::builtin(b).unwrap());
+        assert_eq!(march("imx8mp"), None, "Cortex-A53 is Armv8.0-A");
+        assert_eq!(march("imx93").as_deref(), Some("armv8.2-a+dotprod+fp16"));
+        assert_eq!(march("imx95").as_deref(), Some("armv8.2-a+dotprod+fp16"));
+        assert_eq!(march("rpi5").as_deref(), Some("armv8.2-a+dotprod+fp16"));
+        assert_eq!(march("generic-aarch64"), None);
+        assert_eq!(march("generic-x86_64"), None);
+    }
 }

@@ -161,10 +161,14 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
-                    "{} ({} for {}, {}; needs {} / {}, floor glibc {})",
+                    "{} ({} for {}{}, {}; needs {} / {}, floor glibc {})",
                     out.binary.display(),
                     out.rust_target,
                     out.target_cpu,
+                    out.c_march
+                        .as_deref()
+                        .map(|m| format!(", C/C++ -march={m}"))
+                        .unwrap_or_default(),
                     out.builder,
                     out.glibc_required.as_deref().unwrap_or("no glibc versions"),
                     out.glibcxx_required
