@@ -270,29 +270,32 @@ impl Default for Board {
 
 impl Drop for Board {
     fn drop(&mut self) {
-        // The supervisor leads its own process group; the runtime is in it.
-        if let Some(pid) = self.runtime_pid() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{pid}")])
-                .status();
-        }
-        // Anything else still running from this board's folder (a runtime a rollback
-        // restarted, a supervisor between restarts) goes too, so no test leaves a server behind.
-        let root = self.root.path().display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in procs.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
+        // Every process still running from this board's folder: the supervisor (it works in
+        // the install folder) and the runtimes it started (their command lines name the
+        // bundle). Found by what they are, not by a pid file whose number may have been
+        // reused. Twice, in case the supervisor restarted a runtime in between.
+        let root = self.root.path().to_path_buf();
+        for _ in 0..2 {
+            let Ok(procs) = std::fs::read_dir("/proc") else {
+                return;
             };
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            if pid != std::process::id() && String::from_utf8_lossy(&cmdline).contains(&root) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
+            for e in procs.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if pid == std::process::id() {
+                    continue;
+                }
+                let in_board = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(&root))
+                    || std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        String::from_utf8_lossy(&c).contains(&*root.to_string_lossy())
+                    });
+                if in_board {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
             }
         }
     }

@@ -205,10 +205,13 @@ true
     }
 
     /// The shell functions the service scripts share: `alive PID` is false for a zombie too (a
-    /// container's pid 1 may never reap it).
+    /// container's pid 1 may never reap it); `ours PID` is also false unless the process works
+    /// in the install folder, as the supervisor does, so a stale pid file whose number the
+    /// kernel gave to another process never gets that process signalled.
     fn alive_fn() -> &'static str {
         concat!(
             "alive() { kill -0 \"$1\" 2>/dev/null && [ \"$(sed 's/.*) //' /proc/$1/stat 2>/dev/null | cut -c1)\" != Z ]; }\n",
+            "ours() { alive \"$1\" && [ \"$(readlink /proc/$1/cwd 2>/dev/null)\" = \"$(pwd -P)\" ]; }\n",
             "group_alive() { for s in /proc/[0-9]*/stat; do set -- \"$1\" $(sed 's/.*) //' \"$s\" 2>/dev/null); ",
             "[ \"$2\" != Z ] && [ \"$4\" = \"$1\" ] && return 0; done; return 1; }\n",
         )
@@ -226,7 +229,7 @@ true
   pid=$(cat runtime.pid)
   # Only a real supervisor pid: `kill -SIG -1` would signal every process.
   case "$pid" in ''|*[!0-9]*|0|1) pid= ;; esac
-  if [ -n "$pid" ] && alive "$pid"; then
+  if [ -n "$pid" ] && ours "$pid"; then
     kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     i=0
     while group_alive "$pid" && [ $i -lt {STOP_STEPS} ]; do sleep 0.2; i=$((i+1)); done
@@ -277,7 +280,7 @@ fi
         let mut s = self.prelude();
         s.push_str(Self::alive_fn());
         s.push_str(
-            r#"if [ -f runtime.pid ] && pid=$(cat runtime.pid) && alive "$pid"; then
+            r#"if [ -f runtime.pid ] && pid=$(cat runtime.pid) && ours "$pid"; then
   up=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
   echo "running $pid ${up:-?}"
 else echo stopped; fi
