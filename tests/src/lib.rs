@@ -42,12 +42,13 @@ fn target_dir() -> PathBuf {
 /// Builds `bin` of workspace package `package` in the tests' own profile and returns its path.
 /// Everything it needs was built with the test executables, so this is normally a no-op.
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    let path = target_dir().join(bin);
+    let dir = target_dir();
+    let path = dir.join(bin);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
         .current_dir(root());
-    if target_dir().ends_with("release") {
+    if dir.ends_with("release") {
         cmd.arg("--release");
     }
     let st = cmd

@@ -154,38 +154,48 @@ impl Drop for Sshd {
     }
 }
 
-fn parent_of(pid: u32) -> Option<u32> {
+/// Field `n` (0-based) after the parenthesised command name of /proc/<pid>/stat (which may
+/// hold spaces): 0 is the state, 1 the parent, 2 the process group.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 4, after the parenthesised command name (which may hold spaces).
     stat.rsplit_once(')')?
         .1
         .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+        .nth(n)
+        .map(str::to_owned)
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    stat_field(pid, 1)?.parse().ok()
+}
+
+/// Every process id in /proc now.
+fn pids() -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect()
 }
 
 /// Processes whose parent chain leads to `root`.
 fn descendants(root: u32) -> Vec<u32> {
-    let mut all = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
-                let mut p = pid;
-                for _ in 0..16 {
-                    match parent_of(p) {
-                        Some(pp) if pp == root => {
-                            all.push(pid);
-                            break;
-                        }
-                        Some(pp) if pp > 1 => p = pp,
-                        _ => break,
-                    }
-                }
+    let leads_to_root = |pid: u32| {
+        let mut p = pid;
+        for _ in 0..16 {
+            match parent_of(p) {
+                Some(pp) if pp == root => return true,
+                Some(pp) if pp > 1 => p = pp,
+                _ => return false,
             }
         }
-    }
-    all
+        false
+    };
+    pids()
+        .into_iter()
+        .filter(|&pid| leads_to_root(pid))
+        .collect()
 }
 
 fn unsafe_kill(pid: u32) {
@@ -234,17 +244,8 @@ impl Board {
     pub fn serving_release(&self) -> Option<String> {
         let pgid = self.runtime_pid()?;
         let releases = format!("{}/releases/", self.install_dir().display());
-        for e in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let group = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-                .and_then(|g| g.parse::<u32>().ok());
+        for pid in pids() {
+            let group = stat_field(pid, 2).and_then(|g| g.parse::<u32>().ok());
             if group != Some(pgid) {
                 continue;
             }
@@ -276,13 +277,7 @@ impl Drop for Board {
         // reused. Twice, in case the supervisor restarted a runtime in between.
         let root = self.root.path().to_path_buf();
         for _ in 0..2 {
-            let Ok(procs) = std::fs::read_dir("/proc") else {
-                return;
-            };
-            for e in procs.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
+            for pid in pids() {
                 if pid == std::process::id() {
                     continue;
                 }
@@ -292,9 +287,7 @@ impl Drop for Board {
                         String::from_utf8_lossy(&c).contains(&*root.to_string_lossy())
                     });
                 if in_board {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
-                        .status();
+                    unsafe_kill(pid);
                 }
             }
         }

@@ -306,6 +306,16 @@ fn greedy_chat_from_the_model_metadata_says_paris_for_fp32_dynamic_int8_and_int8
     }
 }
 
+/// The operators a `--target` report sends back to the CPU.
+fn fallback_ops(report: &Value) -> Vec<&str> {
+    report["cpu_fallbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["op"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn target_report_lists_npu_fallbacks_before_writing() {
     let dir = tiny("llama-tied-f32", Tiny::llama());
@@ -329,12 +339,7 @@ fn target_report_lists_npu_fallbacks_before_writing() {
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let t = &r["target"];
     assert_eq!(t["board"], "imx93");
-    let ops: Vec<&str> = t["cpu_fallbacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["op"].as_str().unwrap())
-        .collect();
+    let ops = fallback_ops(t);
     // Vela's U65 list has neither; facts/tflite_targets.md §3.4.
     assert!(ops.contains(&"BATCH_MATMUL"), "{t}");
     assert!(ops.contains(&"DYNAMIC_UPDATE_SLICE"), "{t}");
@@ -388,12 +393,7 @@ fn a_profile_file_of_ones_own_drives_the_npu_report() {
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let t = &r["target"];
     assert_eq!(t["board"], "my-npu-board");
-    let ops: Vec<&str> = t["cpu_fallbacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["op"].as_str().unwrap())
-        .collect();
+    let ops = fallback_ops(t);
     // Everything but FULLY_CONNECTED is off the list; the FCs themselves have float
     // activations in dynamic-int8, so nothing at all runs on this NPU.
     for op in ["ADD", "MUL", "RSQRT", "GATHER", "FULLY_CONNECTED"] {
