@@ -38,6 +38,18 @@ struct Linear {
 /// Receives `(weight name, input activations [n_tokens, in_features] row-major, in_features)`.
 type Observer<'a> = Option<&'a mut dyn FnMut(&str, &[f32], usize)>;
 
+/// Receives `(point, values)` at the named points of [`Forward::forward_probed`].
+type Probe<'a> = Option<&'a mut dyn FnMut(&str, &CTensor)>;
+
+fn probe(p: &mut Probe<'_>, layer: Option<usize>, point: &str, t: &CTensor) {
+    if let Some(f) = p.as_mut() {
+        match layer {
+            Some(l) => f(&format!("{l}.{point}"), t),
+            None => f(point, t),
+        }
+    }
+}
+
 impl Linear {
     fn apply(&self, x: &CTensor, observer: &mut Observer<'_>) -> Result<CTensor> {
         if let Some(obs) = observer.as_mut() {
@@ -401,7 +413,23 @@ impl Forward {
     /// `[tokens.len(), vocab]` row-major f32. Bad input (an id outside the vocabulary, more
     /// positions than the cache takes) is refused before the cache changes.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.run(tokens, cache, None)
+        self.run(tokens, cache, None, None)
+    }
+
+    /// As [`Forward::forward`], and calls `probe(point, values)` at these points, `L.` being
+    /// the layer index: `L.attn_in` and `L.mlp_in` (the residual stream `[n, hidden]` before
+    /// each norm), `L.attn_norm` and `L.mlp_norm` (the norms' outputs), `L.q`, `L.k`, `L.v`
+    /// (projections `[n, width]`), `L.q_rot` and `L.k_rot` (`[heads, n, head_dim]` after
+    /// rotary), `L.scores` (`q·k` before the `1/sqrt(head_dim)` scale, `[heads, n, past + n]`),
+    /// `L.attn` (attention output `[n, heads·head_dim]`), `L.o`, `L.gate`, `L.up`, `L.silu`,
+    /// `L.h` (`silu(gate)·up`), `L.down`, then `final_in`, `final_norm` and `logits`.
+    pub fn forward_probed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        probe: &mut dyn FnMut(&str, &CTensor),
+    ) -> Result<Vec<f32>> {
+        self.run(tokens, cache, None, Some(probe))
     }
 
     /// As [`Forward::forward`], and calls `observer(weight name, inputs, in_features)` with the
@@ -413,7 +441,7 @@ impl Forward {
         cache: &mut KvCache,
         observer: &mut dyn FnMut(&str, &[f32], usize),
     ) -> Result<Vec<f32>> {
-        self.run(tokens, cache, Some(observer))
+        self.run(tokens, cache, Some(observer), None)
     }
 
     fn run(
@@ -421,6 +449,7 @@ impl Forward {
         tokens: &[u32],
         cache: &mut KvCache,
         mut observer: Observer<'_>,
+        mut pr: Probe<'_>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
@@ -454,17 +483,34 @@ impl Forward {
         let mut x = self.embed.index_select(&ids, 0).map_err(ce)?;
         let (cos, sin) = self.rope_tables(past, n)?;
         let mask = causal_mask(past, n)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (l, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            probe(&mut pr, Some(l), "attn_in", &x);
             let xn = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let a = self.attention(layer, &xn, slot, &cos, &sin, &mask, &mut observer)?;
+            probe(&mut pr, Some(l), "attn_norm", &xn);
+            let a = self.attention(
+                layer,
+                &xn,
+                slot,
+                &cos,
+                &sin,
+                &mask,
+                &mut observer,
+                &mut pr,
+                l,
+            )?;
             x = (x + a).map_err(ce)?;
+            probe(&mut pr, Some(l), "mlp_in", &x);
             let xn = rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps)?;
-            let m = mlp(layer, &xn, c.intermediate_size, &mut observer)?;
+            probe(&mut pr, Some(l), "mlp_norm", &xn);
+            let m = mlp(layer, &xn, c.intermediate_size, &mut observer, &mut pr, l)?;
             x = (x + m).map_err(ce)?;
         }
         cache.len = total;
+        probe(&mut pr, None, "final_in", &x);
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        probe(&mut pr, None, "final_norm", &x);
         let logits = self.lm_head.apply(&x, &mut observer)?;
+        probe(&mut pr, None, "logits", &logits);
         logits
             .flatten_all()
             .map_err(ce)?
@@ -506,6 +552,8 @@ impl Forward {
         sin: &CTensor,
         mask: &CTensor,
         observer: &mut Observer<'_>,
+        pr: &mut Probe<'_>,
+        l: usize,
     ) -> Result<CTensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -533,9 +581,14 @@ impl Forward {
                 .and_then(|t| t.contiguous())
                 .map_err(ce)
         };
+        probe(pr, Some(l), "q", &q);
+        probe(pr, Some(l), "k", &k);
+        probe(pr, Some(l), "v", &v);
         let q = rope(&heads(q, nh)?, cos, sin)?;
         let k = rope(&heads(k, nkv)?, cos, sin)?;
         let v = heads(v, nkv)?;
+        probe(pr, Some(l), "q_rot", &q);
+        probe(pr, Some(l), "k_rot", &k);
         let (k, v) = match slot.take() {
             Some((pk, pv)) => (
                 CTensor::cat(&[&pk, &k], 1).map_err(ce)?,
@@ -550,9 +603,23 @@ impl Forward {
         let g = nh / nkv;
         let q = q.reshape((nkv, g * n, hd)).map_err(ce)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q
-            .matmul(&k.t().map_err(ce)?)
-            .and_then(|s| s.affine(scale, 0.0))
+        let raw = q.matmul(&k.t().map_err(ce)?).map_err(ce)?;
+        if pr.is_some() {
+            // Only the causally visible scores: the masked ones never reach the softmax
+            // (zeroed, they cannot raise the largest |value|).
+            let past = t - n;
+            let visible: Vec<f32> = (0..n)
+                .flat_map(|i| (0..t).map(move |j| if j <= past + i { 1.0 } else { 0.0 }))
+                .collect();
+            let visible = CTensor::from_vec(visible, (n, t), &Device::Cpu).map_err(ce)?;
+            let seen = raw
+                .reshape((nh, n, t))
+                .and_then(|r| r.broadcast_mul(&visible))
+                .map_err(ce)?;
+            probe(pr, Some(l), "scores", &seen);
+        }
+        let scores = raw
+            .affine(scale, 0.0)
             .and_then(|s| s.reshape((nh, n, t)))
             .and_then(|s| s.broadcast_add(mask))
             .map_err(ce)?;
@@ -566,12 +633,22 @@ impl Forward {
             .and_then(|o| o.reshape((n, nh * hd)))
             .map_err(ce)?;
         *slot = Some((k, v));
-        layer.o.apply(&out, observer)
+        probe(pr, Some(l), "attn", &out);
+        let o = layer.o.apply(&out, observer)?;
+        probe(pr, Some(l), "o", &o);
+        Ok(o)
     }
 }
 
 /// SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
-fn mlp(layer: &Layer, x: &CTensor, ff: usize, observer: &mut Observer<'_>) -> Result<CTensor> {
+fn mlp(
+    layer: &Layer,
+    x: &CTensor,
+    ff: usize,
+    observer: &mut Observer<'_>,
+    pr: &mut Probe<'_>,
+    l: usize,
+) -> Result<CTensor> {
     let (gate, up) = match &layer.gate_up {
         GateUp::Split { gate, up } => (gate.apply(x, observer)?, up.apply(x, observer)?),
         GateUp::Fused(gu) => {
@@ -582,8 +659,15 @@ fn mlp(layer: &Layer, x: &CTensor, ff: usize, observer: &mut Observer<'_>) -> Re
             )
         }
     };
-    let h = (gate.silu().map_err(ce)? * up).map_err(ce)?;
-    layer.down.apply(&h, observer)
+    probe(pr, Some(l), "gate", &gate);
+    probe(pr, Some(l), "up", &up);
+    let silu = gate.silu().map_err(ce)?;
+    probe(pr, Some(l), "silu", &silu);
+    let h = (silu * up).map_err(ce)?;
+    probe(pr, Some(l), "h", &h);
+    let d = layer.down.apply(&h, observer)?;
+    probe(pr, Some(l), "down", &d);
+    Ok(d)
 }
 
 /// RMSNorm over the last dimension of `[n, hidden]`, as HF's `LlamaRMSNorm` in f32.

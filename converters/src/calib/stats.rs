@@ -45,6 +45,8 @@ use crate::progress::Progress;
 pub const VERSION: u32 = 1;
 /// `__metadata__.format` of a stats file.
 pub const FORMAT: &str = "edgepack-calib";
+/// The tensor holding the token ids of the samples.
+pub const SAMPLE_TOKENS: &str = "__samples__.tokens";
 /// Bins of the |x| histogram.
 pub const HIST_BINS: usize = 2048;
 /// Bins per octave (top mantissa bits kept).
@@ -171,6 +173,10 @@ pub struct CalibStats {
     pub tokens_used: usize,
     /// Where the text came from (set by the caller).
     pub dataset: String,
+    /// The token ids of every sample run, so that a later step can run the same text again
+    /// (the full-integer TFLite export calibrates every activation of its graph on them).
+    /// Empty in files written before they were kept.
+    pub sample_tokens: Vec<Vec<u32>>,
 }
 
 impl CalibStats {
@@ -183,6 +189,7 @@ impl CalibStats {
             tokens_total: 0,
             tokens_used: 0,
             dataset: String::new(),
+            sample_tokens: Vec::new(),
         }
     }
 
@@ -336,6 +343,25 @@ impl CalibStats {
                 json!({"count": e.count, "min": e.min, "max": e.max, "p99_99": e.percentile(99.99)}),
             );
         }
+        if let Some(first) = self.sample_tokens.first() {
+            let len = first.len();
+            if self.sample_tokens.iter().any(|t| t.len() != len) {
+                return Err(Error::Invalid(format!(
+                    "{}: {SAMPLE_TOKENS}: samples of unequal length",
+                    path.display()
+                )));
+            }
+            bufs.push((
+                SAMPLE_TOKENS.to_string(),
+                Dtype::U32,
+                vec![self.sample_tokens.len(), len],
+                self.sample_tokens
+                    .iter()
+                    .flatten()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ));
+        }
         let mut views = Vec::with_capacity(bufs.len());
         for (n, d, s, b) in &bufs {
             let v = TensorView::new(*d, s.clone(), b)
@@ -474,13 +500,33 @@ impl CalibStats {
         if entries.is_empty() {
             return Err(Error::format(path, "__metadata__.tensors", "no entries"));
         }
-        if st.len() != 3 * entries.len() {
+        let mut sample_tokens = Vec::new();
+        if let Ok(v) = st.tensor(SAMPLE_TOKENS) {
+            let shape = v.shape().to_vec();
+            if v.dtype() != Dtype::U32 || shape.len() != 2 || shape[1] == 0 {
+                return Err(Error::format(
+                    path,
+                    SAMPLE_TOKENS,
+                    format!("{:?} {shape:?}, expected U32 [samples, seq_len]", v.dtype()),
+                ));
+            }
+            let ids: Vec<u32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            sample_tokens = ids.chunks(shape[1]).map(<[u32]>::to_vec).collect();
+        }
+        let expected = 3 * entries.len() + usize::from(!sample_tokens.is_empty());
+        if st.len() != expected {
             let stray = st
                 .names()
                 .into_iter()
                 .find(|n| {
-                    !n.rsplit_once('.')
-                        .is_some_and(|(w, _)| entries.contains_key(w))
+                    *n != SAMPLE_TOKENS
+                        && !n
+                            .rsplit_once('.')
+                            .is_some_and(|(w, _)| entries.contains_key(w))
                 })
                 .unwrap_or("?")
                 .to_string();
@@ -498,6 +544,7 @@ impl CalibStats {
             tokens_total: num("tokens_total")?,
             tokens_used: num("tokens_used")?,
             dataset: get("dataset")?.clone(),
+            sample_tokens,
         })
     }
 }
@@ -554,6 +601,7 @@ pub fn compute(
         }
         stats.samples = i + 1;
         stats.tokens_used += chunk.len();
+        stats.sample_tokens.push(chunk.clone());
         progress.advance(1, &format!("sample {}/{n}", i + 1));
     }
     progress.finish();
@@ -618,10 +666,18 @@ mod tests {
             2,
         )
         .unwrap();
-        s.samples = 1;
+        s.samples = 2;
         s.dataset = "x.txt".into();
+        // Without kept samples (files of older builds) and with them.
         s.write(&p).unwrap();
         assert_eq!(CalibStats::read(&p).unwrap(), s);
+        s.sample_tokens = vec![vec![1, 2, 3], vec![7, 8, 9]];
+        s.write(&p).unwrap();
+        assert_eq!(CalibStats::read(&p).unwrap(), s);
+        s.sample_tokens.push(vec![4]);
+        let err = s.write(&dir.path().join("ragged.calib")).unwrap_err();
+        assert!(err.to_string().contains("unequal length"), "{err}");
+        s.sample_tokens.pop();
 
         let bytes = std::fs::read(&p).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
