@@ -226,7 +226,7 @@ enum Export {
     },
     /// Write a LiteRT (TFLite) model with prefill and decode signatures and the KV cache as inputs and outputs.
     #[command(
-        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n  edgepack export tflite ./merged --precision int8 --stats stats.calib --smooth 0.5 --target imx93 --seq-len 256 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations), int8 (static scales from --stats after --smooth: int8 per-channel weights, int8 activations on q/k/v and gate/up, int16 on o/down/lm_head; norms, rotary and attention stay float), int8-a16 (as int8 with int16 activations on every linear).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
+        after_help = "Example:\n  edgepack export tflite ./merged --precision fp32 -o model.tflite\n  edgepack export tflite ./merged --precision dynamic-int8 --seq-len 256 --target imx93 -o model.tflite\n  edgepack export tflite ./merged --precision int8 --stats stats.calib --smooth 0.5 --target imx93 --seq-len 256 -o model.tflite\n\nPrecisions: fp32, fp16 (f16 weights), dynamic-int8 (int8 per-channel weights, float activations), int8 (full integer for NPUs: int8 per-channel weights, int8 activations into q/k/v and gate/up, int16 elsewhere and in the KV cache; scales calibrated on the --stats file's samples after --smooth; float logits), int8-a16 (full integer with int16 activations everywhere: more accurate, where the NPU takes 16x8).\nSignatures: prefill_<L> (tokens [1, L]) and decode (tokens [1, 1]); inputs tokens, input_pos, kv_cache_k_<i>/kv_cache_v_<i> [1, seq_len, kv_heads, head_dim]; outputs logits and the updated caches.\nThe tokenizer (tokenizer.json), tokenizer_config.json with the chat template and edgepack.json are stored as model metadata.\nWith --target, the ops the board's NPU will not take are reported before writing."
     )]
     Tflite {
         /// A Hugging Face model folder or a .gguf file.
@@ -661,7 +661,7 @@ fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
         calibration,
     };
     let started = Instant::now();
-    let prepared = tflite::prepare(&m, &opts)
+    let prepared = tflite::prepare(&m, &opts, &Bars::new(json_out))
         .with_context(|| format!("exporting {} to TFLite", model.display()))?;
     if let (Some(t), false) = (&prepared.report.target, json_out) {
         eprintln!(

@@ -23,7 +23,7 @@ impl Payload {
         match self {
             Payload::Bytes(b) => b.len() as u64,
             Payload::Weight { source, encoding } => {
-                (source.weight.numel() * encoding.bytes_per_value()) as u64
+                (source.shape().iter().product::<usize>() * encoding.bytes_per_value()) as u64
             }
         }
     }
@@ -173,6 +173,35 @@ impl<'b> Graph<'b> {
             dtype,
             buffer,
             quantization: None,
+        });
+        self.consts.insert(key, t);
+        t
+    }
+
+    /// A quantized constant (int8 / int16 codes with their quantization), made once.
+    pub fn const_q(
+        &mut self,
+        name: &str,
+        shape: &[i32],
+        dtype: TensorType,
+        b: Vec<u8>,
+        q: Quantization,
+    ) -> T {
+        let mut key_bytes = b.clone();
+        for s in &q.scale {
+            key_bytes.extend(s.to_le_bytes());
+        }
+        let key = (format!("{}q", dtype.name()), shape.to_vec(), key_bytes);
+        if let Some(&t) = self.consts.get(&key) {
+            return t;
+        }
+        let buffer = self.buffers.push(Payload::Bytes(b));
+        let t = self.add_tensor(TensorDef {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            buffer,
+            quantization: Some(q),
         });
         self.consts.insert(key, t);
         t

@@ -49,7 +49,7 @@ pub fn weight_key(dg: &DecoderGraph, id: usize) -> String {
     w.name.clone()
 }
 
-/// Width of the activations of a static integer linear.
+/// Width of an integer graph's activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActWidth {
     /// int8 in and out, int32 bias.
@@ -83,35 +83,10 @@ impl ActWidth {
     }
 }
 
-/// Static quantization of one linear (the `int8` and `int8-a16` precisions): one input
-/// quantization, then one FULLY_CONNECTED per piece (a packed linear may be split so each part
-/// has its own output scale), concatenated back in float.
-#[derive(Debug, Clone)]
-pub struct FcQuant {
-    pub act: ActWidth,
-    /// Scale of the input (zero point 0).
-    pub in_scale: f32,
-    pub pieces: Vec<FcPiece>,
-}
-
-#[derive(Debug, Clone)]
-pub struct FcPiece {
-    /// Placement key of the int8 weight.
-    pub weight_key: String,
-    /// Output rows (features) of this piece.
-    pub rows: usize,
-    /// Scale of the output (zero point 0).
-    pub out_scale: f32,
-    /// Placement key of the integer bias, if any.
-    pub bias_key: Option<String>,
-}
-
 /// What a lowering needs besides the graph.
 pub struct LowerCtx<'a> {
     pub dg: &'a DecoderGraph,
     pub max_seq_len: usize,
-    /// Per linear (by weight placement key), for the static precisions.
-    pub fc: &'a HashMap<String, FcQuant>,
 }
 
 /// One lowered signature.
@@ -440,59 +415,6 @@ impl LowerCtx<'_> {
                 let x = val(sig, x)?;
                 let key = weight_key(dg, *weight);
                 let n_out = dg.weights[*weight].n_rows() as i32;
-                if let Some(fq) = self.fc.get(&key) {
-                    let n_in = sig.g.shape(x)[1];
-                    let g = &mut *sig.g;
-                    let at = fq.act.tensor_type();
-                    let xq = g.op_q(
-                        B::Quantize,
-                        4,
-                        &[x],
-                        Options::Quantize,
-                        ("x_q", &[ti, n_in], at),
-                        Some(Quantization::per_tensor(fq.in_scale, 0)),
-                    );
-                    let mut ys = Vec::new();
-                    for p in &fq.pieces {
-                        let w = g.weight(&p.weight_key);
-                        let b = match &p.bias_key {
-                            Some(k) => g.weight(k),
-                            None => -1,
-                        };
-                        let rows = p.rows as i32;
-                        let y = g.op_q(
-                            B::FullyConnected,
-                            11,
-                            &[xq, w, b],
-                            Options::FullyConnected {
-                                keep_num_dims: false,
-                                asymmetric_quantize_inputs: false,
-                            },
-                            ("y_q", &[ti, rows], at),
-                            Some(Quantization::per_tensor(p.out_scale, 0)),
-                        );
-                        ys.push(g.op(
-                            B::Dequantize,
-                            4,
-                            &[y],
-                            Options::Dequantize,
-                            (out, &[ti, rows], Ty::Float32),
-                        ));
-                    }
-                    let y = if ys.len() == 1 {
-                        ys[0]
-                    } else {
-                        g.op(
-                            B::Concatenation,
-                            1,
-                            &ys,
-                            Options::Concatenation { axis: 1 },
-                            (out, &[ti, n_out], Ty::Float32),
-                        )
-                    };
-                    sig.values.insert(out.clone(), y);
-                    return Ok(());
-                }
                 let w = sig.g.weight(&key);
                 let hybrid = sig.g.dtype(w) == Ty::Int8;
                 let w = if hybrid {
@@ -814,7 +736,7 @@ impl LowerCtx<'_> {
 
 /// Full-width `[positions, head_dim]` cos and sin tables (each frequency repeated over both
 /// halves, as transformers' `cat((freqs, freqs))`).
-fn full_tables(
+pub(super) fn full_tables(
     rotary: &crate::export::graph::Rotary,
     positions: usize,
     head_dim: usize,
@@ -831,7 +753,7 @@ fn full_tables(
 
 /// `R` as FULLY_CONNECTED weights `[out, in]` such that `x·Rᵀ = rotate_half(x)`: output `i`
 /// is `-x[i + half]` for the first half and `x[i - half]` for the second.
-fn rotate_half_matrix(hd: usize) -> Vec<f32> {
+pub(super) fn rotate_half_matrix(hd: usize) -> Vec<f32> {
     let half = hd / 2;
     let mut m = vec![0f32; hd * hd];
     for i in 0..half {

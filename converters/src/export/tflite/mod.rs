@@ -5,32 +5,30 @@
 //! our own schema subset ([`schema`]). `docs/tflite.md` describes the file.
 
 pub mod builder;
+pub mod integer;
 pub mod lower;
 pub mod schema;
 pub mod support;
 pub mod weights;
 
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use self::builder::{Buffers, Graph, Payload};
+use self::lower::ActWidth;
 use self::lower::{placed, prefill_key, signature_def, weight_key, LowerCtx, DECODE};
-use self::lower::{ActWidth, FcPiece, FcQuant};
 use self::schema::{
     layout, ModelDef, Quantization, TensorType, BUFFER_LOCATION_KEY, BUFFER_LOCATION_VALUE,
 };
 use self::support::OpSupport;
-use self::weights::LinearRowStats;
 use self::weights::{Encoding, WeightSource};
 use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
-use crate::export::graph::{DecoderGraph, LinearRole, Op, Weight, WeightKind};
+use crate::export::graph::{DecoderGraph, WeightKind};
 use crate::io::AtomicFile;
-use crate::model::names::Role;
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::transform::smooth::{smooth, Alpha, Scope};
@@ -53,14 +51,13 @@ pub enum Precision {
     /// Embedding and linear weights int8 with one scale per output row; activations stay f32
     /// and the kernels quantize them on the fly ("hybrid" kernels).
     DynamicInt8,
-    /// Static integer linears from calibration statistics (after SmoothQuant), int8
-    /// per-channel weights: int8 activations on the smoothed linears (q/k/v, gate/up; a packed
-    /// linear is split so each part has its own output scale), int16 activations on the
-    /// others (o_proj, down_proj, LM head; TFLite's 16x8 kernels), whose unsmoothed inputs
-    /// carry outliers int8 cannot hold. Norms, rotary and attention stay f32.
+    /// Full integer ([`integer`]): int8 per-channel weights, every operator integer, int8
+    /// activations into the smoothed linears (q/k/v, gate/up), int16 activations elsewhere
+    /// (TFLite's 16x8 kernels) and in the KV cache, scales calibrated on the statistics
+    /// file's samples; float logits through one final DEQUANTIZE.
     Int8,
-    /// As [`Precision::Int8`] with int16 activations on every linear (more accurate; no int8
-    /// activations).
+    /// As [`Precision::Int8`] with int16 activations everywhere (TFLite's 16x8 scheme), the
+    /// more accurate full-integer graph.
     Int8A16,
 }
 
@@ -158,232 +155,9 @@ fn encoding_for(kind: WeightKind, precision: Precision) -> Option<TensorType> {
     }
 }
 
-/// int8 outputs of a static linear cover this many of its estimated standard deviations
-/// (`sqrt(Σ_j W_oj²·rms_j²)` from the calibrated per-channel second moments), or the hard
-/// bound `Σ_j |W_oj|·a_j` if that is smaller. LLM activations are heavy-tailed, so the range is
-/// wide; what lies beyond it saturates.
-pub const OUTPUT_RANGE_SIGMAS: f64 = 8.0;
-
-/// For the static precisions: places every linear's int8 weight and integer bias and returns
-/// the static scales of its input and outputs. `act` is the widest activation type asked for:
-/// with int8, only the smoothed linears (q/k/v, gate/up) take int8 and the rest int16.
-///
-/// The input scale is the calibrated per-channel abs-max (divided by the SmoothQuant factor
-/// where the model was smoothed) over the type's maximum. LiteRT's int8-input
-/// FULLY_CONNECTED writes only int8 outputs, and the statistics hold input ranges only, so
-/// output scales are derived: int16 outputs cover the largest output calibrated inputs can
-/// give, `Σ_j |W_oj|·a_j + |b_o|` (never saturating); int8 outputs cover
-/// [`OUTPUT_RANGE_SIGMAS`] estimated standard deviations, where the bound would leave too few
-/// levels.
-fn place_static_linears(
-    act: ActWidth,
-    dg: &DecoderGraph,
-    original: &Model,
-    model: &Model,
-    cal: &Calibration,
-    buffers: &mut Buffers,
-) -> Result<HashMap<String, FcQuant>> {
-    let mut out = HashMap::new();
-    for op in &dg.ops {
-        let Op::Linear { weight, bias, .. } = op else {
-            continue;
-        };
-        let w = &dg.weights[*weight];
-        let key = weight_key(dg, *weight);
-        let act = match (act, w.kind) {
-            (ActWidth::I8, WeightKind::Linear(LinearRole::Qkv | LinearRole::GateUp)) => {
-                ActWidth::I8
-            }
-            _ => ActWidth::I16,
-        };
-        let stats_key = w.stats_key.as_deref().unwrap_or(&w.name);
-        let entry = cal.stats.entries.get(stats_key).ok_or_else(|| {
-            Error::format(
-                &cal.path,
-                stats_key,
-                format!(
-                    "no statistics for the input of {} (needed for --precision int8)",
-                    w.name
-                ),
-            )
-        })?;
-        if entry.absmax.len() != w.row_len() {
-            return Err(Error::mismatch(
-                &cal.path,
-                stats_key,
-                format!(
-                    "{} channels, {} takes {}",
-                    entry.absmax.len(),
-                    w.name,
-                    w.row_len()
-                ),
-            ));
-        }
-        let mut a = entry.absmax.clone();
-        let mut rms = entry.rms();
-        // SmoothQuant divided the norm before this linear by s: s = γ / γ'.
-        let norm = match (w.kind, w.layer) {
-            (WeightKind::Linear(LinearRole::Qkv), Some(l)) => Some(Role::InputNorm.hf_name(l)),
-            (WeightKind::Linear(LinearRole::GateUp), Some(l)) => Some(Role::PostNorm.hf_name(l)),
-            _ => None,
-        };
-        if let (Some(norm), Some(_)) = (norm, &cal.alpha) {
-            let before = original
-                .tensor(&norm)
-                .ok_or_else(|| Error::format(&original.source, &norm, "missing"))?
-                .to_f32()?;
-            let after = model
-                .tensor(&norm)
-                .ok_or_else(|| Error::format(&model.source, &norm, "missing"))?
-                .to_f32()?;
-            for (((x, r), g0), g1) in a.iter_mut().zip(&mut rms).zip(&before).zip(&after) {
-                if *g1 != 0.0 {
-                    *x *= (g1 / g0).abs();
-                    *r *= (g1 / g0).abs();
-                }
-            }
-        }
-        let a_max = a.iter().fold(0f32, |m, v| m.max(*v));
-        if !(a_max > 0.0 && a_max.is_finite()) {
-            return Err(Error::format(
-                &cal.path,
-                stats_key,
-                format!("input abs-max {a_max} cannot give an int8 scale"),
-            ));
-        }
-        let in_scale = (a_max as f64 / act.max()) as f32;
-        // int8 outputs of a packed linear ([Q; K; V], [gate; up]) get one scale per part: their
-        // ranges differ by orders of magnitude.
-        let split = act == ActWidth::I8 && w.parts.len() > 1;
-        let pieces: Vec<(String, Weight, Option<Weight>)> = if split {
-            let mut v = Vec::new();
-            for (i, p) in w.parts.iter().enumerate() {
-                let part = |name: String, t: &crate::model::Tensor| Weight {
-                    name,
-                    kind: w.kind,
-                    layer: w.layer,
-                    shape: t.shape.clone(),
-                    parts: vec![t.clone()],
-                    stats_key: w.stats_key.clone(),
-                    tied: false,
-                };
-                let b = bias.map(|b| {
-                    let bw = &dg.weights[b];
-                    part(format!("{}#{i}", bw.name), &bw.parts[i])
-                });
-                v.push((format!("{key}#{i}"), part(format!("{key}#{i}"), p), b));
-            }
-            v
-        } else {
-            vec![(key.clone(), w.clone(), bias.map(|b| dg.weights[b].clone()))]
-        };
-        let mut placed_pieces = Vec::new();
-        for (pkey, pw, pb) in pieces {
-            placed_pieces.push(place_piece(
-                act, &pkey, pw, pb, &a, &rms, in_scale, buffers,
-            )?);
-        }
-        out.insert(
-            key,
-            FcQuant {
-                act,
-                in_scale,
-                pieces: placed_pieces,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// Places one FULLY_CONNECTED's int8 weight and integer bias; returns its output scale.
-#[allow(clippy::too_many_arguments)]
-fn place_piece(
-    act: ActWidth,
-    key: &str,
-    w: Weight,
-    bias: Option<Weight>,
-    a: &[f32],
-    rms: &[f32],
-    in_scale: f32,
-    buffers: &mut Buffers,
-) -> Result<FcPiece> {
-    let shape = w.shape.clone();
-    let source = WeightSource::plain(w);
-    let LinearRowStats {
-        scales: w_scales,
-        bounds,
-        rms: out_rms,
-    } = source.linear_row_stats(a, rms)?;
-    let b = bias.map(WeightSource::plain);
-    let b_vals = match &b {
-        Some(b) => {
-            let mut v = Vec::new();
-            b.for_each_chunk(|_, c| {
-                v.extend(c);
-                Ok(())
-            })?;
-            v
-        }
-        None => vec![0.0; w_scales.len()],
-    };
-    let bound = bounds
-        .iter()
-        .zip(&b_vals)
-        .map(|(o, b)| o + b.abs() as f64)
-        .fold(0f64, f64::max);
-    let range = match act {
-        ActWidth::I16 => bound,
-        ActWidth::I8 => {
-            let typical = out_rms
-                .iter()
-                .zip(&b_vals)
-                .map(|(o, b)| OUTPUT_RANGE_SIGMAS * o + b.abs() as f64)
-                .fold(0f64, f64::max);
-            typical.min(bound)
-        }
-    };
-    let out_scale = (range.max(f64::MIN_POSITIVE) / act.max()) as f32;
-    if buffers.placed(key).is_none() {
-        let q = Quantization::per_channel(w_scales.clone(), 0);
-        let buffer = buffers.push(Payload::Weight {
-            source,
-            encoding: Encoding::Int8 {
-                scales: Arc::new(w_scales.clone()),
-            },
-        });
-        buffers.place(key, placed(buffer, &shape, TensorType::Int8, Some(q)));
-    }
-    let mut bias_key = None;
-    if let Some(src) = b {
-        let bk = format!("{};{}", src.weight.name, act.bias_type().name());
-        let scales: Vec<f32> = w_scales.iter().map(|s| s * in_scale).collect();
-        let q = Quantization::per_channel(scales.clone(), 0);
-        let scales = Arc::new(scales);
-        let buffer = buffers.push(Payload::Weight {
-            source: src,
-            encoding: match act {
-                ActWidth::I8 => Encoding::Int32 { scales },
-                ActWidth::I16 => Encoding::Int64 { scales },
-            },
-        });
-        buffers.place(
-            &bk,
-            placed(buffer, &[w_scales.len()], act.bias_type(), Some(q)),
-        );
-        bias_key = Some(bk);
-    }
-    Ok(FcPiece {
-        weight_key: key.to_string(),
-        rows: w_scales.len(),
-        out_scale,
-        bias_key,
-    })
-}
-
 /// Builds the model description (no file is written; weights are read only to compute int8
 /// scales). Fails before anything is written on what the precision or target cannot express.
-pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
-    let original = model;
+pub fn prepare(model: &Model, opts: &TfliteOptions, progress: &dyn Progress) -> Result<Prepared> {
     let smoothed;
     let model = match (opts.precision, &opts.calibration) {
         (p, None) if p.is_static() => {
@@ -446,31 +220,24 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
         )));
     }
     let mut buffers = Buffers::new();
-    let fc = match &opts.calibration {
+    let integer_graph = match &opts.calibration {
         Some(cal) if opts.precision.is_static() => {
+            let ranges =
+                integer::calibrate(model, &dg, &cal.stats.sample_tokens, &cal.path, progress)?;
             let act = if opts.precision == Precision::Int8 {
                 ActWidth::I8
             } else {
                 ActWidth::I16
             };
-            place_static_linears(act, &dg, original, model, cal, &mut buffers)?
+            let fc = integer::place(&dg, &ranges, &mut buffers, act)?;
+            Some((ranges, fc))
         }
-        _ => HashMap::new(),
+        _ => None,
     };
-    // Weights and biases of static linears are placed by `place_static_linears` (possibly as
-    // separate pieces); they must not be written a second time.
-    let mut handled = std::collections::HashSet::new();
-    if !fc.is_empty() {
-        for op in &dg.ops {
-            if let Op::Linear { weight, bias, .. } = op {
-                handled.insert(*weight);
-                handled.extend(*bias);
-            }
-        }
-    }
     for (id, w) in dg.weights.iter().enumerate() {
         let key = weight_key(&dg, id);
-        if handled.contains(&id) || buffers.placed(&key).is_some() {
+        // The integer graph placed its weights; its norm gains become constants.
+        if integer_graph.is_some() || buffers.placed(&key).is_some() {
             continue;
         }
         let source = WeightSource::plain(w.clone());
@@ -496,7 +263,6 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
     let ctx = LowerCtx {
         dg: &dg,
         max_seq_len: opts.seq_len,
-        fc: &fc,
     };
     let mut def = ModelDef {
         description: format!("edgepack {} ({})", model.name, opts.precision.name()),
@@ -507,7 +273,16 @@ pub fn prepare(model: &Model, opts: &TfliteOptions) -> Result<Prepared> {
         (DECODE.to_string(), 1),
     ] {
         let mut g = Graph::new(&mut buffers, &key);
-        let lowered = ctx.signature(&mut g, t)?;
+        let lowered = match &integer_graph {
+            Some((ranges, fc)) => integer::IntLower {
+                dg: &dg,
+                max_seq_len: opts.seq_len,
+                ranges,
+                fc,
+            }
+            .signature(&mut g, t)?,
+            None => ctx.signature(&mut g, t)?,
+        };
         let index = def.subgraphs.len() as u32;
         def.signatures.push(signature_def(&key, index, &lowered));
         def.subgraphs.push(lowered.subgraph);
@@ -640,6 +415,6 @@ pub fn export_tflite(
     opts: &TfliteOptions,
     progress: &dyn Progress,
 ) -> Result<TfliteReport> {
-    let prepared = prepare(model, opts)?;
+    let prepared = prepare(model, opts, progress)?;
     write(prepared, out, progress)
 }

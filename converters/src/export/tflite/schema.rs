@@ -85,6 +85,7 @@ pub enum BuiltinOp {
     Quantize,
     BatchMatmul,
     DynamicUpdateSlice,
+    SelectV2,
 }
 
 impl BuiltinOp {
@@ -112,6 +113,7 @@ impl BuiltinOp {
             BuiltinOp::Quantize => 114,
             BuiltinOp::BatchMatmul => 126,
             BuiltinOp::DynamicUpdateSlice => 151,
+            BuiltinOp::SelectV2 => 123,
         }
     }
 
@@ -139,6 +141,7 @@ impl BuiltinOp {
             BuiltinOp::Quantize => "QUANTIZE",
             BuiltinOp::BatchMatmul => "BATCH_MATMUL",
             BuiltinOp::DynamicUpdateSlice => "DYNAMIC_UPDATE_SLICE",
+            BuiltinOp::SelectV2 => "SELECT_V2",
         }
     }
 
@@ -604,8 +607,9 @@ fn write_options<'a>(
             fbb.push_slot::<bool>(slot(1), adj_y, false);
             fbb.push_slot::<bool>(slot(2), asymmetric_quantize_inputs, false);
         }
-        Options::Add
-        | Options::Mul
+        // pot_scale_int16 defaults to true, which makes int16 ADD demand power-of-two scales.
+        Options::Add => fbb.push_slot_always::<bool>(slot(1), false),
+        Options::Mul
         | Options::Sub
         | Options::Reshape
         | Options::Transpose

@@ -14,14 +14,6 @@ use crate::export::graph::Weight;
 /// [-127, 127] with zero point 0, so -128 is never produced.
 pub const INT8_WEIGHT_MAX: f32 = 127.0;
 
-/// What [`WeightSource::linear_row_stats`] finds, per output row.
-#[derive(Debug, Clone, Default)]
-pub struct LinearRowStats {
-    pub scales: Vec<f32>,
-    pub bounds: Vec<f64>,
-    pub rms: Vec<f64>,
-}
-
 /// How one weight tensor is stored.
 #[derive(Debug, Clone)]
 pub enum Encoding {
@@ -40,6 +32,10 @@ pub enum Encoding {
     Int64 {
         scales: Arc<Vec<f32>>,
     },
+    /// int16 with one symmetric scale for the whole tensor (an integer graph's lookup table).
+    Int16 {
+        scale: f32,
+    },
 }
 
 impl Encoding {
@@ -50,6 +46,7 @@ impl Encoding {
             Encoding::Int8 { .. } => 1,
             Encoding::Int32 { .. } => 4,
             Encoding::Int64 { .. } => 8,
+            Encoding::Int16 { .. } => 2,
         }
     }
 }
@@ -60,6 +57,10 @@ impl Encoding {
 pub struct WeightSource {
     pub weight: Weight,
     pub col_scale: Option<Arc<Vec<f32>>>,
+    /// Only these rows, in this order (a matrix's row subset).
+    pub row_select: Option<Arc<Vec<usize>>>,
+    /// Only these columns, in this order (applied before `col_scale`).
+    pub col_select: Option<Arc<Vec<usize>>>,
 }
 
 impl WeightSource {
@@ -67,21 +68,43 @@ impl WeightSource {
         WeightSource {
             weight,
             col_scale: None,
+            row_select: None,
+            col_select: None,
+        }
+    }
+
+    /// Rows written (after any row selection).
+    pub fn n_rows(&self) -> usize {
+        self.row_select
+            .as_ref()
+            .map_or(self.weight.n_rows(), |r| r.len())
+    }
+
+    /// Values per row written (after any column selection).
+    pub fn row_len(&self) -> usize {
+        self.col_select
+            .as_ref()
+            .map_or(self.weight.row_len(), |c| c.len())
+    }
+
+    /// The `[rows, row_len]` shape written, for matrices.
+    pub fn shape(&self) -> Vec<usize> {
+        if self.weight.shape.len() == 1 {
+            vec![self.row_len()]
+        } else {
+            vec![self.n_rows(), self.row_len()]
         }
     }
 
     fn rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        // A vector made of several parts (a packed q/k/v bias) is one row spanning every part;
-        // read the parts whole rather than by row index.
-        let mut v = if self.weight.shape.len() == 1 {
-            let mut all = Vec::with_capacity(self.weight.numel());
-            for p in &self.weight.parts {
-                all.extend(p.to_f32()?);
-            }
-            all
-        } else {
-            self.weight.rows_f32(rows)?
-        };
+        let mut v = self.selected_rows(rows)?;
+        if let Some(cols) = &self.col_select {
+            let n = self.weight.row_len();
+            v = v
+                .chunks(n)
+                .flat_map(|r| cols.iter().map(move |&j| r[j]))
+                .collect();
+        }
         if let Some(s) = &self.col_scale {
             let n = s.len();
             v.par_chunks_mut(n).for_each(|row| {
@@ -91,13 +114,47 @@ impl WeightSource {
         Ok(v)
     }
 
+    fn selected_rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let Some(sel) = &self.row_select else {
+            return self.plain_rows(rows);
+        };
+        // Read runs of consecutive source rows at once.
+        let mut out = Vec::with_capacity(rows.len() * self.weight.row_len());
+        let idx = &sel[rows];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i + 1;
+            while j < idx.len() && idx[j] == idx[j - 1] + 1 {
+                j += 1;
+            }
+            out.extend(self.plain_rows(idx[i]..idx[j - 1] + 1)?);
+            i = j;
+        }
+        Ok(out)
+    }
+
+    fn plain_rows(&self, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        // A vector made of several parts (a packed q/k/v bias) is one row spanning every part;
+        // read the parts whole rather than by row index.
+        let v = if self.weight.shape.len() == 1 {
+            let mut all = Vec::with_capacity(self.weight.numel());
+            for p in &self.weight.parts {
+                all.extend(p.to_f32()?);
+            }
+            all
+        } else {
+            self.weight.rows_f32(rows)?
+        };
+        Ok(v)
+    }
+
     /// Streams the rows through `f` a chunk at a time.
     pub fn for_each_chunk(
         &self,
         mut f: impl FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<()>,
     ) -> Result<()> {
-        let n_rows = self.weight.n_rows();
-        let step = self.weight.rows_per_chunk();
+        let n_rows = self.n_rows();
+        let step = (crate::model::tensor::CHUNK_VALUES / self.weight.row_len().max(1)).max(1);
         let mut row = 0;
         while row < n_rows {
             let end = (row + step).min(n_rows);
@@ -110,8 +167,8 @@ impl WeightSource {
     /// The symmetric int8 scale of every row: `max |w| / 127` (a zero row gets scale 1 so it
     /// dequantizes to zeros without dividing by zero).
     pub fn int8_row_scales(&self) -> Result<Vec<f32>> {
-        let row_len = self.weight.row_len();
-        let mut scales = Vec::with_capacity(self.weight.n_rows());
+        let row_len = self.row_len();
+        let mut scales = Vec::with_capacity(self.n_rows());
         self.for_each_chunk(|_, v| {
             scales.par_extend(v.par_chunks(row_len).map(|r| {
                 let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -126,41 +183,19 @@ impl WeightSource {
         Ok(scales)
     }
 
-    /// Per output row, for a static integer linear whose input channel `j` is bounded by
-    /// `a[j]` and has root-mean-square `rms[j]`: the int8 weight scale (as
-    /// [`WeightSource::int8_row_scales`]), the largest output such inputs can give
-    /// (`Σ_j |w_j|·a_j`) and the output's root-mean-square if channels were uncorrelated
-    /// (`sqrt(Σ_j w_j²·rms_j²)`).
-    pub fn linear_row_stats(&self, a: &[f32], rms: &[f32]) -> Result<LinearRowStats> {
-        let row_len = self.weight.row_len();
-        let mut out = LinearRowStats::default();
+    /// The largest |value| (after any column scale).
+    pub fn abs_max(&self) -> Result<f32> {
+        let mut m = 0f32;
         self.for_each_chunk(|_, v| {
-            let rows: Vec<(f32, f64, f64)> = v
-                .par_chunks(row_len)
-                .map(|r| {
-                    let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    let (mut b, mut e) = (0f64, 0f64);
-                    for ((w, x), q) in r.iter().zip(a).zip(rms) {
-                        b += (w.abs() * x) as f64;
-                        e += (*w as f64 * *q as f64).powi(2);
-                    }
-                    let s = if m > 0.0 { m / INT8_WEIGHT_MAX } else { 1.0 };
-                    (s, b, e.sqrt())
-                })
-                .collect();
-            for (s, b, e) in rows {
-                out.scales.push(s);
-                out.bounds.push(b);
-                out.rms.push(e);
-            }
+            m = v.par_iter().map(|x| x.abs()).reduce(|| m, f32::max);
             Ok(())
         })?;
-        Ok(out)
+        Ok(m)
     }
 
     /// Streams the encoded bytes to `sink`.
     pub fn write(&self, enc: &Encoding, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        let row_len = self.weight.row_len();
+        let row_len = self.row_len();
         self.for_each_chunk(|rows, v| {
             let bytes = encode(&v, row_len, rows.start, enc);
             sink(&bytes)
@@ -197,6 +232,13 @@ pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) 
                 .collect();
             bytemuck::cast_slice(&q).to_vec()
         }
+        Encoding::Int16 { scale } => {
+            let q: Vec<i16> = values
+                .par_iter()
+                .map(|&x| (x / scale).round().clamp(-32767.0, 32767.0) as i16)
+                .collect();
+            bytemuck::cast_slice(&q).to_vec()
+        }
         Encoding::Int64 { scales } => {
             let q: Vec<i64> = values
                 .iter()
@@ -224,6 +266,44 @@ mod tests {
         let b = encode(&v, 3, 0, &Encoding::Int8 { scales });
         let q: Vec<i8> = b.iter().map(|&x| x as i8).collect();
         assert_eq!(q, [127, -64, 0, -127, 64, 0]);
+    }
+
+    #[test]
+    fn row_and_column_selections_pick_those_rows_and_columns_in_order() {
+        use crate::export::graph::{Weight, WeightKind};
+        use crate::model::tensor::Source;
+        use crate::model::Tensor;
+        // A 4x3 matrix with value 10·row + col.
+        let vals: Vec<f32> = (0..4)
+            .flat_map(|r| (0..3).map(move |c| (10 * r + c) as f32))
+            .collect();
+        let t = Tensor {
+            name: "w".into(),
+            shape: vec![4, 3],
+            source: Source::Owned(Arc::new(vals)),
+        };
+        let w = Weight {
+            name: "w".into(),
+            kind: WeightKind::Embedding,
+            layer: None,
+            shape: vec![4, 3],
+            parts: vec![t],
+            stats_key: None,
+            tied: false,
+        };
+        let src = WeightSource {
+            row_select: Some(Arc::new(vec![0, 2, 3])),
+            col_select: Some(Arc::new(vec![2, 0])),
+            ..WeightSource::plain(w)
+        };
+        assert_eq!(src.shape(), [3, 2]);
+        let mut got = Vec::new();
+        src.for_each_chunk(|_, v| {
+            got.extend(v);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, [2.0, 0.0, 22.0, 20.0, 32.0, 30.0]);
     }
 
     #[test]
