@@ -240,6 +240,53 @@ fn fp32_matches_the_reference_forward_pass_on_tiny_llama_qwen2_and_phi3() {
     }
 }
 
+/// Mean KL of the full-integer graphs against the reference on the tiny random models (their
+/// logits are nearly flat: ~5e-4 for int8, ~2e-4 for int8-a16 in our runs).
+const TINY_FULL_INTEGER_MAX_MEAN_KL: f64 = 5e-3;
+
+#[test]
+fn full_integer_graphs_follow_the_reference_on_tiny_llama_qwen2_and_phi3() {
+    // Qwen2 brings q/k/v biases (int32 / int64 in the integer graph), Phi-3 the fused qkv
+    // and gate_up projections; the Phi-3 toy uses SmolLM2's BPE, as calibration tokenizes.
+    let work = tempfile::tempdir().unwrap();
+    let ids = token_ids(14, 520);
+    for (name, spec) in [
+        ("llama-tied-f32", Tiny::llama()),
+        ("qwen2-untied-f32", Tiny::qwen2()),
+        (
+            "phi3-untied-bpe-f32",
+            Tiny {
+                spm: false,
+                vocab: 49152,
+                ..Tiny::phi3()
+            },
+        ),
+    ] {
+        let dir = tiny(name, spec);
+        let stats = stats_for(&format!("tiny-{name}"), &dir, 2, 32);
+        let want = reference_logits(&dir, &ids);
+        let vocab = want.len() / ids.len();
+        for precision in ["int8", "int8-a16"] {
+            let out = work.path().join(format!("{name}-{precision}.tflite"));
+            run_ok(
+                edgepack()
+                    .args(["export", "tflite"])
+                    .arg(&dir)
+                    .args(precision_args(precision, &stats))
+                    .args(["--seq-len", "32", "--prefill-len", "8", "-o"])
+                    .arg(&out),
+            );
+            let got = litert_logits(&out, &ids, 8);
+            let kl = mean_kl(&want, &got, vocab);
+            eprintln!("{name} {precision}: mean KL vs reference {kl:.3e}");
+            assert!(
+                kl < TINY_FULL_INTEGER_MAX_MEAN_KL,
+                "{name} {precision}: mean KL {kl}"
+            );
+        }
+    }
+}
+
 #[test]
 fn smollm2_fp32_logits_match_the_reference_over_a_prompt_and_decode_steps() {
     let gguf = smollm2_gguf();
