@@ -454,24 +454,18 @@ fn target_report_lists_npu_fallbacks_before_writing() {
 
 #[test]
 fn full_integer_graphs_keep_every_operator_but_the_final_dequantize_on_an_integer_npu() {
-    let gguf = smollm2_gguf();
-    let stats = stats_for("smollm2", &gguf, 4, 128);
+    // The graph's structure does not depend on the weights: the tiny model shows it quickly.
+    let dir = tiny("llama-tied-f32", Tiny::llama());
+    let stats = stats_for("tiny-llama", &dir, 2, 32);
     let work = tempfile::tempdir().unwrap();
     for precision in ["int8", "int8-a16"] {
         let out = work.path().join(format!("{precision}.tflite"));
         let o = run_ok(
             edgepack()
                 .args(["--json", "export", "tflite"])
-                .arg(&gguf)
+                .arg(&dir)
                 .args(precision_args(precision, &stats))
-                .args([
-                    "--seq-len",
-                    "64",
-                    "--prefill-len",
-                    "16",
-                    "--target",
-                    "imx95",
-                ])
+                .args(["--seq-len", "32", "--prefill-len", "8", "--target", "imx95"])
                 .arg("-o")
                 .arg(&out),
         );
@@ -492,7 +486,7 @@ fn full_integer_graphs_keep_every_operator_but_the_final_dequantize_on_an_intege
         let decode = &info["signatures"]["decode"];
         assert_eq!(decode["inputs"]["kv_cache_k_0"]["dtype"], "int16", "{info}");
         assert_eq!(
-            decode["outputs"]["kv_cache_v_29"]["dtype"], "int16",
+            decode["outputs"]["kv_cache_v_1"]["dtype"], "int16",
             "{info}"
         );
         assert_eq!(decode["outputs"]["logits"]["dtype"], "float32", "{info}");
