@@ -17,11 +17,11 @@
 //!   The embedding columns and the o_proj / down_proj output rows are divided by `c` (for
 //!   per-channel int8 weights only their scales change) and every RMSNorm multiplies `c` back
 //!   into its gain.
-//! - RMSNorm: the sum of squares is two exact integer dot products (plain channels, and the
-//!   outlier channels times `c²`), requantized into stages of [`STAGE_RATIO`] each
-//!   ([`norm_stages`]), since LiteRT's int16 RSQRT is a 513-entry table that is exact only far
-//!   from zero and sums of squares span five decades across tokens. A token takes the first
-//!   stage that does not saturate. Epsilon lies below the int16 step and is left out.
+//! - RMSNorm: LiteRT's int16 RSQRT is a 513-entry table that is exact only far from zero, and
+//!   sums of squares span five decades across tokens, so the sum is taken in stages of
+//!   [`STAGE_RATIO`] each ([`norm_stages`]): squares at the stage's scale (MUL), added in 32
+//!   bits (MEAN), plain channels and outlier channels (times `c²`) apart. A token takes the
+//!   first stage that does not saturate. Epsilon lies below the int16 step and is left out.
 //! - MLP channels whose range exceeds [`FF_SPREAD`] times the layer's median run as their own
 //!   gate/up rows, SiLU and down_proj columns, with their own scales.
 //!
@@ -306,7 +306,7 @@ pub fn calibrate(
         1.0
     };
     // One factor for every outlier channel (a power of two), so that each norm's sum of
-    // squares is two exact integer dot products: plain channels, and outliers times c².
+    // squares is two sums: plain channels, and outliers times c².
     let top = per.iter().fold(0f32, |m, v| m.max(*v));
     let c_out = if top > clip {
         (top / clip).log2().ceil().exp2().min(MAX_RESIDUAL_FACTOR)
@@ -1063,9 +1063,9 @@ impl IntLower<'_> {
                 let h = sig.g.shape(x)[1];
                 let gain = dg.weights[*gain].to_f32()?;
                 let c = &r.c;
-                // x holds r / c. The sum of squares of r is Σ_plain x_j² + c_O²·Σ_outliers x_j²,
-                // each an integer dot product (exact int64 accumulation in BATCH_MATMUL), so
-                // only the sum itself is rounded, once per stage.
+                // x holds r / c. The sum of squares of r is Σ_plain x_j² + c_O²·Σ_outliers x_j²;
+                // each stage squares at its own scale, so the rounding is relative to the
+                // stage, never to the largest token.
                 let c_out = c.iter().fold(1f32, |m, v| m.max(*v));
                 let hf = h as f32;
                 let outliers: Vec<i32> = (0..c.len())
@@ -1076,27 +1076,33 @@ impl IntLower<'_> {
                     .filter(|&j| c[j] <= 1.0)
                     .map(|j| j as i32)
                     .collect();
-                let mut groups: Vec<(T, f32)> = Vec::new();
+                let mut groups: Vec<(T, i32, f32)> = Vec::new();
                 for (idx, factor) in [(&plain, 1.0f32), (&outliers, c_out * c_out)] {
                     if idx.is_empty() {
                         continue;
                     }
-                    let k = idx.len() as i32;
+                    // The group's channels by a 0/1 mask (a MUL, which NPUs take where
+                    // they may not take GATHER); the other channels add zeros.
                     let xs = if idx.len() == c.len() {
                         x
                     } else {
-                        let it = sig.g.const_i32("channels", &[k], idx);
-                        let q = sig.quant(x);
-                        sig.g.op_q(
-                            B::Gather,
-                            1,
-                            &[x, it],
-                            Options::Gather { axis: 1 },
-                            ("channels", &[ti, k], Ty::Int16),
-                            q,
-                        )
+                        let mut mask = vec![0i16; c.len()];
+                        for &j in idx.iter() {
+                            mask[j as usize] = 1;
+                        }
+                        let bytes: Vec<u8> = mask.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        let m = sig.g.const_q(
+                            "channel_mask",
+                            &[h],
+                            Ty::Int16,
+                            bytes,
+                            Quantization::per_tensor(1.0, 0),
+                        );
+                        let q = sig.quant(x).expect("integer activations are quantized");
+                        sig.op16(B::Mul, 1, &[x, m], Options::Mul, "channels", &[ti, h], q)
                     };
-                    groups.push((sig.reshape(xs, &[ti, 1, k], "channels"), factor));
+                    let k = h;
+                    groups.push((xs, k, factor));
                 }
                 let stages = norm_stages(
                     r.seen(&format!("{out}#ms_min"))?,
@@ -1108,43 +1114,47 @@ impl IntLower<'_> {
                 for (k, top) in stages.iter().enumerate() {
                     let top_sum = top * hf;
                     let mut parts = Vec::new();
-                    for &(x3, factor) in &groups {
-                        let dot = sig.op16(
-                            B::BatchMatmul,
+                    for &(xs, kg, factor) in &groups {
+                        // Squares at the stage's scale: one element may hold the whole sum,
+                        // and MEAN adds the codes in 32 bits before it rounds once.
+                        let sq = sig.op16(
+                            B::Mul,
                             1,
-                            &[x3, x3],
-                            Options::BatchMatmul {
-                                adj_x: false,
-                                adj_y: true,
-                                asymmetric_quantize_inputs: false,
-                            },
-                            "sum_sq",
-                            &[ti, 1, 1],
+                            &[xs, xs],
+                            Options::Mul,
+                            "sq",
+                            &[ti, kg],
                             q16(top_sum / factor),
                         );
-                        let part = if factor == 1.0 {
-                            dot
-                        } else {
-                            let f = sig.g.const_q(
-                                "outlier_weight",
-                                &[1],
-                                Ty::Int16,
-                                1i16.to_le_bytes().to_vec(),
-                                Quantization::per_tensor(factor, 0),
-                            );
-                            sig.op16(
-                                B::Mul,
-                                1,
-                                &[dot, f],
-                                Options::Mul,
-                                "sum_sq",
-                                &[ti, 1, 1],
-                                q16(top_sum),
-                            )
-                        };
-                        parts.push(part);
+                        let axis = sig.g.const_i32("axis_last", &[1], &[1]);
+                        let mean = sig.op16(
+                            B::Mean,
+                            1,
+                            &[sq, axis],
+                            Options::Reducer { keep_dims: true },
+                            "mean_sq",
+                            &[ti, 1],
+                            q16(top_sum / factor / kg as f32),
+                        );
+                        // × group size (and c² for the outliers): this group's share of the sum.
+                        let w = sig.g.const_q(
+                            "group_weight",
+                            &[1],
+                            Ty::Int16,
+                            1i16.to_le_bytes().to_vec(),
+                            Quantization::per_tensor(factor * kg as f32, 0),
+                        );
+                        parts.push(sig.op16(
+                            B::Mul,
+                            1,
+                            &[mean, w],
+                            Options::Mul,
+                            "sum_sq",
+                            &[ti, 1],
+                            q16(top_sum),
+                        ));
                     }
-                    let ss = if parts.len() == 1 {
+                    let ms = if parts.len() == 1 {
                         parts[0]
                     } else {
                         sig.op16(
@@ -1153,11 +1163,10 @@ impl IntLower<'_> {
                             &parts,
                             Options::Add,
                             "sum_sq",
-                            &[ti, 1, 1],
+                            &[ti, 1],
                             q16(top_sum),
                         )
                     };
-                    let ms = sig.reshape(ss, &[ti, 1], "sum_sq");
                     // The smallest input this stage serves well: the previous stage's top,
                     // or a sixteenth of the calibrated minimum for the first.
                     let floor = if k == 0 {
