@@ -162,23 +162,10 @@ impl<'b> Graph<'b> {
         dtype: TensorType,
         b: Vec<u8>,
     ) -> T {
-        let key = (dtype.name().to_string(), shape.to_vec(), b.clone());
-        if let Some(&t) = self.consts.get(&key) {
-            return t;
-        }
-        let buffer = self.buffers.push(Payload::Bytes(b));
-        let t = self.add_tensor(TensorDef {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            dtype,
-            buffer,
-            quantization: None,
-        });
-        self.consts.insert(key, t);
-        t
+        self.constant(name, shape, dtype, b, None)
     }
 
-    /// A quantized constant (int8 / int16 codes with their quantization), made once.
+    /// A quantized constant (int8 / int16 codes with their quantization).
     pub fn const_q(
         &mut self,
         name: &str,
@@ -187,11 +174,27 @@ impl<'b> Graph<'b> {
         b: Vec<u8>,
         q: Quantization,
     ) -> T {
+        self.constant(name, shape, dtype, b, Some(q))
+    }
+
+    /// A constant, made once per subgraph for each (type, shape, bytes, quantization).
+    fn constant(
+        &mut self,
+        name: &str,
+        shape: &[i32],
+        dtype: TensorType,
+        b: Vec<u8>,
+        quantization: Option<Quantization>,
+    ) -> T {
         let mut key_bytes = b.clone();
-        for s in &q.scale {
+        for s in quantization.iter().flat_map(|q| &q.scale) {
             key_bytes.extend(s.to_le_bytes());
         }
-        let key = (format!("{}q", dtype.name()), shape.to_vec(), key_bytes);
+        let kind = match &quantization {
+            Some(_) => format!("{}q", dtype.name()),
+            None => dtype.name().to_string(),
+        };
+        let key = (kind, shape.to_vec(), key_bytes);
         if let Some(&t) = self.consts.get(&key) {
             return t;
         }
@@ -201,7 +204,7 @@ impl<'b> Graph<'b> {
             shape: shape.to_vec(),
             dtype,
             buffer,
-            quantization: Some(q),
+            quantization,
         });
         self.consts.insert(key, t);
         t

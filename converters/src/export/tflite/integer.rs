@@ -36,8 +36,8 @@ use candle_core::Tensor as CTensor;
 
 use super::builder::{Buffers, Graph, Payload, T};
 use super::lower::{
-    full_tables, kv_name, placed, rotate_half_matrix, weight_key, ActWidth, Lowered, INPUT_POS,
-    LOGITS, TOKENS,
+    cache_positions, full_tables, kv_name, placed, rotate_half_matrix, weight_key, ActWidth,
+    Lowered, INPUT_POS, LOGITS, TOKENS,
 };
 use super::schema::{BuiltinOp as B, Options, Quantization, TensorMap, TensorType as Ty};
 use super::weights::{Encoding, WeightSource};
@@ -879,43 +879,7 @@ impl IntLower<'_> {
                 kv_in.push((name, x));
             }
         }
-        let pos0 = {
-            let b = g.const_i32("zero_1", &[1], &[0]);
-            let sz = g.const_i32("one_1", &[1], &[1]);
-            g.op(
-                B::Slice,
-                1,
-                &[pos, b, sz],
-                Options::Slice,
-                ("pos0", &[1], Ty::Int32),
-            )
-        };
-        let z1 = g.const_i32("zero_1", &[1], &[0]);
-        let z2 = g.const_i32("zero_2", &[2], &[0, 0]);
-        let start = g.op(
-            B::Concatenation,
-            1,
-            &[z1, pos0, z2],
-            Options::Concatenation { axis: 0 },
-            ("cache_write_start", &[4], Ty::Int32),
-        );
-        let range: Vec<i32> = (0..s).collect();
-        let kv_pos = g.const_i32("cache_positions", &[1, s], &range);
-        let pos_shape = g.const_i32("shape", &[2], &[ti, 1]);
-        let pos_col = g.op(
-            B::Reshape,
-            1,
-            &[pos, pos_shape],
-            Options::Reshape,
-            ("pos_col", &[ti, 1], Ty::Int32),
-        );
-        let future = g.op(
-            B::Greater,
-            1,
-            &[kv_pos, pos_col],
-            Options::Greater,
-            ("future", &[ti, s], Ty::Bool),
-        );
+        let (start, future) = cache_positions(g, pos, ti, s);
         let (cos_t, sin_t) = full_tables(&dg.rotary, self.max_seq_len, d.head_dim);
         let unit = Quantization::per_tensor(1.0 / 32767.0, 0);
         let cos_table = g.const_q(

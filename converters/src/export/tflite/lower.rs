@@ -139,44 +139,7 @@ impl LowerCtx<'_> {
             }
         }
 
-        // Per-signature constants and position-derived tensors.
-        let pos0 = {
-            let b = g.const_i32("zero_1", &[1], &[0]);
-            let sz = g.const_i32("one_1", &[1], &[1]);
-            g.op(
-                B::Slice,
-                1,
-                &[pos, b, sz],
-                Options::Slice,
-                ("pos0", &[1], Ty::Int32),
-            )
-        };
-        let z1 = g.const_i32("zero_1", &[1], &[0]);
-        let z2 = g.const_i32("zero_2", &[2], &[0, 0]);
-        let start = g.op(
-            B::Concatenation,
-            1,
-            &[z1, pos0, z2],
-            Options::Concatenation { axis: 0 },
-            ("cache_write_start", &[4], Ty::Int32),
-        );
-        let range: Vec<i32> = (0..s).collect();
-        let kv_pos = g.const_i32("cache_positions", &[1, s], &range);
-        let pos_shape = g.const_i32("shape", &[2], &[ti, 1]);
-        let pos_col = g.op(
-            B::Reshape,
-            1,
-            &[pos, pos_shape],
-            Options::Reshape,
-            ("pos_col", &[ti, 1], Ty::Int32),
-        );
-        let future = g.op(
-            B::Greater,
-            1,
-            &[kv_pos, pos_col],
-            Options::Greater,
-            ("future", &[ti, s], Ty::Bool),
-        );
+        let (start, future) = cache_positions(g, pos, ti, s);
         let future_f = g.op(
             B::Cast,
             1,
@@ -732,6 +695,48 @@ impl LowerCtx<'_> {
         }
         Ok(())
     }
+}
+
+/// The tensors every signature derives from `input_pos` (`[t]`, over a cache of `s`
+/// positions): the cache write start `[0, input_pos[0], 0, 0]` for DYNAMIC_UPDATE_SLICE and
+/// `future` `[t, s]`, true where a cache position lies after the new token's position.
+pub(super) fn cache_positions(g: &mut Graph<'_>, pos: T, t: i32, s: i32) -> (T, T) {
+    let b = g.const_i32("zero_1", &[1], &[0]);
+    let sz = g.const_i32("one_1", &[1], &[1]);
+    let pos0 = g.op(
+        B::Slice,
+        1,
+        &[pos, b, sz],
+        Options::Slice,
+        ("pos0", &[1], Ty::Int32),
+    );
+    let z1 = g.const_i32("zero_1", &[1], &[0]);
+    let z2 = g.const_i32("zero_2", &[2], &[0, 0]);
+    let start = g.op(
+        B::Concatenation,
+        1,
+        &[z1, pos0, z2],
+        Options::Concatenation { axis: 0 },
+        ("cache_write_start", &[4], Ty::Int32),
+    );
+    let range: Vec<i32> = (0..s).collect();
+    let kv_pos = g.const_i32("cache_positions", &[1, s], &range);
+    let pos_shape = g.const_i32("shape", &[2], &[t, 1]);
+    let pos_col = g.op(
+        B::Reshape,
+        1,
+        &[pos, pos_shape],
+        Options::Reshape,
+        ("pos_col", &[t, 1], Ty::Int32),
+    );
+    let future = g.op(
+        B::Greater,
+        1,
+        &[kv_pos, pos_col],
+        Options::Greater,
+        ("future", &[t, s], Ty::Bool),
+    );
+    (start, future)
 }
 
 /// Full-width `[positions, head_dim]` cos and sin tables (each frequency repeated over both
