@@ -7,16 +7,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use edgepack_converters::calib::data::{self, chunk_tokens};
 use edgepack_converters::calib::embed::Embedder;
-use edgepack_converters::calib::eval::{self, GenTiming, Scores};
+use edgepack_converters::calib::eval::{self, answer_qa, read_qa, GenTiming, QaScore, Scores};
 use edgepack_converters::calib::forward::Forward;
-use edgepack_converters::calib::imatrix::chunk_tokens;
-use edgepack_converters::calib::stats::CalibStats;
-use edgepack_converters::calib::{data, w8a8};
 use edgepack_converters::export::hf::export_hf;
 use edgepack_converters::import;
 use edgepack_converters::io::{ensure_not_input, AtomicFile};
-use edgepack_converters::model::chat::{Message, Prompter};
+use edgepack_converters::model::chat::Prompter;
+use edgepack_converters::model::stats::CalibStats;
 use edgepack_converters::model::Model;
 use edgepack_converters::transform::smooth::{self, Alpha, Scope};
 use edgepack_converters::transform::sparsify::{self, Method, Pattern};
@@ -84,20 +83,6 @@ pub struct EvalArgs {
 }
 
 #[derive(Serialize)]
-struct QaScore {
-    model: String,
-    mean_similarity: f64,
-    answers: Vec<QaAnswer>,
-}
-
-#[derive(Serialize)]
-struct QaAnswer {
-    question: String,
-    answer: String,
-    similarity: f32,
-}
-
-#[derive(Serialize)]
 struct Report {
     reference: String,
     data: String,
@@ -151,7 +136,7 @@ impl Candidate {
                         Some(a)
                     }
                 };
-                let (m, scales) = w8a8::prepare(reference, st, sp, a.as_ref())
+                let (m, scales) = smooth::prepare_w8a8(reference, st, sp, a.as_ref())
                     .with_context(|| format!("W8A8 scales from {}", sp.display()))?;
                 let mut f = Forward::new(&m)?;
                 f.simulate_w8a8(&scales)?;
@@ -292,64 +277,6 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)?;
     f.commit()?;
     Ok(())
-}
-
-fn read_qa(path: &Path) -> Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1))?;
-        let field = |k: &str| -> Result<String> {
-            v.get(k)
-                .and_then(|s| s.as_str())
-                .map(str::to_owned)
-                .with_context(|| {
-                    format!(
-                        "{}: line {}: no string field \"{k}\"",
-                        path.display(),
-                        i + 1
-                    )
-                })
-        };
-        out.push((field("question")?, field("answer")?));
-    }
-    if out.is_empty() {
-        bail!("{}: no questions", path.display());
-    }
-    Ok(out)
-}
-
-fn answer_qa(
-    name: &str,
-    f: &Forward,
-    p: &Prompter,
-    e: &Embedder,
-    items: &[(String, String)],
-    max_new: usize,
-) -> Result<QaScore> {
-    let mut answers = Vec::new();
-    for (q, reference) in items {
-        let ids = p.chat(&[Message::user(q)])?;
-        let (out, _) = eval::generate(f, &ids, max_new, p.stop_ids())?;
-        let answer = p.decode(&out)?;
-        let similarity = e.similarity(&answer, reference)?;
-        answers.push(QaAnswer {
-            question: q.clone(),
-            answer,
-            similarity,
-        });
-    }
-    Ok(QaScore {
-        model: name.to_string(),
-        mean_similarity: answers.iter().map(|a| a.similarity as f64).sum::<f64>()
-            / answers.len().max(1) as f64,
-        answers,
-    })
 }
 
 fn markdown(r: &Report) -> String {
@@ -526,7 +453,7 @@ pub fn run_sparsify(a: &SparsifyArgs, json_out: bool) -> Result<()> {
     };
     let m = import::open(&a.model).with_context(|| format!("importing {}", a.model.display()))?;
     let dtype = match &a.dtype {
-        Some(d) => crate::commands::parse_float_dtype(d)?,
+        Some(d) => crate::args::parse_float_dtype(d)?,
         None => m.float_dtype(),
     };
     let stats = match &a.stats {

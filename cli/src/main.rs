@@ -1,9 +1,12 @@
 //! `edgepack`: the command line. Each command is a thin call into the libraries; format and
 //! math logic live in `edgepack-converters`.
 
+mod args;
 mod commands;
 mod deploy_cmd;
 mod eval_cmd;
+mod export_cmd;
+mod model_cmd;
 mod progress;
 mod targets_cmd;
 

@@ -26,7 +26,7 @@ use edgepack_targets::fit::{self, KvShape};
 use edgepack_targets::{sign, Profile};
 use serde_json::json;
 
-use crate::commands::{inputs, load, LoraArgs};
+use crate::args::{inputs, load, resolve_profile, LoraArgs};
 use crate::progress::Bars;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -152,26 +152,6 @@ pub struct TargetArgs {
 impl TargetArgs {
     fn resolve(&self) -> Result<Profile> {
         resolve_profile(self.target.as_deref(), self.profile.as_deref())
-    }
-}
-
-pub(crate) fn resolve_profile(name: Option<&str>, file: Option<&Path>) -> Result<Profile> {
-    match (name, file) {
-        (_, Some(f)) => {
-            let p = Profile::load(f).with_context(|| format!("reading profile {}", f.display()))?;
-            if let Some(n) = name {
-                if n != p.name {
-                    bail!(
-                        "--target {n} but {} describes `{}`\nhint: give one of --target and --profile",
-                        f.display(),
-                        p.name
-                    );
-                }
-            }
-            Ok(p)
-        }
-        (Some(n), None) => Ok(Profile::builtin(n)?),
-        (None, None) => bail!("give --target NAME or --profile FILE"),
     }
 }
 

@@ -6,8 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use edgepack_targets::bundle::{self, BundleError, Manifest};
+use edgepack_targets::bundle::{self, Manifest};
 use edgepack_targets::sign;
+use edgepack_targets::BundleError;
 
 /// The one model format this runtime loads (llama.cpp).
 pub const FORMAT: &str = "gguf";

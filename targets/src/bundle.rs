@@ -16,13 +16,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::{Component, Path, PathBuf};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::BundleError;
+use crate::io::{set_mode, tmp_sibling, write_atomic};
 use crate::sign;
 
 /// The manifest format this code writes and reads.
@@ -36,80 +38,6 @@ pub const ZSTD_LEVEL: i32 = 3;
 const FILE_MODE: u32 = 0o644;
 const EXEC_MODE: u32 = 0o755;
 const HASH_BUFFER: usize = 1 << 20;
-
-/// Errors of bundle writing, reading and verification. Each names the file it is about.
-#[derive(Debug, thiserror::Error)]
-pub enum BundleError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: {message}", path.display())]
-    Manifest { path: PathBuf, message: String },
-    #[error("{}: schema {found} is not supported (this edgepack reads schema {SCHEMA})\nhint: use the edgepack version that made the bundle", path.display())]
-    Schema { path: PathBuf, found: u64 },
-    #[error("{}: listed in manifest.json but missing from the bundle", path.display())]
-    Missing { path: PathBuf },
-    #[error("{}: not listed in manifest.json; a bundle holds only the files its manifest names", path.display())]
-    Unlisted { path: PathBuf },
-    #[error("{}: not a regular file or folder; bundles hold no links or devices", path.display())]
-    NotRegular { path: PathBuf },
-    #[error("{}: size is {actual} bytes, manifest.json says {expected}", path.display())]
-    Size {
-        path: PathBuf,
-        expected: u64,
-        actual: u64,
-    },
-    #[error("{}: sha256 is {actual}, manifest.json says {expected}", path.display())]
-    Digest {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-    #[error("{}: `{entry}` is not a safe relative path inside the bundle", path.display())]
-    UnsafePath { path: PathBuf, entry: String },
-    #[error("{}: missing; a public key was given, so the bundle must be signed\nhint: sign it with `edgepack bundle ... --sign key.pem`", path.display())]
-    SignatureMissing { path: PathBuf },
-    #[error("{}: the signature does not match manifest.json for key {fingerprint}; the manifest was changed or signed with another key", path.display())]
-    SignatureInvalid { path: PathBuf, fingerprint: String },
-    #[error("{}: the bundle is signed but no public key was given, so the signature is unverified\nhint: pass the signer's public key (--key key.pub.pem)", path.display())]
-    SignatureUnverified { path: PathBuf },
-    #[error("{}: {message}", path.display())]
-    Key { path: PathBuf, message: String },
-    #[error("{}: {message}", path.display())]
-    Archive { path: PathBuf, message: String },
-}
-
-impl BundleError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        BundleError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-
-    /// The file the error is about.
-    pub fn path(&self) -> &Path {
-        match self {
-            BundleError::Io { path, .. }
-            | BundleError::Manifest { path, .. }
-            | BundleError::Schema { path, .. }
-            | BundleError::Missing { path }
-            | BundleError::Unlisted { path }
-            | BundleError::NotRegular { path }
-            | BundleError::Size { path, .. }
-            | BundleError::Digest { path, .. }
-            | BundleError::UnsafePath { path, .. }
-            | BundleError::SignatureMissing { path }
-            | BundleError::SignatureInvalid { path, .. }
-            | BundleError::SignatureUnverified { path }
-            | BundleError::Key { path, .. }
-            | BundleError::Archive { path, .. } => path,
-        }
-    }
-}
 
 /// A file of the bundle (or of the model's sources): path relative to its folder, `/`-separated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +165,7 @@ impl Manifest {
                 return Err(BundleError::Schema {
                     path: path.to_path_buf(),
                     found,
+                    supported: SCHEMA,
                 })
             }
             None => return Err(bad("field `schema`: missing or not a number".into())),
@@ -525,41 +454,6 @@ pub fn write_manifest(
         None => {}
     }
     Ok(bytes)
-}
-
-/// Writes a small file through a temporary name in the same folder, fsynced, then renamed.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), BundleError> {
-    let tmp = tmp_sibling(path);
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        set_mode(&tmp, mode)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(BundleError::io(&tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| BundleError::io(path, e))
-}
-
-fn tmp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
-#[cfg(unix)]
-fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-}
-
-#[cfg(not(unix))]
-fn set_mode(_path: &Path, _mode: u32) -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(unix)]

@@ -9,9 +9,12 @@
 pub mod bundle;
 #[cfg(feature = "deploy")]
 pub mod deploy;
+pub mod error;
 pub mod fit;
+mod io;
 pub mod profile;
 pub mod sign;
 
-pub use bundle::{verify_dir, BundleError, Manifest};
+pub use bundle::{verify_dir, Manifest};
+pub use error::BundleError;
 pub use profile::{Profile, TargetError};

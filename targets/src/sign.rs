@@ -11,7 +11,8 @@ use ed25519_dalek::pkcs8::{
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use crate::bundle::{write_atomic, BundleError};
+use crate::error::BundleError;
+use crate::io::write_atomic;
 
 /// File mode of a private key: readable by its owner only.
 const SECRET_MODE: u32 = 0o600;

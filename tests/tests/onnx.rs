@@ -69,7 +69,7 @@ before leaving for the far bank, where the market would soon be full of voices."
 /// The first `PREFILL + DECODE` tokens of [`EVAL_TEXT`] (BOS first when the tokenizer adds one).
 fn smollm2_ids() -> Vec<u32> {
     let model = edgepack_converters::import::open(&smollm2_hf()).unwrap();
-    let chunks = edgepack_converters::calib::imatrix::chunk_tokens(
+    let chunks = edgepack_converters::calib::data::chunk_tokens(
         &model,
         &[EVAL_TEXT.to_string()],
         PREFILL + DECODE,

@@ -6,8 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use edgepack_converters::calib::stats::{self, CalibStats};
+use edgepack_converters::calib::stats;
 use edgepack_converters::import;
+use edgepack_converters::model::stats::CalibStats;
 use edgepack_converters::progress::Silent;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::*;

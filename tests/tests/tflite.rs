@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use edgepack_converters::calib::forward::Forward;
-use edgepack_converters::calib::stats::CalibStats;
 use edgepack_converters::import;
+use edgepack_converters::model::stats::CalibStats;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::{
     edgepack, edgepack_bin, kl_and_top1, max_abs_diff, oracle, root, run_err, run_ok,

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use edgepack_targets::profile::{parse_version, Profile};
 use serde::Serialize;
 
-use crate::root;
+use crate::util::{root, run};
 
 /// ELF `e_machine` values (System V gABI, "Machine Information").
 const EM_X86_64: u16 = 62;
@@ -220,7 +220,7 @@ pub fn dist(board: &str) -> Result<DistOutput> {
         // Boards have small disks and the bundle hashes every byte: no debug info (llama.cpp's
         // included) in what ships.
         .args(["-C", "strip=debuginfo"]);
-    crate::run(&mut cmd).with_context(|| format!("building edgepack-runtime for {triple}"))?;
+    run(&mut cmd).with_context(|| format!("building edgepack-runtime for {triple}"))?;
 
     let built = root()
         .join("target")
@@ -272,6 +272,31 @@ pub fn dist(board: &str) -> Result<DistOutput> {
 }
 
 /// Fails unless the ELF file is built for the profile's architecture.
+/// Prints what [`dist`] produced: one line, or JSON with `json`.
+pub fn print(out: &DistOutput, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(out)?);
+    } else {
+        println!(
+            "{} ({} for {}{}, {}; needs {} / {}, floor glibc {})",
+            out.binary.display(),
+            out.rust_target,
+            out.target_cpu,
+            out.c_march
+                .as_deref()
+                .map(|m| format!(", C/C++ -march={m}"))
+                .unwrap_or_default(),
+            out.builder,
+            out.glibc_required.as_deref().unwrap_or("no glibc versions"),
+            out.glibcxx_required
+                .as_deref()
+                .unwrap_or("no libstdc++ versions"),
+            out.glibc_floor
+        );
+    }
+    Ok(())
+}
+
 fn check_machine(path: &Path, arch: &str) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" {

@@ -4,6 +4,7 @@
 //! `recipes/calibration/`.
 
 use std::path::Path;
+use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::model::chat::{self, Message};
@@ -111,6 +112,96 @@ pub fn texts_or_default(path: Option<&Path>, model: &Model) -> Result<(Vec<Strin
             DEFAULT_CORPUS_NAME.to_string(),
         )),
     }
+}
+
+/// llama-imatrix ignores matmuls over fewer token rows than this (`src1->ne[1] < 16`).
+pub const MIN_CHUNK_SIZE: usize = 16;
+
+/// Calibration text cut into model-sized token chunks (what imatrix, the statistics and eval
+/// run over).
+#[derive(Debug, Clone)]
+pub struct Chunks {
+    /// Every token of the text (BOS first when the tokenizer adds one).
+    pub n_tokens: usize,
+    /// The chunks that will run, BOS already in place.
+    pub chunks: Vec<Vec<u32>>,
+}
+
+/// The BOS id the tokenizer's post-processor puts in front of a text, if it does.
+fn added_bos(tok: &tokenizers::Tokenizer, src: &Path) -> Result<Option<u32>> {
+    let enc = |special: bool| -> Result<Vec<u32>> {
+        tok.encode("a", special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::format(src, "tokenizer.json", format!("cannot encode: {e}")))
+    };
+    let (with, without) = (enc(true)?, enc(false)?);
+    Ok(match with.first() {
+        Some(&first) if with.len() > without.len() && with[1..].starts_with(&without) => {
+            Some(first)
+        }
+        _ => None,
+    })
+}
+
+/// Tokenizes `texts` (joined by blank lines, as one document) with the model's tokenizer and
+/// cuts the tokens into chunks as llama-imatrix does. Fewer tokens than one chunk is an error.
+pub fn chunk_tokens(
+    model: &Model,
+    texts: &[String],
+    chunk_size: usize,
+    max_chunks: Option<usize>,
+) -> Result<Chunks> {
+    let src = &model.source;
+    if chunk_size < MIN_CHUNK_SIZE {
+        return Err(Error::Invalid(format!(
+            "chunk size {chunk_size} is below {MIN_CHUNK_SIZE}: llama-imatrix records nothing for batches that small"
+        )));
+    }
+    let json = model.tokenizer.tokenizer_json.as_deref().ok_or_else(|| {
+        Error::format(
+            src,
+            "tokenizer.json",
+            "missing: edgepack tokenizes text with the model's tokenizer.json",
+        )
+    })?;
+    let tok = tokenizers::Tokenizer::from_str(json).map_err(|e| {
+        Error::format(
+            src,
+            "tokenizer.json",
+            format!("the tokenizers library cannot load it: {e}"),
+        )
+    })?;
+    let bos = added_bos(&tok, src)?;
+    let text = texts.join("\n\n");
+    let ids = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::format(src, "tokenizer.json", format!("cannot encode: {e}")))?;
+    let mut tokens = Vec::with_capacity(ids.len() + 1);
+    tokens.extend(bos);
+    tokens.extend_from_slice(ids.get_ids());
+    let n_max = tokens.len() / chunk_size;
+    if n_max == 0 {
+        return Err(Error::Invalid(format!(
+            "the text tokenizes to {} tokens, fewer than one chunk of {chunk_size}; give more text or a smaller chunk size",
+            tokens.len()
+        )));
+    }
+    let n = max_chunks.map_or(n_max, |m| m.min(n_max));
+    let chunks = tokens
+        .chunks_exact(chunk_size)
+        .take(n)
+        .map(|c| {
+            let mut c = c.to_vec();
+            if let Some(b) = bos {
+                c[0] = b;
+            }
+            c
+        })
+        .collect();
+    Ok(Chunks {
+        n_tokens: tokens.len(),
+        chunks,
+    })
 }
 
 #[cfg(test)]

@@ -9,13 +9,16 @@
 //! first position (as llama-perplexity does); every position but the last of a chunk predicts
 //! the next token, so a chunk scores `ctx - 1` tokens. All statistics are over those positions.
 
+use std::path::Path;
 use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::calib::embed::Embedder;
 use crate::calib::forward::Forward;
 use crate::error::{Error, Result};
+use crate::model::chat::{Message, Prompter};
 use crate::progress::Progress;
 
 /// Statistics of one model on the text (and, for a candidate, against the reference).
@@ -231,6 +234,79 @@ pub fn generate(
             },
         },
     ))
+}
+
+/// One model's answers to a question set, scored against the reference answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct QaScore {
+    pub model: String,
+    /// Mean cosine similarity of the answers' and the reference answers' embeddings.
+    pub mean_similarity: f64,
+    pub answers: Vec<QaAnswer>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QaAnswer {
+    pub question: String,
+    pub answer: String,
+    pub similarity: f32,
+}
+
+/// Reads question/answer pairs: JSONL with string fields `question` and `answer` per line
+/// (blank lines skipped). An empty set is an error.
+pub fn read_qa(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("line {}", i + 1);
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, &at, format!("not JSON: {e}")))?;
+        let field = |k: &str| -> Result<String> {
+            v.get(k)
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| Error::format(path, &at, format!("no string field \"{k}\"")))
+        };
+        out.push((field("question")?, field("answer")?));
+    }
+    if out.is_empty() {
+        return Err(Error::format(path, "questions", "the file holds none"));
+    }
+    Ok(out)
+}
+
+/// Lets the model `f` answer every question greedily through its chat template (at most
+/// `max_new` tokens) and scores each answer by its embedding's cosine similarity to the
+/// reference answer.
+pub fn answer_qa(
+    name: &str,
+    f: &Forward,
+    p: &Prompter,
+    e: &Embedder,
+    items: &[(String, String)],
+    max_new: usize,
+) -> Result<QaScore> {
+    let mut answers = Vec::new();
+    for (q, reference) in items {
+        let ids = p.chat(&[Message::user(q)])?;
+        let (out, _) = generate(f, &ids, max_new, p.stop_ids())?;
+        let answer = p.decode(&out)?;
+        let similarity = e.similarity(&answer, reference)?;
+        answers.push(QaAnswer {
+            question: q.clone(),
+            answer,
+            similarity,
+        });
+    }
+    Ok(QaScore {
+        model: name.to_string(),
+        mean_similarity: answers.iter().map(|a| a.similarity as f64).sum::<f64>()
+            / answers.len().max(1) as f64,
+        answers,
+    })
 }
 
 #[cfg(test)]

@@ -12,18 +12,19 @@
 //!
 //! With smoothing, the scales are those of the smoothed model's inputs: each input channel
 //! was divided by its factor `s_j`, so the per-tensor range is `max_j(max|X_j| / s_j)`, derived
-//! exactly from the per-channel statistics without a second calibration run.
+//! exactly from the per-channel statistics without a second calibration run. The factors come
+//! in as plain data ([`scales`]); `transform::smooth::prepare_w8a8` smooths and then asks for
+//! the scales.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
-use crate::model::names::{layer_roles, Role};
+use crate::model::names::linear_weights;
+use crate::model::stats::CalibStats;
 use crate::model::Model;
-use crate::transform::smooth::{self, Alpha, Scope, SmoothReport};
 
 /// Largest int8 magnitude of a symmetric scheme (−127..=127; −128 is left unused so that the
 /// range is symmetric, as ONNX Runtime's and TFLite's symmetric weight quantizers do).
@@ -53,45 +54,22 @@ impl ActScale {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct W8A8 {
     pub act: BTreeMap<String, ActScale>,
-    /// The smoothing applied before the scales were taken, if any.
-    pub smooth: Option<SmoothReport>,
 }
 
-/// The decoder-layer linear weights of `model`: the tensors W8A8 quantizes.
-pub fn linear_weights(model: &Model) -> Vec<String> {
-    let c = &model.config;
-    (0..c.num_hidden_layers)
-        .flat_map(|l| {
-            layer_roles(c.arch)
-                .iter()
-                .filter(|r| !r.is_bias() && !matches!(r, Role::InputNorm | Role::PostNorm))
-                .map(move |r| r.hf_name(l))
-        })
-        .collect()
-}
-
-/// Smooths `model` with `alpha` (if given) and takes the static activation scales from
-/// `stats` (computed on `model`, read from `stats_path`). Returns the model the int8 engine
-/// runs (smoothed or not) and its scales.
-pub fn prepare(
+/// The static activation scales of `model`'s W8A8 linears from `stats` (read from
+/// `stats_path`). `factors` are the SmoothQuant factors already folded into `model`, per
+/// consuming weight (empty when it was not smoothed): a smoothed input channel `j` was divided
+/// by `s_j`, so its range is `max|X_j| / s_j`.
+pub fn scales(
     model: &Model,
     stats: &CalibStats,
     stats_path: &Path,
-    alpha: Option<&Alpha>,
-) -> Result<(Model, W8A8)> {
-    stats.check_model(model, stats_path)?;
-    let (m, factors, report) = match alpha {
-        Some(a) => {
-            let s = smooth::smooth(model, stats, stats_path, a, Scope::All)?;
-            (s.model, s.factors, Some(s.report))
-        }
-        None => (model.clone(), BTreeMap::new(), None),
-    };
+    factors: &BTreeMap<String, Vec<f32>>,
+) -> Result<W8A8> {
     let mut out = W8A8 {
         act: BTreeMap::new(),
-        smooth: report,
     };
-    for name in linear_weights(&m) {
+    for name in linear_weights(model) {
         let e = stats.entries.get(&name).ok_or_else(|| {
             Error::format(
                 stats_path,
@@ -110,7 +88,7 @@ pub fn prepare(
         };
         out.act.insert(name, ActScale::of(absmax));
     }
-    Ok((m, out))
+    Ok(out)
 }
 
 /// The symmetric scale of one weight row: `max|w| / 127` (1 for an all-zero row, whose codes

@@ -2,13 +2,16 @@
 //! parameter names, PyTorch shapes, lazy tensors, and the tokenizer files.
 
 pub mod chat;
+pub mod mask;
 pub mod names;
 pub mod spec;
+pub mod stats;
 pub mod tensor;
 pub mod tokenizer;
 
 use std::path::PathBuf;
 
+pub use mask::Mask;
 pub use spec::{Arch, ModelConfig};
 pub use tensor::{Delta, Source, Tensor};
 pub use tokenizer::TokenizerFiles;

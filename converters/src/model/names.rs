@@ -110,3 +110,16 @@ pub fn parse_layer_name(name: &str) -> Option<(usize, &str, &str)> {
     let (module, suffix) = rest.rsplit_once('.')?;
     Some((n.parse().ok()?, module, suffix))
 }
+
+/// The decoder-layer linear weights of `model`: the tensors W8A8 quantizes.
+pub fn linear_weights(model: &super::Model) -> Vec<String> {
+    let c = &model.config;
+    (0..c.num_hidden_layers)
+        .flat_map(|l| {
+            layer_roles(c.arch)
+                .iter()
+                .filter(|r| !r.is_bias() && !matches!(r, Role::InputNorm | Role::PostNorm))
+                .map(move |r| r.hf_name(l))
+        })
+        .collect()
+}

@@ -40,10 +40,10 @@ pub enum Source {
     /// Values computed in memory (small tensors such as generated rope factors).
     Owned(Arc<Vec<f32>>),
     /// `inner` with some weights set to zero by a sparsity rule, applied row by row as the
-    /// values stream ([`crate::transform::sparsify`]).
+    /// values stream (the transform that picks the rule decides what to mask).
     Masked {
         inner: Box<Source>,
-        mask: Arc<crate::transform::sparsify::Mask>,
+        mask: Arc<super::mask::Mask>,
     },
 }
 

@@ -24,9 +24,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::calib::stats::CalibStats;
+use crate::calib::w8a8::{self, W8A8};
 use crate::error::{Error, Result};
 use crate::model::names::Role;
+use crate::model::stats::CalibStats;
 use crate::model::{Arch, Model, ModelConfig, Source};
 
 /// Lower bound of weight maxima and of scales (the reference's `clamp(min=1e-5)`).
@@ -89,6 +90,27 @@ pub struct Smoothed {
     /// Consuming weight name → `s` per input channel: the smoothed model's input of that linear
     /// is the original input divided by `s` (so its statistics scale the same way).
     pub factors: BTreeMap<String, Vec<f32>>,
+}
+
+/// Smooths `model` with `alpha` (if given, every fold) and takes the static W8A8 activation
+/// scales of the result from `stats` (computed on `model`, read from `stats_path`). Returns the
+/// model the int8 engine runs (smoothed or not) and its scales.
+pub fn prepare_w8a8(
+    model: &Model,
+    stats: &CalibStats,
+    stats_path: &Path,
+    alpha: Option<&Alpha>,
+) -> Result<(Model, W8A8)> {
+    stats.check_model(model, stats_path)?;
+    let (m, factors) = match alpha {
+        Some(a) => {
+            let s = smooth(model, stats, stats_path, a, Scope::All)?;
+            (s.model, s.factors)
+        }
+        None => (model.clone(), BTreeMap::new()),
+    };
+    let scales = w8a8::scales(&m, stats, stats_path, &factors)?;
+    Ok((m, scales))
 }
 
 /// Which folds to make.
@@ -467,7 +489,7 @@ pub fn search_alpha(
         .map(|g| g.consumers[0].clone())
         .collect();
     let n_samples = SEARCH_TOKENS.div_ceil(seq_len).max(1);
-    let chunks = crate::calib::imatrix::chunk_tokens(model, texts, seq_len, Some(n_samples))?;
+    let chunks = crate::calib::data::chunk_tokens(model, texts, seq_len, Some(n_samples))?;
     let fwd = Forward::new(model)?;
     let mut acts: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     for chunk in &chunks.chunks {

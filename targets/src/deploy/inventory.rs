@@ -24,45 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{DeployError, HostConfig};
-
-/// Settings a host may take from `[defaults]`, a group or its own table.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    pub user: Option<String>,
-    pub port: Option<u16>,
-    pub target: Option<String>,
-    pub install_dir: Option<String>,
-    pub runtime_port: Option<u16>,
-    pub runner: Option<String>,
-    pub keep: Option<usize>,
-    pub service: Option<String>,
-    /// An ssh_config file passed to ssh with `-F` (replaces ~/.ssh/config for this host).
-    pub ssh_config: Option<PathBuf>,
-    /// Extra arguments for `edgepack-runtime serve` (for example `--threads 2`).
-    pub runtime_args: Option<Vec<String>>,
-}
-
-impl Settings {
-    fn overlay(&mut self, o: &Settings) {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if o.$f.is_some() { self.$f = o.$f.clone(); } )* };
-        }
-        take!(
-            user,
-            port,
-            target,
-            install_dir,
-            runtime_port,
-            runner,
-            keep,
-            service,
-            ssh_config,
-            runtime_args
-        );
-    }
-}
+use super::host::{DeployError, HostConfig, Settings};
 
 /// A `[[hosts]]` entry. Its settings are spelled out (not flattened) so that serde can refuse
 /// a misspelled key, which `flatten` would silently drop.

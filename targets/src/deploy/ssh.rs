@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use openssh::{ForwardType, KnownHosts, Session, SessionBuilder, Socket, Stdio};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::{DeployError, HostConfig};
+use super::host::{DeployError, HostConfig};
 
 /// How long ssh may take to reach a board before the host counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);

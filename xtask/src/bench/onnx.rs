@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench::{edgepack_release, measure, py};
-use crate::root;
+use super::common::{edgepack_release, fresh_work_dir, measure, model_or_smollm2, py};
+use crate::util::root;
 
 /// edgepack variants timed: (label, arguments after the model path).
 const OURS: &[(&str, &[&str])] = &[
@@ -45,9 +45,9 @@ const BUILDER: &[(&str, &str)] = &[
 
 pub fn onnx(model: Option<PathBuf>, prefill: usize, decode: usize, output: &Path) -> Result<()> {
     let ep = edgepack_release()?;
-    let work = crate::bench::fresh_work_dir("onnx-work")?;
+    let work = fresh_work_dir("onnx-work")?;
     // The builder reads an HF folder through transformers: both tools get the same one.
-    let model = crate::bench::model_or_smollm2(&ep, &work, model, "f32")?;
+    let model = model_or_smollm2(&ep, &work, model, "f32")?;
     let mut ours = Vec::new();
     for (label, args) in OURS {
         let out = work.join(format!("edgepack-{label}"));

@@ -8,7 +8,9 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use crate::{root, run, setup};
+use super::common::fresh_work_dir;
+use crate::setup;
+use crate::util::{root, run};
 
 /// Settings of one quality run.
 pub struct Quality {
@@ -30,7 +32,7 @@ fn step(log: &mut Vec<String>, cmd: &mut Command) -> Result<()> {
 }
 
 pub fn quality(q: &Quality, ep: &Path, py: &Path) -> Result<()> {
-    let work = crate::bench::fresh_work_dir("quality-work")?;
+    let work = fresh_work_dir("quality-work")?;
     let mut log = Vec::new();
     let hf = work.join("smollm2-f32");
     step(

@@ -1,0 +1,85 @@
+//! What every benchmark uses: timing a child process, the release `edgepack`, the peers'
+//! Python, a fresh work folder and the shared input model. Uses no benchmark.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::setup;
+use crate::util::{cache_dir, root, run};
+
+/// Wall time and peak resident memory of a child process.
+pub struct Measured {
+    pub seconds: f64,
+    pub max_rss_mib: f64,
+}
+
+pub fn measure(cmd: &mut Command) -> Result<Measured> {
+    eprintln!("$ {cmd:?}");
+    let t0 = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled by the kernel; the pid is our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let seconds = t0.elapsed().as_secs_f64();
+    if r != pid {
+        bail!("wait4 failed for {:?}", cmd.get_program());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{cmd:?} failed (status {status})");
+    }
+    Ok(Measured {
+        seconds,
+        max_rss_mib: ru.ru_maxrss as f64 / 1024.0,
+    })
+}
+
+pub fn edgepack_release() -> Result<PathBuf> {
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "--release", "-p", "edgepack"]),
+    )?;
+    Ok(root().join("target/release/edgepack"))
+}
+
+pub fn py() -> PathBuf {
+    cache_dir().join("venv/bin/python")
+}
+
+/// An empty `target/bench/<name>` for one benchmark's files.
+pub fn fresh_work_dir(name: &str) -> Result<PathBuf> {
+    let work = root().join("target/bench").join(name);
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    Ok(work)
+}
+
+/// `model` if given, else SmolLM2-135M-Instruct recovered from its GGUF as an HF folder of
+/// `dtype` in `work`: both tools of a benchmark then read the same folder.
+pub fn model_or_smollm2(
+    ep: &Path,
+    work: &Path,
+    model: Option<PathBuf>,
+    dtype: &str,
+) -> Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m);
+    }
+    let hf = work.join("smollm2-hf");
+    run(Command::new(ep)
+        .args(["export", "hf"])
+        .arg(setup::smollm2_gguf())
+        .args(["--dtype", dtype, "-o"])
+        .arg(&hf)
+        .env("CI", "1"))?;
+    Ok(hf)
+}

@@ -1,0 +1,188 @@
+//! Benchmarks, each run side by side with the peer tool on the same input in the same run, and
+//! written as JSON. Numbers are measured, never asserted.
+//!
+//! This file only dispatches; each benchmark is one file and uses nothing but `common` (and
+//! the modules below `bench`).
+
+mod common;
+mod convert;
+mod deploy;
+mod onnx;
+mod quality;
+mod runtime;
+mod tflite;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use crate::setup;
+use common::{edgepack_release, py};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// HF folder -> quantized GGUF: edgepack against llama.cpp's convert_hf_to_gguf.py +
+    /// llama-quantize (wall time, peak RSS, bytes, agreement of the K-quant bytes).
+    #[command(
+        after_help = "Example:\n  cargo xtask bench convert --quant Q4_K_M -o target/bench/convert.json"
+    )]
+    Convert {
+        /// An HF model folder (default: SmolLM2-135M-Instruct recovered from its GGUF as BF16).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Quantization preset.
+        #[arg(long, default_value = "Q4_K_M")]
+        quant: String,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/convert.json")]
+        output: PathBuf,
+    },
+    /// What each compression costs on SmolLM2: `edgepack eval` of Q8_0, Q4_K_M (with and
+    /// without imatrix, and llama.cpp's own), Wanda/magnitude/2:4 sparsity and simulated W8A8
+    /// (plain, SmoothQuant 0.5 and auto) against the float model; answer similarity; TTFT.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench quality -o target/bench/quality.json\n\nAlso writes the Markdown table (.md) and the TTFT plot (.svg) beside the JSON."
+    )]
+    Quality {
+        /// Tokens per evaluation chunk.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Chunks of edgepack's corpus to score.
+        #[arg(long, default_value_t = 8)]
+        chunks: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/quality.json")]
+        output: PathBuf,
+    },
+    /// Model -> TFLite per precision: export time, peak RSS, file size, and LiteRT's
+    /// prefill and decode tokens/s on this machine.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench tflite --seq-len 256 --prefill-len 64 -o target/bench/tflite.json"
+    )]
+    Tflite {
+        /// A model folder or GGUF (default: the SmolLM2-135M-Instruct GGUF).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// KV cache length of the exported models.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Prefill signature length (the prompt run for tokens/s).
+        #[arg(long, default_value_t = 64)]
+        prefill_len: usize,
+        /// Decode steps timed.
+        #[arg(long, default_value_t = 64)]
+        decode_steps: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/tflite.json")]
+        output: PathBuf,
+    },
+    /// HF folder -> ONNX per operator set and precision: export time, peak RSS and bytes against
+    /// onnxruntime-genai's model builder on the same folder, and onnxruntime tokens/s of each.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench onnx --prefill 64 --decode 64 -o target/bench/onnx.json"
+    )]
+    Onnx {
+        /// An HF model folder (default: SmolLM2-135M-Instruct recovered from its GGUF as F32).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Prompt tokens run as one prefill.
+        #[arg(long, default_value_t = 64)]
+        prefill: usize,
+        /// Greedy decode steps timed.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/onnx.json")]
+        output: PathBuf,
+    },
+    /// edgepack-runtime against llama.cpp's llama-bench on the same Q8_0 SmolLM2 GGUF: time to
+    /// first token, prompt and decode tokens/s.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench runtime --prompt-sizes 32,128,512 -o target/bench/runtime.json"
+    )]
+    Runtime {
+        /// Prompt lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
+        prompt_sizes: Vec<usize>,
+        /// Tokens generated per run.
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: u32,
+        /// Rounds; each runs both tools once per size, alternating (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        repetitions: u32,
+        /// Threads for both tools (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Flash attention on both sides (llama-bench's `-fa on`); off by default.
+        #[arg(long)]
+        flash_attn: bool,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/runtime.json")]
+        output: PathBuf,
+    },
+    /// `edgepack deploy` (first deploy and redeploy of one bundle) against plain `scp -r` of
+    /// the same files, over a real sshd on loopback: seconds and bytes on the wire.
+    #[command(after_help = "Example:\n  cargo xtask bench deploy -o target/bench/deploy.json")]
+    Deploy {
+        /// Quantization of the SmolLM2 bundle deployed.
+        #[arg(long, default_value = "Q8_0")]
+        quant: String,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/deploy.json")]
+        output: PathBuf,
+    },
+}
+
+pub fn bench(b: Bench) -> Result<()> {
+    setup::setup()?;
+    match b {
+        Bench::Convert {
+            model,
+            quant,
+            output,
+        } => convert::convert(model, &quant, &output),
+        Bench::Quality {
+            ctx,
+            chunks,
+            output,
+        } => quality::quality(
+            &quality::Quality {
+                ctx,
+                chunks,
+                output,
+            },
+            &edgepack_release()?,
+            &py(),
+        ),
+        Bench::Onnx {
+            model,
+            prefill,
+            decode,
+            output,
+        } => onnx::onnx(model, prefill, decode, &output),
+        Bench::Tflite {
+            model,
+            seq_len,
+            prefill_len,
+            decode_steps,
+            output,
+        } => tflite::tflite(model, seq_len, prefill_len, decode_steps, &output),
+        Bench::Runtime {
+            prompt_sizes,
+            gen_tokens,
+            repetitions,
+            threads,
+            flash_attn,
+            output,
+        } => runtime::bench(runtime::Options {
+            prompt_sizes,
+            gen_tokens,
+            repetitions,
+            threads,
+            flash_attn,
+            output,
+        }),
+        Bench::Deploy { quant, output } => deploy::bench(deploy::Options { quant, output }),
+    }
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask test`: setup, then formatting, clippy, and the whole test suite
+//! (cargo-nextest when present).
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::setup;
+use crate::util::{cargo, run};
+
+pub fn test(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs\nhint: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let nextest = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if nextest {
+        run(cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(args))
+    } else {
+        run(cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args))
+    }
+}
