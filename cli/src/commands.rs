@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::args::LoraArgs;
-use crate::{deploy_cmd, eval_cmd, export_cmd, model_cmd, targets_cmd};
+use crate::{build_cmd, deploy_cmd, eval_cmd, export_cmd, model_cmd, targets_cmd};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -118,6 +118,12 @@ enum Command {
     Targets(targets_cmd::TargetCommand),
     #[command(flatten)]
     Deploy(deploy_cmd::DeployCommand),
+    /// Build a recipe: every target's outputs, evaluated, gated, bundled and verified, with
+    /// each stage cached so an unchanged recipe does no work.
+    #[command(
+        after_help = "Example:\n  edgepack build recipes/smollm2-assistant.toml\n  edgepack build recipes/smollm2-assistant.toml --target imx93 --dry-run\n  edgepack build recipes/smollm2-assistant.toml --json > result.json\n\nExit status: 0 built and every gate held, 3 built but a quality gate failed, 1 error.\nThe recipe format: docs/recipes.md."
+    )]
+    Build(build_cmd::BuildArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -128,6 +134,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd::run_eval(&a, json_out),
         Command::Targets(c) => targets_cmd::run(c, json_out),
         Command::Deploy(c) => deploy_cmd::run(c, json_out),
+        Command::Build(a) => build_cmd::run_build(&a, json_out),
         Command::Merge {
             base,
             lora,

@@ -10,9 +10,7 @@ use edgepack_converters::calib::imatrix::Imatrix;
 use edgepack_converters::export::gguf::{export_gguf, GgufOptions};
 use edgepack_converters::export::gguf_lora::export_gguf_lora;
 use edgepack_converters::export::hf::export_hf;
-use edgepack_converters::export::tflite::{
-    self as tflite, support::OpSupport, Precision, TfliteOptions,
-};
+use edgepack_converters::export::tflite::{self as tflite, Precision, TfliteOptions};
 use edgepack_converters::import;
 use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::stats::CalibStats;
@@ -20,6 +18,8 @@ use edgepack_converters::quant::preset::Preset;
 use edgepack_converters::quant::GgmlType;
 use edgepack_converters::transform::lora::load_adapter;
 use serde_json::json;
+
+use edgepack_recipes::stages::npu_support;
 
 use crate::args::{inputs, load, parse_alpha, parse_float_dtype, resolve_profile, LoraArgs};
 use crate::progress::Bars;
@@ -366,19 +366,6 @@ struct TfliteArgs<'a> {
     smooth: Option<&'a str>,
     output: &'a Path,
     json_out: bool,
-}
-
-fn npu_support(p: &edgepack_targets::Profile) -> Option<OpSupport> {
-    let npu = p.npu.as_ref().filter(|n| n.takes("tflite"))?;
-    Some(OpSupport {
-        board: p.name.clone(),
-        npu: format!("{} via {}", npu.name, npu.compiler),
-        allow: npu.ops.clone(),
-        deny: npu.cpu_ops.clone(),
-        integer_only: npu.integer_only,
-        per_channel_fc: npu.per_channel(),
-        source: format!("target profile `{}` ([npu] table)", p.name),
-    })
 }
 
 fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {

@@ -1,7 +1,8 @@
 //! `edgepack`: the command line. Each command is a thin call into the libraries; format and
-//! math logic live in `edgepack-converters`.
+//! math logic live in `edgepack-converters`, recipes in `edgepack-recipes`.
 
 mod args;
+mod build_cmd;
 mod commands;
 mod deploy_cmd;
 mod eval_cmd;
@@ -28,6 +29,10 @@ fn main() -> ExitCode {
         .init();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<build_cmd::GateFailed>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

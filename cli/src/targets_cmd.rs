@@ -3,7 +3,6 @@
 //! `edgepack-targets` (profiles, fit arithmetic, bundle format), which knows nothing of
 //! conversion.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,13 +14,11 @@ use edgepack_converters::export::gguf::{
 };
 use edgepack_converters::gguf::value::Value;
 use edgepack_converters::gguf::writer::{GgufWriter, TensorPlan};
-use edgepack_converters::io::{ensure_not_input, AtomicDir};
+use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::Model;
 use edgepack_converters::quant::preset::Preset;
-use edgepack_targets::bundle::{
-    self, AdapterInfo, FileEntry, Manifest, ModelInfo, QuantInfo, RuntimeInfo, SignatureState,
-    TargetInfo, TokenizerInfo, Tool,
-};
+use edgepack_recipes::bundle::{check_runtime, slug, tensor_types, write_bundle, BundleSpec};
+use edgepack_targets::bundle::{self, QuantInfo, SignatureState};
 use edgepack_targets::fit::{self, KvShape};
 use edgepack_targets::{sign, Profile};
 use serde_json::json;
@@ -30,8 +27,6 @@ use crate::args::{inputs, load, resolve_profile, LoraArgs};
 use crate::progress::Bars;
 
 const MIB: f64 = (1u64 << 20) as f64;
-/// Where the runtime binary sits in a bundle.
-const RUNTIME_FILE: &str = "bin/edgepack-runtime";
 
 #[derive(Subcommand, Debug)]
 pub enum TargetCommand {
@@ -544,60 +539,6 @@ struct BundleRequest<'a> {
     output: &'a Path,
 }
 
-/// A model name as a file-name part: lower case, ASCII letters and digits, single `-`.
-fn slug(s: &str) -> String {
-    let mut out = String::new();
-    for c in s.chars() {
-        if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
-            out.push(c.to_ascii_lowercase());
-        } else if !out.ends_with('-') {
-            out.push('-');
-        }
-    }
-    out.trim_matches(['-', '.']).to_string()
-}
-
-/// Size and SHA-256 of a model source: the file itself, or every file of a folder.
-fn source_entries(path: &Path) -> Result<Vec<FileEntry>> {
-    if path.is_file() {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        return Ok(vec![bundle::file_entry(path, &name)?]);
-    }
-    let mut names: Vec<(String, PathBuf)> = fs::read_dir(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|(n, p)| Ok(bundle::file_entry(p, n)?))
-        .collect()
-}
-
-/// The ELF machine of a binary, as a Rust triple's architecture part.
-fn elf_arch(path: &Path) -> Result<&'static str> {
-    let mut head = [0u8; 20];
-    let mut f = fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    std::io::Read::read_exact(&mut f, &mut head)
-        .with_context(|| format!("{}: too short for an executable", path.display()))?;
-    if &head[..4] != b"\x7fELF" {
-        bail!("{}: not an ELF executable", path.display());
-    }
-    // e_machine (ELF header offset 18), little-endian on every target we build for.
-    Ok(match u16::from_le_bytes([head[18], head[19]]) {
-        0xB7 => "aarch64",
-        0x3E => "x86_64",
-        0x28 => "arm",
-        0xF3 => "riscv64",
-        other => bail!("{}: unknown ELF machine {other:#x}", path.display()),
-    })
-}
-
 fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     let t0 = Instant::now();
     let p = &r.profile;
@@ -617,16 +558,7 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     }
     let preset = parse_preset(r.quant.as_deref().unwrap_or(&p.defaults.precision))?;
     if let Some(rt) = r.runtime {
-        let arch = elf_arch(rt)?;
-        if arch != p.arch() {
-            bail!(
-                "--runtime {}: built for {arch}, but {} needs {}\nhint: cargo xtask dist --target {}",
-                rt.display(),
-                p.name,
-                p.rust_target,
-                p.name
-            );
-        }
+        check_runtime(rt, p).context("--runtime")?;
     }
     let key = r
         .sign
@@ -653,12 +585,13 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     ins.extend(r.sign);
     ensure_not_input(&dir, &ins)?;
     ensure_not_input(&archive, &ins)?;
-    let out = AtomicDir::create(&dir)?;
-    let staging = out.staging();
-    let model_rel = format!("model/{name}.gguf");
-    let gguf_path = staging.join(&model_rel);
-    fs::create_dir_all(gguf_path.parent().expect("has a parent"))
-        .with_context(|| format!("creating {}", staging.display()))?;
+    fs::create_dir_all(r.output).with_context(|| format!("creating {}", r.output.display()))?;
+    // The GGUF is exported beside the bundle (same file system) and linked into it.
+    let work = tempfile::Builder::new()
+        .prefix(".edgepack-bundle-")
+        .tempdir_in(r.output)
+        .with_context(|| format!("creating a work folder in {}", r.output.display()))?;
+    let gguf_path = work.path().join(format!("{name}.gguf"));
     let bars = Bars::new(json_out);
     let opts = GgufOptions {
         preset,
@@ -668,93 +601,29 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         extra: Default::default(),
     };
     let report: GgufReport = export_gguf(&m, &gguf_path, &opts, &bars)
-        .with_context(|| format!("exporting {} to {}", r.model.display(), model_rel))?;
-    let mut tok_files = Vec::new();
-    if let Some(t) = &m.tokenizer.tokenizer_json {
-        let rel = "model/tokenizer.json";
-        fs::write(staging.join(rel), t).with_context(|| format!("writing {rel}"))?;
-        tok_files.push(rel.to_string());
-    }
-    if let Some(t) = &m.tokenizer.tokenizer_config {
-        let rel = "model/tokenizer_config.json";
-        let mut text = serde_json::to_string_pretty(t)?;
-        text.push('\n');
-        fs::write(staging.join(rel), text).with_context(|| format!("writing {rel}"))?;
-        tok_files.push(rel.to_string());
-    }
-    let runtime = match r.runtime {
-        Some(rt) => {
-            let dst = staging.join(RUNTIME_FILE);
-            fs::create_dir_all(dst.parent().expect("has a parent"))?;
-            fs::copy(rt, &dst)
-                .with_context(|| format!("copying {} into the bundle", rt.display()))?;
-            set_executable(&dst)?;
-            Some(RuntimeInfo {
-                file: RUNTIME_FILE.into(),
-                version: r
-                    .runtime_version
-                    .clone()
-                    .unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
-                triple: p.rust_target.clone(),
-            })
-        }
-        None => None,
-    };
-    let mut tensor_types = BTreeMap::new();
-    for t in &report.tensors {
-        *tensor_types.entry(t.ty.clone()).or_insert(0u64) += 1;
-    }
-    let mut adapter_info = Vec::new();
-    for (path, weight) in &adapters {
-        adapter_info.push(AdapterInfo {
-            weight: *weight,
-            files: source_entries(path)?,
-        });
-    }
-    let mut manifest = Manifest {
-        schema: bundle::SCHEMA,
-        target: TargetInfo {
-            profile: p.name.clone(),
-            rust_target: p.rust_target.clone(),
-            target_cpu: p.target_cpu.clone(),
-            glibc_floor: p.glibc_floor.clone(),
-        },
-        format,
-        model: ModelInfo {
-            name: m.name.clone(),
-            arch: m.config.arch.gguf_name().to_string(),
-            n_params: m.n_params() as u64,
-            file: model_rel.clone(),
-            sources: source_entries(r.model)?,
-            adapters: adapter_info,
-        },
+        .with_context(|| format!("exporting {} to GGUF", r.model.display()))?;
+    let spec = BundleSpec {
+        model: &m,
+        file: &gguf_path,
+        format: &format,
         quant: QuantInfo {
             preset: preset.name().to_string(),
-            tensor_types,
+            tensor_types: tensor_types(report.tensors.iter().map(|t| t.ty.as_str())),
         },
-        tokenizer: TokenizerInfo {
-            files: tok_files,
-            chat_template: m.tokenizer.chat_template().is_some(),
-        },
-        runtime,
-        created_by: Tool {
-            name: "edgepack".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-        created_at: r.timestamp.then(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| format!("unix:{}", d.as_secs()))
-                .unwrap_or_default()
-        }),
-        files: vec![],
+        sources: r.model,
+        adapters: &adapters,
+        profile: p,
+        runtime: r.runtime,
+        runtime_version: r.runtime_version.clone(),
+        key: key.as_ref(),
+        top: &top,
+        model_name: &name,
+        timestamp: r.timestamp,
+        output: r.output,
     };
-    bundle::write_manifest(staging, &mut manifest, key.as_ref())
-        .context("writing manifest.json")?;
-    bundle::pack(staging, &top, &archive)
-        .with_context(|| format!("writing {}", archive.display()))?;
-    out.commit()?;
-    let archive_bytes = fs::metadata(&archive)?.len();
+    let out = write_bundle(&spec).context("writing the bundle")?;
+    let manifest = out.manifest;
+    let archive_bytes = out.archive_bytes;
     let secs = t0.elapsed().as_secs_f64();
     if json_out {
         let v = json!({
@@ -780,18 +649,6 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
             secs
         );
     }
-    Ok(())
-}
-
-#[cfg(unix)]
-fn set_executable(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("setting the mode of {}", path.display()))
-}
-
-#[cfg(not(unix))]
-fn set_executable(_path: &Path) -> Result<()> {
     Ok(())
 }
 

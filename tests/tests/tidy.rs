@@ -20,7 +20,13 @@ fn architecture() -> String {
 /// network and no download of other platforms' crates).
 fn metadata() -> serde_json::Value {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(root())
         .output()
         .expect("run cargo metadata");

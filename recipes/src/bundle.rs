@@ -1,0 +1,270 @@
+//! Assembling a bundle from an exported model: the model file, the tokenizer files, the
+//! runtime binary and the manifest, packed into a reproducible archive and optionally signed.
+//! `edgepack bundle` and the recipe's bundle stage both come through here.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use edgepack_converters::io::AtomicDir;
+use edgepack_converters::model::Model;
+use edgepack_targets::bundle::{
+    self, AdapterInfo, FileEntry, Manifest, ModelInfo, QuantInfo, RuntimeInfo, TargetInfo,
+    TokenizerInfo, Tool,
+};
+use edgepack_targets::Profile;
+
+use crate::error::{RecipeError, Result};
+
+/// Where the runtime sits inside a bundle.
+pub const RUNTIME_FILE: &str = "bin/edgepack-runtime";
+
+/// What goes into one bundle.
+pub struct BundleSpec<'a> {
+    /// The model the file was exported from: its name, architecture, size and tokenizer.
+    pub model: &'a Model,
+    /// The exported model file (GGUF).
+    pub file: &'a Path,
+    /// The bundle's format (`gguf`).
+    pub format: &'a str,
+    /// The quantization preset and the number of tensors of each type.
+    pub quant: QuantInfo,
+    /// The model's source (file or folder), listed by SHA-256 in the manifest.
+    pub sources: &'a Path,
+    pub adapters: &'a [(PathBuf, f32)],
+    pub profile: &'a Profile,
+    pub runtime: Option<&'a Path>,
+    pub runtime_version: Option<String>,
+    pub key: Option<&'a SigningKey>,
+    /// The bundle's name: its folder, `<top>.tar.zst` and the model file's stem.
+    pub top: &'a str,
+    /// The model file's stem inside `model/`.
+    pub model_name: &'a str,
+    pub timestamp: bool,
+    /// The folder that receives `<top>/` and `<top>.tar.zst`.
+    pub output: &'a Path,
+}
+
+/// What was written.
+pub struct BundleOutcome {
+    pub dir: PathBuf,
+    pub archive: PathBuf,
+    pub archive_bytes: u64,
+    pub manifest: Manifest,
+}
+
+/// A model name as a file-name part: lower case, ASCII letters and digits, single `-`.
+pub fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches(['-', '.']).to_string()
+}
+
+/// Size and SHA-256 of a model source: the file itself, or every file of a folder.
+pub fn source_entries(path: &Path) -> Result<Vec<FileEntry>> {
+    if path.is_file() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return bundle::file_entry(path, &name)
+            .map(|e| vec![e])
+            .map_err(bundle_err);
+    }
+    let mut names: Vec<(String, PathBuf)> = fs::read_dir(path)
+        .map_err(|e| RecipeError::io(path, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|(n, p)| bundle::file_entry(p, n).map_err(bundle_err))
+        .collect()
+}
+
+fn bundle_err(e: edgepack_targets::BundleError) -> RecipeError {
+    RecipeError::Io {
+        path: e.path().to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// The ELF machine of a binary, as a Rust triple's architecture part.
+pub fn elf_arch(path: &Path) -> Result<&'static str> {
+    let mut head = [0u8; 20];
+    let mut f = fs::File::open(path).map_err(|e| RecipeError::io(path, e))?;
+    std::io::Read::read_exact(&mut f, &mut head)
+        .map_err(|_| RecipeError::io(path, "too short for an executable"))?;
+    if &head[..4] != b"\x7fELF" {
+        return Err(RecipeError::io(path, "not an ELF executable"));
+    }
+    // e_machine (ELF header offset 18), little-endian on every target we build for.
+    Ok(match u16::from_le_bytes([head[18], head[19]]) {
+        0xB7 => "aarch64",
+        0x3E => "x86_64",
+        0x28 => "arm",
+        0xF3 => "riscv64",
+        other => {
+            return Err(RecipeError::io(
+                path,
+                format!("unknown ELF machine {other:#x}"),
+            ))
+        }
+    })
+}
+
+/// Checks that a runtime binary is built for the profile's architecture.
+pub fn check_runtime(rt: &Path, p: &Profile) -> Result<()> {
+    let arch = elf_arch(rt)?;
+    if arch != p.arch() {
+        return Err(RecipeError::io(
+            rt,
+            format!(
+                "built for {arch}, but {} needs {}\nhint: cargo xtask dist --target {}",
+                p.name, p.rust_target, p.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).map_err(|e| RecipeError::io(to, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_executable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .map_err(|e| RecipeError::io(path, e))
+}
+
+/// Writes `<output>/<top>/` and `<output>/<top>.tar.zst` atomically: the folder appears
+/// complete or not at all, the archive is written under a temporary name and renamed.
+pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
+    let p = s.profile;
+    if let Some(rt) = s.runtime {
+        check_runtime(rt, p)?;
+    }
+    let dir = s.output.join(s.top);
+    let archive = s.output.join(format!("{}.tar.zst", s.top));
+    let out = AtomicDir::create(&dir).map_err(|e| RecipeError::io(&dir, e))?;
+    let staging = out.staging();
+    let ext = s
+        .file
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| s.format.to_string());
+    let model_rel = format!("model/{}.{ext}", s.model_name);
+    let model_dst = staging.join(&model_rel);
+    fs::create_dir_all(model_dst.parent().expect("has a parent"))
+        .map_err(|e| RecipeError::io(staging, e))?;
+    link_or_copy(s.file, &model_dst)?;
+    let m = s.model;
+    let mut tok_files = Vec::new();
+    if let Some(t) = &m.tokenizer.tokenizer_json {
+        let rel = "model/tokenizer.json";
+        fs::write(staging.join(rel), t).map_err(|e| RecipeError::io(&staging.join(rel), e))?;
+        tok_files.push(rel.to_string());
+    }
+    if let Some(t) = &m.tokenizer.tokenizer_config {
+        let rel = "model/tokenizer_config.json";
+        let mut text = serde_json::to_string_pretty(t).map_err(|e| RecipeError::io(&dir, e))?;
+        text.push('\n');
+        fs::write(staging.join(rel), text).map_err(|e| RecipeError::io(&staging.join(rel), e))?;
+        tok_files.push(rel.to_string());
+    }
+    let runtime = match s.runtime {
+        Some(rt) => {
+            let dst = staging.join(RUNTIME_FILE);
+            fs::create_dir_all(dst.parent().expect("has a parent"))
+                .map_err(|e| RecipeError::io(&dst, e))?;
+            fs::copy(rt, &dst).map_err(|e| RecipeError::io(rt, e))?;
+            set_executable(&dst)?;
+            Some(RuntimeInfo {
+                file: RUNTIME_FILE.into(),
+                version: s
+                    .runtime_version
+                    .clone()
+                    .unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
+                triple: p.rust_target.clone(),
+            })
+        }
+        None => None,
+    };
+    let mut adapter_info = Vec::new();
+    for (path, weight) in s.adapters {
+        adapter_info.push(AdapterInfo {
+            weight: *weight,
+            files: source_entries(path)?,
+        });
+    }
+    let mut manifest = Manifest {
+        schema: bundle::SCHEMA,
+        target: TargetInfo {
+            profile: p.name.clone(),
+            rust_target: p.rust_target.clone(),
+            target_cpu: p.target_cpu.clone(),
+            glibc_floor: p.glibc_floor.clone(),
+        },
+        format: s.format.to_string(),
+        model: ModelInfo {
+            name: m.name.clone(),
+            arch: m.config.arch.gguf_name().to_string(),
+            n_params: m.n_params() as u64,
+            file: model_rel,
+            sources: source_entries(s.sources)?,
+            adapters: adapter_info,
+        },
+        quant: s.quant.clone(),
+        tokenizer: TokenizerInfo {
+            files: tok_files,
+            chat_template: m.tokenizer.chat_template().is_some(),
+        },
+        runtime,
+        created_by: Tool {
+            name: "edgepack".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        created_at: s.timestamp.then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| format!("unix:{}", d.as_secs()))
+                .unwrap_or_default()
+        }),
+        files: vec![],
+    };
+    bundle::write_manifest(staging, &mut manifest, s.key).map_err(bundle_err)?;
+    bundle::pack(staging, s.top, &archive).map_err(bundle_err)?;
+    out.commit().map_err(|e| RecipeError::io(&dir, e))?;
+    let archive_bytes = fs::metadata(&archive)
+        .map_err(|e| RecipeError::io(&archive, e))?
+        .len();
+    Ok(BundleOutcome {
+        dir,
+        archive,
+        archive_bytes,
+        manifest,
+    })
+}
+
+/// Tensor counts per type, as the manifest records them.
+pub fn tensor_types<'a>(types: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for t in types {
+        *m.entry(t.to_string()).or_insert(0u64) += 1;
+    }
+    m
+}

@@ -1,0 +1,608 @@
+//! A recipe expanded into its stage graph, each stage with its content address.
+//!
+//! ```text
+//! fetch ─> merge ─> [calibrate ─> smooth] ─> [calibrate ─> sparsify] ─┬─> export per output ─> eval
+//!                                                                     ├─> imatrix (shared)      │
+//!                                                                     └─> calibrate (shared) ───┘─> bundle ─> verify
+//! ```
+//!
+//! Stages exist only where the recipe asks for them: no adapters, no merge; a model given as
+//! a path, no fetch. Work that several outputs need (one calibration of the final model, one
+//! importance matrix) is one stage that they all read. A stage's key covers everything that
+//! decides its output, so a change reruns exactly the stages downstream of it.
+
+use std::path::{Path, PathBuf};
+
+use edgepack_targets::Profile;
+use serde_json::{json, Value};
+
+use crate::cache::{sha256_str, Cache};
+use crate::error::{RecipeError, Result};
+use crate::recipe::{AlphaSpec, Eval, ModelSource, Output, Recipe, Transform};
+
+/// The version every key includes: a new edgepack may compute differently.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where a stage reads its model from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelIn {
+    /// The user's HF folder or GGUF file.
+    Path(PathBuf),
+    /// The model another stage produced.
+    Stage(usize),
+}
+
+/// The work of one stage, with the indices of the stages it reads.
+#[derive(Debug, Clone)]
+pub enum Job {
+    Fetch {
+        package: String,
+        version: String,
+        file: Option<String>,
+    },
+    Merge {
+        base: ModelIn,
+        adapters: Vec<(PathBuf, f32)>,
+    },
+    Calibrate {
+        model: ModelIn,
+        data: Option<PathBuf>,
+        samples: usize,
+        seq_len: usize,
+    },
+    Smooth {
+        model: ModelIn,
+        stats: usize,
+        alpha: AlphaSpec,
+        scope: String,
+        data: Option<PathBuf>,
+        seq_len: usize,
+    },
+    Sparsify {
+        model: ModelIn,
+        stats: Option<usize>,
+        method: String,
+        pattern: String,
+    },
+    Imatrix {
+        model: ModelIn,
+        data: Option<PathBuf>,
+        chunk: usize,
+        chunks: usize,
+    },
+    Export {
+        model: ModelIn,
+        output: Output,
+        profile: Box<Profile>,
+        stats: Option<usize>,
+        imatrix: Option<usize>,
+    },
+    /// The float model's own answers to the question set, scored once for every output.
+    Answers {
+        model: ModelIn,
+        eval: Eval,
+        embedder: ModelIn,
+    },
+    Eval {
+        reference: ModelIn,
+        candidate: usize,
+        eval: Eval,
+        /// The sentence embedder for answer similarity.
+        embedder: Option<ModelIn>,
+        /// The float model's scored answers.
+        answers: Option<usize>,
+    },
+    Bundle {
+        /// The model the export was made from (name, architecture, tokenizer).
+        model: ModelIn,
+        export: usize,
+        /// The files the bundle's manifest names as the model's sources.
+        source: ModelIn,
+        adapters: Vec<(PathBuf, f32)>,
+        profile: Box<Profile>,
+        runtime: Option<PathBuf>,
+        sign: Option<PathBuf>,
+        name: String,
+    },
+    Verify {
+        bundle: usize,
+        sign: Option<PathBuf>,
+        target: String,
+    },
+}
+
+impl Job {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Fetch { .. } => "fetch",
+            Job::Merge { .. } => "merge",
+            Job::Calibrate { .. } => "calibrate",
+            Job::Smooth { .. } => "smooth",
+            Job::Sparsify { .. } => "sparsify",
+            Job::Imatrix { .. } => "imatrix",
+            Job::Export { .. } => "export",
+            Job::Answers { .. } => "answers",
+            Job::Eval { .. } => "eval",
+            Job::Bundle { .. } => "bundle",
+            Job::Verify { .. } => "verify",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// A stable name for the stage's place in the recipe: `merge`, `export:imx93:gguf-Q4_0`.
+    pub id: String,
+    pub job: Job,
+    /// Stages that must finish first.
+    pub deps: Vec<usize>,
+    /// What decides the output besides the inputs (shown by `--dry-run` when it changes).
+    pub params: Value,
+    /// Input files and their SHA-256, hashed into the key.
+    pub files: Vec<(PathBuf, String)>,
+    /// The content address.
+    pub key: String,
+    /// A rough peak of resident memory while the stage runs, in bytes.
+    pub memory: u64,
+    pub target: Option<String>,
+}
+
+impl Stage {
+    pub fn kind(&self) -> &'static str {
+        self.job.kind()
+    }
+}
+
+/// Where one output of one target is made, checked and packed (stage indices).
+#[derive(Debug, Clone)]
+pub struct PlannedOutput {
+    pub target: String,
+    /// Index into the target's outputs.
+    pub output: usize,
+    pub export: usize,
+    pub eval: Option<usize>,
+    pub bundle: Option<usize>,
+    pub verify: Option<usize>,
+}
+
+/// The whole graph, in an order where every stage comes after the stages it reads.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub stages: Vec<Stage>,
+    pub outputs: Vec<PlannedOutput>,
+    /// Parameters of the model the stages start from (sizes the memory estimates).
+    pub n_params: u64,
+}
+
+/// Sizes used for memory estimates: f32 weights of the whole model for stages that run the
+/// forward pass, a few tensors' worth for streaming ones.
+fn forward_memory(n_params: u64) -> u64 {
+    n_params * 4 * 2 + (512 << 20)
+}
+
+fn streaming_memory(n_params: u64) -> u64 {
+    n_params / 4 + (256 << 20)
+}
+
+struct Builder<'a> {
+    cache: &'a Cache,
+    stages: Vec<Stage>,
+}
+
+impl Builder<'_> {
+    /// Adds a stage unless an identical one (same key) exists; returns its index.
+    fn add(
+        &mut self,
+        id: String,
+        job: Job,
+        params: Value,
+        files: Vec<PathBuf>,
+        memory: u64,
+        target: Option<String>,
+    ) -> Result<usize> {
+        let mut deps = Vec::new();
+        let mut models = Vec::new();
+        let mut push_model = |m: &ModelIn, deps: &mut Vec<usize>| match m {
+            ModelIn::Stage(i) => deps.push(*i),
+            ModelIn::Path(p) => models.push(p.clone()),
+        };
+        match &job {
+            Job::Fetch { .. } => {}
+            Job::Merge { base, .. } => push_model(base, &mut deps),
+            Job::Calibrate { model, .. } | Job::Imatrix { model, .. } => {
+                push_model(model, &mut deps)
+            }
+            Job::Smooth { model, stats, .. } => {
+                push_model(model, &mut deps);
+                deps.push(*stats);
+            }
+            Job::Sparsify { model, stats, .. } => {
+                push_model(model, &mut deps);
+                deps.extend(*stats);
+            }
+            Job::Export {
+                model,
+                stats,
+                imatrix,
+                ..
+            } => {
+                push_model(model, &mut deps);
+                deps.extend(*stats);
+                deps.extend(*imatrix);
+            }
+            Job::Answers {
+                model, embedder, ..
+            } => {
+                push_model(model, &mut deps);
+                push_model(embedder, &mut deps);
+            }
+            Job::Eval {
+                reference,
+                candidate,
+                embedder,
+                answers,
+                ..
+            } => {
+                push_model(reference, &mut deps);
+                deps.push(*candidate);
+                if let Some(e) = embedder {
+                    push_model(e, &mut deps);
+                }
+                deps.extend(*answers);
+            }
+            Job::Bundle {
+                model,
+                export,
+                source,
+                ..
+            } => {
+                push_model(model, &mut deps);
+                push_model(source, &mut deps);
+                deps.push(*export);
+            }
+            Job::Verify { bundle, .. } => deps.push(*bundle),
+        }
+        deps.sort_unstable();
+        deps.dedup();
+        let mut inputs = Vec::new();
+        for f in models.iter().chain(&files) {
+            inputs.push((f.clone(), self.cache.hash_path(f)?));
+        }
+        let hashed: Vec<Value> = inputs
+            .iter()
+            .map(|(f, h)| json!([f.display().to_string(), h]))
+            .collect();
+        let dep_keys: Vec<&str> = deps.iter().map(|d| self.stages[*d].key.as_str()).collect();
+        let key = sha256_str(
+            &json!({
+                "kind": job.kind(),
+                "edgepack": TOOL_VERSION,
+                "params": params,
+                "deps": dep_keys,
+                "files": hashed,
+            })
+            .to_string(),
+        );
+        if let Some(i) = self.stages.iter().position(|s| s.key == key) {
+            return Ok(i);
+        }
+        self.stages.push(Stage {
+            id,
+            job,
+            deps,
+            params,
+            files: inputs,
+            key,
+            memory,
+            target,
+        });
+        Ok(self.stages.len() - 1)
+    }
+}
+
+/// A source as a stage input: the user's path, or the stage that fetches the package.
+fn fetch(b: &mut Builder<'_>, src: &ModelSource, what: &str) -> Result<ModelIn> {
+    Ok(match src {
+        ModelSource::Path(p) => ModelIn::Path(p.clone()),
+        ModelSource::Package {
+            name,
+            version,
+            file,
+        } => ModelIn::Stage(b.add(
+            format!("fetch:{what}"),
+            Job::Fetch {
+                package: name.clone(),
+                version: version.clone(),
+                file: file.clone(),
+            },
+            json!({"package": name, "version": version, "file": file}),
+            vec![],
+            256 << 20,
+            None,
+        )?),
+    })
+}
+
+/// The parameter count of a model on disk (headers only), for memory estimates.
+fn count_params(path: &Path) -> u64 {
+    edgepack_converters::import::open(path)
+        .map(|m| m.n_params() as u64)
+        .unwrap_or(0)
+}
+
+/// Expands `recipe` into its stages. `fetched` is the model file a package source resolves to
+/// when its fetch stage already ran (it sizes memory estimates); keys never depend on it.
+pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Plan> {
+    let n_params = match (&recipe.model, fetched) {
+        (ModelSource::Path(p), _) => count_params(p),
+        (_, Some(p)) => count_params(p),
+        _ => 0,
+    };
+    let mut b = Builder {
+        cache,
+        stages: Vec::new(),
+    };
+    let fwd = forward_memory(n_params.max(1));
+    let stream = streaming_memory(n_params.max(1));
+
+    let source = fetch(&mut b, &recipe.model, "model")?;
+    let embedder = recipe
+        .eval
+        .embedder
+        .as_ref()
+        .filter(|_| recipe.eval.qa.is_some())
+        .map(|e| fetch(&mut b, e, "embedder"))
+        .transpose()?;
+
+    let adapters: Vec<(PathBuf, f32)> = recipe
+        .adapters
+        .iter()
+        .map(|a| (a.path.clone(), a.weight))
+        .collect();
+    let merged = if adapters.is_empty() {
+        source.clone()
+    } else {
+        let weights: Vec<f32> = adapters.iter().map(|a| a.1).collect();
+        ModelIn::Stage(b.add(
+            "merge".into(),
+            Job::Merge {
+                base: source.clone(),
+                adapters: adapters.clone(),
+            },
+            json!({"weights": weights}),
+            adapters.iter().map(|a| a.0.clone()).collect(),
+            stream,
+            None,
+        )?)
+    };
+
+    let cal = &recipe.calibration;
+    let data_files: Vec<PathBuf> = cal.data.iter().cloned().collect();
+    let calibrate = |b: &mut Builder<'_>, model: &ModelIn, id: &str| -> Result<usize> {
+        b.add(
+            format!("calibrate:{id}"),
+            Job::Calibrate {
+                model: model.clone(),
+                data: cal.data.clone(),
+                samples: cal.samples,
+                seq_len: cal.seq_len,
+            },
+            json!({"samples": cal.samples, "seq_len": cal.seq_len, "data": cal.data.is_some()}),
+            data_files.clone(),
+            fwd,
+            None,
+        )
+    };
+
+    let mut model = merged.clone();
+    for (i, t) in recipe.transforms.iter().enumerate() {
+        let stats = if t.needs_stats() {
+            Some(calibrate(&mut b, &model, &format!("transforms[{i}]"))?)
+        } else {
+            None
+        };
+        let idx = match t {
+            Transform::Smooth { alpha, scope } => b.add(
+                format!("transforms[{i}]:smooth"),
+                Job::Smooth {
+                    model: model.clone(),
+                    stats: stats.expect("smooth reads statistics"),
+                    alpha: alpha.clone(),
+                    scope: scope.clone(),
+                    data: cal.data.clone(),
+                    seq_len: cal.seq_len,
+                },
+                json!({"alpha": alpha.describe(), "scope": scope, "search_seq_len": cal.seq_len}),
+                if *alpha == AlphaSpec::Auto {
+                    data_files.clone()
+                } else {
+                    vec![]
+                },
+                if *alpha == AlphaSpec::Auto {
+                    fwd
+                } else {
+                    stream
+                },
+                None,
+            )?,
+            Transform::Sparsify { method, pattern } => b.add(
+                format!("transforms[{i}]:sparsify"),
+                Job::Sparsify {
+                    model: model.clone(),
+                    stats,
+                    method: method.clone(),
+                    pattern: pattern.clone(),
+                },
+                json!({"method": method, "pattern": pattern}),
+                vec![],
+                stream,
+                None,
+            )?,
+        };
+        model = ModelIn::Stage(idx);
+    }
+    let last = model;
+
+    let mut outputs = Vec::new();
+    for t in &recipe.targets {
+        for (oi, o) in t.outputs.iter().enumerate() {
+            let mut planned = PlannedOutput {
+                target: t.name.clone(),
+                output: oi,
+                export: 0,
+                eval: None,
+                bundle: None,
+                verify: None,
+            };
+            let oid = format!("{}:{}", t.name, o.label());
+            let stats = if o.needs_stats() {
+                Some(calibrate(&mut b, &last, "final")?)
+            } else {
+                None
+            };
+            let imatrix = if o.imatrix {
+                Some(b.add(
+                    "imatrix".into(),
+                    Job::Imatrix {
+                        model: last.clone(),
+                        data: cal.data.clone(),
+                        chunk: cal.seq_len,
+                        chunks: cal.samples,
+                    },
+                    json!({"chunk": cal.seq_len, "chunks": cal.samples, "data": cal.data.is_some()}),
+                    data_files.clone(),
+                    fwd,
+                    None,
+                )?)
+            } else {
+                None
+            };
+            // The profile matters to an export only through the NPU report of TFLite.
+            let profile_param = match o.format {
+                crate::recipe::Format::Tflite => json!(t.profile_source),
+                _ => Value::Null,
+            };
+            let export = b.add(
+                format!("export:{oid}"),
+                Job::Export {
+                    model: last.clone(),
+                    output: o.clone(),
+                    profile: Box::new(t.profile.clone()),
+                    stats,
+                    imatrix,
+                },
+                json!({
+                    "format": o.format.name(),
+                    "quant": o.quant,
+                    "ctx": o.ctx,
+                    "prefill": o.prefill,
+                    "smooth": o.smooth.as_ref().map(AlphaSpec::describe),
+                    "profile": profile_param,
+                }),
+                vec![],
+                if o.needs_stats() { fwd } else { stream },
+                Some(t.name.clone()),
+            )?;
+            planned.export = export;
+            if o.evaluable() && (recipe.eval.text.is_some() || recipe.eval.qa.is_some()) {
+                let e = &recipe.eval;
+                let files: Vec<PathBuf> = e.text.iter().chain(&e.qa).cloned().collect();
+                let answers = match (&embedder, &e.qa) {
+                    (Some(emb), Some(qa)) => Some(b.add(
+                        "answers:reference".into(),
+                        Job::Answers {
+                            model: merged.clone(),
+                            eval: e.clone(),
+                            embedder: emb.clone(),
+                        },
+                        json!({"max_new_tokens": e.max_new_tokens}),
+                        vec![qa.clone()],
+                        fwd,
+                        None,
+                    )?),
+                    _ => None,
+                };
+                planned.eval = Some(b.add(
+                    format!("eval:{oid}"),
+                    Job::Eval {
+                        reference: merged.clone(),
+                        candidate: export,
+                        eval: e.clone(),
+                        embedder: embedder.clone(),
+                        answers,
+                    },
+                    json!({
+                        "ctx": e.ctx,
+                        "chunks": e.chunks,
+                        "max_new_tokens": e.max_new_tokens,
+                        "text": e.text.is_some(),
+                        "qa": e.qa.is_some(),
+                    }),
+                    files,
+                    fwd * 2,
+                    Some(t.name.clone()),
+                )?);
+            }
+            if o.bundle {
+                let several = t.outputs.iter().filter(|x| x.bundle).count() > 1;
+                let name = if several {
+                    format!("{}-{}-{}", recipe.name, t.name, o.quant.to_lowercase())
+                } else {
+                    format!("{}-{}", recipe.name, t.name)
+                };
+                let mut files: Vec<PathBuf> = adapters.iter().map(|a| a.0.clone()).collect();
+                files.extend(t.runtime.clone());
+                files.extend(recipe.sign.clone());
+                let bundle = b.add(
+                    format!("bundle:{oid}"),
+                    Job::Bundle {
+                        model: last.clone(),
+                        export,
+                        source: source.clone(),
+                        adapters: adapters.clone(),
+                        profile: Box::new(t.profile.clone()),
+                        runtime: t.runtime.clone(),
+                        sign: recipe.sign.clone(),
+                        name: name.clone(),
+                    },
+                    json!({
+                        "name": name,
+                        "profile": t.profile_source,
+                        "weights": adapters.iter().map(|a| a.1).collect::<Vec<_>>(),
+                        "runtime": t.runtime.is_some(),
+                        "signed": recipe.sign.is_some(),
+                    }),
+                    files,
+                    stream,
+                    Some(t.name.clone()),
+                )?;
+                planned.bundle = Some(bundle);
+                planned.verify = Some(b.add(
+                    format!("verify:{oid}"),
+                    Job::Verify {
+                        bundle,
+                        sign: recipe.sign.clone(),
+                        target: t.profile.name.clone(),
+                    },
+                    json!({"target": t.profile.name, "signed": recipe.sign.is_some()}),
+                    recipe.sign.iter().cloned().collect(),
+                    64 << 20,
+                    Some(t.name.clone()),
+                )?);
+            }
+            outputs.push(planned);
+        }
+    }
+    cache.save_hashes()?;
+    if b.stages.is_empty() {
+        return Err(RecipeError::Io {
+            path: recipe.file.clone(),
+            message: "the recipe asks for no work".into(),
+        });
+    }
+    Ok(Plan {
+        stages: b.stages,
+        outputs,
+        n_params,
+    })
+}
