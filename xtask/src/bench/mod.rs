@@ -9,6 +9,7 @@ mod convert;
 mod deploy;
 mod onnx;
 mod quality;
+mod recipe;
 mod runtime;
 mod tflite;
 
@@ -132,6 +133,14 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/deploy.json")]
         output: PathBuf,
     },
+    /// The shipped SmolLM2 recipe by `edgepack build`, with a cold and a warm cache, against
+    /// the same work as separate `edgepack` commands run by hand: wall time and peak RSS.
+    #[command(after_help = "Example:\n  cargo xtask bench recipe -o target/bench/recipe.json")]
+    Recipe {
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/recipe.json")]
+        output: PathBuf,
+    },
 }
 
 pub fn bench(b: Bench) -> Result<()> {
@@ -184,5 +193,6 @@ pub fn bench(b: Bench) -> Result<()> {
             output,
         }),
         Bench::Deploy { quant, output } => deploy::bench(deploy::Options { quant, output }),
+        Bench::Recipe { output } => recipe::bench(&output),
     }
 }
