@@ -365,6 +365,15 @@ pub struct Recipe {
     pub targets: Vec<Target>,
 }
 
+/// Whether `s` can be part of a file name on every system: ASCII letters, digits, `-`, `_`
+/// and `.`, not empty, not starting with `.` (so never `..` or a hidden file).
+fn file_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// Line and column (1-based) of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -502,12 +511,7 @@ impl Recipe {
 
         let name = match &raw.name {
             Some(n) => {
-                let ok = !n.get_ref().is_empty()
-                    && n.get_ref()
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                    && !n.get_ref().starts_with('.');
-                if !ok {
+                if !file_name_part(n.get_ref()) {
                     return Err(cx.err(
                         n.span(),
                         "name",
@@ -516,10 +520,20 @@ impl Recipe {
                 }
                 n.get_ref().clone()
             }
-            None => file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "recipe".into()),
+            None => {
+                let stem = file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if !file_name_part(&stem) {
+                    return Err(cx.err(
+                        0..0,
+                        "name",
+                        format!("the file name `{stem}` cannot name the outputs: set `name` (ASCII letters, digits, `-`, `_` and `.`)"),
+                    ));
+                }
+                stem
+            }
         };
 
         let model = source(&cx, &raw.model, "model", true)?;
@@ -747,6 +761,14 @@ impl Recipe {
         let mut targets = Vec::new();
         for (tname, t) in raw.targets.get_ref() {
             let tr = t.get_ref();
+            // The name becomes part of file names (bundles, exports): no separators, no `..`.
+            if !file_name_part(tname) {
+                return Err(cx.err(
+                    t.span(),
+                    &format!("targets.{}", tname.escape_debug()),
+                    "a target name is a file-name part: ASCII letters, digits, `-`, `_` and `.`, not starting with `.`",
+                ));
+            }
             let key = format!("targets.{tname}");
             let (profile, profile_source) = match &tr.profile {
                 None => (
@@ -1211,6 +1233,16 @@ mod tests {
         let e = err("[model]\npath = \"missing\"\n[targets.imx93]\n");
         assert!(
             e.contains("r.toml:2:8: `model.path`: D/missing does not exist"),
+            "{e}"
+        );
+        let e = err("[model]\npath = \"m\"\n[targets.\"../x\"]\nprofile = \"imx93\"\n");
+        assert!(
+            e.contains("r.toml:3:1: `targets.../x`: a target name is a file-name part"),
+            "{e}"
+        );
+        let e = err("[model]\npath = \"m\"\n[targets.\"a\\nb\"]\nprofile = \"imx93\"\n");
+        assert!(
+            e.contains("`targets.a\\nb`: a target name is a file-name part"),
             "{e}"
         );
         let e = err("[model]\npath = \"m\"\n[targets.imx42]\n");

@@ -122,6 +122,10 @@ fn an_unchanged_recipe_runs_no_stage_and_a_changed_quant_reruns_only_its_branch(
             .len()
             >= 2
     );
+    // The chart has one point per evaluated output and is well-formed enough for a browser.
+    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<circle").count(), 2, "{svg}");
 
     // Unchanged: every stage is fresh, nothing runs, the bundles are the same bytes.
     let before = std::fs::read(out.join("tiny-imx93.tar.zst")).unwrap();
