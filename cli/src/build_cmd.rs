@@ -131,6 +131,83 @@ impl Observer for Display {
     }
 }
 
+/// `edgepack cache`: the stage cache's size, and removing what no recipe uses.
+#[derive(clap::Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Bytes held by finished stages.
+    #[command(
+        after_help = "Example:\n  edgepack cache size\n  edgepack cache size --cache /data/edgepack-cache --json"
+    )]
+    Size {
+        /// The stage cache (default: $EDGEPACK_BUILD_CACHE, else out/.cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Remove every finished stage that none of the given recipes, as they are now, uses.
+    #[command(
+        after_help = "Example:\n  edgepack cache gc recipes/smollm2-assistant.toml recipes/smollm2-sparse24.toml"
+    )]
+    Gc {
+        /// The recipes whose stages stay.
+        #[arg(required = true)]
+        recipes: Vec<PathBuf>,
+        /// The stage cache (default: $EDGEPACK_BUILD_CACHE, else out/.cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+}
+
+fn cache_dir(flag: &Option<PathBuf>) -> PathBuf {
+    flag.clone()
+        .or_else(|| std::env::var_os("EDGEPACK_BUILD_CACHE").map(PathBuf::from))
+        .unwrap_or_else(|| Path::new("out").join(".cache"))
+}
+
+pub fn run_cache(c: &CacheCommand, json_out: bool) -> Result<()> {
+    const MIB: f64 = (1u64 << 20) as f64;
+    match c {
+        CacheCommand::Size { cache } => {
+            let dir = cache_dir(cache);
+            let bytes = if dir.join("stages").is_dir() {
+                edgepack_recipes::cache::Cache::open(&dir)?.size()
+            } else {
+                0
+            };
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"cache": dir.display().to_string(), "bytes": bytes})
+                );
+            } else {
+                println!("{}: {:.1} MiB", dir.display(), bytes as f64 / MIB);
+            }
+        }
+        CacheCommand::Gc { recipes, cache } => {
+            let dir = cache_dir(cache);
+            let loaded = recipes
+                .iter()
+                .map(|r| Recipe::load(r).with_context(|| format!("reading {}", r.display())))
+                .collect::<Result<Vec<_>>>()?;
+            let (freed, kept) = edgepack_recipes::build::gc(&loaded, &dir)
+                .with_context(|| format!("cleaning {}", dir.display()))?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"cache": dir.display().to_string(), "freed_bytes": freed, "kept_bytes": kept})
+                );
+            } else {
+                println!(
+                    "{}: removed {:.1} MiB, kept {:.1} MiB",
+                    dir.display(),
+                    freed as f64 / MIB,
+                    kept as f64 / MIB
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn default_out(name: &str) -> PathBuf {
     Path::new("out").join(name)
 }
@@ -158,11 +235,7 @@ pub fn run_build(a: &BuildArgs, json_out: bool) -> Result<()> {
         recipe.sign = Some(k.clone());
     }
     let out = a.out.clone().unwrap_or_else(|| default_out(&recipe.name));
-    let cache = a
-        .cache
-        .clone()
-        .or_else(|| std::env::var_os("EDGEPACK_BUILD_CACHE").map(PathBuf::from))
-        .unwrap_or_else(|| Path::new("out").join(".cache"));
+    let cache = cache_dir(&a.cache);
     let opts = Options {
         jobs: a.jobs.max(1),
         memory_budget: a

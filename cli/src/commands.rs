@@ -124,6 +124,9 @@ enum Command {
         after_help = "Example:\n  edgepack build recipes/smollm2-assistant.toml\n  edgepack build recipes/smollm2-assistant.toml --target imx93 --dry-run\n  edgepack build recipes/smollm2-assistant.toml --json > result.json\n\nExit status: 0 built and every gate held, 3 built but a quality gate failed, 1 error.\nThe recipe format: docs/recipes.md."
     )]
     Build(build_cmd::BuildArgs),
+    /// The recipe stage cache: its size, and removing stages no recipe uses.
+    #[command(subcommand)]
+    Cache(build_cmd::CacheCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -135,6 +138,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Targets(c) => targets_cmd::run(c, json_out),
         Command::Deploy(c) => deploy_cmd::run(c, json_out),
         Command::Build(a) => build_cmd::run_build(&a, json_out),
+        Command::Cache(c) => build_cmd::run_cache(&c, json_out),
         Command::Merge {
             base,
             lora,

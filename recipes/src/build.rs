@@ -128,6 +128,20 @@ pub fn build(
     })
 }
 
+/// Removes every cache entry that none of `recipes` (as they are now) uses; returns the
+/// bytes freed and the bytes kept.
+pub fn gc(recipes: &[Recipe], cache_dir: &Path) -> Result<(u64, u64)> {
+    let cache = Cache::open(cache_dir)?;
+    let mut keep = BTreeSet::new();
+    for r in recipes {
+        let p = plan(r, &cache, None)?;
+        keep.extend(p.stages.iter().map(|s| cache.entry_dir(s.kind(), &s.key)));
+    }
+    cache.save_hashes()?;
+    let freed = cache.gc(&keep)?;
+    Ok((freed, cache.size()))
+}
+
 /// Checks what can only be checked against the real model before any stage runs: that every
 /// adapter was trained for this base (module names and shapes).
 fn preflight(recipe: &Recipe, fetched: Option<&Path>) -> Result<()> {

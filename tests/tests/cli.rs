@@ -11,6 +11,9 @@ fn every_command_has_help_with_an_example() {
         vec!["export", "gguf", "--help"],
         vec!["export", "hf", "--help"],
         vec!["export", "gguf-lora", "--help"],
+        vec!["build", "--help"],
+        vec!["cache", "size", "--help"],
+        vec!["cache", "gc", "--help"],
     ] {
         let out = run_ok(edgepack().args(&args));
         let text = String::from_utf8_lossy(&out.stdout);

@@ -173,6 +173,34 @@ fn an_unchanged_recipe_runs_no_stage_and_a_changed_quant_reruns_only_its_branch(
         std::fs::read(out.join("tiny-imx93.tar.zst")).unwrap(),
         before
     );
+
+    // `cache gc` drops the Q8_0 branch that no recipe uses any more, and nothing else.
+    let size = |w: &Path| -> u64 {
+        let o = run_ok(
+            edgepack()
+                .args(["cache", "size", "--json", "--cache"])
+                .arg(w.join("cache")),
+        );
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let before_gc = size(work.path());
+    let o = run_ok(
+        edgepack()
+            .args(["cache", "gc", "--json", "--cache"])
+            .arg(work.path().join("cache"))
+            .arg(&recipe),
+    );
+    let gc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let freed = gc["freed_bytes"].as_u64().unwrap();
+    assert!(freed > 0, "{gc:#}");
+    assert_eq!(size(work.path()), before_gc - freed);
+    let fourth = build_ok(&recipe, work.path(), &[]);
+    assert_eq!(
+        fourth["counts"]["ran"], 0,
+        "gc kept every stage the recipe uses"
+    );
 }
 
 #[test]
