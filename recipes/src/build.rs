@@ -15,7 +15,8 @@ use std::time::Instant;
 use edgepack_converters::import;
 use edgepack_converters::transform::lora::load_adapter;
 
-use crate::cache::Cache;
+use crate::bundle::link_or_copy;
+use crate::cache::{pid_alive, Cache};
 use crate::error::{RecipeError, Result};
 use crate::plan::{plan, Plan};
 use crate::recipe::{ModelSource, Recipe};
@@ -119,7 +120,6 @@ pub fn build(
     } else {
         0
     };
-    cache.save_hashes()?;
     Ok(Outcome {
         status,
         report: Some(report),
@@ -137,7 +137,6 @@ pub fn gc(recipes: &[Recipe], cache_dir: &Path) -> Result<(u64, u64)> {
         let p = plan(r, &cache, None)?;
         keep.extend(p.stages.iter().map(|s| cache.entry_dir(s.kind(), &s.key)));
     }
-    cache.save_hashes()?;
     let freed = cache.gc(&keep)?;
     Ok((freed, cache.size()))
 }
@@ -175,25 +174,7 @@ fn preflight(recipe: &Recipe, fetched: Option<&Path>) -> Result<()> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(d) = path.parent() {
-        fs::create_dir_all(d).map_err(|e| RecipeError::io(d, e))?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let res = (|| {
-        use std::io::Write;
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(RecipeError::io(&tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| RecipeError::io(path, e))
+    edgepack_converters::io::write_file(path, bytes).map_err(|e| RecipeError::io(path, e))
 }
 
 /// Hard-links (or copies) a file or a folder tree.
@@ -205,8 +186,8 @@ fn link_tree(from: &Path, to: &Path) -> Result<()> {
             let e = e.map_err(|e| RecipeError::io(from, e))?;
             link_tree(&e.path(), &to.join(e.file_name()))?;
         }
-    } else if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to).map_err(|e| RecipeError::io(to, e))?;
+    } else {
+        link_or_copy(from, to)?;
     }
     Ok(())
 }
@@ -231,7 +212,7 @@ fn publish(
             .or_else(|| name.strip_prefix(".old."))
             .and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid {
-            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            if pid != std::process::id() && !pid_alive(pid) {
                 let _ = fs::remove_dir_all(e.path());
             }
         }

@@ -137,7 +137,8 @@ pub fn check_runtime(rt: &Path, p: &Profile) -> Result<()> {
     Ok(())
 }
 
-fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+/// Hard-links a file (same file system), or copies it.
+pub(crate) fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
     if fs::hard_link(from, to).is_err() {
         fs::copy(from, to).map_err(|e| RecipeError::io(to, e))?;
     }

@@ -41,7 +41,8 @@ pub struct Cache {
     hashes: Mutex<BTreeMap<String, String>>,
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether a process with this id runs (the owner of a temporary folder).
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
@@ -156,17 +157,7 @@ impl Cache {
         if let Some(h) = self.hashes.lock().expect("hash memo").get(&stamp) {
             return Ok(h.clone());
         }
-        let mut f = fs::File::open(path).map_err(|e| RecipeError::io(path, e))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(|e| RecipeError::io(path, e))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        let digest = hex(&h.finalize());
+        let digest = sha256_file(path)?;
         self.hashes
             .lock()
             .expect("hash memo")
@@ -273,6 +264,21 @@ fn sync_tree(p: &Path) -> Result<()> {
 
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// SHA-256 (hex) of a file's bytes, read a MiB at a time.
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).map_err(|e| RecipeError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| RecipeError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 /// SHA-256 (hex) of a string.

@@ -170,8 +170,6 @@ pub struct PlannedOutput {
 pub struct Plan {
     pub stages: Vec<Stage>,
     pub outputs: Vec<PlannedOutput>,
-    /// Parameters of the model the stages start from (sizes the memory estimates).
-    pub n_params: u64,
 }
 
 /// Sizes used for memory estimates: f32 weights of the whole model for stages that run the
@@ -603,6 +601,5 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
     Ok(Plan {
         stages: b.stages,
         outputs,
-        n_params,
     })
 }

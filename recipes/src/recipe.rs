@@ -421,6 +421,21 @@ impl Ctx<'_> {
         Ok(path)
     }
 
+    /// An optional count that must lie in `lo..=1 << 20`; `default` when absent.
+    fn count(
+        &self,
+        v: &Option<Spanned<usize>>,
+        key: &str,
+        default: usize,
+        lo: usize,
+    ) -> Result<usize> {
+        match v {
+            None => Ok(default),
+            Some(s) if *s.get_ref() >= lo && *s.get_ref() <= 1 << 20 => Ok(*s.get_ref()),
+            Some(s) => Err(self.err(s.span(), key, format!("must be between {lo} and 1048576"))),
+        }
+    }
+
     fn alpha(&self, a: &Spanned<RawAlpha>, key: &str) -> Result<AlphaSpec> {
         let check = |v: f32| v.is_finite() && v > 0.0 && v <= 1.0;
         match a.get_ref() {
@@ -568,21 +583,14 @@ impl Recipe {
             },
             Some(c) => {
                 let c = c.get_ref();
-                let positive = |v: &Option<Spanned<usize>>, key: &str, d: usize| -> Result<usize> {
-                    match v {
-                        None => Ok(d),
-                        Some(s) if *s.get_ref() > 0 && *s.get_ref() <= 1 << 20 => Ok(*s.get_ref()),
-                        Some(s) => Err(cx.err(s.span(), key, "must be between 1 and 1048576")),
-                    }
-                };
                 Calibration {
                     data: c
                         .data
                         .as_ref()
                         .map(|d| cx.existing(d, "calibration.data"))
                         .transpose()?,
-                    samples: positive(&c.samples, "calibration.samples", DEFAULT_SAMPLES)?,
-                    seq_len: positive(&c.seq_len, "calibration.seq_len", DEFAULT_SEQ_LEN)?,
+                    samples: cx.count(&c.samples, "calibration.samples", DEFAULT_SAMPLES, 1)?,
+                    seq_len: cx.count(&c.seq_len, "calibration.seq_len", DEFAULT_SEQ_LEN, 1)?,
                 }
             }
         };
@@ -705,13 +713,6 @@ impl Recipe {
             },
             Some(e) => {
                 let r = e.get_ref();
-                let positive = |v: &Option<Spanned<usize>>, key: &str, d: usize| -> Result<usize> {
-                    match v {
-                        None => Ok(d),
-                        Some(s) if *s.get_ref() >= 2 && *s.get_ref() <= 1 << 20 => Ok(*s.get_ref()),
-                        Some(s) => Err(cx.err(s.span(), key, "must be between 2 and 1048576")),
-                    }
-                };
                 let qa =
                     r.qa.as_ref()
                         .map(|q| cx.existing(q, "eval.qa"))
@@ -734,14 +735,15 @@ impl Recipe {
                         .as_ref()
                         .map(|t| cx.existing(t, "eval.text"))
                         .transpose()?,
-                    ctx: positive(&r.ctx, "eval.ctx", DEFAULT_EVAL_CTX)?,
-                    chunks: positive(&r.chunks, "eval.chunks", DEFAULT_EVAL_CHUNKS)?,
+                    ctx: cx.count(&r.ctx, "eval.ctx", DEFAULT_EVAL_CTX, 2)?,
+                    chunks: cx.count(&r.chunks, "eval.chunks", DEFAULT_EVAL_CHUNKS, 2)?,
                     qa,
                     embedder,
-                    max_new_tokens: positive(
+                    max_new_tokens: cx.count(
                         &r.max_new_tokens,
                         "eval.max_new_tokens",
                         DEFAULT_MAX_NEW_TOKENS,
+                        2,
                     )?,
                 }
             }

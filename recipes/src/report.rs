@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use edgepack_targets::fit::{self, KvShape};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::plan::Plan;
 use crate::recipe::{Gates, Recipe};
@@ -582,9 +582,4 @@ pub fn table(r: &Report) -> String {
         }
     }
     s
-}
-
-/// The report as JSON (what `report.json` holds).
-pub fn to_json(r: &Report) -> Value {
-    json!(r)
 }

@@ -33,6 +33,7 @@ use edgepack_targets::Profile;
 use serde_json::{json, Value};
 
 use crate::bundle::{tensor_types, write_bundle, BundleSpec};
+use crate::cache::sha256_file;
 use crate::plan::{Job, ModelIn, Plan, Stage};
 use crate::recipe::{AlphaSpec, Format};
 
@@ -165,7 +166,7 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                     .arg(wheel)
                     .arg(&pkg),
             )?;
-            let wheel_sha = sha256_file(wheel)?;
+            let wheel_sha = sha256_file(wheel).map_err(|e| e.to_string())?;
             let _ = std::fs::remove_dir_all(&wheels);
             let rel = match file {
                 Some(f) => {
@@ -589,7 +590,7 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 output: out,
             };
             let o = write_bundle(&spec).map_err(|e| e.to_string())?;
-            let archive_sha = sha256_file(&o.archive)?;
+            let archive_sha = sha256_file(&o.archive).map_err(|e| e.to_string())?;
             Ok(json!({
                 "bundle": name,
                 "archive": format!("{name}.tar.zst"),
@@ -630,22 +631,4 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             Ok(json!({"files": report.manifest.files.len(), "signature": signature}))
         }
     }
-}
-
-fn sha256_file(p: &Path) -> Result<String, String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", p.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(crate::cache::hex(&h.finalize()))
 }
