@@ -17,7 +17,9 @@ use edgepack_converters::gguf::writer::{GgufWriter, TensorPlan};
 use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::Model;
 use edgepack_converters::quant::preset::Preset;
-use edgepack_recipes::bundle::{check_runtime, slug, tensor_types, write_bundle, BundleSpec};
+use edgepack_recipes::bundle::{
+    check_library, check_runtime, slug, tensor_types, write_bundle, BundleSpec,
+};
 use edgepack_targets::bundle::{self, QuantInfo, SignatureState};
 use edgepack_targets::fit::{self, KvShape};
 use edgepack_targets::{sign, Profile};
@@ -74,12 +76,17 @@ pub enum TargetCommand {
         lora: LoraArgs,
         #[command(flatten)]
         target: TargetArgs,
-        /// Model format (default: the profile's default format). Only gguf is written so far.
+        /// Model format: gguf or onnx (default: the profile's default format).
         #[arg(long)]
         format: Option<String>,
-        /// Quantization preset (default: the profile's default precision).
-        #[arg(long)]
+        /// Quantization preset (GGUF, e.g. Q4_K_M) or precision (ONNX: fp32, fp16, int8, int4);
+        /// default: the profile's choice for the format.
+        #[arg(long, visible_alias = "precision")]
         quant: Option<String>,
+        /// An engine library to carry in the bundle's lib/ for boards whose image lacks it
+        /// (ONNX: libonnxruntime.so.* from the onnxruntime wheel for the board's CPU).
+        #[arg(long, value_name = "PATH")]
+        engine_lib: Vec<PathBuf>,
         /// The runtime binary built for the board (`cargo xtask dist --target ...`).
         #[arg(long, value_name = "PATH")]
         runtime: Option<PathBuf>,
@@ -183,6 +190,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
             target,
             format,
             quant,
+            engine_lib,
             runtime,
             runtime_version,
             sign,
@@ -196,6 +204,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
                 profile: target.resolve()?,
                 format,
                 quant,
+                engine_libs: &engine_lib,
                 runtime: runtime.as_deref(),
                 runtime_version,
                 sign: sign.as_deref(),
@@ -531,6 +540,7 @@ struct BundleRequest<'a> {
     profile: Profile,
     format: Option<String>,
     quant: Option<String>,
+    engine_libs: &'a [PathBuf],
     runtime: Option<&'a Path>,
     runtime_version: Option<String>,
     sign: Option<&'a Path>,
@@ -546,8 +556,8 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         .format
         .clone()
         .unwrap_or_else(|| p.defaults.format.clone());
-    if format != "gguf" {
-        bail!("--format {format}: only gguf bundles are written so far");
+    if format != "gguf" && format != "onnx" {
+        bail!("--format {format}: gguf and onnx bundles are written so far (tflite is not yet)");
     }
     if p.engine(&format).is_none() {
         bail!(
@@ -556,9 +566,15 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
             p.runtime.keys().cloned().collect::<Vec<_>>().join(", ")
         );
     }
-    let preset = parse_preset(r.quant.as_deref().unwrap_or(&p.defaults.precision))?;
+    let precision = r
+        .quant
+        .clone()
+        .unwrap_or_else(|| p.precision_for(&format).to_string());
     if let Some(rt) = r.runtime {
         check_runtime(rt, p).context("--runtime")?;
+    }
+    for lib in r.engine_libs {
+        check_library(lib, p).context("--engine-lib")?;
     }
     let key = r
         .sign
@@ -583,6 +599,7 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     let mut ins = inputs(r.model, &lp);
     ins.extend(r.runtime);
     ins.extend(r.sign);
+    ins.extend(r.engine_libs.iter().map(PathBuf::as_path));
     ensure_not_input(&dir, &ins)?;
     ensure_not_input(&archive, &ins)?;
     fs::create_dir_all(r.output).with_context(|| format!("creating {}", r.output.display()))?;
@@ -591,25 +608,34 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         .prefix(".edgepack-bundle-")
         .tempdir_in(r.output)
         .with_context(|| format!("creating a work folder in {}", r.output.display()))?;
-    let gguf_path = work.path().join(format!("{name}.gguf"));
     let bars = Bars::new(json_out);
-    let opts = GgufOptions {
-        preset,
-        pure: false,
-        imatrix: None,
-        name: None,
-        extra: Default::default(),
-    };
-    let report: GgufReport = export_gguf(&m, &gguf_path, &opts, &bars)
-        .with_context(|| format!("exporting {} to GGUF", r.model.display()))?;
-    let spec = BundleSpec {
-        model: &m,
-        file: &gguf_path,
-        format: &format,
-        quant: QuantInfo {
+    let (file, main_file, quant) = if format == "onnx" {
+        export_onnx_folder(&m, r.model, &precision, work.path(), &bars)?
+    } else {
+        let preset = parse_preset(&precision)?;
+        let gguf_path = work.path().join(format!("{name}.gguf"));
+        let opts = GgufOptions {
+            preset,
+            pure: false,
+            imatrix: None,
+            name: None,
+            extra: Default::default(),
+        };
+        let report: GgufReport = export_gguf(&m, &gguf_path, &opts, &bars)
+            .with_context(|| format!("exporting {} to GGUF", r.model.display()))?;
+        let quant = QuantInfo {
             preset: preset.name().to_string(),
             tensor_types: tensor_types(report.tensors.iter().map(|t| t.ty.as_str())),
-        },
+        };
+        (gguf_path, None, quant)
+    };
+    let spec = BundleSpec {
+        model: &m,
+        file: &file,
+        main_file,
+        format: &format,
+        engine_libs: r.engine_libs,
+        quant,
         sources: r.model,
         adapters: &adapters,
         profile: p,
@@ -650,6 +676,36 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Exports the onnxruntime-genai layout (contrib operators) at `precision` into `work/onnx`:
+/// the folder, its main file and what the manifest records about its weights.
+fn export_onnx_folder(
+    m: &edgepack_converters::model::Model,
+    source: &Path,
+    precision: &str,
+    work: &Path,
+    bars: &Bars,
+) -> Result<(PathBuf, Option<&'static str>, QuantInfo)> {
+    use edgepack_converters::export::onnx::{self, OnnxOptions, Precision};
+    let prec: Precision = precision
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--precision {precision}: {e}"))?;
+    if prec == Precision::Int8Static {
+        bail!("--precision int8-static: bundles take fp32, fp16, int8 or int4 so far (int8-static needs calibration statistics; export it with `edgepack export onnx --stats`)");
+    }
+    let dir = work.join("onnx");
+    let opts = OnnxOptions {
+        precision: prec,
+        ..OnnxOptions::default()
+    };
+    let report = onnx::export_onnx(m, &dir, &opts, bars)
+        .with_context(|| format!("exporting {} to ONNX", source.display()))?;
+    let quant = QuantInfo {
+        preset: report.precision.to_string(),
+        tensor_types: tensor_types(std::iter::empty()),
+    };
+    Ok((dir, Some("model.onnx"), quant))
 }
 
 fn run_verify(path: &Path, key: Option<&Path>, target: Option<&str>, json_out: bool) -> Result<()> {

@@ -10,8 +10,8 @@ use ed25519_dalek::SigningKey;
 use edgepack_converters::io::AtomicDir;
 use edgepack_converters::model::Model;
 use edgepack_targets::bundle::{
-    self, AdapterInfo, FileEntry, Manifest, ModelInfo, QuantInfo, RuntimeInfo, TargetInfo,
-    TokenizerInfo, Tool,
+    self, AdapterInfo, EngineInfo, FileEntry, Manifest, ModelInfo, QuantInfo, RuntimeInfo,
+    TargetInfo, TokenizerInfo, Tool,
 };
 use edgepack_targets::Profile;
 
@@ -24,10 +24,15 @@ pub const RUNTIME_FILE: &str = "bin/edgepack-runtime";
 pub struct BundleSpec<'a> {
     /// The model the file was exported from: its name, architecture, size and tokenizer.
     pub model: &'a Model,
-    /// The exported model file (GGUF).
+    /// The exported model: a GGUF file, or an ONNX folder whose every file goes into
+    /// `model/` (its tokenizer files included).
     pub file: &'a Path,
-    /// The bundle's format (`gguf`).
+    /// The model file inside an exported folder (`model.onnx`); `None` for a single file.
+    pub main_file: Option<&'a str>,
+    /// The bundle's format (`gguf`, `onnx`).
     pub format: &'a str,
+    /// Engine libraries for the board (`libonnxruntime.so...`), carried in `lib/`.
+    pub engine_libs: &'a [PathBuf],
     /// The quantization preset and the number of tensors of each type.
     pub quant: QuantInfo,
     /// The model's source (file or folder), listed by SHA-256 in the manifest.
@@ -100,26 +105,7 @@ fn bundle_err(e: edgepack_targets::BundleError) -> RecipeError {
 
 /// The ELF machine of a binary, as a Rust triple's architecture part.
 pub fn elf_arch(path: &Path) -> Result<&'static str> {
-    let mut head = [0u8; 20];
-    let mut f = fs::File::open(path).map_err(|e| RecipeError::io(path, e))?;
-    std::io::Read::read_exact(&mut f, &mut head)
-        .map_err(|_| RecipeError::io(path, "too short for an executable"))?;
-    if &head[..4] != b"\x7fELF" {
-        return Err(RecipeError::io(path, "not an ELF executable"));
-    }
-    // e_machine (ELF header offset 18), little-endian on every target we build for.
-    Ok(match u16::from_le_bytes([head[18], head[19]]) {
-        0xB7 => "aarch64",
-        0x3E => "x86_64",
-        0x28 => "arm",
-        0xF3 => "riscv64",
-        other => {
-            return Err(RecipeError::io(
-                path,
-                format!("unknown ELF machine {other:#x}"),
-            ))
-        }
-    })
+    edgepack_targets::elf::machine(path).map_err(bundle_err)
 }
 
 /// Checks that a runtime binary is built for the profile's architecture.
@@ -135,6 +121,19 @@ pub fn check_runtime(rt: &Path, p: &Profile) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Checks that an engine library is an ELF shared library for the profile's architecture.
+pub fn check_library(lib: &Path, p: &Profile) -> Result<()> {
+    edgepack_targets::elf::expect_machine(lib, p.arch()).map_err(|e| {
+        RecipeError::io(
+            lib,
+            format!(
+                "{e}\nhint: take the library from the {} wheel of the engine's Python package",
+                p.arch()
+            ),
+        )
+    })
 }
 
 /// Hard-links a file (same file system), or copies it.
@@ -163,24 +162,70 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
     let archive = s.output.join(format!("{}.tar.zst", s.top));
     let out = AtomicDir::create(&dir).map_err(|e| RecipeError::io(&dir, e))?;
     let staging = out.staging();
-    let ext = s
-        .file
-        .extension()
-        .map(|e| e.to_string_lossy().into_owned())
-        .unwrap_or_else(|| s.format.to_string());
-    let model_rel = format!("model/{}.{ext}", s.model_name);
-    let model_dst = staging.join(&model_rel);
-    fs::create_dir_all(model_dst.parent().expect("has a parent"))
-        .map_err(|e| RecipeError::io(staging, e))?;
-    link_or_copy(s.file, &model_dst)?;
+    let model_dir = staging.join("model");
+    fs::create_dir_all(&model_dir).map_err(|e| RecipeError::io(staging, e))?;
     let m = s.model;
     let mut tok_files = Vec::new();
-    if let Some(t) = &m.tokenizer.tokenizer_json {
+    let model_rel = match s.main_file {
+        Some(main) => {
+            // An exported folder travels whole: graph, external data, configs, tokenizer.
+            for e in source_entries(s.file)? {
+                link_or_copy(&s.file.join(&e.path), &model_dir.join(&e.path))?;
+                if e.path.starts_with("tokenizer") {
+                    tok_files.push(format!("model/{}", e.path));
+                }
+            }
+            if !model_dir.join(main).is_file() {
+                return Err(RecipeError::io(
+                    &s.file.join(main),
+                    "missing from the exported folder",
+                ));
+            }
+            format!("model/{main}")
+        }
+        None => {
+            let ext = s
+                .file
+                .extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_else(|| s.format.to_string());
+            let rel = format!("model/{}.{ext}", s.model_name);
+            link_or_copy(s.file, &staging.join(&rel))?;
+            rel
+        }
+    };
+    let mut libraries = Vec::new();
+    for lib in s.engine_libs {
+        check_library(lib, p)?;
+        let name = lib
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| RecipeError::io(lib, "not a file"))?;
+        let rel = format!("lib/{name}");
+        let dst = staging.join(&rel);
+        fs::create_dir_all(dst.parent().expect("has a parent"))
+            .map_err(|e| RecipeError::io(&dst, e))?;
+        fs::copy(lib, &dst).map_err(|e| RecipeError::io(lib, e))?;
+        libraries.push(rel);
+    }
+    let engine = p.engine(s.format).map(|name| EngineInfo {
+        name: name.to_string(),
+        delegate: None,
+        libraries,
+    });
+    // An exported folder brought its own tokenizer files.
+    let single_file = s.main_file.is_none();
+    if let Some(t) = m.tokenizer.tokenizer_json.as_ref().filter(|_| single_file) {
         let rel = "model/tokenizer.json";
         fs::write(staging.join(rel), t).map_err(|e| RecipeError::io(&staging.join(rel), e))?;
         tok_files.push(rel.to_string());
     }
-    if let Some(t) = &m.tokenizer.tokenizer_config {
+    if let Some(t) = m
+        .tokenizer
+        .tokenizer_config
+        .as_ref()
+        .filter(|_| single_file)
+    {
         let rel = "model/tokenizer_config.json";
         let mut text = serde_json::to_string_pretty(t).map_err(|e| RecipeError::io(&dir, e))?;
         text.push('\n');
@@ -221,6 +266,7 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
             glibc_floor: p.glibc_floor.clone(),
         },
         format: s.format.to_string(),
+        engine,
         model: ModelInfo {
             name: m.name.clone(),
             arch: m.config.arch.gguf_name().to_string(),

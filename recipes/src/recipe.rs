@@ -1040,14 +1040,9 @@ fn output(
         ));
     }
     let qspan = r.quant.as_ref().map_or(span.clone(), |q| q.span());
-    let quant = match (&r.quant, format) {
-        (Some(q), _) => q.get_ref().clone(),
-        (None, Format::Gguf) if profile.defaults.format == "gguf" => {
-            profile.defaults.precision.clone()
-        }
-        (None, Format::Gguf) => "Q4_0".into(),
-        (None, Format::Onnx) => "int4".into(),
-        (None, Format::Tflite) => "int8".into(),
+    let quant = match &r.quant {
+        Some(q) => q.get_ref().clone(),
+        None => profile.precision_for(format.name()).to_string(),
     };
     let qkey = format!("{key}.quant");
     match format {

@@ -573,7 +573,9 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             let spec = BundleSpec {
                 model: &m,
                 file: &file,
+                main_file: None,
                 format: "gguf",
+                engine_libs: &[],
                 quant: QuantInfo {
                     preset: ex.result["preset"].as_str().unwrap_or_default().to_string(),
                     tensor_types: types,

@@ -1,50 +1,107 @@
-//! Opening a bundle on the board: verify everything, then name the model file to load.
+//! Opening a bundle on the board: verify everything, then name the model to load, its
+//! engine, and (for engines loaded at run time) the engine's library.
 //!
 //! Verification (`edgepack_targets::bundle::verify_dir`: every file's size and SHA-256 against
 //! the manifest, no unlisted files, the signature when present or required) happens before a
-//! single model byte is mapped, so a tampered bundle never reaches llama.cpp.
+//! single model byte is mapped or a library loaded, so a tampered bundle never reaches an
+//! engine.
 
 use std::path::{Path, PathBuf};
 
 use edgepack_targets::bundle::{self, Manifest};
-use edgepack_targets::sign;
-use edgepack_targets::BundleError;
+use edgepack_targets::{sign, BundleError, Profile};
 
-/// The one model format this runtime loads (llama.cpp).
-pub const FORMAT: &str = "gguf";
+use crate::library::{self, LibraryError, Search};
+
+/// The model formats the runtime loads, each with its engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A GGUF file, run by llama.cpp (linked in).
+    Gguf,
+    /// An onnxruntime-genai style folder, run by ONNX Runtime (loaded at run time).
+    Onnx,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "gguf" => Some(Format::Gguf),
+            "onnx" => Some(Format::Onnx),
+            _ => None,
+        }
+    }
+
+    /// The engine name profiles and manifests use for this format.
+    pub fn engine(self) -> &'static str {
+        match self {
+            Format::Gguf => "llama.cpp",
+            Format::Onnx => "onnxruntime",
+        }
+    }
+
+    /// Whether the engine's library is loaded at run time rather than linked in.
+    pub fn loads_library(self) -> bool {
+        matches!(self, Format::Onnx)
+    }
+}
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
     Bundle(#[from] BundleError),
-    #[error("{}: format is {format:?}; edgepack-runtime runs {FORMAT} bundles", manifest.display())]
+    #[error("{}: format is {format:?}; this edgepack-runtime runs gguf and onnx bundles", manifest.display())]
     Format { manifest: PathBuf, format: String },
+    #[error(transparent)]
+    Library(#[from] LibraryError),
 }
 
 /// A bundle that passed verification.
 #[derive(Debug)]
 pub struct Verified {
     pub manifest: Manifest,
+    pub format: Format,
+    /// The GGUF file, or the ONNX model file inside its folder.
     pub model_path: PathBuf,
+    /// The engine's library, for engines loaded at run time.
+    pub library: Option<PathBuf>,
     /// The id the API answers with: the manifest's model name.
     pub model_id: String,
 }
 
-/// Verifies `dir` (against `trusted_key` when given) and finds its model.
-pub fn open(dir: &Path, trusted_key: Option<&Path>) -> Result<Verified, OpenError> {
+/// Verifies `dir` (against `trusted_key` when given), finds its model and, for engines loaded
+/// at run time, the engine's library (`engine_lib` first, see [`library::find`]).
+pub fn open(
+    dir: &Path,
+    trusted_key: Option<&Path>,
+    engine_lib: Option<&Path>,
+) -> Result<Verified, OpenError> {
     let key = trusted_key.map(sign::read_public_key).transpose()?;
     let manifest = bundle::verify_dir(dir, key.as_ref())?;
-    if manifest.format != FORMAT {
-        return Err(OpenError::Format {
-            manifest: dir.join(bundle::MANIFEST),
-            format: manifest.format.clone(),
-        });
-    }
+    let format = Format::parse(&manifest.format).ok_or_else(|| OpenError::Format {
+        manifest: dir.join(bundle::MANIFEST),
+        format: manifest.format.clone(),
+    })?;
+    let library = if format.loads_library() {
+        let profile = Profile::builtin(&manifest.target.profile).ok();
+        Some(library::find(&Search {
+            engine: format.engine(),
+            format: &manifest.format,
+            explicit: engine_lib,
+            profile: profile.as_ref(),
+            profile_name: &manifest.target.profile,
+            bundle_dir: dir,
+        })?)
+    } else {
+        None
+    };
     // verify_dir has checked that model.file is a listed, safe, present path.
     Ok(Verified {
         model_path: dir.join(&manifest.model.file),
         model_id: manifest.model.name.clone(),
+        format,
+        library,
         manifest,
     })
 }

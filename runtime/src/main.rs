@@ -19,7 +19,7 @@ const DEFAULT_CTX_SIZE: u32 = 2048;
 #[command(
     name = "edgepack-runtime",
     version,
-    about = "Serve or bench an edgepack bundle: verify it, load the model with llama.cpp, answer an OpenAI-compatible HTTP API",
+    about = "Serve or bench an edgepack bundle: verify it, load the model with llama.cpp (GGUF) or ONNX Runtime (ONNX), answer an OpenAI-compatible HTTP API",
     after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --host 0.0.0.0 --port 8080\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --json"
 )]
 struct Cli {
@@ -74,7 +74,7 @@ struct ModelArgs {
     /// unsigned bundle is accepted and a signed one is only checked for integrity.
     #[arg(long)]
     trusted_key: Option<PathBuf>,
-    /// Threads for llama.cpp (default: every available core).
+    /// Threads for the engine (default: every available core).
     #[arg(long)]
     threads: Option<usize>,
     /// Context size in tokens (capped at the model's training context).
@@ -83,6 +83,10 @@ struct ModelArgs {
     /// Use llama.cpp's flash attention (off by default).
     #[arg(long)]
     flash_attn: bool,
+    /// The engine's shared library for ONNX bundles (libonnxruntime.so); by default the
+    /// paths the board's profile lists, then the bundle's lib/.
+    #[arg(long, env = "EDGEPACK_ENGINE_LIB")]
+    engine_lib: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -98,11 +102,17 @@ impl ModelArgs {
     /// Verifies the bundle and returns the engine config and the model id.
     fn open(&self) -> Result<(EngineConfig, String)> {
         let threads = self.threads()?;
-        let verified = bundle::open(&self.bundle, self.trusted_key.as_deref())
-            .with_context(|| format!("refusing bundle {}", self.bundle.display()))?;
+        let verified = bundle::open(
+            &self.bundle,
+            self.trusted_key.as_deref(),
+            self.engine_lib.as_deref(),
+        )
+        .with_context(|| format!("refusing bundle {}", self.bundle.display()))?;
         Ok((
             EngineConfig {
+                format: verified.format,
                 model_path: verified.model_path,
+                library: verified.library,
                 threads,
                 ctx_size: self.ctx_size,
                 flash_attn: self.flash_attn,

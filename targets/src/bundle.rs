@@ -103,6 +103,20 @@ pub struct TokenizerInfo {
     pub chat_template: bool,
 }
 
+/// The engine that runs the model on the board.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineInfo {
+    /// `llama.cpp`, `onnxruntime` or `litert`, as the profile's `[runtime]` names it.
+    pub name: String,
+    /// The accelerator delegate the profile asks for (TFLite), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
+    /// Engine libraries the bundle carries in `lib/` (for boards whose image lacks them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub libraries: Vec<String>,
+}
+
 /// The runtime binary shipped in the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,8 +141,12 @@ pub struct Tool {
 pub struct Manifest {
     pub schema: u32,
     pub target: TargetInfo,
-    /// `gguf` (later `onnx`, `tflite`).
+    /// `gguf` or `onnx` (later `tflite`).
     pub format: String,
+    /// The engine for the format; absent in bundles made before engines were recorded
+    /// (those are GGUF, run by llama.cpp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineInfo>,
     pub model: ModelInfo,
     pub quant: QuantInfo,
     pub tokenizer: TokenizerInfo,
@@ -673,6 +691,7 @@ mod tests {
                 glibc_floor: "2.35".into(),
             },
             format: "gguf".into(),
+            engine: None,
             model: ModelInfo {
                 name: "m".into(),
                 arch: "llama".into(),

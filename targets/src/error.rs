@@ -50,6 +50,8 @@ pub enum BundleError {
     Key { path: PathBuf, message: String },
     #[error("{}: {message}", path.display())]
     Archive { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Elf { path: PathBuf, message: String },
 }
 
 impl BundleError {
@@ -76,7 +78,8 @@ impl BundleError {
             | BundleError::SignatureInvalid { path, .. }
             | BundleError::SignatureUnverified { path }
             | BundleError::Key { path, .. }
-            | BundleError::Archive { path, .. } => path,
+            | BundleError::Archive { path, .. }
+            | BundleError::Elf { path, .. } => path,
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod bundle;
 #[cfg(feature = "deploy")]
 pub mod deploy;
+pub mod elf;
 pub mod error;
 pub mod fit;
 mod io;

@@ -117,6 +117,10 @@ pub struct Defaults {
     pub format: String,
     /// Quantization preset or precision for that format, e.g. `Q4_0`.
     pub precision: String,
+    /// Precision per other format, when the board prefers one (`onnx = "int8"`); formats not
+    /// listed get [`Profile::precision_for`]'s general default.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_format: BTreeMap<String, String>,
 }
 
 /// One board.
@@ -139,6 +143,11 @@ pub struct Profile {
     pub defaults: Defaults,
     /// Runtime engine per model format, e.g. `gguf = "llama.cpp"`.
     pub runtime: BTreeMap<String, String>,
+    /// Where the board image keeps the shared libraries of engines loaded at run time, per
+    /// engine (`onnxruntime = ["/usr/lib/libonnxruntime.so", ...]`), searched in order after
+    /// the runtime's command line and before the bundle's own `lib/`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub libraries: BTreeMap<String, Vec<String>>,
 }
 
 /// The profiles shipped in the binary, in listing order.
@@ -301,6 +310,23 @@ impl Profile {
     }
 
     /// The engine that runs `format` on this board, if any.
+    /// The precision to build `format` at when none is asked for: the profile's default for
+    /// its default format, its `[defaults.by_format]` entry, else Q4_0 (GGUF), int4 (ONNX),
+    /// int8 (TFLite).
+    pub fn precision_for(&self, format: &str) -> &str {
+        if format == self.defaults.format {
+            return &self.defaults.precision;
+        }
+        if let Some(p) = self.defaults.by_format.get(format) {
+            return p;
+        }
+        match format {
+            "onnx" => "int4",
+            "tflite" => "int8",
+            _ => "Q4_0",
+        }
+    }
+
     pub fn engine(&self, format: &str) -> Option<&str> {
         self.runtime.get(format).map(String::as_str)
     }

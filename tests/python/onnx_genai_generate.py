@@ -1,6 +1,6 @@
 """Loads an ONNX folder with onnxruntime-genai (genai_config.json, tokenizer files) and answers
 a chat prompt greedily with the model's chat template, up to 48 new tokens. Prints one JSON
-line: {"text": ..., "tokens": n}.
+line: {"text": ..., "tokens": n, "ids": [...], "text16": the text of the first 16 tokens}.
 
 usage: onnx_genai_generate.py MODEL_DIR QUESTION"""
 import json
@@ -22,4 +22,5 @@ out = []
 while not gen.is_done():
     gen.generate_next_token()
     out.append(int(gen.get_next_tokens()[0]))
-print(json.dumps({"text": tok.decode(out), "tokens": len(out)}))
+print(json.dumps({"text": tok.decode(out), "tokens": len(out), "ids": out,
+                  "text16": tok.decode(out[:16])}))

@@ -104,6 +104,25 @@ pub fn run_err(cmd: &mut Command) -> String {
 }
 
 /// The venv Python that holds the peers.
+/// ONNX Runtime's shared library from the peer venv's `onnxruntime` wheel (the library the
+/// runtime's ONNX engine loads; the board gets the same file from the aarch64 wheel).
+pub fn onnxruntime_lib() -> PathBuf {
+    let r = oracle_code(
+        "import json, pathlib, onnxruntime\n\
+         capi = pathlib.Path(onnxruntime.__file__).parent / 'capi'\n\
+         print(json.dumps(str(sorted(capi.glob('libonnxruntime.so.*'))[0])))",
+    );
+    PathBuf::from(r.as_str().expect("a path"))
+}
+
+/// Runs Python code in the peer venv and parses the JSON on its last line.
+fn oracle_code(code: &str) -> serde_json::Value {
+    let out = run_ok(Command::new(python()).arg("-c").arg(code));
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("python printed no JSON ({e}):\n{text}"))
+}
+
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("EDGEPACK_PYTHON") {
         return PathBuf::from(p);

@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use edgepack_tests::{
-    edgepack, fixtures, root, run_err, run_ok, runtime_bin, shared_work_dir, smollm2_hf,
+    edgepack, fixtures, onnxruntime_lib, oracle, root, run_err, run_ok, runtime_bin,
+    shared_work_dir, smollm2_hf,
 };
 use serde_json::{json, Value};
 
@@ -583,6 +584,113 @@ fn bench_reports_ttft_and_tokens_per_second_for_each_prompt_size() {
             assert!(row[k].as_f64().unwrap() > 0.0, "{k} in {row}");
         }
     }
+}
+
+/// SmolLM2 as an ONNX bundle for this machine at `precision`, built once per run. With
+/// `carry_lib` the bundle carries the onnxruntime wheel's library in lib/.
+fn onnx_bundle(precision: &str, carry_lib: bool) -> PathBuf {
+    let tag = if carry_lib { "-lib" } else { "" };
+    let out = shared_work_dir().join(format!("runtime-onnx-{precision}{tag}"));
+    let out = fixtures::build_once(&out, |tmp| {
+        let mut cmd = edgepack();
+        cmd.arg("bundle")
+            .arg(smollm2_hf())
+            .args(["--target", "generic-x86_64", "--format", "onnx"])
+            .args(["--precision", precision, "--name", "smollm2"]);
+        if carry_lib {
+            cmd.arg("--engine-lib").arg(onnxruntime_lib());
+        }
+        run_ok(cmd.arg("-o").arg(tmp));
+    });
+    out.join("smollm2-generic-x86_64")
+}
+
+/// The native runtime with no engine library from the environment.
+fn native_runtime() -> Command {
+    let mut c = Command::new(runtime_bin());
+    c.env_remove("EDGEPACK_ENGINE_LIB");
+    c
+}
+
+#[test]
+fn native_runtime_serves_onnx_bundles_with_onnxruntime_genais_greedy_tokens() {
+    let q = "What is the capital of France?";
+    let lib = onnxruntime_lib();
+    for precision in ["int4", "int8"] {
+        let bundle = onnx_bundle(precision, false);
+        // The peer: onnxruntime-genai's own generate loop on the bundle's model folder.
+        let genai = oracle("onnx_genai_generate.py", &[&bundle.join("model"), &q]);
+        let want = genai["text16"].as_str().unwrap().trim().to_string();
+        let server = serve(
+            native_runtime(),
+            &bundle,
+            &["--threads", "2", "--engine-lib", lib.to_str().unwrap()],
+            NATIVE_READY,
+        );
+        let r = chat(server.port, q, json!({"max_tokens": 16}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let got = r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_string();
+        eprintln!("onnx {precision}: runtime {got:?}, onnxruntime-genai {want:?}");
+        assert_eq!(got, want, "{precision}: the first 16 greedy tokens differ");
+        if precision == "int4" {
+            assert!(got.contains("Paris"), "{precision}: {got}");
+        }
+        let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
+        let meta = &models.json()["data"][0]["meta"];
+        assert_eq!(meta["engine"], "onnxruntime", "{meta}");
+        assert_eq!(meta["engine_version"], "1.31.1", "{meta}");
+        assert_eq!(meta["library"], lib.to_str().unwrap(), "{meta}");
+    }
+}
+
+#[test]
+fn an_onnx_bundle_finds_its_engine_library_or_names_every_place_searched() {
+    // Without a library anywhere: refused before serving, naming each place looked at.
+    let bare = onnx_bundle("int4", false);
+    let err = refused(native_runtime(), &bare, &[]);
+    for part in [
+        "no onnxruntime library for this onnx bundle",
+        "--engine-lib: not given",
+        "[libraries].onnxruntime of profile generic-x86_64",
+        "/usr/local/lib/libonnxruntime.so",
+        "no libonnxruntime.so*",
+    ] {
+        assert!(err.contains(part), "missing {part:?} in: {err}");
+    }
+    // A library of the wrong architecture, asked for by name: refused with its machine.
+    let err = refused(
+        native_runtime(),
+        &bare,
+        &["--engine-lib", dist()["binary"].as_str().unwrap()],
+    );
+    assert!(
+        err.contains("built for aarch64") && err.contains("x86_64"),
+        "{err}"
+    );
+
+    // The bundle that carries the wheel's library needs no flag, and says which it loaded.
+    let carried = onnx_bundle("int4", true);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(carried.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["engine"]["name"], "onnxruntime");
+    let lib_rel = manifest["engine"]["libraries"][0].as_str().unwrap();
+    assert!(lib_rel.starts_with("lib/libonnxruntime.so."), "{manifest}");
+    let server = serve(
+        native_runtime(),
+        &carried,
+        &["--threads", "2"],
+        NATIVE_READY,
+    );
+    let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
+    let library = models.json()["data"][0]["meta"]["library"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(library.ends_with(lib_rel), "{library}");
 }
 
 #[test]

@@ -26,17 +26,8 @@ impl TokenizerFiles {
     /// The chat template from `tokenizer_config.json`, if any (a string, or the default entry of
     /// a list of named templates).
     pub fn chat_template(&self) -> Option<String> {
-        let t = self.tokenizer_config.as_ref()?.get("chat_template")?;
-        match t {
-            Json::String(s) => Some(s.clone()),
-            Json::Array(list) => list
-                .iter()
-                .find(|e| e.get("name").and_then(Json::as_str) == Some("default"))
-                .or_else(|| list.first())
-                .and_then(|e| e.get("template"))
-                .and_then(Json::as_str)
-                .map(str::to_owned),
-            _ => None,
-        }
+        self.tokenizer_config
+            .as_ref()
+            .and_then(edgepack_text::chat::template)
     }
 }

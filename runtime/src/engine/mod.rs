@@ -1,0 +1,24 @@
+//! The inference engines behind one interface: llama.cpp for GGUF (linked in) and ONNX
+//! Runtime for ONNX (loaded at run time). Each splits into a [`Vocab`] (prompts to ids, ids to
+//! text) and a [`Forward`] (a model with a KV cache); `generate` runs the one generation loop
+//! (sampling, stop strings, streaming, statistics) over either, so the server, metrics and
+//! bench never name an engine.
+//!
+//! An engine is not thread-safe and a board has too few cores to serve two generations at
+//! once without both getting slower, so requests queue on a channel to one engine thread and
+//! run one at a time. Each request gets a channel of [`GenEvent`]s back; dropping that
+//! receiver (a client that hung up) stops the generation at the next token.
+
+mod generate;
+mod handle;
+mod llama;
+mod onnx;
+mod sample;
+mod types;
+
+pub use generate::PROMPT_BATCH;
+pub use handle::Engine;
+pub use types::{
+    ChatMessage, Detokenizer, EngineConfig, EngineError, FinishReason, Format, Forward, GenEvent,
+    GenRequest, GenStats, ModelInfo, Prompt, Vocab,
+};
