@@ -33,11 +33,19 @@ fn cargo() -> Command {
     c
 }
 
-/// `cargo xtask dist --target imx95 --json`: the cross-compiled runtime and what it reports.
+/// `cargo xtask dist --target imx95 --engine-libs --json`: the cross-compiled runtime, the
+/// board's ONNX Runtime from the aarch64 wheel, and what it reports.
 fn dist() -> &'static Value {
     static OUT: OnceLock<Value> = OnceLock::new();
     OUT.get_or_init(|| {
-        let out = run_ok(cargo().args(["xtask", "dist", "--target", BOARD, "--json"]));
+        let out = run_ok(cargo().args([
+            "xtask",
+            "dist",
+            "--target",
+            BOARD,
+            "--engine-libs",
+            "--json",
+        ]));
         serde_json::from_slice(&out.stdout).expect("dist --json prints JSON")
     })
 }
@@ -158,6 +166,27 @@ fn serve(mut cmd: Command, bundle: &Path, extra: &[&str], ready: Duration) -> Se
 fn qemu(binary: &Path) -> Command {
     let mut c = Command::new("qemu-aarch64");
     c.arg("-L").arg(QEMU_SYSROOT).arg(binary);
+    c
+}
+
+/// A Cortex-A55's `/proc/cpuinfo` (two cores), as the i.MX 95's kernel reports it.
+const A55_CPUINFO: &str = "processor\t: 0\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x2\nCPU part\t: 0xd05\nCPU revision\t: 0\n\nprocessor\t: 1\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x2\nCPU part\t: 0xd05\nCPU revision\t: 0\n\n";
+
+/// qemu-user shows the guest the host's `/proc/cpuinfo` (x86-64 here), and ONNX Runtime's CPU
+/// detection (pytorch/cpuinfo) crashes on an x86 description where a board has an ARM one.
+/// So emulated ONNX runs see a Cortex-A55's file, bound over `/proc/cpuinfo` in a private
+/// mount namespace (root, as in CI) that only the emulated process lives in.
+fn qemu_with_arm_cpuinfo(binary: &Path) -> Command {
+    let file = shared_work_dir().join("cortex-a55.cpuinfo");
+    std::fs::write(&file, A55_CPUINFO).unwrap();
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "mount --bind '{}' /proc/cpuinfo && exec qemu-aarch64 -L {QEMU_SYSROOT} '{}' \"$@\"",
+            file.display(),
+            binary.display()
+        ))
+        .arg("sh");
     c
 }
 
@@ -691,6 +720,57 @@ fn an_onnx_bundle_finds_its_engine_library_or_names_every_place_searched() {
         .unwrap()
         .to_string();
     assert!(library.ends_with(lib_rel), "{library}");
+}
+
+#[test]
+fn aarch64_runtime_under_qemu_answers_paris_from_an_onnx_bundle_with_the_wheels_library() {
+    let d = dist();
+    let lib = d["engine_libs"][0]["path"]
+        .as_str()
+        .expect("dist --engine-libs");
+    assert_eq!(d["engine_libs"][0]["engine"], "onnxruntime");
+    let runtime = PathBuf::from(d["binary"].as_str().unwrap());
+    let out = shared_work_dir().join("runtime-onnx-imx95");
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_hf())
+                .args(["--target", BOARD, "--format", "onnx", "--precision", "int4"])
+                .args(["--name", "smollm2", "--engine-lib", lib, "--runtime"])
+                .arg(&runtime)
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    let bundle = out.join(format!("smollm2-{BOARD}"));
+    let server = serve(
+        qemu_with_arm_cpuinfo(&bundle.join("bin/edgepack-runtime")),
+        &bundle,
+        &["--threads", "2", "--ctx-size", "256"],
+        QEMU_READY,
+    );
+    let r = chat(
+        server.port,
+        "What is the capital of France?",
+        json!({"max_tokens": 12}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let text = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("Paris"), "{text}");
+    let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
+    let meta = &models.json()["data"][0]["meta"];
+    assert_eq!(meta["engine"], "onnxruntime", "{meta}");
+    assert!(
+        meta["library"]
+            .as_str()
+            .unwrap()
+            .ends_with("lib/libonnxruntime.so.1.31.1"),
+        "{meta}"
+    );
 }
 
 #[test]

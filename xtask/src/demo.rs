@@ -65,7 +65,7 @@ pub fn demo() -> Result<()> {
         run(Command::new(&ep).arg("keygen").arg("-o").arg(&key))?;
     }
     eprintln!("\n== the runtime for the {BOARD} (aarch64, cross-compiled once)");
-    let runtime = dist::dist(BOARD)?.binary;
+    let runtime = dist::dist(BOARD, false)?.binary;
 
     eprintln!("\n== edgepack build {RECIPE}");
     let out = root().join("out/smollm2-assistant");

@@ -42,6 +42,103 @@ pub struct DistOutput {
     /// The `-march` llama.cpp and the other C/C++ code were compiled for; `None` when
     /// llama-cpp-sys-2's own choice stands (`armv8-a` on aarch64, ggml's default set on x86-64).
     pub c_march: Option<String>,
+    /// Engine libraries for the board (`--engine-libs`), taken from the pinned wheels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub engine_libs: Vec<EngineLib>,
+}
+
+/// An engine's shared library for the board, from its Python package's wheel.
+#[derive(Debug, Serialize)]
+pub struct EngineLib {
+    pub engine: String,
+    pub version: String,
+    pub path: PathBuf,
+    pub glibc_required: Option<String>,
+}
+
+/// The engines loaded at run time, with the wheel that carries each one's C library:
+/// (engine, package, version, library inside the wheel).
+const ENGINE_WHEELS: &[(&str, &str, &str, &str)] = &[(
+    "onnxruntime",
+    "onnxruntime",
+    "1.31.1",
+    "onnxruntime/capi/libonnxruntime.so.1.31.1",
+)];
+
+/// Fetches (pip, cached) the wheel of each engine the profile runs for the board's CPU,
+/// extracts the library into `out_dir/lib/`, and checks its ELF machine and glibc needs.
+fn engine_libs(profile: &Profile, out_dir: &Path) -> Result<Vec<EngineLib>> {
+    let py = crate::util::cache_dir().join("venv/bin/python");
+    if !py.is_file() {
+        bail!(
+            "--engine-libs needs the peer venv at {}\nhint: cargo xtask setup",
+            py.display()
+        );
+    }
+    let arch = profile.arch();
+    let wheels = crate::util::cache_dir().join("wheels").join(arch);
+    let lib_dir = out_dir.join("lib");
+    std::fs::create_dir_all(&lib_dir)?;
+    let mut out = Vec::new();
+    for &(engine, package, version, member) in ENGINE_WHEELS {
+        if !profile.runtime.values().any(|e| e == engine) {
+            continue;
+        }
+        // manylinux_2_28 is the oldest tag these wheels are published for.
+        run(Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args([
+                "--only-binary=:all:",
+                "--no-deps",
+                "--python-version",
+                "3.11",
+            ])
+            .args(["--platform", &format!("manylinux_2_28_{arch}")])
+            .arg(format!("{package}=={version}"))
+            .arg("-d")
+            .arg(&wheels))?;
+        let name = Path::new(member).file_name().expect("a file name");
+        let dst = lib_dir.join(name);
+        let code = "import sys, zipfile, glob\n\
+                    w = sorted(glob.glob(sys.argv[1]))[-1]\n\
+                    open(sys.argv[3], 'wb').write(zipfile.ZipFile(w).read(sys.argv[2]))";
+        run(Command::new(&py)
+            .args(["-c", code])
+            .arg(wheels.join(format!("{package}-{version}-*{arch}.whl")))
+            .arg(member)
+            .arg(&dst))?;
+        check_machine(&dst, arch)?;
+        let (glibc, _) = version_needs(&dst)?;
+        let need = glibc.last().cloned();
+        if let (Some(n), Some(floor)) = (
+            need.as_deref()
+                .and_then(|n| parse_version(n.trim_start_matches("GLIBC_"))),
+            parse_version(&profile.glibc_floor),
+        ) {
+            if n > floor {
+                bail!(
+                    "{} (from {package} {version}) needs {}, but board {} guarantees only glibc {}",
+                    dst.display(),
+                    need.as_deref().unwrap_or_default(),
+                    profile.name,
+                    profile.glibc_floor
+                );
+            }
+        }
+        out.push(EngineLib {
+            engine: engine.to_string(),
+            version: version.to_string(),
+            path: dst,
+            glibc_required: need,
+        });
+    }
+    Ok(out)
 }
 
 /// GCC's `-march` for the board's C and C++ code, from the profile's ISA features; `None`
@@ -130,7 +227,7 @@ fn gnu_prefix(triple: &str) -> String {
     triple.replacen("-unknown-", "-", 1)
 }
 
-pub fn dist(board: &str) -> Result<DistOutput> {
+pub fn dist(board: &str, with_engine_libs: bool) -> Result<DistOutput> {
     let profile = profile(board)?;
     let triple = profile.rust_target.clone();
     let host = host_triple()?;
@@ -257,6 +354,11 @@ pub fn dist(board: &str) -> Result<DistOutput> {
         .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
     std::fs::rename(&tmp, &binary).with_context(|| format!("writing {}", binary.display()))?;
     let size_bytes = std::fs::metadata(&binary)?.len();
+    let engine_libs = if with_engine_libs {
+        engine_libs(&profile, &out_dir)?
+    } else {
+        Vec::new()
+    };
     Ok(DistOutput {
         board: profile.name.clone(),
         rust_target: triple,
@@ -268,6 +370,7 @@ pub fn dist(board: &str) -> Result<DistOutput> {
         glibc_required,
         glibcxx_required: glibcxx.last().cloned(),
         c_march: march,
+        engine_libs,
     })
 }
 

@@ -49,12 +49,16 @@ enum Cmd {
     /// Cross-compile edgepack-runtime for a board profile (its Rust triple and CPU) and check
     /// the binary against the board's glibc floor; the result goes to target/dist/<board>/.
     #[command(
-        after_help = "Example:\n  cargo xtask dist --target imx95\n  cargo xtask dist --target my-board.toml --json"
+        after_help = "Example:\n  cargo xtask dist --target imx95 --engine-libs\n  cargo xtask dist --target my-board.toml --json"
     )]
     Dist {
         /// A built-in board profile (imx95, rpi5, ...) or a profile TOML file.
         #[arg(long)]
         target: String,
+        /// Also fetch the engine libraries the board loads at run time (ONNX Runtime) from
+        /// their pinned wheels for its CPU, into target/dist/<board>/lib/, checked.
+        #[arg(long)]
+        engine_libs: bool,
         /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -92,7 +96,11 @@ fn main() -> Result<()> {
         Cmd::Test { args } => suite::test(&args),
         Cmd::Bench(b) => bench::bench(b),
         Cmd::Demo => demo::demo(),
-        Cmd::Dist { target, json } => dist::print(&dist::dist(&target)?, json),
+        Cmd::Dist {
+            target,
+            engine_libs,
+            json,
+        } => dist::print(&dist::dist(&target, engine_libs)?, json),
         Cmd::Release {
             recipe,
             out,

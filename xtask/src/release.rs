@@ -77,7 +77,7 @@ pub fn release(r: &Release) -> Result<i32> {
         for t in plan["targets"].as_array().into_iter().flatten() {
             let name = t["name"].as_str().unwrap_or_default();
             let profile = t["profile"].as_str().unwrap_or_default();
-            let built = dist::dist(profile)
+            let built = dist::dist(profile, false)
                 .with_context(|| format!("cross-compiling the runtime for {name} ({profile})"))?;
             args.extend([
                 "--runtime".into(),
