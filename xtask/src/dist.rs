@@ -21,10 +21,6 @@ use serde::Serialize;
 
 use crate::util::{root, run};
 
-/// ELF `e_machine` values (System V gABI, "Machine Information").
-const EM_X86_64: u16 = 62;
-const EM_AARCH64: u16 = 183;
-
 /// What `dist` produced.
 #[derive(Debug, Serialize)]
 pub struct DistOutput {
@@ -374,7 +370,6 @@ pub fn dist(board: &str, with_engine_libs: bool) -> Result<DistOutput> {
     })
 }
 
-/// Fails unless the ELF file is built for the profile's architecture.
 /// Prints what [`dist`] produced: one line, or JSON with `json`.
 pub fn print(out: &DistOutput, json: bool) -> Result<()> {
     if json {
@@ -400,25 +395,9 @@ pub fn print(out: &DistOutput, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Fails unless the ELF file is built for the profile's architecture.
 fn check_machine(path: &Path, arch: &str) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" {
-        bail!("{} is not an ELF file", path.display());
-    }
-    // e_machine sits at offset 18 in both ELF32 and ELF64 headers; little-endian targets only.
-    let machine = u16::from_le_bytes([bytes[18], bytes[19]]);
-    let want = match arch {
-        "aarch64" => EM_AARCH64,
-        "x86_64" => EM_X86_64,
-        other => bail!("no ELF machine check for architecture {other}"),
-    };
-    if machine != want {
-        bail!(
-            "{} is built for ELF machine {machine}, not {arch} ({want})",
-            path.display()
-        );
-    }
-    Ok(())
+    Ok(edgepack_targets::elf::expect_machine(path, arch)?)
 }
 
 /// The GLIBC_* and GLIBCXX_* symbol versions the binary needs, each sorted oldest first.
