@@ -101,9 +101,13 @@ fn engine_libs(profile: &Profile, out_dir: &Path) -> Result<Vec<EngineLib>> {
             .arg(&wheels))?;
         let name = Path::new(member).file_name().expect("a file name");
         let dst = lib_dir.join(name);
-        let code = "import sys, zipfile, glob\n\
+        // Written aside and renamed: concurrent test runs read the library while another
+        // run refreshes it.
+        let code = "import os, sys, zipfile, glob\n\
                     w = sorted(glob.glob(sys.argv[1]))[-1]\n\
-                    open(sys.argv[3], 'wb').write(zipfile.ZipFile(w).read(sys.argv[2]))";
+                    tmp = '%s.%d.tmp' % (sys.argv[3], os.getpid())\n\
+                    open(tmp, 'wb').write(zipfile.ZipFile(w).read(sys.argv[2]))\n\
+                    os.replace(tmp, sys.argv[3])";
         run(Command::new(&py)
             .args(["-c", code])
             .arg(wheels.join(format!("{package}-{version}-*{arch}.whl")))
