@@ -67,7 +67,7 @@ pub enum TargetCommand {
     },
     /// Build a bundle for one board: model, tokenizer, optional runtime binary, manifest, signature.
     #[command(
-        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
+        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n  edgepack bundle ./merged --target imx95 --format onnx --precision int8 -o out/\n  edgepack bundle ./merged --target imx93 --format tflite --precision int8 --stats s.calib -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
     )]
     Bundle {
         /// A Hugging Face model folder or a .gguf file.
@@ -76,15 +76,19 @@ pub enum TargetCommand {
         lora: LoraArgs,
         #[command(flatten)]
         target: TargetArgs,
-        /// Model format: gguf or onnx (default: the profile's default format).
+        /// Model format: gguf, onnx or tflite (default: the profile's default format).
         #[arg(long)]
         format: Option<String>,
-        /// Quantization preset (GGUF, e.g. Q4_K_M) or precision (ONNX: fp32, fp16, int8, int4);
-        /// default: the profile's choice for the format.
+        /// Quantization preset (GGUF, e.g. Q4_K_M) or precision (ONNX: fp32, fp16, int8, int4;
+        /// TFLite: fp32, fp16, dynamic-int8, int8, int8-a16); default: the profile's choice
+        /// for the format.
         #[arg(long, visible_alias = "precision")]
         quant: Option<String>,
+        #[command(flatten)]
+        tflite: Box<TfliteBundleArgs>,
         /// An engine library to carry in the bundle's lib/ for boards whose image lacks it
-        /// (ONNX: libonnxruntime.so.* from the onnxruntime wheel for the board's CPU).
+        /// (ONNX: libonnxruntime.so.* from the onnxruntime wheel for the board's CPU; TFLite:
+        /// libLiteRt.so* from the ai-edge-litert wheel; `cargo xtask dist --engine-libs`).
         #[arg(long, value_name = "PATH")]
         engine_lib: Vec<PathBuf>,
         /// The runtime binary built for the board (`cargo xtask dist --target ...`).
@@ -120,6 +124,23 @@ pub enum TargetCommand {
         #[arg(long)]
         target: Option<String>,
     },
+}
+
+/// The TFLite export settings of `bundle --format tflite`.
+#[derive(Args, Debug)]
+pub struct TfliteBundleArgs {
+    /// TFLite: KV cache length, the most tokens one conversation holds.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// TFLite: tokens per prefill call (the prefill_<L> signature).
+    #[arg(long, default_value_t = 32)]
+    prefill_len: usize,
+    /// TFLite int8 / int8-a16: activation statistics from `edgepack calibrate`.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// TFLite int8 / int8-a16: SmoothQuant strength (a number or `auto`); needs --stats.
+    #[arg(long, value_name = "ALPHA")]
+    smooth: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -190,6 +211,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
             target,
             format,
             quant,
+            tflite,
             engine_lib,
             runtime,
             runtime_version,
@@ -204,6 +226,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
                 profile: target.resolve()?,
                 format,
                 quant,
+                tflite: &tflite,
                 engine_libs: &engine_lib,
                 runtime: runtime.as_deref(),
                 runtime_version,
@@ -304,6 +327,9 @@ fn show(p: &Profile, json_out: bool) -> Result<()> {
                     .map(|g| format!(" (prefer {g})"))
                     .unwrap_or_default()
             );
+            if let Some(d) = &n.delegate {
+                println!("  delegate       {} ({})", d.name, d.paths.join(", "));
+            }
             if let Some(ops) = &n.ops {
                 println!("  npu ops        {}", ops.join(" "));
             }
@@ -540,6 +566,7 @@ struct BundleRequest<'a> {
     profile: Profile,
     format: Option<String>,
     quant: Option<String>,
+    tflite: &'a TfliteBundleArgs,
     engine_libs: &'a [PathBuf],
     runtime: Option<&'a Path>,
     runtime_version: Option<String>,
@@ -556,8 +583,8 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         .format
         .clone()
         .unwrap_or_else(|| p.defaults.format.clone());
-    if format != "gguf" && format != "onnx" {
-        bail!("--format {format}: gguf and onnx bundles are written so far (tflite is not yet)");
+    if !["gguf", "onnx", "tflite"].contains(&format.as_str()) {
+        bail!("--format {format}: use gguf, onnx or tflite");
     }
     if p.engine(&format).is_none() {
         bail!(
@@ -600,6 +627,7 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     ins.extend(r.runtime);
     ins.extend(r.sign);
     ins.extend(r.engine_libs.iter().map(PathBuf::as_path));
+    ins.extend(r.tflite.stats.as_deref());
     ensure_not_input(&dir, &ins)?;
     ensure_not_input(&archive, &ins)?;
     fs::create_dir_all(r.output).with_context(|| format!("creating {}", r.output.display()))?;
@@ -611,6 +639,10 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     let bars = Bars::new(json_out);
     let (file, main_file, quant) = if format == "onnx" {
         export_onnx_folder(&m, r.model, &precision, work.path(), &bars)?
+    } else if format == "tflite" {
+        let path = work.path().join(format!("{name}.tflite"));
+        let quant = export_tflite_file(&m, r, &precision, &path, &bars, json_out)?;
+        (path, None, quant)
     } else {
         let preset = parse_preset(&precision)?;
         let gguf_path = work.path().join(format!("{name}.gguf"));
@@ -676,6 +708,62 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Exports the generative `.tflite` for the bundle's board at `precision` to `path`, printing
+/// what the board's NPU takes (unless `json_out`); returns what the manifest records.
+fn export_tflite_file(
+    m: &edgepack_converters::model::Model,
+    r: &BundleRequest<'_>,
+    precision: &str,
+    path: &Path,
+    bars: &Bars,
+    json_out: bool,
+) -> Result<QuantInfo> {
+    use edgepack_converters::export::tflite::{self, Calibration, Precision, TfliteOptions};
+    use edgepack_converters::model::stats::CalibStats;
+    let a = r.tflite;
+    let prec = Precision::parse(precision)
+        .with_context(|| format!("--precision {precision}: TFLite takes {}", Precision::ALL))?;
+    if prec.is_static() && a.stats.is_none() {
+        bail!("--precision {precision}: the full-integer TFLite graph needs activation statistics (--stats FILE from `edgepack calibrate`)");
+    }
+    if a.smooth.is_some() && a.stats.is_none() {
+        bail!("--smooth needs --stats (the activation statistics SmoothQuant scales come from)");
+    }
+    let calibration = match &a.stats {
+        Some(p) => Some(Calibration {
+            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
+            path: p.clone(),
+            alpha: a
+                .smooth
+                .as_deref()
+                .map(crate::args::parse_alpha)
+                .transpose()?,
+        }),
+        None => None,
+    };
+    let opts = TfliteOptions {
+        precision: prec,
+        seq_len: a.seq_len,
+        prefill_len: a.prefill_len,
+        target: edgepack_recipes::stages::npu_support(&r.profile),
+        calibration,
+    };
+    let prepared = tflite::prepare(m, &opts, bars)
+        .with_context(|| format!("exporting {} to TFLite", r.model.display()))?;
+    if let (Some(t), false) = (&prepared.report.target, json_out) {
+        eprintln!(
+            "{} ({}): {} of {} operators on the NPU",
+            t.board, t.npu, t.on_npu, t.operators
+        );
+    }
+    let report = tflite::write(prepared, path, bars)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(QuantInfo {
+        preset: report.precision.name().to_string(),
+        tensor_types: tensor_types(std::iter::empty()),
+    })
 }
 
 /// Exports the onnxruntime-genai layout (contrib operators) at `precision` into `work/onnx`:

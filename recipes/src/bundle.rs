@@ -208,9 +208,16 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
         fs::copy(lib, &dst).map_err(|e| RecipeError::io(lib, e))?;
         libraries.push(rel);
     }
+    // The delegate the runtime should try: the board's NPU's, where it takes this format.
+    let delegate = p
+        .npu
+        .as_ref()
+        .filter(|n| n.takes(s.format) && s.format == "tflite")
+        .and_then(|n| n.delegate.as_ref())
+        .map(|d| d.name.clone());
     let engine = p.engine(s.format).map(|name| EngineInfo {
         name: name.to_string(),
-        delegate: None,
+        delegate,
         libraries,
     });
     // An exported folder brought its own tokenizer files.

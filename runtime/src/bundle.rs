@@ -21,6 +21,9 @@ pub enum Format {
     Gguf,
     /// An onnxruntime-genai style folder, run by ONNX Runtime (loaded at run time).
     Onnx,
+    /// A generative `.tflite` (prefill and decode signatures), run by LiteRT (loaded at run
+    /// time).
+    Tflite,
 }
 
 impl Format {
@@ -28,6 +31,7 @@ impl Format {
         match s {
             "gguf" => Some(Format::Gguf),
             "onnx" => Some(Format::Onnx),
+            "tflite" => Some(Format::Tflite),
             _ => None,
         }
     }
@@ -37,12 +41,13 @@ impl Format {
         match self {
             Format::Gguf => "llama.cpp",
             Format::Onnx => "onnxruntime",
+            Format::Tflite => "litert",
         }
     }
 
     /// Whether the engine's library is loaded at run time rather than linked in.
     pub fn loads_library(self) -> bool {
-        matches!(self, Format::Onnx)
+        matches!(self, Format::Onnx | Format::Tflite)
     }
 }
 
@@ -51,7 +56,7 @@ impl Format {
 pub enum OpenError {
     #[error(transparent)]
     Bundle(#[from] BundleError),
-    #[error("{}: format is {format:?}; this edgepack-runtime runs gguf and onnx bundles", manifest.display())]
+    #[error("{}: format is {format:?}; this edgepack-runtime runs gguf, onnx and tflite bundles", manifest.display())]
     Format { manifest: PathBuf, format: String },
     #[error(transparent)]
     Library(#[from] LibraryError),

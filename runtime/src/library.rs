@@ -24,6 +24,7 @@ pub enum LibraryError {
 pub fn file_prefix(engine: &str) -> Option<&'static str> {
     match engine {
         "onnxruntime" => Some("libonnxruntime.so"),
+        "litert" => Some("libLiteRt.so"),
         _ => None,
     }
 }

@@ -19,7 +19,7 @@ const DEFAULT_CTX_SIZE: u32 = 2048;
 #[command(
     name = "edgepack-runtime",
     version,
-    about = "Serve or bench an edgepack bundle: verify it, load the model with llama.cpp (GGUF) or ONNX Runtime (ONNX), answer an OpenAI-compatible HTTP API",
+    about = "Serve or bench an edgepack bundle: verify it, load the model with llama.cpp (GGUF), ONNX Runtime (ONNX) or LiteRT (TFLite), answer an OpenAI-compatible HTTP API",
     after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --host 0.0.0.0 --port 8080\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --json"
 )]
 struct Cli {
@@ -83,8 +83,8 @@ struct ModelArgs {
     /// Use llama.cpp's flash attention (off by default).
     #[arg(long)]
     flash_attn: bool,
-    /// The engine's shared library for ONNX bundles (libonnxruntime.so); by default the
-    /// paths the board's profile lists, then the bundle's lib/.
+    /// The engine's shared library for ONNX bundles (libonnxruntime.so) or TFLite bundles
+    /// (libLiteRt.so); by default the paths the board's profile lists, then the bundle's lib/.
     #[arg(long, env = "EDGEPACK_ENGINE_LIB")]
     engine_lib: Option<PathBuf>,
 }

@@ -91,6 +91,19 @@ pub struct Npu {
     /// It computes in integers only: an operator with a float input or output runs on the CPU.
     #[serde(default = "integer_only_default")]
     pub integer_only: bool,
+    /// The TFLite external delegate that reaches it, as the board image installs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<Delegate>,
+}
+
+/// A TFLite external delegate (a shared library exporting `tflite_plugin_create_delegate`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delegate {
+    /// Short name recorded in manifests and reported by the runtime (`vx`, `ethos-u`).
+    pub name: String,
+    /// Where board images install the library, searched in order.
+    pub paths: Vec<String>,
 }
 
 fn integer_only_default() -> bool {

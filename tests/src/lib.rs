@@ -103,7 +103,6 @@ pub fn run_err(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The venv Python that holds the peers.
 /// ONNX Runtime's shared library from the peer venv's `onnxruntime` wheel (the library the
 /// runtime's ONNX engine loads; the board gets the same file from the aarch64 wheel).
 pub fn onnxruntime_lib() -> PathBuf {
@@ -111,6 +110,16 @@ pub fn onnxruntime_lib() -> PathBuf {
         "import json, pathlib, onnxruntime\n\
          capi = pathlib.Path(onnxruntime.__file__).parent / 'capi'\n\
          print(json.dumps(str(sorted(capi.glob('libonnxruntime.so.*'))[0])))",
+    );
+    PathBuf::from(r.as_str().expect("a path"))
+}
+
+/// LiteRT's C library from the peer venv's `ai-edge-litert` wheel (the library the runtime's
+/// LiteRT engine loads; the board gets the same file from the aarch64 wheel).
+pub fn litert_lib() -> PathBuf {
+    let r = oracle_code(
+        "import json, pathlib, ai_edge_litert\n\
+         print(json.dumps(str(pathlib.Path(ai_edge_litert.__file__).parent / 'libLiteRt.so')))",
     );
     PathBuf::from(r.as_str().expect("a path"))
 }

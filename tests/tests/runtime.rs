@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use edgepack_tests::{
-    edgepack, fixtures, onnxruntime_lib, oracle, root, run_err, run_ok, runtime_bin,
+    edgepack, fixtures, litert_lib, onnxruntime_lib, oracle, root, run_err, run_ok, runtime_bin,
     shared_work_dir, smollm2_hf,
 };
 use serde_json::{json, Value};
@@ -643,13 +643,15 @@ fn native_runtime() -> Command {
 
 #[test]
 fn native_runtime_serves_onnx_bundles_with_onnxruntime_genais_greedy_tokens() {
-    let q = "What is the capital of France?";
+    // An answer longer than 16 tokens, so all 16 are compared.
+    let q = "Tell me about the capital of France.";
     let lib = onnxruntime_lib();
     for precision in ["int4", "int8"] {
         let bundle = onnx_bundle(precision, false);
         // The peer: onnxruntime-genai's own generate loop on the bundle's model folder.
         let genai = oracle("onnx_genai_generate.py", &[&bundle.join("model"), &q]);
         let want = genai["text16"].as_str().unwrap().trim().to_string();
+        assert!(genai["tokens"].as_u64().unwrap() >= 16, "{genai}");
         let server = serve(
             native_runtime(),
             &bundle,
@@ -666,7 +668,13 @@ fn native_runtime_serves_onnx_bundles_with_onnxruntime_genais_greedy_tokens() {
         eprintln!("onnx {precision}: runtime {got:?}, onnxruntime-genai {want:?}");
         assert_eq!(got, want, "{precision}: the first 16 greedy tokens differ");
         if precision == "int4" {
-            assert!(got.contains("Paris"), "{precision}: {got}");
+            let r = chat(
+                server.port,
+                "What is the capital of France?",
+                json!({"max_tokens": 16}),
+            );
+            let text = r.json()["choices"][0]["message"]["content"].to_string();
+            assert!(text.contains("Paris"), "{precision}: {text}");
         }
         let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
         let meta = &models.json()["data"][0]["meta"];
@@ -720,6 +728,90 @@ fn an_onnx_bundle_finds_its_engine_library_or_names_every_place_searched() {
         .unwrap()
         .to_string();
     assert!(library.ends_with(lib_rel), "{library}");
+}
+
+/// SmolLM2 as a TFLite bundle for this machine at `precision` (a 128-token cache, prefill
+/// calls of 32), built once per run.
+fn tflite_bundle(precision: &str) -> PathBuf {
+    let out = shared_work_dir().join(format!("runtime-tflite-{precision}"));
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_hf())
+                .args(["--target", "generic-x86_64", "--format", "tflite"])
+                .args(["--precision", precision, "--name", "smollm2"])
+                .args(["--seq-len", "128", "--prefill-len", "32", "-o"])
+                .arg(tmp),
+        );
+    });
+    out.join("smollm2-generic-x86_64")
+}
+
+#[test]
+fn native_runtime_serves_tflite_bundles_with_litert_pythons_greedy_tokens() {
+    // An answer longer than 16 tokens, so all 16 are compared.
+    let q = "Tell me about the capital of France.";
+    let lib = litert_lib();
+    for precision in ["fp32", "dynamic-int8"] {
+        let bundle = tflite_bundle(precision);
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["format"], "tflite", "{manifest}");
+        assert_eq!(manifest["engine"]["name"], "litert", "{manifest}");
+        assert_eq!(manifest["quant"]["preset"], precision, "{manifest}");
+        let model = bundle.join(manifest["model"]["file"].as_str().unwrap());
+        // The peer: LiteRT's Python interpreter running the same file's signatures greedily.
+        let peer = oracle("tflite_run.py", &[&"chat", &model, &q, &"16"]);
+        let want = peer["text"].as_str().unwrap().trim().to_string();
+        assert_eq!(peer["ids"].as_array().unwrap().len(), 16, "{peer}");
+        let server = serve(
+            native_runtime(),
+            &bundle,
+            &["--threads", "2", "--engine-lib", lib.to_str().unwrap()],
+            NATIVE_READY,
+        );
+        let r = chat(server.port, q, json!({"max_tokens": 16}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let got = r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_string();
+        eprintln!("tflite {precision}: runtime {got:?}, LiteRT Python {want:?}");
+        assert_eq!(got, want, "{precision}: the first 16 greedy tokens differ");
+        let r = chat(
+            server.port,
+            "What is the capital of France?",
+            json!({"max_tokens": 16}),
+        );
+        let text = r.json()["choices"][0]["message"]["content"].to_string();
+        assert!(text.contains("Paris"), "{precision}: {text}");
+        let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
+        let meta = &models.json()["data"][0]["meta"];
+        assert_eq!(meta["engine"], "litert", "{meta}");
+        assert_eq!(meta["n_ctx"], 128, "{meta}");
+        assert_eq!(meta["library"], lib.to_str().unwrap(), "{meta}");
+        // A prompt longer than one prefill call and a request past the 128-token cache.
+        let long = "one two three four five six seven eight nine ten ".repeat(8);
+        let r = http::request(
+            server.port,
+            "POST",
+            "/v1/completions",
+            Some(&json!({"prompt": long, "max_tokens": 4, "temperature": 0})),
+            REQUEST_TIMEOUT,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = http::request(
+            server.port,
+            "POST",
+            "/v1/completions",
+            Some(&json!({"prompt": long, "max_tokens": 100})),
+            REQUEST_TIMEOUT,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("128"), "{}", r.body);
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::generate::Job;
 use super::types::{EngineConfig, EngineError, Format, GenEvent, GenRequest, GenStats, ModelInfo};
-use super::{llama, onnx};
+use super::{litert, llama, onnx};
 
 /// A handle to the engine thread; cheap to share.
 #[derive(Debug)]
@@ -27,6 +27,7 @@ impl Engine {
             .spawn(move || match format {
                 Format::Gguf => llama::run(config, jobs_rx, ready_tx),
                 Format::Onnx => onnx::run(config, jobs_rx, ready_tx),
+                Format::Tflite => litert::run(config, jobs_rx, ready_tx),
             })
             .map_err(|e| EngineError::Library(format!("cannot start the engine thread: {e}")))?;
         let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;

@@ -11,6 +11,8 @@
 
 mod generate;
 mod handle;
+mod hf;
+mod litert;
 mod llama;
 mod onnx;
 mod sample;

@@ -8,7 +8,7 @@
 //! onnxruntime-genai's C API is in docs/engines.md.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
 use ort::session::builder::GraphOptimizationLevel;
@@ -17,9 +17,8 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use serde_json::Value as Json;
 
 use super::generate::{self, Job};
-use super::types::{
-    ChatMessage, Detokenizer, EngineConfig, EngineError, Forward, ModelInfo, Prompt, Vocab,
-};
+use super::hf::HfVocab;
+use super::types::{EngineConfig, EngineError, Forward, ModelInfo};
 
 const ENGINE: &str = "onnxruntime";
 
@@ -291,6 +290,7 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, OrtForward, ModelInfo), Engin
         stop,
         n_vocab: genai.vocab_size,
         source: dir.to_path_buf(),
+        engine: ENGINE,
     };
     let fwd = OrtForward {
         session,
@@ -323,82 +323,6 @@ fn input_type(
             model,
             format!("input {name}: genai_config.json names it, the graph has none"),
         )),
-    }
-}
-
-/// The tokenizer of an exported folder (`tokenizer.json` and its configs).
-struct HfVocab {
-    prompter: edgepack_text::Prompter,
-    stop: Vec<u32>,
-    n_vocab: usize,
-    source: PathBuf,
-}
-
-fn text_err(source: &Path, e: edgepack_text::TextError) -> EngineError {
-    match e.field {
-        "chat_template" if e.message.starts_with("missing") => {
-            EngineError::NoChatTemplate("tokenizer_config.json chat_template")
-        }
-        "chat_template" => EngineError::Template(e.message),
-        _ => EngineError::Decode {
-            engine: ENGINE,
-            reason: format!("{}: {e}", source.join(e.field).display()),
-        },
-    }
-}
-
-impl Vocab for HfVocab {
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<i32>, EngineError> {
-        let ids = match prompt {
-            Prompt::Text(t) => self.prompter.encode(t, true),
-            Prompt::Chat(messages) => {
-                let msgs: Vec<edgepack_text::Message> = messages
-                    .iter()
-                    .map(|ChatMessage { role, content }| edgepack_text::Message {
-                        role: role.clone(),
-                        content: content.clone(),
-                    })
-                    .collect();
-                self.prompter.chat(&msgs)
-            }
-            Prompt::Tokens(ids) => return Ok(ids.clone()),
-        }
-        .map_err(|e| text_err(&self.source, e))?;
-        Ok(ids.into_iter().map(|t| t as i32).collect())
-    }
-
-    fn is_eog(&self, token: i32) -> bool {
-        u32::try_from(token).is_ok_and(|t| self.stop.contains(&t))
-    }
-
-    fn detokenizer(&self) -> Box<dyn Detokenizer + '_> {
-        Box::new(HfDetok {
-            stream: self.prompter.stream(),
-            source: &self.source,
-        })
-    }
-
-    fn n_vocab(&self) -> usize {
-        self.n_vocab
-    }
-}
-
-struct HfDetok<'a> {
-    stream: edgepack_text::TextStream<'a>,
-    source: &'a Path,
-}
-
-impl Detokenizer for HfDetok<'_> {
-    fn push(&mut self, token: i32) -> Result<String, EngineError> {
-        let id = u32::try_from(token).map_err(|_| EngineError::BadToken {
-            id: token,
-            n_vocab: 0,
-        })?;
-        self.stream.push(id).map_err(|e| text_err(self.source, e))
-    }
-
-    fn finish(&mut self) -> String {
-        self.stream.finish().unwrap_or_default()
     }
 }
 
