@@ -174,15 +174,19 @@ const A55_CPUINFO: &str = "processor\t: 0\nBogoMIPS\t: 48.00\nFeatures\t: fp asi
 
 /// qemu-user shows the guest the host's `/proc/cpuinfo` (x86-64 here), and ONNX Runtime's CPU
 /// detection (pytorch/cpuinfo) crashes on an x86 description where a board has an ARM one.
-/// So emulated ONNX runs see a Cortex-A55's file, bound over `/proc/cpuinfo` in a private
-/// mount namespace (root, as in CI) that only the emulated process lives in.
+/// So emulated ONNX and LiteRT runs see a Cortex-A55's file, bound over `/proc/cpuinfo` in a
+/// private mount namespace (root, as in CI) that only the emulated process lives in.
+///
+/// The emulated CPU is a Cortex-A76, the qemu 7.2 model closest to the boards' cores (Armv8.2
+/// with dotprod and fp16, no i8mm, no SVE; the Pi 5's is one). qemu's default `max` CPU also
+/// offers i8mm and SVE, and under it LiteRT's dynamic-int8 kernels produce wrong tokens.
 fn qemu_with_arm_cpuinfo(binary: &Path) -> Command {
     let file = shared_work_dir().join("cortex-a55.cpuinfo");
     std::fs::write(&file, A55_CPUINFO).unwrap();
     let mut c = Command::new("unshare");
     c.args(["--mount", "sh", "-c"])
         .arg(format!(
-            "mount --bind '{}' /proc/cpuinfo && exec qemu-aarch64 -L {QEMU_SYSROOT} '{}' \"$@\"",
+            "mount --bind '{}' /proc/cpuinfo && exec qemu-aarch64 -cpu cortex-a76 -L {QEMU_SYSROOT} '{}' \"$@\"",
             file.display(),
             binary.display()
         ))
@@ -861,6 +865,63 @@ fn aarch64_runtime_under_qemu_answers_paris_from_an_onnx_bundle_with_the_wheels_
             .as_str()
             .unwrap()
             .ends_with("lib/libonnxruntime.so.1.31.1"),
+        "{meta}"
+    );
+}
+
+#[test]
+fn aarch64_runtime_under_qemu_answers_paris_from_a_tflite_bundle_with_the_wheels_library() {
+    let d = dist();
+    let lib = d["engine_libs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["engine"] == "litert")
+        .expect("dist --engine-libs brings LiteRT");
+    assert_eq!(lib["version"], "2.3.0");
+    let lib = lib["path"].as_str().unwrap();
+    let runtime = PathBuf::from(d["binary"].as_str().unwrap());
+    let out = shared_work_dir().join("runtime-tflite-imx95");
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_hf())
+                .args(["--target", BOARD, "--format", "tflite"])
+                .args(["--precision", "dynamic-int8", "--seq-len", "128"])
+                .args(["--name", "smollm2", "--engine-lib", lib, "--runtime"])
+                .arg(&runtime)
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    let bundle = out.join(format!("smollm2-{BOARD}"));
+    let server = serve(
+        qemu_with_arm_cpuinfo(&bundle.join("bin/edgepack-runtime")),
+        &bundle,
+        &["--threads", "2"],
+        QEMU_READY,
+    );
+    let r = chat(
+        server.port,
+        "What is the capital of France?",
+        json!({"max_tokens": 12}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let text = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("Paris"), "{text}");
+    let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
+    let meta = &models.json()["data"][0]["meta"];
+    assert_eq!(meta["engine"], "litert", "{meta}");
+    assert_eq!(meta["engine_version"], "2.3.0", "{meta}");
+    assert!(
+        meta["library"]
+            .as_str()
+            .unwrap()
+            .ends_with("lib/libLiteRt.so.2.3.0"),
         "{meta}"
     );
 }

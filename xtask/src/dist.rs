@@ -53,13 +53,24 @@ pub struct EngineLib {
 }
 
 /// The engines loaded at run time, with the wheel that carries each one's C library:
-/// (engine, package, version, library inside the wheel).
-const ENGINE_WHEELS: &[(&str, &str, &str, &str)] = &[(
-    "onnxruntime",
-    "onnxruntime",
-    "1.31.1",
-    "onnxruntime/capi/libonnxruntime.so.1.31.1",
-)];
+/// (engine, package, version, library inside the wheel, its name in `lib/`). The name carries
+/// the version, which the runtime reports (LiteRT's C API has no version call).
+const ENGINE_WHEELS: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "onnxruntime",
+        "onnxruntime",
+        "1.31.1",
+        "onnxruntime/capi/libonnxruntime.so.1.31.1",
+        "libonnxruntime.so.1.31.1",
+    ),
+    (
+        "litert",
+        "ai-edge-litert",
+        "2.3.0",
+        "ai_edge_litert/libLiteRt.so",
+        "libLiteRt.so.2.3.0",
+    ),
+];
 
 /// Fetches (pip, cached) the wheel of each engine the profile runs for the board's CPU,
 /// extracts the library into `out_dir/lib/`, and checks its ELF machine and glibc needs.
@@ -76,11 +87,12 @@ fn engine_libs(profile: &Profile, out_dir: &Path) -> Result<Vec<EngineLib>> {
     let lib_dir = out_dir.join("lib");
     std::fs::create_dir_all(&lib_dir)?;
     let mut out = Vec::new();
-    for &(engine, package, version, member) in ENGINE_WHEELS {
+    for &(engine, package, version, member, file) in ENGINE_WHEELS {
         if !profile.runtime.values().any(|e| e == engine) {
             continue;
         }
-        // manylinux_2_28 is the oldest tag these wheels are published for.
+        // The tags these wheels are published for (onnxruntime 2_28, ai-edge-litert 2_27);
+        // what glibc the library really needs is checked below.
         run(Command::new(&py)
             .args([
                 "-m",
@@ -96,11 +108,11 @@ fn engine_libs(profile: &Profile, out_dir: &Path) -> Result<Vec<EngineLib>> {
                 "3.11",
             ])
             .args(["--platform", &format!("manylinux_2_28_{arch}")])
+            .args(["--platform", &format!("manylinux_2_27_{arch}")])
             .arg(format!("{package}=={version}"))
             .arg("-d")
             .arg(&wheels))?;
-        let name = Path::new(member).file_name().expect("a file name");
-        let dst = lib_dir.join(name);
+        let dst = lib_dir.join(file);
         // Written aside and renamed: concurrent test runs read the library while another
         // run refreshes it.
         let code = "import os, sys, zipfile, glob\n\
@@ -110,7 +122,10 @@ fn engine_libs(profile: &Profile, out_dir: &Path) -> Result<Vec<EngineLib>> {
                     os.replace(tmp, sys.argv[3])";
         run(Command::new(&py)
             .args(["-c", code])
-            .arg(wheels.join(format!("{package}-{version}-*{arch}.whl")))
+            .arg(wheels.join(format!(
+                "{}-{version}-*{arch}.whl",
+                package.replace('-', "_")
+            )))
             .arg(member)
             .arg(&dst))?;
         check_machine(&dst, arch)?;
