@@ -141,6 +141,18 @@ pub struct TfliteBundleArgs {
     /// TFLite int8 / int8-a16: SmoothQuant strength (a number or `auto`); needs --stats.
     #[arg(long, value_name = "ALPHA")]
     smooth: Option<String>,
+    /// TFLite on Ethos-U boards (imx93): Arm's Vela compiler to run on the full-integer
+    /// model (pip ethos-u-vela).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "vela",
+        env = "EDGEPACK_VELA"
+    )]
+    vela: PathBuf,
+    /// TFLite on Ethos-U boards: bundle the CPU model only, without running Vela.
+    #[arg(long)]
+    no_vela: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -637,11 +649,13 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         .tempdir_in(r.output)
         .with_context(|| format!("creating a work folder in {}", r.output.display()))?;
     let bars = Bars::new(json_out);
+    let mut vela_report = None;
     let (file, main_file, quant) = if format == "onnx" {
         export_onnx_folder(&m, r.model, &precision, work.path(), &bars)?
     } else if format == "tflite" {
         let path = work.path().join(format!("{name}.tflite"));
         let quant = export_tflite_file(&m, r, &precision, &path, &bars, json_out)?;
+        vela_report = run_vela(r, &precision, &path, work.path(), json_out)?;
         (path, None, quant)
     } else {
         let preset = parse_preset(&precision)?;
@@ -667,6 +681,7 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         main_file,
         format: &format,
         engine_libs: r.engine_libs,
+        delegate_model: vela_report.as_ref().map(|v| v.compiled.as_path()),
         quant,
         sources: r.model,
         adapters: &adapters,
@@ -691,6 +706,7 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
             "signed": key.is_some(),
             "seconds": secs,
             "manifest": manifest,
+            "vela": vela_report,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -708,6 +724,61 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs Vela on the exported model when the board's NPU is compiled for ahead of time (Ethos-U)
+/// and the model is full-integer; prints what it placed where (unless `json_out`).
+fn run_vela(
+    r: &BundleRequest<'_>,
+    precision: &str,
+    model: &Path,
+    work: &Path,
+    json_out: bool,
+) -> Result<Option<edgepack_recipes::vela::VelaReport>> {
+    let Some(cfg) = r.profile.npu.as_ref().and_then(|n| n.vela.as_ref()) else {
+        return Ok(None);
+    };
+    let say = |m: String| {
+        if !json_out {
+            eprintln!("{m}");
+        }
+    };
+    if r.tflite.no_vela {
+        say(format!(
+            "{}: --no-vela, the bundle runs on the CPU only",
+            r.profile.name
+        ));
+        return Ok(None);
+    }
+    if !matches!(precision, "int8" | "int8-a16") {
+        say(format!("{}: Vela compiles full-integer models only (int8, int8-a16), not {precision}; the bundle runs on the CPU", r.profile.name));
+        return Ok(None);
+    }
+    let out = work.join("vela");
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    say(format!(
+        "running Vela for {} ({}, {}, {})...",
+        r.profile.name, cfg.accelerator, cfg.system_config, cfg.memory_mode
+    ));
+    let v = edgepack_recipes::vela::compile(&r.tflite.vela, model, cfg, &out)?;
+    if !json_out {
+        eprintln!(
+            "Vela {}: {} operators on the NPU, {} on the CPU; SRAM {:.0} KiB, DRAM {:.1} MiB; estimate {:.1} ms for one call of each signature ({} cycles at {:.0} MHz, NPU operators only)",
+            v.version,
+            v.npu_operators,
+            v.cpu_operators,
+            v.sram_used_kib,
+            v.dram_used_kib / 1024.0,
+            v.inference_time_s * 1e3,
+            v.cycles_total,
+            v.core_clock_hz / 1e6
+        );
+        for f in &v.cpu_fallbacks {
+            eprintln!("  {:>5} x {:<14} {}", f.count, f.op, f.reason);
+        }
+        eprintln!("  {}", v.verdict);
+    }
+    Ok(Some(v))
 }
 
 /// Exports the generative `.tflite` for the bundle's board at `precision` to `path`, printing

@@ -33,6 +33,8 @@ pub struct BundleSpec<'a> {
     pub format: &'a str,
     /// Engine libraries for the board (`libonnxruntime.so...`), carried in `lib/`.
     pub engine_libs: &'a [PathBuf],
+    /// The model compiled for the board's delegate (Vela's `.tflite`), carried beside it.
+    pub delegate_model: Option<&'a Path>,
     /// The quantization preset and the number of tensors of each type.
     pub quant: QuantInfo,
     /// The model's source (file or folder), listed by SHA-256 in the manifest.
@@ -215,10 +217,19 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
         .filter(|n| n.takes(s.format) && s.format == "tflite")
         .and_then(|n| n.delegate.as_ref())
         .map(|d| d.name.clone());
+    let delegate_model = match s.delegate_model {
+        Some(f) => {
+            let rel = format!("model/{}_vela.tflite", s.model_name);
+            link_or_copy(f, &staging.join(&rel))?;
+            Some(rel)
+        }
+        None => None,
+    };
     let engine = p.engine(s.format).map(|name| EngineInfo {
         name: name.to_string(),
         delegate,
         libraries,
+        delegate_model,
     });
     // An exported folder brought its own tokenizer files.
     let single_file = s.main_file.is_none();

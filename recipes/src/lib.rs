@@ -20,6 +20,7 @@ pub mod recipe;
 pub mod report;
 pub mod run;
 pub mod stages;
+pub mod vela;
 
 pub use build::{build, Outcome};
 pub use error::RecipeError;

@@ -576,6 +576,7 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 main_file: None,
                 format: "gguf",
                 engine_libs: &[],
+                delegate_model: None,
                 quant: QuantInfo {
                     preset: ex.result["preset"].as_str().unwrap_or_default().to_string(),
                     tensor_types: types,

@@ -115,6 +115,10 @@ pub struct EngineInfo {
     /// Engine libraries the bundle carries in `lib/` (for boards whose image lacks them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub libraries: Vec<String>,
+    /// The model compiled ahead of time for the delegate (Vela's for Ethos-U), beside the
+    /// plain one the CPU runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate_model: Option<String>,
 }
 
 /// The runtime binary shipped in the bundle.

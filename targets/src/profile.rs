@@ -94,6 +94,21 @@ pub struct Npu {
     /// The TFLite external delegate that reaches it, as the board image installs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegate: Option<Delegate>,
+    /// Arm's Vela settings, for Ethos-U NPUs whose models are compiled ahead of time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vela: Option<VelaConfig>,
+}
+
+/// How Vela compiles for the board: its `--accelerator-config`, and the system
+/// configuration and memory mode from a Vela configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VelaConfig {
+    pub accelerator: String,
+    /// `--config`: a file, or one Vela ships (`Arm/vela.ini`).
+    pub config: String,
+    pub system_config: String,
+    pub memory_mode: String,
 }
 
 /// A TFLite external delegate (a shared library exporting `tflite_plugin_create_delegate`).

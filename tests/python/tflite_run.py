@@ -13,6 +13,9 @@
       runs signature KEY with float32 inputs {name: nested list}; prints the outputs.
   tflite_run.py speed MODEL PROMPT_LEN N_DECODE
       tokens/s of prefill and decode.
+  tflite_run.py codes MODEL
+      operator counts by builtin name or custom code, read with the wheel's schema reader only
+      (for models with custom operators the interpreter cannot resolve, like Vela's ethos-u).
 
 Prints one JSON object on its last line.
 """
@@ -176,6 +179,18 @@ def main():
             logits = llm.step(int(np.argmax(logits)), p + i)
         t2 = time.perf_counter()
         print(json.dumps({"prefill_tokens_per_s": p / (t1 - t0), "decode_tokens_per_s": n / (t2 - t1)}))
+    elif cmd == "codes":
+        data, m = read_model(path)
+        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        counts = {}
+        for g in range(m.SubgraphsLength()):
+            sg = m.Subgraphs(g)
+            for i in range(sg.OperatorsLength()):
+                c = m.OperatorCodes(sg.Operators(i).OpcodeIndex())
+                code = max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
+                name = c.CustomCode().decode() if c.CustomCode() else names.get(code, str(code))
+                counts[name] = counts.get(name, 0) + 1
+        print(json.dumps({"subgraphs": m.SubgraphsLength(), "ops": counts}))
     else:
         raise SystemExit(f"unknown command {cmd}")
 

@@ -124,6 +124,11 @@ pub fn litert_lib() -> PathBuf {
     PathBuf::from(r.as_str().expect("a path"))
 }
 
+/// Arm's Vela compiler from the peer venv (`ethos-u-vela`).
+pub fn vela_bin() -> PathBuf {
+    python().with_file_name("vela")
+}
+
 /// Runs Python code in the peer venv and parses the JSON on its last line.
 fn oracle_code(code: &str) -> serde_json::Value {
     let out = run_ok(Command::new(python()).arg("-c").arg(code));

@@ -15,7 +15,7 @@ use edgepack_converters::model::stats::CalibStats;
 use edgepack_tests::fixtures::Tiny;
 use edgepack_tests::{
     edgepack, edgepack_bin, kl_and_top1, max_abs_diff, oracle, root, run_err, run_ok,
-    shared_work_dir, smollm2_gguf, tiny, token_ids,
+    shared_work_dir, smollm2_gguf, tiny, token_ids, vela_bin,
 };
 use serde_json::Value;
 
@@ -670,4 +670,87 @@ fn buffers_placed_beyond_4_gib_load_in_litert_through_64_bit_offsets() {
         &[&"call", &path, &"add", &r#"{"x": [1, 2, 3, 4]}"#],
     );
     assert_eq!(r["y"], serde_json::json!([11.0, 22.0, 33.0, 44.0]), "{r}");
+}
+
+#[test]
+fn imx93_bundles_carry_velas_ethos_u65_model_and_its_parsed_report() {
+    let gguf = smollm2_gguf();
+    let stats = stats_for("smollm2", &gguf, 4, 128);
+    let work = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        edgepack()
+            .args(["--json", "bundle"])
+            .arg(&gguf)
+            .args([
+                "--target", "imx93", "--format", "tflite", "--name", "smollm2",
+            ])
+            .args(precision_args("int8", &stats))
+            .args(["--seq-len", "128", "--prefill-len", "32", "--vela"])
+            .arg(vela_bin())
+            .arg("-o")
+            .arg(work.path()),
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("bundle --json");
+    let v = &r["vela"];
+    eprintln!("{}", serde_json::to_string_pretty(v).unwrap());
+    // Vela's own numbers, read from its summary and console, not ours.
+    assert_eq!(v["version"], "5.2.0", "{v}");
+    assert_eq!(v["accelerator"], "Ethos_U65_256", "{v}");
+    let npu = v["npu_operators"].as_u64().unwrap();
+    let cpu = v["cpu_operators"].as_u64().unwrap();
+    assert!(npu > 0 && cpu > 0, "{v}");
+    let fallbacks = v["cpu_fallbacks"].as_array().unwrap();
+    let matmul = fallbacks
+        .iter()
+        .find(|f| f["op"] == "BATCH_MATMUL")
+        .expect("attention's BATCH_MATMUL stays on the CPU");
+    assert!(!matmul["reason"].as_str().unwrap().is_empty(), "{matmul}");
+    for k in ["sram_used_kib", "inference_time_s", "core_clock_hz"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    assert!(v["cycles_total"].as_u64().unwrap() >= v["cycles_npu"].as_u64().unwrap());
+    assert!(
+        v["verdict"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{cpu} of {} operators stay on the CPU", npu + cpu)),
+        "{v}"
+    );
+
+    // The compiled model sits beside the plain one, listed and checked like every file.
+    let m = &r["manifest"];
+    assert_eq!(m["engine"]["delegate"], "ethos-u", "{m}");
+    let compiled = m["engine"]["delegate_model"].as_str().unwrap();
+    assert!(m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["path"] == compiled));
+    let dir = PathBuf::from(r["dir"].as_str().unwrap());
+    let codes = oracle("tflite_run.py", &[&"codes", &dir.join(compiled)]);
+    assert!(codes["ops"]["ethos-u"].as_u64().unwrap() > 0, "{codes}");
+    let plain = oracle(
+        "tflite_run.py",
+        &[&"codes", &dir.join(m["model"]["file"].as_str().unwrap())],
+    );
+    assert!(plain["ops"].get("ethos-u").is_none(), "{plain}");
+    run_ok(edgepack().arg("verify").arg(r["archive"].as_str().unwrap()));
+
+    // The full-integer model Vela needs takes statistics: refused up front without them.
+    let err = run_err(
+        edgepack()
+            .arg("bundle")
+            .arg(&gguf)
+            .args([
+                "--target",
+                "imx93",
+                "--format",
+                "tflite",
+                "--precision",
+                "int8",
+            ])
+            .arg("-o")
+            .arg(work.path().join("no-stats")),
+    );
+    assert!(err.contains("--stats"), "{err}");
 }

@@ -34,6 +34,8 @@ const REQUIREMENTS: &[&str] = &[
     // The model builder (bench onnx) and onnxruntime's MatMulNBits quantizer need it.
     "onnx_ir==1.1.0",
     "ai-edge-litert==2.3.0",
+    // Arm's compiler for the i.MX 93's Ethos-U65; `edgepack bundle` runs it.
+    "ethos-u-vela==5.2.0",
 ];
 
 /// The registry package that ships SmolLM2-135M-Instruct as a Q4_1 GGUF.
