@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use edgepack_targets::bundle::{self, Manifest};
-use edgepack_targets::{sign, BundleError, Profile};
+use edgepack_targets::{elf, sign, BundleError, Profile};
+
+use crate::engine::DelegatePlan;
 
 use crate::library::{self, LibraryError, Search};
 
@@ -73,6 +75,69 @@ pub struct Verified {
     pub library: Option<PathBuf>,
     /// The id the API answers with: the manifest's model name.
     pub model_id: String,
+    /// The accelerator delegate the manifest asks for, and where its library is.
+    pub delegate: Option<DelegatePlan>,
+}
+
+/// Which delegate library to use for a bundle that asks for one.
+#[derive(Debug, Clone, Default)]
+pub enum DelegateChoice {
+    /// The paths the board's profile lists (`[npu.delegate].paths`).
+    #[default]
+    Profile,
+    /// Exactly this file (`--delegate PATH`).
+    Path(PathBuf),
+    /// None: run on the CPU (`--no-delegate`).
+    Off,
+}
+
+/// Resolves the delegate a manifest asks for: its library by `choice`, each candidate checked
+/// to be an ELF file for this CPU; a miss is recorded with every place searched, not an error
+/// (the engine falls back to the CPU and says why).
+fn find_delegate(
+    dir: &Path,
+    manifest: &Manifest,
+    profile: Option<&Profile>,
+    choice: &DelegateChoice,
+) -> Option<DelegatePlan> {
+    let engine = manifest.engine.as_ref()?;
+    let name = engine.delegate.clone()?;
+    let model = engine.delegate_model.as_ref().map(|m| dir.join(m));
+    let plan = |library: Option<PathBuf>, searched: String| {
+        Some(DelegatePlan {
+            name: name.clone(),
+            library,
+            searched,
+            model: model.clone(),
+        })
+    };
+    let candidates: Vec<PathBuf> = match choice {
+        DelegateChoice::Off => return plan(None, "--no-delegate".into()),
+        DelegateChoice::Path(p) => vec![p.clone()],
+        DelegateChoice::Profile => profile
+            .and_then(|p| p.npu.as_ref())
+            .and_then(|n| n.delegate.as_ref())
+            .map(|d| d.paths.iter().map(PathBuf::from).collect())
+            .unwrap_or_default(),
+    };
+    let mut searched = Vec::new();
+    for c in &candidates {
+        if !c.is_file() {
+            searched.push(format!("{}: not found", c.display()));
+            continue;
+        }
+        match elf::expect_machine(c, std::env::consts::ARCH) {
+            Ok(()) => return plan(Some(c.clone()), String::new()),
+            Err(e) => searched.push(e.to_string()),
+        }
+    }
+    if candidates.is_empty() {
+        searched.push(format!(
+            "profile {} lists no [npu.delegate].paths",
+            manifest.target.profile
+        ));
+    }
+    plan(None, searched.join("; "))
 }
 
 /// Verifies `dir` (against `trusted_key` when given), finds its model and, for engines loaded
@@ -81,6 +146,7 @@ pub fn open(
     dir: &Path,
     trusted_key: Option<&Path>,
     engine_lib: Option<&Path>,
+    delegate: &DelegateChoice,
 ) -> Result<Verified, OpenError> {
     let key = trusted_key.map(sign::read_public_key).transpose()?;
     let manifest = bundle::verify_dir(dir, key.as_ref())?;
@@ -88,8 +154,12 @@ pub fn open(
         manifest: dir.join(bundle::MANIFEST),
         format: manifest.format.clone(),
     })?;
+    let profile = Profile::builtin(&manifest.target.profile).ok();
+    let delegate = match format {
+        Format::Tflite => find_delegate(dir, &manifest, profile.as_ref(), delegate),
+        _ => None,
+    };
     let library = if format.loads_library() {
-        let profile = Profile::builtin(&manifest.target.profile).ok();
         Some(library::find(&Search {
             engine: format.engine(),
             format: &manifest.format,
@@ -107,6 +177,7 @@ pub fn open(
         model_id: manifest.model.name.clone(),
         format,
         library,
+        delegate,
         manifest,
     })
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgepack_runtime::bench::{self, BenchConfig};
-use edgepack_runtime::bundle;
+use edgepack_runtime::bundle::{self, DelegateChoice};
 use edgepack_runtime::engine::{Engine, EngineConfig};
 use edgepack_runtime::server::{self, AppState};
 
@@ -87,6 +87,14 @@ struct ModelArgs {
     /// (libLiteRt.so); by default the paths the board's profile lists, then the bundle's lib/.
     #[arg(long, env = "EDGEPACK_ENGINE_LIB")]
     engine_lib: Option<PathBuf>,
+    /// The accelerator delegate library for TFLite bundles whose manifest names one (a TFLite
+    /// external delegate such as /usr/lib/libvx_delegate.so); by default the paths the board's
+    /// profile lists. Without one the model runs on the CPU and the reason is logged.
+    #[arg(long, env = "EDGEPACK_DELEGATE", value_name = "PATH")]
+    delegate: Option<PathBuf>,
+    /// Run TFLite bundles on the CPU even when their manifest names a delegate.
+    #[arg(long, conflicts_with = "delegate")]
+    no_delegate: bool,
 }
 
 impl ModelArgs {
@@ -106,6 +114,11 @@ impl ModelArgs {
             &self.bundle,
             self.trusted_key.as_deref(),
             self.engine_lib.as_deref(),
+            &match (&self.delegate, self.no_delegate) {
+                (_, true) => DelegateChoice::Off,
+                (Some(p), false) => DelegateChoice::Path(p.clone()),
+                (None, false) => DelegateChoice::Profile,
+            },
         )
         .with_context(|| format!("refusing bundle {}", self.bundle.display()))?;
         Ok((
@@ -116,6 +129,7 @@ impl ModelArgs {
                 threads,
                 ctx_size: self.ctx_size,
                 flash_attn: self.flash_attn,
+                delegate: verified.delegate,
             },
             verified.model_id,
         ))
@@ -169,7 +183,18 @@ fn run(cli: Cli) -> Result<()> {
                 repetitions,
             };
             let json = cli.json;
+            let info = &engine.info;
             if !json {
+                println!(
+                    "engine {} {}, delegate {}{}",
+                    info.engine,
+                    info.engine_version,
+                    info.delegate.as_deref().unwrap_or("none (CPU)"),
+                    info.delegate_fallback
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                );
                 println!(
                     "{:>8} {:>6} {:>10} {:>12} {:>12}",
                     "prompt", "gen", "ttft_ms", "prompt_t/s", "decode_t/s"
@@ -194,6 +219,10 @@ fn run(cli: Cli) -> Result<()> {
                     "model_path": model_path,
                     "threads": engine.info.threads,
                     "n_ctx": engine.info.n_ctx,
+                    "engine": engine.info.engine,
+                    "engine_version": engine.info.engine_version,
+                    "delegate": engine.info.delegate,
+                    "delegate_fallback": engine.info.delegate_fallback,
                     "results": rows,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-use crate::engine::GenStats;
+use crate::engine::{GenStats, ModelInfo};
 
 /// Upper bounds (seconds) of the time-to-first-token histogram: a small model on a fast core
 /// answers in tens of milliseconds, a long prompt on a Cortex-A53 takes seconds.
@@ -62,13 +62,11 @@ impl Metrics {
             .requests_failed += 1;
     }
 
-    /// The exposition text.
-    pub fn render(&self, model: &str) -> String {
+    /// The exposition text; `info` (once the model is loaded) adds which engine, library
+    /// version and delegate run it.
+    pub fn render(&self, model: &str, info: Option<&ModelInfo>) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let label = format!(
-            "model=\"{}\"",
-            model.replace('\\', "\\\\").replace('"', "\\\"")
-        );
+        let label = format!("model=\"{}\"", escape(model));
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, String)]| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -77,6 +75,33 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{suffix_labels} {value}");
             }
         };
+        if let Some(info) = info {
+            metric(
+                "edgepack_engine_info",
+                "gauge",
+                "The engine running the model, its library version and the accelerator delegate in use (cpu when none).",
+                &[(
+                    format!(
+                        "{{{label},engine=\"{}\",version=\"{}\",delegate=\"{}\"}}",
+                        escape(info.engine),
+                        escape(&info.engine_version),
+                        escape(info.delegate.as_deref().unwrap_or("cpu"))
+                    ),
+                    "1".into(),
+                )],
+            );
+            if let Some(reason) = &info.delegate_fallback {
+                metric(
+                    "edgepack_delegate_fallback",
+                    "gauge",
+                    "1 when the bundle asks for a delegate that is not running, with the reason.",
+                    &[(
+                        format!("{{{label},reason=\"{}\"}}", escape(reason)),
+                        "1".into(),
+                    )],
+                );
+            }
+        }
         metric(
             "edgepack_requests_total",
             "counter",
@@ -141,4 +166,11 @@ impl Metrics {
         );
         out
     }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -124,7 +124,8 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(&st.model_id),
+        st.metrics
+            .render(&st.model_id, st.engine.get().map(|e| &e.info)),
     )
         .into_response()
 }

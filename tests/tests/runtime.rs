@@ -869,6 +869,145 @@ fn aarch64_runtime_under_qemu_answers_paris_from_an_onnx_bundle_with_the_wheels_
     );
 }
 
+/// SmolLM2 as a dynamic-int8 TFLite bundle for the board, with the aarch64 runtime and
+/// LiteRT library from `cargo xtask dist --engine-libs`, built once per run. Its manifest asks
+/// for the board's NPU delegate (imx95: neutron).
+fn board_tflite_bundle() -> PathBuf {
+    let d = dist();
+    let lib = d["engine_libs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["engine"] == "litert")
+        .and_then(|l| l["path"].as_str())
+        .expect("dist --engine-libs brings LiteRT")
+        .to_string();
+    let runtime = PathBuf::from(d["binary"].as_str().unwrap());
+    let out = shared_work_dir().join("runtime-tflite-imx95");
+    let out = fixtures::build_once(&out, |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_hf())
+                .args(["--target", BOARD, "--format", "tflite"])
+                .args(["--precision", "dynamic-int8", "--seq-len", "128"])
+                .args(["--name", "smollm2", "--engine-lib", &lib, "--runtime"])
+                .arg(&runtime)
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    out.join(format!("smollm2-{BOARD}"))
+}
+
+/// The test delegate (tests/c/test_delegate.c), a TFLite external delegate with the C ABI
+/// the boards' delegates export, built with the system C compiler.
+fn test_delegate(dir: &Path) -> PathBuf {
+    let so = dir.join("libtest_delegate.so");
+    run_ok(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&so)
+            .arg(root().join("tests/c/test_delegate.c")),
+    );
+    so
+}
+
+#[test]
+fn tflite_delegates_attach_or_fall_back_to_the_cpu_with_the_reason_in_models_and_metrics() {
+    let bundle = board_tflite_bundle();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["engine"]["delegate"], "neutron", "{manifest}");
+    let lib = litert_lib();
+    let work = tempfile::tempdir().unwrap();
+    let plugin = test_delegate(work.path());
+    let log = work.path().join("delegate.log");
+    let wrong_arch = dist()["binary"].as_str().unwrap().to_string();
+
+    // (delegate flag, test delegate mode) -> (delegate running, words of the fallback reason)
+    type Case<'a> = (Option<&'a str>, &'a str, Option<&'a str>, &'a [&'a str]);
+    let cases: [Case<'_>; 4] = [
+        (
+            None,
+            "",
+            None,
+            &["/usr/lib/libneutron_delegate.so: not found"],
+        ),
+        (
+            Some(plugin.to_str().unwrap()),
+            "refuse",
+            None,
+            &["neutron delegate", "did not take the model"],
+        ),
+        (
+            Some(plugin.to_str().unwrap()),
+            "accept",
+            Some("neutron"),
+            &[],
+        ),
+        (Some(&wrong_arch), "", None, &["aarch64"]),
+    ];
+    for (flag, mode, running, reason) in cases {
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = native_runtime();
+        cmd.env("EDGEPACK_TEST_DELEGATE", mode)
+            .env("EDGEPACK_TEST_DELEGATE_LOG", &log)
+            .env_remove("EDGEPACK_DELEGATE");
+        let mut extra = vec!["--threads", "2", "--engine-lib", lib.to_str().unwrap()];
+        if let Some(f) = flag {
+            extra.extend(["--delegate", f]);
+        }
+        let server = serve(cmd, &bundle, &extra, NATIVE_READY);
+        let r = chat(
+            server.port,
+            "What is the capital of France?",
+            json!({"max_tokens": 12}),
+        );
+        assert_eq!(r.status, 200, "{mode}: {}", r.body);
+        assert!(r.body.contains("Paris"), "{mode}: {}", r.body);
+        let models = http::request(server.port, "GET", "/v1/models", None, REQUEST_TIMEOUT);
+        let meta = models.json()["data"][0]["meta"].clone();
+        let metrics = http::request(server.port, "GET", "/metrics", None, REQUEST_TIMEOUT).body;
+        let info = metrics
+            .lines()
+            .find(|l| l.starts_with("edgepack_engine_info{"))
+            .unwrap_or_else(|| panic!("no engine info in\n{metrics}"));
+        assert!(info.contains("engine=\"litert\""), "{info}");
+        match running {
+            Some(d) => {
+                assert_eq!(meta["delegate"], d, "{mode}: {meta}");
+                assert!(meta.get("delegate_fallback").is_none(), "{meta}");
+                assert!(info.contains(&format!("delegate=\"{d}\"")), "{info}");
+                assert!(!metrics.contains("edgepack_delegate_fallback"), "{metrics}");
+                // The delegate saw both signatures' graphs.
+                let calls = std::fs::read_to_string(&log).unwrap();
+                assert!(calls.matches("prepare").count() >= 2, "{calls}");
+            }
+            None => {
+                assert!(meta.get("delegate").is_none(), "{mode}: {meta}");
+                let why = meta["delegate_fallback"].as_str().unwrap();
+                for w in reason {
+                    assert!(why.contains(w), "{mode}: {w:?} not in {why:?}");
+                }
+                assert!(info.contains("delegate=\"cpu\""), "{info}");
+                let fallback = metrics
+                    .lines()
+                    .find(|l| l.starts_with("edgepack_delegate_fallback{"))
+                    .unwrap_or_else(|| panic!("no fallback in\n{metrics}"));
+                assert!(fallback.ends_with(" 1"), "{fallback}");
+            }
+        }
+        if mode == "refuse" {
+            let calls = std::fs::read_to_string(&log).unwrap();
+            assert!(
+                calls.contains("prepare") && calls.contains("destroy"),
+                "{calls}"
+            );
+        }
+    }
+}
+
 #[test]
 fn aarch64_runtime_under_qemu_answers_paris_from_a_tflite_bundle_with_the_wheels_library() {
     let d = dist();
@@ -879,23 +1018,7 @@ fn aarch64_runtime_under_qemu_answers_paris_from_a_tflite_bundle_with_the_wheels
         .find(|l| l["engine"] == "litert")
         .expect("dist --engine-libs brings LiteRT");
     assert_eq!(lib["version"], "2.3.0");
-    let lib = lib["path"].as_str().unwrap();
-    let runtime = PathBuf::from(d["binary"].as_str().unwrap());
-    let out = shared_work_dir().join("runtime-tflite-imx95");
-    let out = fixtures::build_once(&out, |tmp| {
-        run_ok(
-            edgepack()
-                .arg("bundle")
-                .arg(smollm2_hf())
-                .args(["--target", BOARD, "--format", "tflite"])
-                .args(["--precision", "dynamic-int8", "--seq-len", "128"])
-                .args(["--name", "smollm2", "--engine-lib", lib, "--runtime"])
-                .arg(&runtime)
-                .arg("-o")
-                .arg(tmp),
-        );
-    });
-    let bundle = out.join(format!("smollm2-{BOARD}"));
+    let bundle = board_tflite_bundle();
     let server = serve(
         qemu_with_arm_cpuinfo(&bundle.join("bin/edgepack-runtime")),
         &bundle,

@@ -173,6 +173,344 @@ api! {
     create_tensor_buffer_from_host_memory: "LiteRtCreateTensorBufferFromHostMemory" => fn(*const RankedType, *mut c_void, usize, Option<unsafe extern "C" fn(*mut c_void)>, *mut Handle) -> Status;
     destroy_tensor_buffer: "LiteRtDestroyTensorBuffer" => fn(Handle);
     run_compiled_model: "LiteRtRunCompiledModel" => fn(Handle, usize, usize, *mut Handle, usize, *mut Handle) -> Status;
+    create_accelerator: "LiteRtCreateAccelerator" => fn(*mut Handle) -> Status;
+    destroy_accelerator: "LiteRtDestroyAccelerator" => fn(Handle) -> Status;
+    register_accelerator: "LiteRtRegisterAccelerator" => fn(Handle, Handle, *mut c_void, Option<unsafe extern "C" fn(*mut c_void)>) -> Status;
+    set_accelerator_get_name: "LiteRtSetAcceleratorGetName" => fn(Handle, unsafe extern "C" fn(*const c_void, *mut *const c_char) -> Status) -> Status;
+    set_accelerator_get_version: "LiteRtSetAcceleratorGetVersion" => fn(Handle, unsafe extern "C" fn(*const c_void, *mut ApiVersion) -> Status) -> Status;
+    set_accelerator_get_hardware_support: "LiteRtSetAcceleratorGetHardwareSupport" => fn(Handle, unsafe extern "C" fn(*const c_void, *mut c_int) -> Status) -> Status;
+    set_delegate_function: "LiteRtSetDelegateFunction" => fn(Handle, CreateDelegateFn) -> Status;
+    set_jit_responsibility: "LiteRtSetIsAcceleratorDelegateResponsibleForJitCompilation" => fn(Handle, unsafe extern "C" fn(*const c_void, *mut bool) -> Status) -> Status;
+    wrap_delegate: "LiteRtWrapDelegate" => fn(*mut c_void, Option<unsafe extern "C" fn(*mut c_void)>, *mut Handle) -> Status;
+}
+
+/// `LiteRtApiVersion`.
+#[repr(C)]
+struct ApiVersion {
+    major: c_int,
+    minor: c_int,
+    patch: c_int,
+}
+
+/// `LiteRtAny` holding an integer, and `LiteRtEnvOption`.
+#[repr(C)]
+struct EnvOption {
+    tag: c_int,
+    any_type: c_int,
+    value: i64,
+}
+
+/// `kLiteRtEnvOptionTagAutoRegisterAccelerators`, `kLiteRtEnvOptionTagMinLoggerSeverity`,
+/// `kLiteRtAnyTypeInt`, `kLiteRtLogSeverityWarning`.
+const OPT_AUTO_REGISTER: c_int = 24;
+const OPT_MIN_LOG_SEVERITY: c_int = 25;
+const ANY_INT: c_int = 2;
+const LOG_WARNING: i64 = 2;
+
+/// Delegates the accelerator callback has handed to LiteRT.
+static DELEGATES_MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+type CreateDelegateFn =
+    unsafe extern "C" fn(*mut c_void, Handle, *const c_void, Handle, *mut Handle) -> Status;
+
+/// `tflite_plugin_create_delegate(keys, values, n, report_error)` and its destroyer: the C ABI
+/// of TFLite external delegates (`external_delegate_interface.h`).
+type PluginCreate = unsafe extern "C" fn(
+    *const *const c_char,
+    *const *const c_char,
+    usize,
+    Option<unsafe extern "C" fn(*const c_char)>,
+) -> *mut c_void;
+type PluginDestroy = unsafe extern "C" fn(*mut c_void);
+
+/// The loaded external delegate, for the accelerator callbacks (LiteRT passes them no state
+/// of ours). One per process: a runtime serves one bundle.
+struct Plugin {
+    create: PluginCreate,
+    destroy: PluginDestroy,
+    wrap: unsafe extern "C" fn(
+        *mut c_void,
+        Option<unsafe extern "C" fn(*mut c_void)>,
+        *mut Handle,
+    ) -> Status,
+}
+
+static PLUGIN: std::sync::Mutex<Option<Plugin>> = std::sync::Mutex::new(None);
+/// What the delegate reported through its error callback.
+static PLUGIN_ERRORS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+impl Plugin {
+    /// Loads the delegate library at `path` and makes it the one the accelerator creates.
+    fn load(api: &Api, path: &Path) -> Result<(), String> {
+        // SAFETY: loading runs the library's initialisers; the file is the board image's
+        // delegate library (or the one asked for by --delegate), checked to be an ELF file
+        // for this CPU. The two symbols have the external delegate C ABI.
+        unsafe {
+            let lib =
+                Library::new(path).map_err(|e| format!("{}: cannot load: {e}", path.display()))?;
+            let create = *lib
+                .get::<PluginCreate>(b"tflite_plugin_create_delegate\0")
+                .map_err(|_| {
+                    format!(
+                        "{}: not a TFLite external delegate (no tflite_plugin_create_delegate)",
+                        path.display()
+                    )
+                })?;
+            let destroy = *lib
+                .get::<PluginDestroy>(b"tflite_plugin_destroy_delegate\0")
+                .map_err(|_| {
+                    format!(
+                        "{}: not a TFLite external delegate (no tflite_plugin_destroy_delegate)",
+                        path.display()
+                    )
+                })?;
+            // Delegates may not be unloaded while a model uses them: kept for the process.
+            std::mem::forget(lib);
+            *PLUGIN.lock().unwrap_or_else(|p| p.into_inner()) = Some(Plugin {
+                create,
+                destroy,
+                wrap: api.wrap_delegate,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn plugin_errors() -> String {
+    let errs = std::mem::take(&mut *PLUGIN_ERRORS.lock().unwrap_or_else(|p| p.into_inner()));
+    if errs.is_empty() {
+        String::new()
+    } else {
+        format!(" (delegate said: {})", errs.join("; "))
+    }
+}
+
+unsafe extern "C" fn plugin_report_error(msg: *const c_char) {
+    // SAFETY: the delegate passes a NUL-terminated message or null.
+    let m = unsafe { c_str(msg) };
+    let mut errs = PLUGIN_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    if errs.len() < 16 {
+        errs.push(m);
+    }
+}
+
+unsafe extern "C" fn accel_name(_: *const c_void, name: *mut *const c_char) -> Status {
+    if name.is_null() {
+        return 1;
+    }
+    // SAFETY: LiteRT passes a valid out-pointer; the string is static.
+    unsafe { *name = c"edgepack-external-delegate".as_ptr() };
+    0
+}
+
+unsafe extern "C" fn accel_version(_: *const c_void, v: *mut ApiVersion) -> Status {
+    if v.is_null() {
+        return 1;
+    }
+    // SAFETY: valid out-pointer from LiteRT.
+    unsafe {
+        *v = ApiVersion {
+            major: 1,
+            minor: 0,
+            patch: 0,
+        }
+    };
+    0
+}
+
+/// Declared a CPU-side accelerator: LiteRT 2.3 applies accelerators that claim the NPU only
+/// through its own dispatch libraries, and never calls their delegate function. Which nodes
+/// go to the NPU is the external delegate's own decision either way.
+unsafe extern "C" fn accel_hardware(_: *const c_void, set: *mut c_int) -> Status {
+    if set.is_null() {
+        return 1;
+    }
+    // SAFETY: valid out-pointer from LiteRT.
+    unsafe { *set = HW_CPU };
+    0
+}
+
+/// Not responsible for JIT compilation: LiteRT applies it whatever hardware was asked for.
+unsafe extern "C" fn accel_jit(_: *const c_void, jit: *mut bool) -> Status {
+    if jit.is_null() {
+        return 1;
+    }
+    // SAFETY: valid out-pointer from LiteRT.
+    unsafe { *jit = false };
+    0
+}
+
+unsafe extern "C" fn accel_create_delegate(
+    _: *mut c_void,
+    _: Handle,
+    _: *const c_void,
+    _: Handle,
+    out: *mut Handle,
+) -> Status {
+    let guard = PLUGIN.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(p) = guard.as_ref() else {
+        return 6;
+    };
+    if out.is_null() {
+        return 1;
+    }
+    // SAFETY: the plugin's create takes no options here (null arrays of length 0) and an
+    // error callback; it returns a delegate it owns until `destroy`, which the wrapper calls.
+    unsafe {
+        let d = (p.create)(
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            Some(plugin_report_error),
+        );
+        if d.is_null() {
+            return 3;
+        }
+        let s = (p.wrap)(d, Some(p.destroy), out);
+        if s != 0 {
+            (p.destroy)(d);
+        } else {
+            DELEGATES_MADE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        s
+    }
+}
+
+/// Creates the environment, loads the model and compiles it for `threads` threads: on the CPU
+/// (XNNPACK), or with the loaded external delegate applied first (`with_delegate`: LiteRT's
+/// own accelerators are not registered, so the delegate sees the whole graph before the
+/// interpreter's default XNNPACK delegate takes what it leaves). Everything made is released
+/// on failure.
+fn open_model(
+    api: &Api,
+    path: &Path,
+    with_delegate: bool,
+    threads: i32,
+) -> Result<(Handle, Handle, Handle), String> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "the path holds a NUL byte".to_string())?;
+    let mut opts = vec![EnvOption {
+        tag: OPT_MIN_LOG_SEVERITY,
+        any_type: ANY_INT,
+        value: LOG_WARNING,
+    }];
+    if with_delegate {
+        opts.push(EnvOption {
+            tag: OPT_AUTO_REGISTER,
+            any_type: ANY_INT,
+            value: 0,
+        });
+    }
+    let (mut env, mut model, mut compiled, mut options) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    // SAFETY: LiteRT C calls with valid handles and out-pointers. The accelerator passes to
+    // the environment on registration (destroyed here only if that fails); the options are
+    // the caller's after compilation; the opaque CPU options own their payload once created.
+    let r = unsafe {
+        (|| -> Result<(), String> {
+            check(
+                "LiteRtCreateEnvironment",
+                (api.create_environment)(opts.len() as c_int, opts.as_ptr().cast(), &mut env),
+            )?;
+            if with_delegate {
+                let mut acc = std::ptr::null_mut();
+                check(
+                    "LiteRtCreateAccelerator",
+                    (api.create_accelerator)(&mut acc),
+                )?;
+                let set = (|| {
+                    check(
+                        "LiteRtSetAcceleratorGetName",
+                        (api.set_accelerator_get_name)(acc, accel_name),
+                    )?;
+                    check(
+                        "LiteRtSetAcceleratorGetVersion",
+                        (api.set_accelerator_get_version)(acc, accel_version),
+                    )?;
+                    check(
+                        "LiteRtSetAcceleratorGetHardwareSupport",
+                        (api.set_accelerator_get_hardware_support)(acc, accel_hardware),
+                    )?;
+                    check(
+                        "LiteRtSetDelegateFunction",
+                        (api.set_delegate_function)(acc, accel_create_delegate),
+                    )?;
+                    check(
+                        "LiteRtSetIsAcceleratorDelegateResponsibleForJitCompilation",
+                        (api.set_jit_responsibility)(acc, accel_jit),
+                    )
+                })();
+                if let Err(e) = set {
+                    (api.destroy_accelerator)(acc);
+                    return Err(e);
+                }
+                check(
+                    "LiteRtRegisterAccelerator",
+                    (api.register_accelerator)(env, acc, std::ptr::null_mut(), None),
+                )?;
+            }
+            check(
+                "LiteRtCreateModelFromFile",
+                (api.create_model_from_file)(env, c_path.as_ptr(), &mut model),
+            )?;
+            check("LiteRtCreateOptions", (api.create_options)(&mut options))?;
+            check(
+                "LiteRtSetOptionsHardwareAccelerators",
+                (api.set_options_hardware_accelerators)(options, HW_CPU),
+            )?;
+            {
+                let payload = CString::new(format!("num_threads = {threads}\n"))
+                    .expect("no NUL")
+                    .into_raw();
+                let mut opaque = std::ptr::null_mut();
+                let s = (api.create_opaque_options)(
+                    c"xnnpack".as_ptr(),
+                    payload.cast(),
+                    Some(free_c_string),
+                    &mut opaque,
+                );
+                if s != 0 {
+                    free_c_string(payload.cast());
+                }
+                check("LiteRtCreateOpaqueOptions (CPU threads)", s)?;
+                check(
+                    "LiteRtAddOpaqueOptions",
+                    (api.add_opaque_options)(options, opaque),
+                )?;
+            }
+            let made = DELEGATES_MADE.load(std::sync::atomic::Ordering::SeqCst);
+            check(
+                "LiteRtCreateCompiledModel",
+                (api.create_compiled_model)(env, model, options, &mut compiled),
+            )?;
+            if with_delegate && DELEGATES_MADE.load(std::sync::atomic::Ordering::SeqCst) == made {
+                return Err("LiteRT compiled the model without asking for the delegate".into());
+            }
+            Ok(())
+        })()
+    };
+    // SAFETY: each handle is null or from its create call, released once, dependants first.
+    unsafe {
+        if !options.is_null() {
+            (api.destroy_options)(options);
+        }
+        if r.is_err() {
+            if !compiled.is_null() {
+                (api.destroy_compiled_model)(compiled);
+            }
+            if !model.is_null() {
+                (api.destroy_model)(model);
+            }
+            if !env.is_null() {
+                (api.destroy_environment)(env);
+            }
+        }
+    }
+    r.map(|()| (env, model, compiled))
 }
 
 /// Turns a LiteRT status into a message naming the call.
@@ -435,23 +773,51 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, LiteRtForward, ModelInfo), En
         vocab: 0,
         logits: Vec::new(),
     };
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| load_err(path, "the path holds a NUL byte"))?;
-    let api = &fwd.api;
-    // SAFETY: every call below is a LiteRT C function with valid out-pointers; the handles
-    // are stored in `fwd` at once, so its Drop releases them on every error path.
-    unsafe {
-        check(
-            "LiteRtCreateEnvironment",
-            (api.create_environment)(0, std::ptr::null(), &mut fwd.env),
-        )
-        .map_err(|e| load_err(path, e))?;
-        check(
-            "LiteRtCreateModelFromFile",
-            (api.create_model_from_file)(fwd.env, c_path.as_ptr(), &mut fwd.model),
-        )
-        .map_err(|e| load_err(path, e))?;
+    let threads = config.threads.max(1);
+    // The delegate first, where the bundle asks for one and its library is here; on any
+    // failure the plain model on the CPU, with the reason kept for /v1/models and /metrics.
+    let mut delegate = None;
+    let mut delegate_fallback = None;
+    let mut model_path = path.clone();
+    if let Some(plan) = &config.delegate {
+        let attempt = match &plan.library {
+            None => Err(format!(
+                "no {} delegate library ({})",
+                plan.name, plan.searched
+            )),
+            Some(lib) => Plugin::load(&fwd.api, lib).and_then(|()| {
+                let m = plan.model.clone().unwrap_or_else(|| path.clone());
+                open_model(&fwd.api, &m, true, threads)
+                    .map(|o| (o, m))
+                    .map_err(|e| {
+                        format!(
+                            "the {} delegate ({}) did not take the model: {e}{}",
+                            plan.name,
+                            lib.display(),
+                            plugin_errors()
+                        )
+                    })
+            }),
+        };
+        match attempt {
+            Ok((opened, m)) => {
+                (fwd.env, fwd.model, fwd.compiled) = opened;
+                model_path = m;
+                delegate = Some(plan.name.clone());
+                tracing::info!(delegate = %plan.name, model = %model_path.display(), "LiteRT model compiled with the delegate");
+            }
+            Err(reason) => {
+                tracing::warn!(delegate = %plan.name, %reason, "running on the CPU (XNNPACK) instead");
+                delegate_fallback = Some(reason);
+            }
+        }
     }
+    if fwd.compiled.is_null() {
+        (fwd.env, fwd.model, fwd.compiled) =
+            open_model(&fwd.api, path, false, threads).map_err(|e| load_err(path, e))?;
+    }
+    let path = &model_path;
+    let api = &fwd.api;
     let meta = |key: &str| -> Result<Option<Vec<u8>>, EngineError> {
         let k = CString::new(key).expect("a metadata key has no NUL");
         let (mut p, mut n) = (std::ptr::null(), 0usize);
@@ -592,49 +958,6 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, LiteRtForward, ModelInfo), En
     let cache_names: Vec<String> = cache.iter().map(|p| p.name.clone()).collect();
     let cache_types: Vec<RankedType> = cache.iter().map(|p| p.ty).collect();
 
-    // Compile for the CPU with the asked thread count.
-    // SAFETY: LiteRT calls with valid handles and out-pointers; the options are destroyed
-    // after compilation (LiteRtCreateCompiledModel leaves them with the caller) and own the
-    // payload once LiteRtCreateOpaqueOptions succeeded.
-    unsafe {
-        let mut options = std::ptr::null_mut();
-        check("LiteRtCreateOptions", (api.create_options)(&mut options))
-            .map_err(|e| load_err(path, e))?;
-        let compiled = (|| -> Result<Handle, String> {
-            check(
-                "LiteRtSetOptionsHardwareAccelerators",
-                (api.set_options_hardware_accelerators)(options, HW_CPU),
-            )?;
-            let threads = config.threads.max(1);
-            let payload = CString::new(format!("num_threads = {threads}\n"))
-                .expect("no NUL")
-                .into_raw();
-            let mut opaque = std::ptr::null_mut();
-            let s = (api.create_opaque_options)(
-                c"xnnpack".as_ptr(),
-                payload.cast(),
-                Some(free_c_string),
-                &mut opaque,
-            );
-            if s != 0 {
-                free_c_string(payload.cast());
-            }
-            check("LiteRtCreateOpaqueOptions (CPU threads)", s)?;
-            check(
-                "LiteRtAddOpaqueOptions",
-                (api.add_opaque_options)(options, opaque),
-            )?;
-            let mut compiled = std::ptr::null_mut();
-            check(
-                "LiteRtCreateCompiledModel",
-                (api.create_compiled_model)(fwd.env, fwd.model, options, &mut compiled),
-            )?;
-            Ok(compiled)
-        })();
-        (api.destroy_options)(options);
-        fwd.compiled = compiled.map_err(|e| load_err(path, e))?;
-    }
-
     let mut vocab_size = 0usize;
     let mut make_sig = |index: usize,
                         key: &str,
@@ -755,6 +1078,8 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, LiteRtForward, ModelInfo), En
         n_vocab: i32::try_from(vocab_size).unwrap_or(i32::MAX),
         chat_template: prompter.has_chat_template(),
         threads: config.threads,
+        delegate,
+        delegate_fallback,
     };
     let vocab = HfVocab {
         prompter,
@@ -767,7 +1092,7 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, LiteRtForward, ModelInfo), En
         model = %path.display(),
         prefill = fwd.prefill.as_ref().map(|s| s.key.as_str()).unwrap_or("none"),
         context = n_ctx,
-        "LiteRT model compiled for the CPU"
+        "LiteRT model ready"
     );
     Ok((vocab, fwd, info))
 }

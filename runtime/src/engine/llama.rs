@@ -93,6 +93,8 @@ pub fn run(
         n_vocab: model.n_vocab(),
         chat_template: vocab.template.is_some(),
         threads: config.threads,
+        delegate: None,
+        delegate_fallback: None,
     };
     let mut fwd = LlamaForward {
         batch: LlamaBatch::new(ctx.n_batch() as usize, 1),

@@ -21,6 +21,6 @@ mod types;
 pub use generate::PROMPT_BATCH;
 pub use handle::Engine;
 pub use types::{
-    ChatMessage, Detokenizer, EngineConfig, EngineError, FinishReason, Format, Forward, GenEvent,
-    GenRequest, GenStats, ModelInfo, Prompt, Vocab,
+    ChatMessage, DelegatePlan, Detokenizer, EngineConfig, EngineError, FinishReason, Format,
+    Forward, GenEvent, GenRequest, GenStats, ModelInfo, Prompt, Vocab,
 };

@@ -284,6 +284,8 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, OrtForward, ModelInfo), Engin
         n_vocab: i32::try_from(genai.vocab_size).unwrap_or(i32::MAX),
         chat_template: prompter.has_chat_template(),
         threads: config.threads,
+        delegate: None,
+        delegate_fallback: None,
     };
     let vocab = HfVocab {
         prompter,

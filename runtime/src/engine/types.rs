@@ -71,6 +71,21 @@ pub struct EngineConfig {
     /// Flash attention (llama.cpp only). Off unless asked; llama.cpp's own default (auto)
     /// turns it on for CPUs. `cargo xtask bench runtime` sets it the same way on both sides.
     pub flash_attn: bool,
+    /// The accelerator delegate the bundle asks for (LiteRT only).
+    pub delegate: Option<DelegatePlan>,
+}
+
+/// The delegate a bundle asks for and what the search for its library found.
+#[derive(Debug, Clone)]
+pub struct DelegatePlan {
+    /// The manifest's name for it (`vx`, `ethos-u`, `neutron`).
+    pub name: String,
+    /// The delegate's shared library, if one was found.
+    pub library: Option<PathBuf>,
+    /// Where it was looked for, said when it was not found.
+    pub searched: String,
+    /// The model compiled for it ahead of time (Vela's), run in its place when it attaches.
+    pub model: Option<PathBuf>,
 }
 
 /// What the loaded model and engine report about themselves.
@@ -93,6 +108,12 @@ pub struct ModelInfo {
     pub n_vocab: i32,
     pub chat_template: bool,
     pub threads: i32,
+    /// The accelerator delegate running the model, if any (otherwise the CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
+    /// Why the delegate the bundle asks for is not running, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate_fallback: Option<String>,
 }
 
 /// One chat message as the API gives it.
