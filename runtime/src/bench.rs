@@ -64,6 +64,7 @@ fn request(tokens: Vec<i32>, gen_tokens: u32) -> GenRequest {
         seed: 0,
         stop: vec![],
         ignore_eos: true,
+        stream: false,
     }
 }
 

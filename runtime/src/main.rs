@@ -213,6 +213,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             })
             .context("benchmark run")?;
+            if !json {
+                if let Some(mb) = peak_rss_mb() {
+                    println!("peak resident memory {mb:.0} MiB");
+                }
+            }
             if json {
                 let out = serde_json::json!({
                     "model": model_id,
@@ -223,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
                     "engine_version": engine.info.engine_version,
                     "delegate": engine.info.delegate,
                     "delegate_fallback": engine.info.delegate_fallback,
+                    "peak_rss_mb": peak_rss_mb(),
                     "results": rows,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -319,4 +325,18 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+}
+
+/// This process's peak resident memory in MiB (Linux: VmHWM), if the kernel says.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }

@@ -234,6 +234,7 @@ impl Sampling {
                 Some(Stop::Many(v)) => v.clone(),
             },
             ignore_eos: false,
+            stream: self.stream,
         })
     }
 

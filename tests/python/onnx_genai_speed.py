@@ -1,9 +1,11 @@
 """Times onnxruntime-genai's own generate loop on an ONNX folder (CPU, THREADS threads): a
 prompt of PROMPT fixed token ids, then DECODE greedy tokens. Prints one JSON line with the time
-to first token and the decode tokens/s (tokens after the first over their time).
+to first token, the decode tokens/s (tokens after the first over their time) and the process's
+peak resident memory.
 
 usage: onnx_genai_speed.py MODEL_DIR PROMPT DECODE THREADS"""
 import json
+import resource
 import sys
 import time
 
@@ -36,4 +38,5 @@ def run():
 
 run()  # warm-up
 ttft, tps = run()
-print(json.dumps({"ttft_ms": ttft * 1e3, "decode_tokens_per_s": tps}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"ttft_ms": ttft * 1e3, "decode_tokens_per_s": tps, "peak_rss_mb": peak}))

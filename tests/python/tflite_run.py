@@ -11,8 +11,8 @@
       question as a user turn, decodes greedily, prints the reply.
   tflite_run.py call MODEL KEY INPUTS_JSON
       runs signature KEY with float32 inputs {name: nested list}; prints the outputs.
-  tflite_run.py speed MODEL PROMPT_LEN N_DECODE
-      tokens/s of prefill and decode.
+  tflite_run.py speed MODEL PROMPT_LEN N_DECODE [THREADS]
+      time to first token, tokens/s of prefill and decode, and peak resident memory.
   tflite_run.py codes MODEL
       operator counts by builtin name or custom code, read with the wheel's schema reader only
       (for models with custom operators the interpreter cannot resolve, like Vela's ethos-u).
@@ -164,8 +164,10 @@ def main():
         out = runner(**ins)
         print(json.dumps({k: v.tolist() for k, v in out.items()}))
     elif cmd == "speed":
+        import resource
+
         p, n = int(sys.argv[3]), int(sys.argv[4])
-        llm = Llm(path)
+        llm = Llm(path, threads=int(sys.argv[5]) if len(sys.argv) > 5 else 2)
         ids = [(i * 7919 + 13) % 1000 for i in range(p)]
         # One untimed call of each signature: the first call allocates and plans.
         llm.prompt(ids)
@@ -174,11 +176,15 @@ def main():
             llm.cache[name][:] = 0
         t0 = time.perf_counter()
         logits = llm.prompt(ids)[-1]
+        first = int(np.argmax(logits))
         t1 = time.perf_counter()
+        token = first
         for i in range(n):
-            logits = llm.step(int(np.argmax(logits)), p + i)
+            token = int(np.argmax(llm.step(token, p + i)))
         t2 = time.perf_counter()
-        print(json.dumps({"prefill_tokens_per_s": p / (t1 - t0), "decode_tokens_per_s": n / (t2 - t1)}))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"ttft_ms": (t1 - t0) * 1e3, "prefill_tokens_per_s": p / (t1 - t0),
+                          "decode_tokens_per_s": n / (t2 - t1), "peak_rss_mb": peak}))
     elif cmd == "codes":
         data, m = read_model(path)
         names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}

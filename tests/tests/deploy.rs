@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use edgepack_tests::sshd::{free_port, Board, Sshd};
 use edgepack_tests::{
-    edgepack, fixtures, root, run_err, run_ok, runtime_bin, shared_work_dir, smollm2_gguf,
+    edgepack, fixtures, onnxruntime_lib, root, run_err, run_ok, runtime_bin, shared_work_dir,
+    smollm2_gguf,
 };
 use serde_json::Value;
 
@@ -345,6 +346,52 @@ fn a_corrupted_upload_is_refused_before_switching_and_resent_next_time() {
 
     let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
     assert_eq!(r["outcome"], "deployed", "{r}");
+}
+
+#[test]
+fn an_onnx_bundle_carrying_onnx_runtime_deploys_switches_and_passes_the_health_check() {
+    let out = fixtures::build_once(&shared_work_dir().join("deploy-bundle-onnx"), |tmp| {
+        run_ok(
+            edgepack()
+                .arg("bundle")
+                .arg(smollm2_gguf())
+                .args(["--target", "generic-x86_64", "--format", "onnx"])
+                .args(["--precision", "int4", "--name", "smollm2", "--runtime"])
+                .arg(runtime_bin())
+                .arg("--engine-lib")
+                .arg(onnxruntime_lib())
+                .arg("-o")
+                .arg(tmp),
+        );
+    });
+    let bundle = out.join(BUNDLE);
+    let sshd = Sshd::start("onnx-board");
+    let board = Board::new();
+    let port = free_port();
+    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &bundle, port)));
+    eprintln!("onnx deploy: {r}");
+    assert_eq!(r["outcome"], "deployed", "{r}");
+    assert!(
+        r["health"]["reply"].as_str().unwrap().contains("Paris"),
+        "{r}"
+    );
+    assert_eq!(
+        board.current().as_deref(),
+        Some(release_id(&bundle).as_str())
+    );
+    assert_eq!(health(port), Some(200));
+    // The board has no ONNX Runtime of its own: the runtime loaded the one the bundle carries.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("\"engine\":\"onnxruntime\""), "{reply}");
+    let current = board.install_dir().join("current");
+    assert!(
+        reply.contains(&format!("{}/lib/libonnxruntime.so.", current.display())),
+        "{reply}"
+    );
 }
 
 #[test]

@@ -79,6 +79,7 @@ fn run(
 
     let mut detok = vocab.detokenizer();
     let mut filter = StopFilter::new(req.stop.clone());
+    let mut held = String::new();
     let mut generated = 0usize;
     let mut first_token_at: Option<Instant> = None;
     let mut finish = FinishReason::Length;
@@ -92,9 +93,15 @@ fn run(
         }
         let text = detok.push(id)?;
         let (emit, stopped) = filter.push(&text);
-        if !emit.is_empty() && job.events.send(GenEvent::Text(emit)).is_err() {
-            // The client went away: nobody reads the rest.
+        if req.stream {
+            if !emit.is_empty() && job.events.send(GenEvent::Text(emit)).is_err() {
+                // The client went away: nobody reads the rest.
+                return Err(EngineError::Stopped);
+            }
+        } else if job.events.is_closed() {
             return Err(EngineError::Stopped);
+        } else {
+            held.push_str(&emit);
         }
         if stopped {
             finish = FinishReason::Stop;
@@ -105,7 +112,7 @@ fn run(
         }
         token = sampler.sample(model.forward(&[id])?);
     }
-    let mut rest = String::new();
+    let mut rest = held;
     if finish == FinishReason::Length {
         let (emit, _) = filter.push(&detok.finish());
         rest.push_str(&emit);

@@ -7,13 +7,15 @@
 //! the one the bundle carries, never one linked into the binary. Why this rather than
 //! onnxruntime-genai's C API is in docs/engines.md.
 
-use std::borrow::Cow;
+use std::ffi::{CStr, CString};
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::mpsc;
 
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, TensorRefMut, ValueType};
+use ort::AsPointer;
 use serde_json::Value as Json;
 
 use super::generate::{self, Job};
@@ -294,17 +296,37 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, OrtForward, ModelInfo), Engin
         source: dir.to_path_buf(),
         engine: ENGINE,
     };
-    let fwd = OrtForward {
+    let logits_f16 = match session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == genai.logits)
+        .map(|o| o.dtype())
+    {
+        Some(ValueType::Tensor {
+            ty: TensorElementType::Float16,
+            ..
+        }) => true,
+        Some(ValueType::Tensor {
+            ty: TensorElementType::Float32,
+            ..
+        }) => false,
+        _ => {
+            return Err(load_err(
+                model_file,
+                format!("output {}: not a float32 or float16 tensor", genai.logits),
+            ))
+        }
+    };
+    let fwd = OrtForward::new(
         session,
-        past_names,
-        present_names,
-        past: Vec::new(),
-        len: 0,
+        &past_names,
+        &present_names,
         n_ctx,
         cache_f16,
-        logits: Vec::new(),
+        logits_f16,
         genai,
-    };
+    )
+    .map_err(|e| load_err(model_file, e))?;
     Ok((vocab, fwd, info))
 }
 
@@ -328,33 +350,159 @@ fn input_type(
     }
 }
 
+/// The decoder with its KV cache in one buffer per layer and tensor, `[1, kv_heads, n_ctx,
+/// head_size]`, bound through one ONNX Runtime IoBinding as both the `past_key_values.*` input
+/// and the `present.*` output: GroupQueryAttention then writes each call's keys and values in
+/// place (onnxruntime-genai's `past_present_share_buffer`), so nothing is copied or allocated
+/// per token but the ids, the mask and the logits.
 struct OrtForward {
     session: Session,
-    past_names: Vec<String>,
-    present_names: Vec<String>,
-    /// `present.*` of the last call, fed back as `past_key_values.*`; empty before the first.
-    past: Vec<DynValue>,
+    binding: NonNull<ort::sys::OrtIoBinding>,
+    /// Keeps the bound cache buffers alive.
+    _cache: Vec<DynValue>,
+    /// Logits of one-token calls, bound once.
+    decode_logits: DynValue,
+    /// The id of one-token calls, written in place.
+    decode_ids: DynValue,
+    /// Whether `decode_ids` (not a prompt chunk) is bound as `input_ids`.
+    decode_ids_bound: bool,
+    /// Ones for the attention mask; each call binds a view of its first `total`.
+    ones: Vec<i64>,
+    /// Logits of prompt chunks, grown to the largest chunk and reused (a fresh buffer per
+    /// chunk costs a page fault per 4 KiB as ONNX Runtime first writes it).
+    prefill_f32: Vec<f32>,
+    prefill_f16: Vec<half::f16>,
+    input_ids: CString,
+    attention_mask: CString,
+    logits_name: CString,
     /// Tokens in the cache.
     len: usize,
     n_ctx: u32,
-    cache_f16: bool,
+    logits_f16: bool,
+    vocab: usize,
     logits: Vec<f32>,
-    genai: GenaiConfig,
+}
+
+/// Turns an ONNX Runtime status into a message (and frees it).
+fn status(what: &str, st: ort::sys::OrtStatusPtr) -> Result<(), String> {
+    if st.0.is_null() {
+        return Ok(());
+    }
+    let api = ort::api();
+    // SAFETY: a non-null status from an ONNX Runtime call; its message is read, then the
+    // status is released once.
+    let msg = unsafe {
+        let m = (api.GetErrorMessage)(st.0);
+        let text = if m.is_null() {
+            String::from("unknown error")
+        } else {
+            CStr::from_ptr(m).to_string_lossy().into_owned()
+        };
+        (api.ReleaseStatus)(st.0);
+        text
+    };
+    Err(format!("{what}: {msg}"))
+}
+
+fn zeros<
+    T: ort::value::PrimitiveTensorElementType + Clone + Default + std::fmt::Debug + 'static,
+>(
+    shape: [usize; 4],
+) -> Result<DynValue, String> {
+    let n: usize = shape.iter().product();
+    Tensor::from_array((shape, vec![T::default(); n]))
+        .map(|t| t.into_dyn())
+        .map_err(|e| e.to_string())
 }
 
 impl OrtForward {
-    fn empty_cache(&self) -> Result<Vec<DynValue>, EngineError> {
-        let shape = [1usize, self.genai.kv_heads, 0, self.genai.head_size];
-        (0..self.past_names.len())
+    fn new(
+        session: Session,
+        past_names: &[String],
+        present_names: &[String],
+        n_ctx: u32,
+        cache_f16: bool,
+        logits_f16: bool,
+        genai: GenaiConfig,
+    ) -> Result<OrtForward, String> {
+        let api = ort::api();
+        let shape = [1, genai.kv_heads, n_ctx as usize, genai.head_size];
+        let cache: Vec<DynValue> = (0..past_names.len())
             .map(|_| {
-                if self.cache_f16 {
-                    Tensor::from_array((shape, Vec::<half::f16>::new())).map(|t| t.into_dyn())
+                if cache_f16 {
+                    zeros::<half::f16>(shape)
                 } else {
-                    Tensor::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn())
+                    zeros::<f32>(shape)
                 }
-                .map_err(decode_err)
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let decode_logits = if logits_f16 {
+            Tensor::from_array((
+                [1usize, 1, genai.vocab_size],
+                vec![half::f16::ZERO; genai.vocab_size],
+            ))
+            .map(|t| t.into_dyn())
+        } else {
+            Tensor::from_array(([1usize, 1, genai.vocab_size], vec![0f32; genai.vocab_size]))
+                .map(|t| t.into_dyn())
+        }
+        .map_err(|e| e.to_string())?;
+        let cstr = |n: &str| CString::new(n).map_err(|_| format!("tensor name {n:?} holds a NUL"));
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the session is live; CreateIoBinding writes a binding we own (released in
+        // Drop). Each bound value outlives the binding: `_cache` is dropped after it.
+        let binding = unsafe {
+            status(
+                "CreateIoBinding",
+                (api.CreateIoBinding)(session.ptr().cast_mut(), &mut raw),
+            )?;
+            NonNull::new(raw).ok_or("CreateIoBinding returned nothing")?
+        };
+        let mut fwd = OrtForward {
+            session,
+            binding,
+            _cache: Vec::new(),
+            decode_logits,
+            decode_ids: Tensor::from_array(([1usize, 1], vec![0i64]))
+                .map(|t| t.into_dyn())
+                .map_err(|e| e.to_string())?,
+            decode_ids_bound: false,
+            ones: vec![1i64; n_ctx as usize],
+            prefill_f32: Vec::new(),
+            prefill_f16: Vec::new(),
+            input_ids: cstr(&genai.input_ids)?,
+            attention_mask: cstr(&genai.attention_mask)?,
+            logits_name: cstr(&genai.logits)?,
+            len: 0,
+            n_ctx,
+            logits_f16,
+            vocab: genai.vocab_size,
+            logits: Vec::new(),
+        };
+        for ((past, present), value) in past_names.iter().zip(present_names).zip(&cache) {
+            let (past, present) = (cstr(past)?, cstr(present)?);
+            // SAFETY: binding and value are live; names are NUL-terminated.
+            unsafe {
+                status(
+                    "BindInput",
+                    (api.BindInput)(fwd.binding.as_ptr(), past.as_ptr(), value.ptr()),
+                )?;
+                status(
+                    "BindOutput",
+                    (api.BindOutput)(fwd.binding.as_ptr(), present.as_ptr(), value.ptr()),
+                )?;
+            }
+        }
+        fwd._cache = cache;
+        Ok(fwd)
+    }
+}
+
+impl Drop for OrtForward {
+    fn drop(&mut self) {
+        // SAFETY: the binding came from CreateIoBinding and is released once, before the
+        // session and the bound values (fields drop after this).
+        unsafe { (ort::api().ReleaseIoBinding)(self.binding.as_ptr()) };
     }
 }
 
@@ -364,75 +512,118 @@ impl Forward for OrtForward {
     }
 
     fn reset(&mut self) -> Result<(), EngineError> {
-        self.past = self.empty_cache()?;
+        // Attention reads only the positions the mask covers, so old contents never count.
         self.len = 0;
         Ok(())
     }
 
     fn forward(&mut self, tokens: &[i32]) -> Result<&[f32], EngineError> {
-        if self.past.is_empty() {
-            self.past = self.empty_cache()?;
-        }
         let n = tokens.len();
         let total = self.len + n;
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(2 + self.past.len());
-        inputs.push((
-            Cow::Borrowed(self.genai.input_ids.as_str()),
-            Tensor::from_array(([1usize, n], ids))
-                .map_err(decode_err)?
-                .into(),
-        ));
-        inputs.push((
-            Cow::Borrowed(self.genai.attention_mask.as_str()),
-            Tensor::from_array(([1usize, total], vec![1i64; total]))
-                .map_err(decode_err)?
-                .into(),
-        ));
-        for (name, v) in self.past_names.iter().zip(&self.past) {
-            inputs.push((Cow::Borrowed(name.as_str()), SessionInputValue::from(v)));
+        if n == 0 || total > self.n_ctx as usize {
+            return Err(decode_err(format!(
+                "{n} tokens after {} do not fit the cache of {}",
+                self.len, self.n_ctx
+            )));
         }
-        let mut outputs = self.session.run(inputs).map_err(decode_err)?;
-        let logits = outputs
-            .remove(&self.genai.logits)
-            .ok_or_else(|| decode_err("no logits output"))?;
-        let mut present = Vec::with_capacity(self.present_names.len());
-        for name in &self.present_names {
-            present.push(
-                outputs
-                    .remove(name)
-                    .ok_or_else(|| decode_err(format!("no {name} output")))?,
-            );
-        }
-        drop(outputs);
-        let vocab = self.genai.vocab_size;
-        self.logits.clear();
-        match logits.dtype() {
-            ValueType::Tensor {
-                ty: TensorElementType::Float16,
-                ..
-            } => {
-                let (_, data) = logits
-                    .try_extract_tensor::<half::f16>()
-                    .map_err(decode_err)?;
-                let last = data
-                    .len()
-                    .checked_sub(vocab)
-                    .ok_or_else(|| decode_err("logits shorter than the vocabulary"))?;
-                self.logits.extend(data[last..].iter().map(|x| x.to_f32()));
+        let api = ort::api();
+        let b = self.binding.as_ptr();
+        // A prompt chunk gets its own ids and logits; a decode step writes its id into the
+        // tensor bound for it and reads the logits buffer bound once.
+        let want = n * self.vocab;
+        let prompt = if n > 1 {
+            let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+            let ids = Tensor::from_array(([1usize, n], ids)).map_err(decode_err)?;
+            let shape = [1usize, n, self.vocab];
+            let logits = if self.logits_f16 {
+                if self.prefill_f16.len() < want {
+                    self.prefill_f16.resize(want, half::f16::ZERO);
+                }
+                TensorRefMut::from_array_view_mut((shape, &mut self.prefill_f16[..want]))
+                    .map(|t| t.into_dyn())
+            } else {
+                if self.prefill_f32.len() < want {
+                    self.prefill_f32.resize(want, 0.0);
+                }
+                TensorRefMut::from_array_view_mut((shape, &mut self.prefill_f32[..want]))
+                    .map(|t| t.into_dyn())
             }
-            _ => {
-                let (_, data) = logits.try_extract_tensor::<f32>().map_err(decode_err)?;
-                let last = data
-                    .len()
-                    .checked_sub(vocab)
-                    .ok_or_else(|| decode_err("logits shorter than the vocabulary"))?;
-                self.logits.extend_from_slice(&data[last..]);
+            .map_err(decode_err)?;
+            Some((ids.into_dyn(), logits))
+        } else {
+            let (_, id) = self
+                .decode_ids
+                .try_extract_tensor_mut::<i64>()
+                .map_err(decode_err)?;
+            id[0] = i64::from(tokens[0]);
+            None
+        };
+        let mask = TensorRef::from_array_view(([1usize, total], &self.ones[..total]))
+            .map_err(decode_err)?;
+        // SAFETY: binding, session and values are live across the run; the ids, mask and
+        // logits values are dropped only after it, and rebinding replaces the earlier ones.
+        unsafe {
+            let bind_in = |name: &CString, v: *const ort::sys::OrtValue| {
+                status("BindInput", (api.BindInput)(b, name.as_ptr(), v))
+            };
+            let bind_out = |v: *const ort::sys::OrtValue| {
+                status(
+                    "BindOutput",
+                    (api.BindOutput)(b, self.logits_name.as_ptr(), v),
+                )
+            };
+            let mut r = bind_in(&self.attention_mask, mask.ptr());
+            match &prompt {
+                Some((ids, logits)) => {
+                    r = r
+                        .and_then(|()| bind_in(&self.input_ids, ids.ptr()))
+                        .and_then(|()| bind_out(logits.ptr()));
+                    self.decode_ids_bound = false;
+                }
+                None if !self.decode_ids_bound => {
+                    r = r
+                        .and_then(|()| bind_in(&self.input_ids, self.decode_ids.ptr()))
+                        .and_then(|()| bind_out(self.decode_logits.ptr()));
+                    self.decode_ids_bound = r.is_ok();
+                }
+                None => {}
             }
+            r.and_then(|()| {
+                status(
+                    "RunWithBinding",
+                    (api.RunWithBinding)(self.session.ptr().cast_mut(), std::ptr::null(), b),
+                )
+            })
+            .map_err(decode_err)?;
         }
-        self.past = present;
+        drop(mask);
         self.len = total;
+        if prompt.is_none() && !self.logits_f16 {
+            // A decode step's float logits are read where ONNX Runtime wrote them.
+            let (_, data) = self
+                .decode_logits
+                .try_extract_tensor::<f32>()
+                .map_err(decode_err)?;
+            return Ok(data);
+        }
+        drop(prompt);
+        let last = (n - 1) * self.vocab;
+        self.logits.clear();
+        if self.logits_f16 {
+            let rows: &[half::f16] = if n > 1 {
+                &self.prefill_f16[..want]
+            } else {
+                self.decode_logits
+                    .try_extract_tensor::<half::f16>()
+                    .map_err(decode_err)?
+                    .1
+            };
+            self.logits
+                .extend(rows[last..last + self.vocab].iter().map(|x| x.to_f32()));
+        } else {
+            self.logits
+                .extend_from_slice(&self.prefill_f32[last..last + self.vocab]);
+        }
         Ok(&self.logits)
     }
 }

@@ -146,6 +146,9 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (benchmarks need fixed lengths).
     pub ignore_eos: bool,
+    /// Send text as it is generated; otherwise once, before `Done` (no wake-up of the
+    /// receiver per token; a receiver that went away still stops the generation).
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -100,7 +100,7 @@ pub enum Bench {
     /// edgepack-runtime against llama.cpp's llama-bench on the same Q8_0 SmolLM2 GGUF: time to
     /// first token, prompt and decode tokens/s.
     #[command(
-        after_help = "Example:\n  cargo xtask bench runtime --prompt-sizes 32,128,512 -o target/bench/runtime.json"
+        after_help = "Example:\n  cargo xtask bench runtime --prompt-sizes 32,128,512 -o target/bench/runtime.json\n  cargo xtask bench runtime --engines onnx,tflite --prompt-sizes 32,128 --threads 2"
     )]
     Runtime {
         /// Prompt lengths in tokens.
@@ -118,6 +118,10 @@ pub enum Bench {
         /// Flash attention on both sides (llama-bench's `-fa on`); off by default.
         #[arg(long)]
         flash_attn: bool,
+        /// Engines to measure, each against its peer: gguf (llama.cpp's llama-bench), onnx
+        /// (onnxruntime-genai's Python generate), tflite (ai-edge-litert's Python interpreter).
+        #[arg(long, value_delimiter = ',', default_value = "gguf,onnx,tflite")]
+        engines: Vec<String>,
         /// Where to write the JSON.
         #[arg(short, long, default_value = "target/bench/runtime.json")]
         output: PathBuf,
@@ -183,6 +187,7 @@ pub fn bench(b: Bench) -> Result<()> {
             repetitions,
             threads,
             flash_attn,
+            engines,
             output,
         } => runtime::bench(runtime::Options {
             prompt_sizes,
@@ -190,6 +195,7 @@ pub fn bench(b: Bench) -> Result<()> {
             repetitions,
             threads,
             flash_attn,
+            engines,
             output,
         }),
         Bench::Deploy { quant, output } => deploy::bench(deploy::Options { quant, output }),

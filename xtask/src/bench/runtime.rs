@@ -32,6 +32,8 @@ pub struct Options {
     /// Flash attention, set explicitly on both sides: llama-bench's own default is `auto`
     /// (on for CPUs), the runtime's is off.
     pub flash_attn: bool,
+    /// `gguf`, `onnx`, `tflite`.
+    pub engines: Vec<String>,
     pub output: PathBuf,
 }
 
@@ -154,12 +156,8 @@ fn output_of(cmd: &mut Command) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-pub fn bench(o: Options) -> Result<()> {
-    let threads = o.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+/// The GGUF engine (llama.cpp, linked in) against llama-bench on the same file.
+fn gguf_report(o: &Options, threads: usize, runtime: &Path) -> Result<Value> {
     let sizes = o
         .prompt_sizes
         .iter()
@@ -171,7 +169,6 @@ pub fn bench(o: Options) -> Result<()> {
     let src = setup::llama_cpp_source()?;
     let version = llama_sys_version()?;
     let llama_bench = llama_bench(&src)?;
-    let runtime = release_runtime()?;
     let bundle = bundle(&work)?;
     let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
     let gguf = bundle.join(
@@ -183,7 +180,7 @@ pub fn bench(o: Options) -> Result<()> {
     // One round = one run of each tool over every size. Rounds alternate the tools, so a
     // machine whose speed drifts (a shared VM) drifts under both alike; medians are reported.
     let run_ours = || -> Result<Value> {
-        let mut cmd = Command::new(&runtime);
+        let mut cmd = Command::new(runtime);
         cmd.args(["bench", "--bundle"])
             .arg(&bundle)
             .args(["--prompt-sizes", &sizes])
@@ -262,30 +259,220 @@ pub fn bench(o: Options) -> Result<()> {
                 "ratio": our_tg.zip(peer_tg).map(|(a, b)| a / b)},
         }));
     }
-    let report = json!({
-        "benchmark": "runtime",
+    Ok(json!({
         "model": gguf.display().to_string(),
         "quant": "Q8_0",
-        "threads": threads,
         "flash_attn": o.flash_attn,
-        "gen_tokens": o.gen_tokens,
-        "rounds_run": o.repetitions.max(1),
-        "statistic": "median over rounds; each round runs both tools once per size",
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
+        "peer": "llama-bench",
         "llama_cpp": {"llama_bench_source": src.display().to_string(),
                       "llama_cpp_python": LLAMA_CPP_PYTHON, "runtime_llama_cpp_sys_2": version,
                       "build": "GGML_NATIVE=OFF (ggml's default x86-64 ISA set), no OpenMP, both sides"},
         "comparison": comparison,
         "rounds": {"edgepack_runtime": ours_rounds, "llama_bench": peer_rounds},
+    }))
+}
+
+pub fn bench(o: Options) -> Result<()> {
+    let threads = o.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     });
+    for e in &o.engines {
+        if !["gguf", "onnx", "tflite"].contains(&e.as_str()) {
+            bail!("--engines {e}: use gguf, onnx or tflite");
+        }
+    }
+    let runtime = release_runtime()?;
+    let mut report = json!({
+        "benchmark": "runtime",
+        "threads": threads,
+        "gen_tokens": o.gen_tokens,
+        "rounds_run": o.repetitions.max(1),
+        "statistic": "median over rounds; each round runs both tools once per size",
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
+    });
+    let mut summary = serde_json::Map::new();
+    for e in &o.engines {
+        let r = match e.as_str() {
+            "gguf" => gguf_report(&o, threads, &runtime)?,
+            other => engine_report(&o, other, threads, &runtime)?,
+        };
+        summary.insert(e.clone(), r["comparison"].clone());
+        report[e.as_str()] = r;
+    }
     if let Some(d) = o.output.parent() {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&o.output, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", o.output.display()))?;
-    println!("{}", serde_json::to_string_pretty(&report["comparison"])?);
+    println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("wrote {}", o.output.display());
     Ok(())
+}
+
+/// SmolLM2 bundled for this machine in `format` by the release `edgepack`: ONNX int4, or a
+/// dynamic-int8 TFLite whose cache holds the longest prompt and the generated tokens.
+fn engine_bundle(work: &Path, format: &str, seq_len: usize) -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "edgepack"]))?;
+    let out = work.join(format!("bundle-{format}"));
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    let mut cmd = Command::new(root().join("target/release/edgepack"));
+    cmd.arg("bundle")
+        .arg(setup::smollm2_gguf())
+        .args(["--target", "generic-x86_64", "--format", format])
+        .args(["--name", "smollm2", "-o"])
+        .arg(&out)
+        .env("CI", "1");
+    match format {
+        "onnx" => cmd.args(["--precision", "int4"]),
+        _ => cmd
+            .args(["--precision", "dynamic-int8", "--prefill-len", "32"])
+            .args(["--seq-len", &seq_len.to_string()]),
+    };
+    run(&mut cmd)?;
+    Ok(out.join("smollm2-generic-x86_64"))
+}
+
+/// The engine's library from the peer venv's wheel: the same ONNX Runtime or LiteRT the
+/// Python peer runs.
+fn venv_library(format: &str) -> Result<PathBuf> {
+    let site = cache_dir().join("venv/lib/python3.11/site-packages");
+    let path = match format {
+        "onnx" => std::fs::read_dir(site.join("onnxruntime/capi"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so."))
+            })
+            .context("no libonnxruntime.so.* in the venv's onnxruntime")?,
+        _ => site.join("ai_edge_litert/libLiteRt.so"),
+    };
+    if !path.is_file() {
+        bail!("{} is missing\nhint: cargo xtask setup", path.display());
+    }
+    Ok(path)
+}
+
+/// An engine loaded at run time (ONNX Runtime, LiteRT) against its Python peer on the same
+/// model file and library version: onnxruntime-genai's generate loop, or LiteRT's
+/// interpreter running the prefill/decode signatures. Peak resident memory is each process's.
+fn engine_report(o: &Options, format: &str, threads: usize, runtime: &Path) -> Result<Value> {
+    let work = root().join("target/bench/runtime-work");
+    std::fs::create_dir_all(&work)?;
+    let longest = o.prompt_sizes.iter().copied().max().unwrap_or(0);
+    let seq_len = (longest + o.gen_tokens as usize).div_ceil(32) * 32;
+    let bundle = engine_bundle(&work, format, seq_len)?;
+    let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
+    let model = bundle.join(manifest["model"]["file"].as_str().context("model.file")?);
+    let lib = venv_library(format)?;
+    let py = cache_dir().join("venv/bin/python");
+    let sizes = o
+        .prompt_sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let gen = o.gen_tokens.to_string();
+    let run_ours = || -> Result<Value> {
+        serde_json::from_slice(&output_of(
+            Command::new(runtime)
+                .args(["bench", "--bundle"])
+                .arg(&bundle)
+                .arg("--engine-lib")
+                .arg(&lib)
+                .args(["--prompt-sizes", &sizes, "--gen-tokens", &gen])
+                .args(["--repetitions", "1", "--threads", &threads.to_string()])
+                // The cache the peers hold too: the longest prompt and the generated tokens.
+                .args(["--ctx-size", &seq_len.to_string(), "--json"]),
+        )?)
+        .context("edgepack-runtime bench --json")
+    };
+    let run_peer = |n: usize| -> Result<Value> {
+        let mut cmd = Command::new(&py);
+        match format {
+            "onnx" => cmd
+                .arg(root().join("tests/python/onnx_genai_speed.py"))
+                .arg(model.parent().context("model folder")?)
+                .args([&n.to_string(), &gen, &threads.to_string()]),
+            _ => cmd
+                .arg(root().join("tests/python/tflite_run.py"))
+                .arg("speed")
+                .arg(&model)
+                .args([&n.to_string(), &gen, &threads.to_string()]),
+        };
+        let out = output_of(&mut cmd)?;
+        let text = String::from_utf8_lossy(&out);
+        serde_json::from_str(text.lines().last().unwrap_or("")).context("peer JSON")
+    };
+    let mut ours_rounds = Vec::new();
+    let mut peer_rounds: Vec<Vec<(usize, Value)>> = Vec::new();
+    for _ in 0..o.repetitions.max(1) {
+        ours_rounds.push(run_ours()?);
+        let mut rows = Vec::new();
+        for &n in &o.prompt_sizes {
+            rows.push((n, run_peer(n)?));
+        }
+        peer_rounds.push(rows);
+    }
+    let ours_of = |n: usize, key: &str| -> Option<f64> {
+        median(ours_rounds.iter().filter_map(|r| {
+            r["results"]
+                .as_array()?
+                .iter()
+                .find(|row| row["prompt_tokens"] == n)?[key]
+                .as_f64()
+        }))
+    };
+    let peer_of = |n: usize, key: &str| -> Option<f64> {
+        median(
+            peer_rounds
+                .iter()
+                .filter_map(|rows| rows.iter().find(|(m, _)| *m == n)?.1[key].as_f64()),
+        )
+    };
+    let (peer_name, engine) = match format {
+        "onnx" => ("onnxruntime_genai", "onnxruntime"),
+        _ => ("litert_python", "litert"),
+    };
+    let ours_rss = median(ours_rounds.iter().filter_map(|r| r["peak_rss_mb"].as_f64()));
+    let peer_rss = median(
+        peer_rounds
+            .iter()
+            .flat_map(|rows| rows.iter().filter_map(|(_, v)| v["peak_rss_mb"].as_f64())),
+    );
+    let mut comparison = Vec::new();
+    for &n in &o.prompt_sizes {
+        let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        let (our_tg, peer_tg) = (
+            ours_of(n, "decode_tokens_per_s"),
+            peer_of(n, "decode_tokens_per_s"),
+        );
+        let (our_ttft, peer_ttft) = (ours_of(n, "ttft_ms"), peer_of(n, "ttft_ms"));
+        comparison.push(json!({
+            "prompt_tokens": n,
+            "ttft_ms": {"edgepack_runtime": our_ttft, peer_name: peer_ttft,
+                "speedup": ratio(peer_ttft, our_ttft)},
+            "decode_tokens_per_s": {"edgepack_runtime": our_tg, peer_name: peer_tg,
+                "ratio": ratio(our_tg, peer_tg)},
+        }));
+    }
+    Ok(json!({
+        "engine": engine,
+        "engine_version": ours_rounds.first().map(|r| r["engine_version"].clone()),
+        "library": lib.display().to_string(),
+        "model": model.display().to_string(),
+        "precision": manifest["quant"]["preset"],
+        "peer": peer_name,
+        "peak_rss_mb": {"edgepack_runtime": ours_rss, peer_name: peer_rss,
+            "note": "each process's peak; the peer's includes the Python interpreter and numpy"},
+        "comparison": comparison,
+        "rounds": {"edgepack_runtime": ours_rounds,
+                   peer_name: peer_rounds.iter().map(|rows| rows.iter().map(|(n, v)| json!({"prompt_tokens": n, "result": v})).collect::<Vec<_>>()).collect::<Vec<_>>()},
+    }))
 }
 
 /// The median of the values (the mean of the middle two for an even count).
