@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::cache::{sha256_str, Cache};
 use crate::error::{RecipeError, Result};
-use crate::recipe::{AlphaSpec, Eval, ModelSource, Output, Recipe, Transform};
+use crate::recipe::{AlphaSpec, Eval, Format, ModelSource, Output, Recipe, Transform};
 
 /// The version every key includes: a new edgepack may compute differently.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -103,6 +103,9 @@ pub enum Job {
         runtime: Option<PathBuf>,
         sign: Option<PathBuf>,
         name: String,
+        /// The output's format and precision (quant preset).
+        format: Format,
+        quant: String,
     },
     Verify {
         bundle: usize,
@@ -542,11 +545,18 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                 )?);
             }
             if o.bundle {
-                let several = t.outputs.iter().filter(|x| x.bundle).count() > 1;
-                let name = if several {
-                    format!("{}-{}-{}", recipe.name, t.name, o.quant.to_lowercase())
-                } else {
+                // The target's first bundled output is its bundle; others add format and quant.
+                let first = t.outputs.iter().position(|x| x.bundle) == Some(oi);
+                let name = if first {
                     format!("{}-{}", recipe.name, t.name)
+                } else {
+                    format!(
+                        "{}-{}-{}-{}",
+                        recipe.name,
+                        t.name,
+                        o.format.name(),
+                        o.quant.to_lowercase()
+                    )
                 };
                 let mut files: Vec<PathBuf> = adapters.iter().map(|a| a.0.clone()).collect();
                 files.extend(t.runtime.clone());
@@ -562,9 +572,14 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                         runtime: t.runtime.clone(),
                         sign: recipe.sign.clone(),
                         name: name.clone(),
+                        format: o.format,
+                        quant: o.quant.clone(),
                     },
                     json!({
                         "name": name,
+                        "vela": o.format == Format::Tflite
+                            && o.needs_stats()
+                            && t.profile.npu.as_ref().is_some_and(|n| n.vela.is_some()),
                         "profile": t.profile_source,
                         "weights": adapters.iter().map(|a| a.1).collect::<Vec<_>>(),
                         "runtime": t.runtime.is_some(),

@@ -311,7 +311,7 @@ pub struct Output {
     pub prefill: usize,
     /// ONNX int8-static and TFLite int8/int8-a16: SmoothQuant before the static scales.
     pub smooth: Option<AlphaSpec>,
-    /// Make a bundle of this output (GGUF).
+    /// Make a bundle of this output (default for GGUF; ONNX and TFLite when asked).
     pub bundle: bool,
 }
 
@@ -1138,18 +1138,9 @@ fn output(
             "ONNX int8-static takes one alpha; search it with a `[[transforms]] kind = \"smooth\"` stage instead",
         ));
     }
+    // GGUF outputs are bundled unless told otherwise; ONNX and TFLite ones when asked.
     let bundle = match &r.bundle {
         None => format == Format::Gguf,
-        Some(b) if *b.get_ref() && format != Format::Gguf => {
-            return Err(cx.err(
-                b.span(),
-                &format!("{key}.bundle"),
-                format!(
-                    "bundles carry GGUF models so far; a {} output is exported and reported, not bundled",
-                    format.name()
-                ),
-            ))
-        }
         Some(b) => *b.get_ref(),
     };
     Ok(Output {
@@ -1255,11 +1246,6 @@ mod tests {
         let e = err("[model]\npath = \"m\"\n[gates]\nmax_kl = 0.1\n[targets.imx93]\n");
         assert!(
             e.contains("r.toml:4:10: `gates.max_kl`: this metric needs evaluation text"),
-            "{e}"
-        );
-        let e = err("[model]\npath = \"m\"\n[targets.imx95]\n[[targets.imx95.outputs]]\nformat = \"onnx\"\nbundle = true\n");
-        assert!(
-            e.contains("r.toml:6:10: `targets.imx95.outputs[0].bundle`: bundles carry GGUF"),
             "{e}"
         );
         let e = err("[model]\npath = \"m\"\n[[transforms]]\nkind = \"smooth\"\nalpha = 1.5\n[targets.imx93]\n");

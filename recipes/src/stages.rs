@@ -36,6 +36,7 @@ use crate::bundle::{tensor_types, write_bundle, BundleSpec};
 use crate::cache::sha256_file;
 use crate::plan::{Job, ModelIn, Plan, Stage};
 use crate::recipe::{AlphaSpec, Format};
+use crate::vela;
 
 /// A finished stage as later stages see it: its output folder and its summary.
 #[derive(Debug, Clone)]
@@ -557,14 +558,36 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             runtime,
             sign: key,
             name,
+            format,
+            quant,
         } => {
             let m = open(&model_path(model, done)?)?;
             let ex = dep(done, *export)?;
             let file = ex
                 .dir
                 .join(ex.result["model"].as_str().ok_or("no model file")?);
-            let types = serde_json::from_value(ex.result["tensor_types"].clone())
-                .map_err(|e| format!("export summary: {e}"))?;
+            let types = match format {
+                Format::Gguf => serde_json::from_value(ex.result["tensor_types"].clone())
+                    .map_err(|e| format!("export summary: {e}"))?,
+                _ => Default::default(),
+            };
+            // Ethos-U boards: Vela compiles the full-integer TFLite; its model rides beside.
+            let vela_cfg = profile.npu.as_ref().and_then(|n| n.vela.as_ref());
+            let vela_report = match vela_cfg {
+                Some(cfg)
+                    if *format == Format::Tflite
+                        && matches!(quant.as_str(), "int8" | "int8-a16") =>
+                {
+                    let work = out.join(".vela");
+                    std::fs::create_dir_all(&work)
+                        .map_err(|e| format!("{}: {e}", work.display()))?;
+                    let program = std::env::var_os("EDGEPACK_VELA")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from("vela"));
+                    Some(vela::compile(&program, &file, cfg, &work).map_err(|e| e.to_string())?)
+                }
+                _ => None,
+            };
             let key = key
                 .as_ref()
                 .map(|k| sign::read_secret_key(k).map_err(|e| e.to_string()))
@@ -573,12 +596,17 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             let spec = BundleSpec {
                 model: &m,
                 file: &file,
-                main_file: None,
-                format: "gguf",
+                main_file: (*format == Format::Onnx).then_some("model.onnx"),
+                format: format.name(),
                 engine_libs: &[],
-                delegate_model: None,
+                delegate_model: vela_report.as_ref().map(|v| v.compiled.as_path()),
                 quant: QuantInfo {
-                    preset: ex.result["preset"].as_str().unwrap_or_default().to_string(),
+                    preset: match format {
+                        Format::Gguf => {
+                            ex.result["preset"].as_str().unwrap_or_default().to_string()
+                        }
+                        _ => quant.clone(),
+                    },
                     tensor_types: types,
                 },
                 sources: &src,
@@ -593,8 +621,13 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 output: out,
             };
             let o = write_bundle(&spec).map_err(|e| e.to_string())?;
+            if vela_report.is_some() {
+                // The bundle holds its own link to the compiled model; Vela's work goes.
+                let _ = std::fs::remove_dir_all(out.join(".vela"));
+            }
             let archive_sha = sha256_file(&o.archive).map_err(|e| e.to_string())?;
             Ok(json!({
+                "vela": vela_report,
                 "bundle": name,
                 "archive": format!("{name}.tar.zst"),
                 "archive_bytes": o.archive_bytes,

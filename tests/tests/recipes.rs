@@ -540,11 +540,40 @@ fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
                 .args(["--target", target]),
         );
     }
-    // The non-bundled outputs are published beside the bundles.
-    assert!(work.join("out/exports/imx8mp-tflite-int8.tflite").is_file());
-    assert!(work
-        .join("out/exports/imx95-onnx-int4/model.onnx")
-        .is_file());
+    // The accelerators' outputs are bundles too, each naming its engine (and delegate).
+    for (target, name, engine, delegate, model) in [
+        (
+            "imx8mp",
+            "smollm2-assistant-imx8mp-tflite-int8",
+            "litert",
+            Some("vx"),
+            "model/smollm2-assistant-imx8mp-tflite-int8.tflite",
+        ),
+        (
+            "imx95",
+            "smollm2-assistant-imx95-onnx-int4",
+            "onnxruntime",
+            None,
+            "model/model.onnx",
+        ),
+    ] {
+        let archive = work.join("out").join(format!("{name}.tar.zst"));
+        run_ok(
+            edgepack()
+                .arg("verify")
+                .arg(&archive)
+                .arg("--key")
+                .arg(&pubkey)
+                .args(["--target", target]),
+        );
+        let m: Value = serde_json::from_slice(
+            &std::fs::read(work.join("out").join(name).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m["engine"]["name"], engine, "{m}");
+        assert_eq!(m["engine"]["delegate"].as_str(), delegate, "{m}");
+        assert_eq!(m["model"]["file"], model, "{m}");
+    }
     // A rerun of the unchanged recipe does no work.
     let t0 = Instant::now();
     let again = build_ok(&recipe, &work, &["--sign", &pem]);
