@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::args::LoraArgs;
-use crate::{build_cmd, deploy_cmd, eval_cmd, export_cmd, model_cmd, targets_cmd};
+use crate::{build_cmd, deploy_cmd, eval_cmd, export_cmd, finetune_cmd, model_cmd, targets_cmd};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -124,6 +124,11 @@ enum Command {
         after_help = "Example:\n  edgepack build recipes/smollm2-assistant.toml\n  edgepack build recipes/smollm2-assistant.toml --target imx93 --dry-run\n  edgepack build recipes/smollm2-assistant.toml --json > result.json\n\nExit status: 0 built and every gate held, 3 built but a quality gate failed, 1 error.\nThe recipe format: docs/recipes.md."
     )]
     Build(build_cmd::BuildArgs),
+    /// Train a LoRA adapter on domain data and write a PEFT adapter folder.
+    #[command(
+        after_help = "Example:\n  edgepack finetune ./SmolLM2-135M-Instruct --data manual_qa.jsonl --eval-split 0.1 --rank 16 --alpha 32 --lr 2e-4 --epochs 3 --batch 8 --seq-len 512 -o ./adapter\n  edgepack finetune ./SmolLM2-135M-Instruct --data manual_qa.jsonl --save-steps 50 -o ./adapter\n  edgepack finetune ./SmolLM2-135M-Instruct --data manual_qa.jsonl --save-steps 50 --resume ./adapter/checkpoint-100 -o ./adapter\n  edgepack merge ./SmolLM2-135M-Instruct --lora ./adapter -o ./merged\n\nData is JSONL with chat `messages`, `prompt`/`completion`, `question`/`answer` or `text` per line; the loss is taken on the answers (assistant turns, completions) unless --train-on all. The folder gets adapter_config.json, adapter_model.safetensors (PEFT's names) and training_report.json; checkpoints go to checkpoint-N/ inside it."
+    )]
+    Finetune(finetune_cmd::FinetuneArgs),
     /// The recipe stage cache: its size, and removing stages no recipe uses.
     #[command(subcommand)]
     Cache(build_cmd::CacheCommand),
@@ -138,6 +143,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Targets(c) => targets_cmd::run(c, json_out),
         Command::Deploy(c) => deploy_cmd::run(c, json_out),
         Command::Build(a) => build_cmd::run_build(&a, json_out),
+        Command::Finetune(a) => finetune_cmd::run_finetune(&a, json_out),
         Command::Cache(c) => build_cmd::run_cache(&c, json_out),
         Command::Merge {
             base,

@@ -7,6 +7,7 @@ mod commands;
 mod deploy_cmd;
 mod eval_cmd;
 mod export_cmd;
+mod finetune_cmd;
 mod model_cmd;
 mod progress;
 mod targets_cmd;

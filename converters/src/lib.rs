@@ -12,6 +12,7 @@ pub mod io;
 pub mod model;
 pub mod progress;
 pub mod quant;
+pub mod train;
 pub mod transform;
 
 pub use error::{Error, Result};

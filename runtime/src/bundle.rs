@@ -11,9 +11,20 @@ use std::path::{Path, PathBuf};
 use edgepack_targets::bundle::{self, Manifest};
 use edgepack_targets::{elf, sign, BundleError, Profile};
 
-use crate::engine::DelegatePlan;
-
 use crate::library::{self, LibraryError, Search};
+
+/// The delegate a bundle asks for and what the search for its library found.
+#[derive(Debug, Clone)]
+pub struct DelegatePlan {
+    /// The manifest's name for it (`vx`, `ethos-u`, `neutron`).
+    pub name: String,
+    /// The delegate's shared library, if one was found.
+    pub library: Option<PathBuf>,
+    /// Where it was looked for, said when it was not found.
+    pub searched: String,
+    /// The model compiled for it ahead of time (Vela's), run in its place when it attaches.
+    pub model: Option<PathBuf>,
+}
 
 /// The model formats the runtime loads, each with its engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

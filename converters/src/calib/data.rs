@@ -128,7 +128,7 @@ pub struct Chunks {
 }
 
 /// The BOS id the tokenizer's post-processor puts in front of a text, if it does.
-fn added_bos(tok: &tokenizers::Tokenizer, src: &Path) -> Result<Option<u32>> {
+pub(crate) fn added_bos(tok: &tokenizers::Tokenizer, src: &Path) -> Result<Option<u32>> {
     let enc = |special: bool| -> Result<Vec<u32>> {
         tok.encode("a", special)
             .map(|e| e.get_ids().to_vec())

@@ -9,8 +9,9 @@
 //! rather than any fused or approximate kernel.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{Device, Tensor as CTensor, D};
+use candle_core::{Device, Tensor as CTensor, Var, D};
 use serde_json::Value as Json;
 
 use crate::calib::w8a8::{self, W8A8};
@@ -33,6 +34,35 @@ struct Linear {
     /// Static int8 activation scale: when set, the input is rounded to int8 codes of this step
     /// before the product (W8A8 simulation).
     act_scale: Option<f32>,
+    /// A trainable low-rank update `scale · B A x` (LoRA), when one is attached.
+    lora: Option<Lora>,
+}
+
+/// One LoRA pair on a linear: `A` `[r, in]` and `B` `[out, r]`, the only tensors that take
+/// gradients, as PEFT's `lora_A` / `lora_B`.
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    /// `alpha / r`, or `alpha / sqrt(r)` for rsLoRA.
+    pub scale: f64,
+    /// Dropout on the LoRA input while training (PEFT's `lora_dropout`).
+    dropout: f32,
+    /// Drop mask stream: set per training step, advanced per call.
+    rng: AtomicU64,
+}
+
+/// SplitMix64: the generator behind LoRA initialisation and dropout masks.
+pub(crate) fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in `[0, 1)` with 24 random bits.
+pub(crate) fn uniform(state: &mut u64) -> f32 {
+    (splitmix(state) >> 40) as f32 / (1u64 << 24) as f32
 }
 
 /// Receives `(weight name, input activations [n_tokens, in_features] row-major, in_features)`.
@@ -70,12 +100,94 @@ impl Linear {
             }
             None => x,
         };
-        // candle's gemm reads the transposed view through strides; no copy of W.
-        let y = x.matmul(&self.w.t().map_err(ce)?).map_err(ce)?;
-        match &self.b {
-            Some(b) => y.broadcast_add(b).map_err(ce),
+        let y = if x.track_op() {
+            // Training: the weight is frozen, so backward needs only `dy W`, never `dW`.
+            x.apply_op1(Frozen(self.w.clone())).map_err(ce)?
+        } else {
+            // candle's gemm reads the transposed view through strides; no copy of W.
+            x.matmul(&self.w.t().map_err(ce)?).map_err(ce)?
+        };
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b).map_err(ce)?,
+            None => y,
+        };
+        match &self.lora {
+            Some(l) => {
+                let xd = l.drop(x)?;
+                let u = xd
+                    .matmul(&l.a.as_tensor().t().map_err(ce)?)
+                    .and_then(|u| u.matmul(&l.b.as_tensor().t()?))
+                    .and_then(|u| u.affine(l.scale, 0.0))
+                    .map_err(ce)?;
+                (y + u).map_err(ce)
+            }
             None => Ok(y),
         }
+    }
+}
+
+/// `x Wᵀ` with a frozen `W`: candle's own matmul backward would also compute (and keep) the
+/// gradient of every base weight, a third of the work of a training step and the model's
+/// size again in memory, which LoRA training throws away.
+struct Frozen(CTensor);
+
+impl candle_core::CustomOp1 for Frozen {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("frozen-linear: f32 activations only")
+        };
+        let x = match layout.contiguous_offsets() {
+            Some((start, end)) => {
+                CTensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?
+            }
+            None => candle_core::bail!("frozen-linear: activations must be contiguous"),
+        };
+        let y = x.matmul(&self.0.t()?)?;
+        let shape = y.shape().clone();
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &CTensor,
+        _res: &CTensor,
+        grad: &CTensor,
+    ) -> candle_core::Result<Option<CTensor>> {
+        Ok(Some(grad.matmul(&self.0)?))
+    }
+}
+
+impl Lora {
+    /// Inverted dropout of `x` while a training step is on (the mask scaled by `1 / (1 - p)`),
+    /// `x` itself otherwise.
+    fn drop(&self, x: &CTensor) -> Result<CTensor> {
+        let mut state = self.rng.load(Ordering::Relaxed);
+        if self.dropout <= 0.0 || state == 0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.dropout;
+        let n = x.elem_count();
+        let mask: Vec<f32> = (0..n)
+            .map(|_| {
+                if uniform(&mut state) < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        self.rng.store(state.max(1), Ordering::Relaxed);
+        let mask = CTensor::from_vec(mask, x.shape(), &Device::Cpu).map_err(ce)?;
+        x.mul(&mask).map_err(ce)
     }
 }
 
@@ -288,6 +400,7 @@ impl Forward {
                 b,
                 in_features: inn,
                 act_scale: None,
+                lora: None,
             })
         };
         let h = c.hidden_size;
@@ -339,6 +452,7 @@ impl Forward {
                 b: None,
                 in_features: h,
                 act_scale: None,
+                lora: None,
             }
         } else {
             return Err(Error::format(
@@ -400,6 +514,150 @@ impl Forward {
         Ok(())
     }
 
+    /// The module paths of every decoder linear (`model.layers.0.self_attn.q_proj`), which
+    /// LoRA targets name by their last component.
+    pub fn linear_modules(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let mut v: Vec<&Linear> = Vec::with_capacity(7);
+                match &l.qkv {
+                    Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
+                    Qkv::Fused(x) => v.push(x),
+                }
+                v.push(&l.o);
+                match &l.gate_up {
+                    GateUp::Split { gate, up } => v.extend([gate, up]),
+                    GateUp::Fused(x) => v.push(x),
+                }
+                v.push(&l.down);
+                v.into_iter()
+                    .map(|x| x.name.trim_end_matches(".weight").to_string())
+            })
+            .collect()
+    }
+
+    /// Attaches a LoRA pair to every decoder linear whose module path is one of `targets` or
+    /// ends with `.` and one of them (PEFT's `target_modules` matching), initialised as PEFT
+    /// does: A kaiming-uniform (`a = sqrt(5)`, so uniform in `±1/sqrt(in)`) from `seed`, B zero.
+    /// Returns the module paths adapted, in model order.
+    pub fn attach_lora(
+        &mut self,
+        targets: &[String],
+        rank: usize,
+        alpha: f64,
+        rslora: bool,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        let modules = self.linear_modules();
+        for t in targets {
+            if !modules
+                .iter()
+                .any(|m| m == t || m.ends_with(&format!(".{t}")))
+            {
+                let mut kinds: Vec<&str> = modules
+                    .iter()
+                    .filter_map(|m| m.rsplit('.').next())
+                    .collect();
+                kinds.sort_unstable();
+                kinds.dedup();
+                return Err(Error::Invalid(format!(
+                    "LoRA target `{t}` names no linear of {}; its modules are: {}",
+                    self.source.display(),
+                    kinds.join(", ")
+                )));
+            }
+        }
+        if rank == 0 {
+            return Err(Error::Invalid("LoRA rank must be at least 1".into()));
+        }
+        let scale = if rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        };
+        let mut state = seed ^ 0x4C6F_5261_496E_6974;
+        let mut adapted = Vec::new();
+        for lin in self.layers.iter_mut().flat_map(Layer::linears_mut) {
+            let module = lin.name.trim_end_matches(".weight").to_string();
+            if !targets
+                .iter()
+                .any(|t| module == *t || module.ends_with(&format!(".{t}")))
+            {
+                continue;
+            }
+            let (out, inn) = lin.w.dims2().map_err(ce)?;
+            if rank > out.min(inn) {
+                return Err(Error::Invalid(format!(
+                    "LoRA rank {rank} is larger than {module} ({out} x {inn}) allows"
+                )));
+            }
+            let bound = 1.0 / (inn as f32).sqrt();
+            let a: Vec<f32> = (0..rank * inn)
+                .map(|_| (uniform(&mut state) * 2.0 - 1.0) * bound)
+                .collect();
+            lin.lora = Some(Lora {
+                a: Var::from_vec(a, (rank, inn), &Device::Cpu).map_err(ce)?,
+                b: Var::zeros((out, rank), candle_core::DType::F32, &Device::Cpu).map_err(ce)?,
+                scale,
+                dropout,
+                rng: AtomicU64::new(0),
+            });
+            adapted.push(module);
+        }
+        Ok(adapted)
+    }
+
+    /// The attached LoRA pairs by module path, in model order.
+    pub fn loras(&self) -> Vec<(String, &Lora)> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let mut v: Vec<&Linear> = Vec::with_capacity(7);
+                match &l.qkv {
+                    Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
+                    Qkv::Fused(x) => v.push(x),
+                }
+                v.push(&l.o);
+                match &l.gate_up {
+                    GateUp::Split { gate, up } => v.extend([gate, up]),
+                    GateUp::Fused(x) => v.push(x),
+                }
+                v.push(&l.down);
+                v.into_iter().filter_map(|x| {
+                    x.lora
+                        .as_ref()
+                        .map(|lo| (x.name.trim_end_matches(".weight").to_string(), lo))
+                })
+            })
+            .collect()
+    }
+
+    /// Turns LoRA dropout on for one training step (`Some(seed)`, each pair drawing its own
+    /// stream from it) or off (`None`, inference).
+    pub fn set_dropout_step(&self, seed: Option<u64>) {
+        for (i, (_, l)) in self.loras().into_iter().enumerate() {
+            let s = match seed {
+                Some(s) => {
+                    let mut st = s ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                    splitmix(&mut st).max(1)
+                }
+                None => 0,
+            };
+            l.rng.store(s, Ordering::Relaxed);
+        }
+    }
+
+    /// Logits `[tokens.len(), vocab]` of one sequence from position 0, as a tensor that keeps
+    /// the graph back to the LoRA pairs (training).
+    /// Only the rows of positions `rows` are computed past the last layer when given (the
+    /// positions a loss is taken on).
+    pub fn logits_graph(&self, tokens: &[u32], rows: Option<&[u32]>) -> Result<CTensor> {
+        let mut cache = self.cache(tokens.len());
+        self.run_tensor(tokens, &mut cache, None, None, rows)
+    }
+
     /// A fresh KV cache for up to `max_len` positions.
     pub fn cache(&self, max_len: usize) -> KvCache {
         KvCache {
@@ -448,13 +706,33 @@ impl Forward {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        observer: Observer<'_>,
+        pr: Probe<'_>,
+    ) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run_tensor(tokens, cache, observer, pr, None)?
+            .flatten_all()
+            .map_err(ce)?
+            .to_vec1::<f32>()
+            .map_err(ce)
+    }
+
+    /// The logits `[tokens.len(), vocab]` as a tensor, which keeps the autograd graph of any
+    /// LoRA attached.
+    fn run_tensor(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
         mut observer: Observer<'_>,
         mut pr: Probe<'_>,
-    ) -> Result<Vec<f32>> {
+        rows: Option<&[u32]>,
+    ) -> Result<CTensor> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Err(Error::Invalid("forward pass: no tokens".into()));
         }
         if cache.layers.len() != self.layers.len() {
             return Err(Error::Invalid(format!(
@@ -506,16 +784,21 @@ impl Forward {
             x = (x + m).map_err(ce)?;
         }
         cache.len = total;
+        if let Some(rows) = rows {
+            if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+                return Err(Error::Invalid(format!(
+                    "forward pass: row {bad} of {n} positions asked for"
+                )));
+            }
+            let idx = CTensor::from_slice(rows, rows.len(), &Device::Cpu).map_err(ce)?;
+            x = x.index_select(&idx, 0).map_err(ce)?;
+        }
         probe(&mut pr, None, "final_in", &x);
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         probe(&mut pr, None, "final_norm", &x);
         let logits = self.lm_head.apply(&x, &mut observer)?;
         probe(&mut pr, None, "logits", &logits);
-        logits
-            .flatten_all()
-            .map_err(ce)?
-            .to_vec1::<f32>()
-            .map_err(ce)
+        Ok(logits)
     }
 
     /// cos and sin of positions `past..past + n`, `[n, head_dim]` each, with the frequencies
@@ -709,7 +992,8 @@ fn causal_mask(past: usize, n: usize) -> Result<CTensor> {
 
 /// Softmax over the last dimension, max-subtracted so exp never overflows.
 fn softmax_last(x: &CTensor) -> Result<CTensor> {
-    let max = x.max_keepdim(D::Minus1).map_err(ce)?;
+    // The shift cancels out of the result, so it needs no gradient.
+    let max = x.max_keepdim(D::Minus1).map_err(ce)?.detach();
     let e = x.broadcast_sub(&max).and_then(|d| d.exp()).map_err(ce)?;
     let sum = e.sum_keepdim(D::Minus1).map_err(ce)?;
     e.broadcast_div(&sum).map_err(ce)

@@ -22,6 +22,13 @@ impl Message {
             content: content.into(),
         }
     }
+
+    pub fn assistant(content: &str) -> Message {
+        Message {
+            role: "assistant".into(),
+            content: content.into(),
+        }
+    }
 }
 
 /// The chat template of a `tokenizer_config.json`: a string, or a list of named templates of

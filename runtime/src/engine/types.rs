@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::bundle::Format;
+pub use crate::bundle::{DelegatePlan, Format};
 
 /// Why the engine could not load or run.
 #[derive(Debug, thiserror::Error)]
@@ -73,19 +73,6 @@ pub struct EngineConfig {
     pub flash_attn: bool,
     /// The accelerator delegate the bundle asks for (LiteRT only).
     pub delegate: Option<DelegatePlan>,
-}
-
-/// The delegate a bundle asks for and what the search for its library found.
-#[derive(Debug, Clone)]
-pub struct DelegatePlan {
-    /// The manifest's name for it (`vx`, `ethos-u`, `neutron`).
-    pub name: String,
-    /// The delegate's shared library, if one was found.
-    pub library: Option<PathBuf>,
-    /// Where it was looked for, said when it was not found.
-    pub searched: String,
-    /// The model compiled for it ahead of time (Vela's), run in its place when it attaches.
-    pub model: Option<PathBuf>,
 }
 
 /// What the loaded model and engine report about themselves.

@@ -1,0 +1,327 @@
+//! `edgepack finetune`: one training step against PEFT + torch on SmolLM2, a domain adapter
+//! that learns the Tern T3 manual and loads in PEFT, bit-for-bit resume, and refusals of bad
+//! data, options and checkpoints before any training.
+
+use std::path::{Path, PathBuf};
+
+use edgepack_tests::fixtures::Tiny;
+use edgepack_tests::*;
+use serde_json::Value;
+
+fn tern(file: &str) -> PathBuf {
+    root().join("recipes/data/tern-t3").join(file)
+}
+
+fn report(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("training_report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The first four Tern T3 question/answer pairs, a small full batch.
+fn four_pairs(work: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(tern("qa.jsonl")).unwrap();
+    let four: Vec<&str> = text.lines().take(4).collect();
+    let p = work.join("four.jsonl");
+    std::fs::write(&p, four.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn first_training_step_matches_peft_loss_gradients_and_adamw_update() {
+    let work = tempfile::tempdir().unwrap();
+    let base = smollm2_hf();
+    let data = four_pairs(work.path());
+    // PEFT makes the initial adapter (random A and non-zero B, so both get gradients).
+    let init = work.path().join("init");
+    oracle(
+        "peft_make.py",
+        &[
+            &base,
+            &init,
+            &work.path().join("unused"),
+            &"all_linear",
+            &"11",
+        ],
+    );
+    let peft = work.path().join("peft-step.safetensors");
+    let reference = oracle("peft_step.py", &[&base, &init, &data, &"1e-3", &peft]);
+
+    // Two steps with a checkpoint after the first: its weights are the state after one
+    // AdamW step and its first moment is 0.1 x the gradient.
+    let out = work.path().join("ours");
+    run_ok(
+        edgepack()
+            .arg("finetune")
+            .arg(&base)
+            .arg("--data")
+            .arg(&data)
+            .arg("--init")
+            .arg(&init)
+            .args([
+                "--rank",
+                "8",
+                "--alpha",
+                "16",
+                "--dropout",
+                "0",
+                "--eval-split",
+                "0",
+                "--batch",
+                "4",
+                "--epochs",
+                "0",
+                "--max-steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--schedule",
+                "constant",
+                "--max-grad-norm",
+                "0",
+                "--save-steps",
+                "1",
+                "-o",
+            ])
+            .arg(&out),
+    );
+    let ours = report(&out);
+    let step1 = &ours["steps"][0];
+    assert_eq!(
+        step1["label_tokens"], reference["label_tokens"],
+        "{step1} vs {reference}"
+    );
+    let (l_ours, l_ref) = (
+        step1["loss"].as_f64().unwrap(),
+        reference["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        ((l_ours - l_ref) / l_ref).abs() < 1e-4,
+        "loss {l_ours} vs PEFT {l_ref}"
+    );
+    let cmp = oracle(
+        "lora_step_compare.py",
+        &[&out.join("checkpoint-1"), &peft, &init],
+    );
+    assert_eq!(cmp["tensors"], 420, "{cmp}");
+    assert_eq!(cmp["ours"], 420, "{cmp}");
+    assert!(cmp["grad"].as_f64().unwrap() < 1e-3, "gradients: {cmp}");
+    // Adam's first step moves every weight by about lr * sign(g): weights whose gradient is
+    // within float noise of zero may step the other way, so the update is held to a few
+    // percent and the weights to well under one.
+    assert!(cmp["weight"].as_f64().unwrap() < 1e-2, "weights: {cmp}");
+    assert!(cmp["update"].as_f64().unwrap() < 0.1, "update: {cmp}");
+}
+
+fn tiny_base() -> PathBuf {
+    tiny("llama-tied-f32", Tiny::llama())
+}
+
+fn tiny_run(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = edgepack();
+    c.arg("finetune").arg(base).arg("--data").arg(data);
+    for (flag, value) in [
+        ("--rank", "4"),
+        ("--alpha", "8"),
+        ("--batch", "2"),
+        ("--seq-len", "96"),
+    ] {
+        if !extra.contains(&flag) {
+            c.args([flag, value]);
+        }
+    }
+    c.args(extra).arg("-o").arg(out);
+    c
+}
+
+#[test]
+fn resume_from_a_checkpoint_reproduces_the_uninterrupted_adapter_bytes() {
+    let work = tempfile::tempdir().unwrap();
+    let base = tiny_base();
+    let data = tern("qa.jsonl");
+    let full = work.path().join("full");
+    let opts = [
+        "--epochs",
+        "2",
+        "--save-steps",
+        "3",
+        "--warmup-steps",
+        "2",
+        "--keep-checkpoints",
+        "0",
+    ];
+    run_ok(&mut tiny_run(&base, &data, &full, &opts));
+    assert!(full
+        .join("checkpoint-3")
+        .join("optimizer.safetensors")
+        .is_file());
+    assert_eq!(report(&full)["total_steps"], 8);
+
+    // A run that stopped after its third step: only the checkpoint is left.
+    let cut = work.path().join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    let ck = cut.join("checkpoint-3");
+    std::fs::create_dir(&ck).unwrap();
+    for f in std::fs::read_dir(full.join("checkpoint-3")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), ck.join(f.file_name())).unwrap();
+    }
+    let mut cmd = tiny_run(&base, &data, &cut, &opts);
+    cmd.arg("--resume").arg(&ck);
+    run_ok(&mut cmd);
+    let a = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(cut.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed adapter differs from the uninterrupted one"
+    );
+    let (ra, rb) = (report(&full), report(&cut));
+    assert_eq!(rb["resumed_from_step"], 3);
+    assert_eq!(ra["steps"].as_array().unwrap().len(), 8);
+    for (x, y) in ra["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(rb["steps"].as_array().unwrap())
+    {
+        assert_eq!(x["loss"], y["loss"], "step {}", x["step"]);
+    }
+
+    // The adapter is a PEFT adapter the rest of the toolkit takes.
+    let merged = work.path().join("merged");
+    run_ok(
+        edgepack()
+            .arg("merge")
+            .arg(&base)
+            .arg("--lora")
+            .arg(&full)
+            .arg("-o")
+            .arg(&merged),
+    );
+    run_ok(
+        edgepack()
+            .args(["export", "gguf-lora"])
+            .arg(&full)
+            .arg("--base")
+            .arg(&base)
+            .arg("-o")
+            .arg(work.path().join("adapter.gguf")),
+    );
+
+    // Resuming with other options or other data is refused before any step, naming the field.
+    let mut cmd = tiny_run(&base, &data, &cut, &["--epochs", "2", "--dropout", "0.1"]);
+    cmd.arg("--resume").arg(&ck);
+    let err = run_err(&mut cmd);
+    assert!(
+        err.contains("trainer_state.json") && err.contains("config.dropout"),
+        "{err}"
+    );
+    let other = work.path().join("other.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&other, text.lines().take(6).collect::<Vec<_>>().join("\n")).unwrap();
+    let mut cmd = tiny_run(&base, &other, &cut, &opts);
+    cmd.arg("--resume").arg(&ck);
+    let err = run_err(&mut cmd);
+    assert!(err.contains("data.sha256"), "{err}");
+    let other_base = tiny(
+        "qwen2-untied-f32",
+        Tiny {
+            arch: "qwen2",
+            tied: false,
+            ..Tiny::llama()
+        },
+    );
+    let mut cmd = tiny_run(&other_base, &data, &cut, &opts);
+    cmd.arg("--resume").arg(&ck);
+    let err = run_err(&mut cmd);
+    assert!(err.contains("base_identity"), "{err}");
+}
+
+#[test]
+fn bad_data_and_options_are_refused_by_file_line_and_field_before_training() {
+    let work = tempfile::tempdir().unwrap();
+    let base = tiny_base();
+    let good = r#"{"question": "Q?", "answer": "A."}"#;
+    let cases: [(&str, String, &[&str], &[&str]); 7] = [
+        (
+            "not-json",
+            format!("{good}\n{{\"question\": \n"),
+            &[],
+            &["line 2", "not JSON"],
+        ),
+        (
+            "no-answer-turn",
+            format!("{good}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}\n"),
+            &[],
+            &["line 2: messages", "no assistant turn"],
+        ),
+        (
+            "wrong-type",
+            r#"{"question": "Q?", "answer": 3}"#.to_string(),
+            &[],
+            &["line 1: answer", "expected a string"],
+        ),
+        (
+            "no-field",
+            r#"{"query": "Q?"}"#.to_string(),
+            &[],
+            &["line 1", "no \"messages\""],
+        ),
+        ("empty", "\n\n".to_string(), &[], &["holds no samples"]),
+        (
+            "unknown-target",
+            good.to_string(),
+            &["--targets", "q_proj,qkv"],
+            &["`qkv`", "q_proj", "down_proj"],
+        ),
+        (
+            "rank-too-large",
+            good.to_string(),
+            &["--rank", "300"],
+            &["rank 300", "q_proj"],
+        ),
+    ];
+    for (name, text, extra, want) in cases {
+        let data = work.path().join(format!("{name}.jsonl"));
+        std::fs::write(&data, &text).unwrap();
+        let out = work.path().join(format!("out-{name}"));
+        let err = run_err(&mut tiny_run(&base, &data, &out, extra));
+        for w in want {
+            assert!(err.contains(w), "{name}: missing {w:?} in: {err}");
+        }
+        if !matches!(name, "unknown-target" | "rank-too-large") {
+            assert!(
+                err.contains(&format!("{name}.jsonl")),
+                "{name}: the file is not named: {err}"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .map(|d| d.collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{name}: {} holds {left:?}", out.display());
+    }
+
+    // A loss that blows up stops the run at that step, names the batch, keeps the last good
+    // checkpoint and writes no adapter.
+    let out = work.path().join("diverged");
+    let err = run_err(&mut tiny_run(
+        &base,
+        &tern("qa.jsonl"),
+        &out,
+        &[
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            "--epochs",
+            "3",
+            "--save-steps",
+            "1",
+        ],
+    ));
+    assert!(
+        err.contains("training stopped at step") && err.contains("data lines"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoint-"), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
