@@ -91,6 +91,9 @@ pub struct FinetuneArgs {
     /// Measure eval loss every N steps (0: before and after training only).
     #[arg(long, default_value_t = 0)]
     pub eval_steps: u64,
+    /// Threads, each training on its own packs of samples (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Output adapter folder (must not exist or be empty, unless resuming into it).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -174,6 +177,20 @@ impl TrainProgress for Show {
 }
 
 pub fn run_finetune(a: &FinetuneArgs, json_out: bool) -> Result<()> {
+    let threads = match a.threads {
+        Some(0) => anyhow::bail!("--threads 0: give at least 1"),
+        Some(n) => n,
+        None => std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    // The trainer runs one pack of samples per thread; candle's operations inside each are
+    // fastest single-threaded (its own pools would fight the trainer's threads for the cores).
+    // Set before the first candle or rayon call, while this process has one thread.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
     let mut inputs: Vec<&Path> = vec![&a.base, &a.data];
     inputs.extend(a.init.as_deref());
     ensure_not_input(&a.output, &inputs)?;
@@ -221,6 +238,7 @@ pub fn run_finetune(a: &FinetuneArgs, json_out: bool) -> Result<()> {
         save_every: a.save_steps,
         eval_every: a.eval_steps,
         keep_checkpoints: a.keep_checkpoints,
+        threads,
     };
     let show = Show::new(json_out);
     let report = train::train(&run, &cfg, &show)

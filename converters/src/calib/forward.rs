@@ -9,7 +9,6 @@
 //! rather than any fused or approximate kernel.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor as CTensor, Var, D};
 use serde_json::Value as Json;
@@ -47,8 +46,23 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout on the LoRA input while training (PEFT's `lora_dropout`).
     dropout: f32,
-    /// Drop mask stream: set per training step, advanced per call.
-    rng: AtomicU64,
+    /// Which pair this is (its place in the model), mixed into its dropout masks.
+    id: u64,
+}
+
+thread_local! {
+    /// The dropout seed of the forward pass running on this thread (`None`: no dropout).
+    static DROPOUT_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with LoRA dropout on (`Some(seed)`: every pair draws its masks from the seed and
+/// its own place in the model) or off (`None`), on this thread only, so forward passes on
+/// several threads each have their own masks.
+pub fn with_dropout<R>(seed: Option<u64>, f: impl FnOnce() -> R) -> R {
+    let before = DROPOUT_SEED.with(|c| c.replace(seed));
+    let r = f();
+    DROPOUT_SEED.with(|c| c.set(before));
+    r
 }
 
 /// SplitMix64: the generator behind LoRA initialisation and dropout masks.
@@ -114,10 +128,11 @@ impl Linear {
         match &self.lora {
             Some(l) => {
                 let xd = l.drop(x)?;
+                // The scale goes on B (`[out, r]`), not on the `[n, out]` product: one
+                // activation less kept for backward per adapted linear.
                 let u = xd
                     .matmul(&l.a.as_tensor().t().map_err(ce)?)
-                    .and_then(|u| u.matmul(&l.b.as_tensor().t()?))
-                    .and_then(|u| u.affine(l.scale, 0.0))
+                    .and_then(|u| u.matmul(&l.b.as_tensor().affine(l.scale, 0.0)?.t()?))
                     .map_err(ce)?;
                 (y + u).map_err(ce)
             }
@@ -170,10 +185,13 @@ impl Lora {
     /// Inverted dropout of `x` while a training step is on (the mask scaled by `1 / (1 - p)`),
     /// `x` itself otherwise.
     fn drop(&self, x: &CTensor) -> Result<CTensor> {
-        let mut state = self.rng.load(Ordering::Relaxed);
-        if self.dropout <= 0.0 || state == 0 {
+        let Some(seed) = DROPOUT_SEED.with(|c| c.get()) else {
+            return Ok(x.clone());
+        };
+        if self.dropout <= 0.0 {
             return Ok(x.clone());
         }
+        let mut state = seed ^ self.id.wrapping_mul(0xA24B_AED4_963E_E407);
         let keep = 1.0 - self.dropout;
         let n = x.elem_count();
         let mask: Vec<f32> = (0..n)
@@ -185,7 +203,6 @@ impl Lora {
                 }
             })
             .collect();
-        self.rng.store(state.max(1), Ordering::Relaxed);
         let mask = CTensor::from_vec(mask, x.shape(), &Device::Cpu).map_err(ce)?;
         x.mul(&mask).map_err(ce)
     }
@@ -602,7 +619,7 @@ impl Forward {
                 b: Var::zeros((out, rank), candle_core::DType::F32, &Device::Cpu).map_err(ce)?,
                 scale,
                 dropout,
-                rng: AtomicU64::new(0),
+                id: adapted.len() as u64,
             });
             adapted.push(module);
         }
@@ -634,28 +651,26 @@ impl Forward {
             .collect()
     }
 
-    /// Turns LoRA dropout on for one training step (`Some(seed)`, each pair drawing its own
-    /// stream from it) or off (`None`, inference).
-    pub fn set_dropout_step(&self, seed: Option<u64>) {
-        for (i, (_, l)) in self.loras().into_iter().enumerate() {
-            let s = match seed {
-                Some(s) => {
-                    let mut st = s ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
-                    splitmix(&mut st).max(1)
-                }
-                None => 0,
-            };
-            l.rng.store(s, Ordering::Relaxed);
-        }
-    }
-
     /// Logits `[tokens.len(), vocab]` of one sequence from position 0, as a tensor that keeps
     /// the graph back to the LoRA pairs (training).
     /// Only the rows of positions `rows` are computed past the last layer when given (the
     /// positions a loss is taken on).
     pub fn logits_graph(&self, tokens: &[u32], rows: Option<&[u32]>) -> Result<CTensor> {
         let mut cache = self.cache(tokens.len());
-        self.run_tensor(tokens, &mut cache, None, None, rows)
+        self.run_tensor(tokens, &mut cache, None, None, rows, None)
+    }
+
+    /// As [`Forward::logits_graph`] over several sequences packed one after another in
+    /// `tokens` (`lengths` each): every linear runs once over all their rows, while positions
+    /// and attention stay within each sequence, so the result equals running them one by one.
+    pub fn logits_graph_packed(
+        &self,
+        tokens: &[u32],
+        lengths: &[usize],
+        rows: Option<&[u32]>,
+    ) -> Result<CTensor> {
+        let mut cache = self.cache(tokens.len());
+        self.run_tensor(tokens, &mut cache, None, None, rows, Some(lengths))
     }
 
     /// A fresh KV cache for up to `max_len` positions.
@@ -712,7 +727,7 @@ impl Forward {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        self.run_tensor(tokens, cache, observer, pr, None)?
+        self.run_tensor(tokens, cache, observer, pr, None, None)?
             .flatten_all()
             .map_err(ce)?
             .to_vec1::<f32>()
@@ -728,6 +743,7 @@ impl Forward {
         mut observer: Observer<'_>,
         mut pr: Probe<'_>,
         rows: Option<&[u32]>,
+        segments: Option<&[usize]>,
     ) -> Result<CTensor> {
         let c = &self.config;
         let n = tokens.len();
@@ -759,8 +775,24 @@ impl Forward {
         let total = past + n;
         let ids = CTensor::from_slice(tokens, n, &Device::Cpu).map_err(ce)?;
         let mut x = self.embed.index_select(&ids, 0).map_err(ce)?;
-        let (cos, sin) = self.rope_tables(past, n)?;
-        let mask = causal_mask(past, n)?;
+        let (positions, parts): (Vec<usize>, Vec<(usize, CTensor)>) = match segments {
+            None => ((past..total).collect(), vec![(0, causal_mask(past, n)?)]),
+            Some(lengths) => {
+                if past != 0 || lengths.iter().sum::<usize>() != n || lengths.contains(&0) {
+                    return Err(Error::Invalid(format!(
+                        "forward pass: packed lengths {lengths:?} do not cover {n} new tokens from an empty cache"
+                    )));
+                }
+                let mut parts = Vec::with_capacity(lengths.len());
+                let mut start = 0;
+                for &len in lengths {
+                    parts.push((start, causal_mask(0, len)?));
+                    start += len;
+                }
+                (lengths.iter().flat_map(|&len| 0..len).collect(), parts)
+            }
+        };
+        let (cos, sin) = self.rope_tables(&positions)?;
         for (l, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             probe(&mut pr, Some(l), "attn_in", &x);
             let xn = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
@@ -771,7 +803,7 @@ impl Forward {
                 slot,
                 &cos,
                 &sin,
-                &mask,
+                &parts,
                 &mut observer,
                 &mut pr,
                 l,
@@ -801,15 +833,16 @@ impl Forward {
         Ok(logits)
     }
 
-    /// cos and sin of positions `past..past + n`, `[n, head_dim]` each, with the frequencies
+    /// cos and sin of `positions`, `[positions.len(), head_dim]` each, with the frequencies
     /// repeated over both halves as transformers' `cat((freqs, freqs))` does.
-    fn rope_tables(&self, past: usize, n: usize) -> Result<(CTensor, CTensor)> {
+    fn rope_tables(&self, positions: &[usize]) -> Result<(CTensor, CTensor)> {
         let d = self.config.head_dim;
         let half = d / 2;
+        let n = positions.len();
         let mut cos = vec![0f32; n * d];
         let mut sin = vec![0f32; n * d];
-        for i in 0..n {
-            let pos = (past + i) as f64;
+        for (i, &p) in positions.iter().enumerate() {
+            let pos = p as f64;
             for (j, f) in self.inv_freq.iter().enumerate() {
                 let (s, co) = (pos * f).sin_cos();
                 cos[i * d + j] = co as f32;
@@ -833,7 +866,7 @@ impl Forward {
         slot: &mut Option<(CTensor, CTensor)>,
         cos: &CTensor,
         sin: &CTensor,
-        mask: &CTensor,
+        parts: &[(usize, CTensor)],
         observer: &mut Observer<'_>,
         pr: &mut Probe<'_>,
         l: usize,
@@ -879,6 +912,43 @@ impl Forward {
             ),
             None => (k, v),
         };
+        let out = if parts.len() == 1 {
+            self.attend(&q, &k, &v, &parts[0].1, pr, l)?
+        } else {
+            // Packed sequences: each attends only to itself.
+            let mut outs = Vec::with_capacity(parts.len());
+            for (start, mask) in parts {
+                let len = mask.dim(0).map_err(ce)?;
+                let part = |t: &CTensor| {
+                    t.narrow(1, *start, len)
+                        .and_then(|t| t.contiguous())
+                        .map_err(ce)
+                };
+                outs.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, mask, &mut None, l)?);
+            }
+            CTensor::cat(&outs, 0).map_err(ce)?
+        };
+        *slot = Some((k, v));
+        probe(pr, Some(l), "attn", &out);
+        let o = layer.o.apply(&out, observer)?;
+        probe(pr, Some(l), "o", &o);
+        Ok(o)
+    }
+
+    /// Attention of queries `[heads, n, hd]` over keys and values `[kv_heads, t, hd]` under
+    /// `mask` `[n, t]`, as rows `[n, heads * hd]`.
+    fn attend(
+        &self,
+        q: &CTensor,
+        k: &CTensor,
+        v: &CTensor,
+        mask: &CTensor,
+        pr: &mut Probe<'_>,
+        l: usize,
+    ) -> Result<CTensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let n = q.dim(1).map_err(ce)?;
         let t = k.dim(1).map_err(ce)?;
         // Grouped-query attention without repeating K/V: query heads g*j .. g*(j+1) share KV
         // head j, so folding them into the row dimension turns it into one batched matmul per
@@ -909,17 +979,13 @@ impl Forward {
         let probs = softmax_last(&scores)?;
         let out = probs
             .reshape((nkv, g * n, t))
-            .and_then(|p| p.matmul(&v))
+            .and_then(|p| p.matmul(v))
             .and_then(|o| o.reshape((nh, n, hd)))
             .and_then(|o| o.transpose(0, 1))
             .and_then(|o| o.contiguous())
             .and_then(|o| o.reshape((n, nh * hd)))
             .map_err(ce)?;
-        *slot = Some((k, v));
-        probe(pr, Some(l), "attn", &out);
-        let o = layer.o.apply(&out, observer)?;
-        probe(pr, Some(l), "o", &o);
-        Ok(o)
+        Ok(out)
     }
 }
 

@@ -7,6 +7,7 @@
 mod common;
 mod convert;
 mod deploy;
+mod finetune;
 mod onnx;
 mod quality;
 mod recipe;
@@ -145,6 +146,31 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/recipe.json")]
         output: PathBuf,
     },
+    /// LoRA training on the Tern T3 data: `edgepack finetune` against PEFT + torch (CPU, same
+    /// model, data, rank, batch, sequence length, steps and threads): tokens/s and peak RSS.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench finetune --steps 10 --batch 8 --threads 2 -o target/bench/finetune.json"
+    )]
+    Finetune {
+        /// Optimizer steps each tool runs.
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Samples per step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// LoRA rank (alpha is twice it) on all seven linears of every layer.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Longest sample in tokens.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Threads for both tools (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/finetune.json")]
+        output: PathBuf,
+    },
 }
 
 pub fn bench(b: Bench) -> Result<()> {
@@ -200,5 +226,20 @@ pub fn bench(b: Bench) -> Result<()> {
         }),
         Bench::Deploy { quant, output } => deploy::bench(deploy::Options { quant, output }),
         Bench::Recipe { output } => recipe::bench(&output),
+        Bench::Finetune {
+            steps,
+            batch,
+            rank,
+            seq_len,
+            threads,
+            output,
+        } => finetune::bench(finetune::Options {
+            steps,
+            batch,
+            rank,
+            seq_len,
+            threads,
+            output,
+        }),
     }
 }

@@ -1,0 +1,110 @@
+//! `cargo xtask bench finetune`: `edgepack finetune` against PEFT + torch (tests/python/
+//! peft_train.py) on the same model, data, targets, rank, batch, sequence length, step count
+//! and threads, in the same run: training tokens/s (model loading excluded, each tool's own
+//! clock), wall time and peak RSS of each process. JSON out.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::common::{edgepack_release, fresh_work_dir, measure, model_or_smollm2, py};
+use crate::util::root;
+
+pub struct Options {
+    pub steps: u64,
+    pub batch: usize,
+    pub rank: usize,
+    pub seq_len: usize,
+    pub threads: Option<usize>,
+    pub output: std::path::PathBuf,
+}
+
+pub fn bench(o: Options) -> Result<()> {
+    let ep = edgepack_release()?;
+    let work = fresh_work_dir("finetune-work")?;
+    let model = model_or_smollm2(&ep, &work, None, "f32")?;
+    let data = root().join("recipes/data/tern-t3/train.jsonl");
+    let threads = o
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let alpha = 2 * o.rank;
+
+    let ours_dir = work.join("edgepack-adapter");
+    let m_ours = measure(
+        Command::new(&ep)
+            .arg("finetune")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .args(["--eval-split", "0", "--epochs", "0", "--lr", "2e-4"])
+            .args(["--max-steps", &o.steps.to_string()])
+            .args(["--batch", &o.batch.to_string()])
+            .args(["--rank", &o.rank.to_string(), "--alpha", &alpha.to_string()])
+            .args(["--seq-len", &o.seq_len.to_string(), "-o"])
+            .arg(&ours_dir)
+            .env("CI", "1")
+            .env("RAYON_NUM_THREADS", threads.to_string()),
+    )?;
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(ours_dir.join("training_report.json"))
+            .context("reading edgepack's training_report.json")?,
+    )?;
+
+    let peer_dir = work.join("peft-adapter");
+    let script = root().join("tests/python/peft_train.py");
+    let m_peer = measure(
+        Command::new(py())
+            .arg(&script)
+            .arg(&model)
+            .arg(&data)
+            .arg(&peer_dir)
+            .args([
+                o.rank.to_string(),
+                alpha.to_string(),
+                o.steps.to_string(),
+                o.batch.to_string(),
+                "2e-4".into(),
+                o.seq_len.to_string(),
+                threads.to_string(),
+            ]),
+    )?;
+    let peer: Value = serde_json::from_str(
+        &std::fs::read_to_string(peer_dir.join("peer_report.json"))
+            .context("reading peft_train.py's report")?,
+    )?;
+
+    let ours_tps = report["tokens_per_second"].as_f64().unwrap_or(0.0);
+    let peer_tps = peer["tokens_per_second"].as_f64().unwrap_or(0.0);
+    let result = json!({
+        "benchmark": "finetune",
+        "model": model.display().to_string(),
+        "data": data.display().to_string(),
+        "steps": o.steps, "batch": o.batch, "rank": o.rank, "alpha": alpha,
+        "seq_len": o.seq_len, "threads": threads,
+        "edgepack": {
+            "tokens": report["tokens_seen"], "train_seconds": report["train_seconds"],
+            "tokens_per_second": ours_tps, "wall_seconds": m_ours.seconds,
+            "max_rss_mib": m_ours.max_rss_mib,
+            "last_loss": report["steps"].as_array().and_then(|s| s.last()).map(|s| s["loss"].clone()),
+        },
+        "peft": {
+            "tokens": peer["tokens"], "train_seconds": peer["train_seconds"],
+            "tokens_per_second": peer_tps, "wall_seconds": m_peer.seconds,
+            "max_rss_mib": m_peer.max_rss_mib, "last_loss": peer["last_loss"],
+        },
+        "speedup": if peer_tps > 0.0 { ours_tps / peer_tps } else { 0.0 },
+        "memory_ratio": m_ours.max_rss_mib / m_peer.max_rss_mib.max(1.0),
+    });
+    write(&o.output, &result)
+}
+
+fn write(output: &Path, v: &Value) -> Result<()> {
+    if let Some(d) = output.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(output, serde_json::to_string_pretty(v)? + "\n")?;
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
