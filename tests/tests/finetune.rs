@@ -308,9 +308,14 @@ fn resume_from_a_checkpoint_reproduces_the_uninterrupted_adapter_bytes() {
         let f = f.unwrap();
         std::fs::copy(f.path(), ck.join(f.file_name())).unwrap();
     }
+    // The cut run had also reached step 6 before it stopped; resuming from step 3 passes
+    // that step again and replaces its stale checkpoint.
+    std::fs::create_dir(cut.join("checkpoint-6")).unwrap();
+    std::fs::write(cut.join("checkpoint-6/trainer_state.json"), "{}").unwrap();
     let mut cmd = tiny_run(&base, &data, &cut, &opts);
     cmd.arg("--resume").arg(&ck);
     run_ok(&mut cmd);
+    assert!(cut.join("checkpoint-6/optimizer.safetensors").is_file());
     let a = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(cut.join("adapter_model.safetensors")).unwrap();
     assert!(

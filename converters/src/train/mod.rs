@@ -845,6 +845,11 @@ fn save_checkpoint(
     step: u64,
 ) -> Result<PathBuf> {
     let dir = run.out.join(format!("checkpoint-{step}"));
+    // A run resumed from an earlier checkpoint passes the steps of the later ones again;
+    // their stale folders (this trainer's own, by their state file) give way to the new ones.
+    if dir.join("trainer_state.json").is_file() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
     let staging = AtomicDir::create(&dir)?;
     let spec = spec_of(&report.config);
     adapter::write_adapter(staging.staging(), &run.base_name, &spec, &params.pairs())?;
