@@ -127,6 +127,26 @@ pub struct Chunks {
     pub chunks: Vec<Vec<u32>>,
 }
 
+/// The model's `tokenizer.json` loaded by the tokenizers library; a missing or unreadable one
+/// is an error naming the model.
+pub(crate) fn tokenizer(model: &Model) -> Result<tokenizers::Tokenizer> {
+    let src = &model.source;
+    let json = model.tokenizer.tokenizer_json.as_deref().ok_or_else(|| {
+        Error::format(
+            src,
+            "tokenizer.json",
+            "missing: edgepack tokenizes text with the model's tokenizer.json",
+        )
+    })?;
+    tokenizers::Tokenizer::from_str(json).map_err(|e| {
+        Error::format(
+            src,
+            "tokenizer.json",
+            format!("the tokenizers library cannot load it: {e}"),
+        )
+    })
+}
+
 /// The BOS id the tokenizer's post-processor puts in front of a text, if it does.
 pub(crate) fn added_bos(tok: &tokenizers::Tokenizer, src: &Path) -> Result<Option<u32>> {
     let enc = |special: bool| -> Result<Vec<u32>> {
@@ -157,20 +177,7 @@ pub fn chunk_tokens(
             "chunk size {chunk_size} is below {MIN_CHUNK_SIZE}: llama-imatrix records nothing for batches that small"
         )));
     }
-    let json = model.tokenizer.tokenizer_json.as_deref().ok_or_else(|| {
-        Error::format(
-            src,
-            "tokenizer.json",
-            "missing: edgepack tokenizes text with the model's tokenizer.json",
-        )
-    })?;
-    let tok = tokenizers::Tokenizer::from_str(json).map_err(|e| {
-        Error::format(
-            src,
-            "tokenizer.json",
-            format!("the tokenizers library cannot load it: {e}"),
-        )
-    })?;
+    let tok = tokenizer(model)?;
     let bos = added_bos(&tok, src)?;
     let text = texts.join("\n\n");
     let ids = tok

@@ -95,6 +95,12 @@ fn probe(p: &mut Probe<'_>, layer: Option<usize>, point: &str, t: &CTensor) {
 }
 
 impl Linear {
+    /// The module path (`model.layers.0.self_attn.q_proj`): the weight's name without
+    /// `.weight`.
+    fn module(&self) -> &str {
+        self.name.trim_end_matches(".weight")
+    }
+
     fn apply(&self, x: &CTensor, observer: &mut Observer<'_>) -> Result<CTensor> {
         if let Some(obs) = observer.as_mut() {
             let vals = x.flatten_all().map_err(ce)?.to_vec1::<f32>().map_err(ce)?;
@@ -231,6 +237,23 @@ struct Layer {
 }
 
 impl Layer {
+    /// The decoder linears in execution order: Q, K, V (or QKV), O, gate, up (or gate-up),
+    /// down.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v: Vec<&Linear> = Vec::with_capacity(7);
+        match &self.qkv {
+            Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
+            Qkv::Fused(l) => v.push(l),
+        }
+        v.push(&self.o);
+        match &self.gate_up {
+            GateUp::Split { gate, up } => v.extend([gate, up]),
+            GateUp::Fused(l) => v.push(l),
+        }
+        v.push(&self.down);
+        v
+    }
+
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v: Vec<&mut Linear> = Vec::with_capacity(7);
         match &mut self.qkv {
@@ -536,21 +559,8 @@ impl Forward {
     pub fn linear_modules(&self) -> Vec<String> {
         self.layers
             .iter()
-            .flat_map(|l| {
-                let mut v: Vec<&Linear> = Vec::with_capacity(7);
-                match &l.qkv {
-                    Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
-                    Qkv::Fused(x) => v.push(x),
-                }
-                v.push(&l.o);
-                match &l.gate_up {
-                    GateUp::Split { gate, up } => v.extend([gate, up]),
-                    GateUp::Fused(x) => v.push(x),
-                }
-                v.push(&l.down);
-                v.into_iter()
-                    .map(|x| x.name.trim_end_matches(".weight").to_string())
-            })
+            .flat_map(Layer::linears)
+            .map(|x| x.module().to_string())
             .collect()
     }
 
@@ -567,12 +577,11 @@ impl Forward {
         dropout: f32,
         seed: u64,
     ) -> Result<Vec<String>> {
+        // PEFT's `target_modules` matching: the whole path, or its tail after a `.`.
+        let names = |m: &str, t: &str| m == t || m.ends_with(&format!(".{t}"));
         let modules = self.linear_modules();
         for t in targets {
-            if !modules
-                .iter()
-                .any(|m| m == t || m.ends_with(&format!(".{t}")))
-            {
+            if !modules.iter().any(|m| names(m, t)) {
                 let mut kinds: Vec<&str> = modules
                     .iter()
                     .filter_map(|m| m.rsplit('.').next())
@@ -597,11 +606,8 @@ impl Forward {
         let mut state = seed ^ 0x4C6F_5261_496E_6974;
         let mut adapted = Vec::new();
         for lin in self.layers.iter_mut().flat_map(Layer::linears_mut) {
-            let module = lin.name.trim_end_matches(".weight").to_string();
-            if !targets
-                .iter()
-                .any(|t| module == *t || module.ends_with(&format!(".{t}")))
-            {
+            let module = lin.module().to_string();
+            if !targets.iter().any(|t| names(&module, t)) {
                 continue;
             }
             let (out, inn) = lin.w.dims2().map_err(ce)?;
@@ -630,24 +636,8 @@ impl Forward {
     pub fn loras(&self) -> Vec<(String, &Lora)> {
         self.layers
             .iter()
-            .flat_map(|l| {
-                let mut v: Vec<&Linear> = Vec::with_capacity(7);
-                match &l.qkv {
-                    Qkv::Split { q, k, v: vv } => v.extend([q, k, vv]),
-                    Qkv::Fused(x) => v.push(x),
-                }
-                v.push(&l.o);
-                match &l.gate_up {
-                    GateUp::Split { gate, up } => v.extend([gate, up]),
-                    GateUp::Fused(x) => v.push(x),
-                }
-                v.push(&l.down);
-                v.into_iter().filter_map(|x| {
-                    x.lora
-                        .as_ref()
-                        .map(|lo| (x.name.trim_end_matches(".weight").to_string(), lo))
-                })
-            })
+            .flat_map(Layer::linears)
+            .filter_map(|x| x.lora.as_ref().map(|lo| (x.module().to_string(), lo)))
             .collect()
     }
 

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde_json::Value as Json;
 
-use crate::calib::data::added_bos;
+use crate::calib::data::{added_bos, tokenizer};
 use crate::calib::forward::splitmix;
 use crate::error::{Error, Result};
 use crate::model::chat::{self, Message};
@@ -194,20 +194,7 @@ pub fn read_dataset(
         )
     })?;
     let src = &model.source;
-    let json = model.tokenizer.tokenizer_json.as_deref().ok_or_else(|| {
-        Error::format(
-            src,
-            "tokenizer.json",
-            "missing: fine-tuning tokenizes with the model's tokenizer.json",
-        )
-    })?;
-    let tok = tokenizers::Tokenizer::from_str(json).map_err(|e| {
-        Error::format(
-            src,
-            "tokenizer.json",
-            format!("the tokenizers library cannot load it: {e}"),
-        )
-    })?;
+    let tok = tokenizer(model)?;
     let bos = added_bos(&tok, src)?;
     let eos = eos_id(model, &tok);
 

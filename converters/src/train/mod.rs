@@ -146,10 +146,6 @@ pub trait TrainProgress: Sync {
     fn finish(&self) {}
 }
 
-/// A progress sink that shows nothing.
-pub struct Quiet;
-impl TrainProgress for Quiet {}
-
 /// Where a run reads and writes.
 pub struct Run<'a> {
     pub model: &'a Model,
@@ -539,9 +535,11 @@ pub fn train(
     let model = run.model;
     let identity = BaseIdentity::of(model)?;
 
+    let data_sha256 = sha256_file(run.data)?;
+
     // Everything that can be refused is checked before the first step.
     let resume_state = match run.resume {
-        Some(dir) => Some(read_resume(dir, cfg, &identity, run.data)?),
+        Some(dir) => Some(read_resume(dir, cfg, &identity, run.data, &data_sha256)?),
         None => {
             check_out_dir(run.out)?;
             None
@@ -578,7 +576,7 @@ pub fn train(
 
     let data_report = DataReport {
         path: run.data.display().to_string(),
-        sha256: sha256_file(run.data)?,
+        sha256: data_sha256,
         train_samples: train_set.len(),
         eval_samples: eval_set.len(),
         truncated: ds.truncated,
@@ -794,6 +792,7 @@ fn read_resume(
     cfg: &TrainConfig,
     identity: &BaseIdentity,
     data: &Path,
+    data_sha256: &str,
 ) -> Result<(PathBuf, TrainerState)> {
     let p = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
@@ -825,7 +824,7 @@ fn read_resume(
             ));
         }
     }
-    if state.report.data.sha256 != sha256_file(data)? {
+    if state.report.data.sha256 != data_sha256 {
         return Err(Error::mismatch(
             &p,
             "data.sha256",
