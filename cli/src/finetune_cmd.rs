@@ -176,6 +176,31 @@ impl TrainProgress for Show {
     }
 }
 
+/// The run's options (Adam's betas and eps are transformers' defaults, as in PEFT).
+fn config(a: &FinetuneArgs) -> TrainConfig {
+    TrainConfig {
+        rank: a.rank,
+        alpha: a.alpha,
+        dropout: a.dropout,
+        rslora: a.rslora,
+        targets: a.targets.iter().map(|t| t.trim().to_string()).collect(),
+        lr: a.lr,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch: a.batch,
+        grad_accum: a.grad_accum,
+        seq_len: a.seq_len,
+        warmup_steps: a.warmup_steps,
+        schedule: a.schedule.clone(),
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        eval_split: a.eval_split,
+        train_on: a.train_on.clone(),
+        ..TrainConfig::default()
+    }
+}
+
 pub fn run_finetune(a: &FinetuneArgs, json_out: bool) -> Result<()> {
     let threads = match a.threads {
         Some(0) => anyhow::bail!("--threads 0: give at least 1"),
@@ -204,29 +229,7 @@ pub fn run_finetune(a: &FinetuneArgs, json_out: bool) -> Result<()> {
             );
         }
     }
-    let cfg = TrainConfig {
-        rank: a.rank,
-        alpha: a.alpha,
-        dropout: a.dropout,
-        rslora: a.rslora,
-        targets: a.targets.iter().map(|t| t.trim().to_string()).collect(),
-        lr: a.lr,
-        epochs: a.epochs,
-        max_steps: a.max_steps,
-        batch: a.batch,
-        grad_accum: a.grad_accum,
-        seq_len: a.seq_len,
-        warmup_steps: a.warmup_steps,
-        schedule: a.schedule.clone(),
-        weight_decay: a.weight_decay,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: a.max_grad_norm,
-        seed: a.seed,
-        eval_split: a.eval_split,
-        train_on: a.train_on.clone(),
-    };
+    let cfg = config(a);
     let model = import::open(&a.base).with_context(|| format!("importing {}", a.base.display()))?;
     let run = train::Run {
         model: &model,
@@ -280,4 +283,22 @@ pub fn run_finetune(a: &FinetuneArgs, json_out: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    #[test]
+    fn the_commands_defaults_are_the_trainers_defaults() {
+        let cli = Cli::parse_from(["finetune", "base", "--data", "d.jsonl", "-o", "out"]);
+        assert_eq!(config(&cli.args), TrainConfig::default());
+    }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use edgepack_converters::import;
+use edgepack_converters::train;
 use edgepack_converters::transform::lora::load_adapter;
 
 use crate::bundle::link_or_copy;
@@ -144,7 +145,7 @@ pub fn gc(recipes: &[Recipe], cache_dir: &Path) -> Result<(u64, u64)> {
 /// Checks what can only be checked against the real model before any stage runs: that every
 /// adapter was trained for this base (module names and shapes).
 fn preflight(recipe: &Recipe, fetched: Option<&Path>) -> Result<()> {
-    if recipe.adapters.is_empty() {
+    if recipe.adapters.is_empty() && recipe.finetune.is_none() {
         return Ok(());
     }
     let base = match (&recipe.model, fetched) {
@@ -154,6 +155,16 @@ fn preflight(recipe: &Recipe, fetched: Option<&Path>) -> Result<()> {
         _ => return Ok(()),
     };
     let m = import::open(&base).map_err(|e| RecipeError::io(&base, e))?;
+    if let Some(f) = &recipe.finetune {
+        // The data as the trainer will read it: a bad line fails the build before any stage.
+        train::preflight(&m, &f.data, &f.config).map_err(|e| RecipeError::Invalid {
+            file: recipe.file.clone(),
+            line: f.at.0,
+            column: f.at.1,
+            key: "finetune.data".into(),
+            message: e.to_string(),
+        })?;
+    }
     for (i, a) in recipe.adapters.iter().enumerate() {
         let bad = |message: String| RecipeError::Invalid {
             file: recipe.file.clone(),
@@ -258,6 +269,16 @@ fn publish(
             link_tree(&src, &staging.join(&name))?;
             items.push(name);
         }
+    }
+    // The trained adapter: what `edgepack merge` and `export gguf-lora` take, and PEFT loads.
+    if let Some(i) = p.finetune {
+        let s = &status[i];
+        let dir = s
+            .dir
+            .as_ref()
+            .ok_or_else(|| RecipeError::stage(&s.id, "no output"))?;
+        link_tree(&dir.join("adapter"), &staging.join("adapter"))?;
+        items.push("adapter".into());
     }
     // Replace what the last build published; drop what this one no longer makes.
     for old in &prev.published {

@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use edgepack_converters::quant::preset::Preset;
+use edgepack_converters::train::data::TrainOn;
+use edgepack_converters::train::optim::Schedule;
+use edgepack_converters::train::TrainConfig;
 use edgepack_targets::Profile;
 use serde::Deserialize;
 use toml::Spanned;
@@ -34,6 +37,7 @@ struct RawRecipe {
     name: Option<Spanned<String>>,
     description: Option<String>,
     model: Spanned<RawModel>,
+    finetune: Option<Spanned<RawFinetune>>,
     #[serde(default)]
     adapters: Vec<Spanned<RawAdapter>>,
     calibration: Option<Spanned<RawCalibration>>,
@@ -59,6 +63,32 @@ struct RawModel {
 struct RawAdapter {
     path: Spanned<String>,
     weight: Option<f32>,
+}
+
+/// `[finetune]`: the options of `edgepack finetune`, by the same names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFinetune {
+    data: Spanned<String>,
+    eval_split: Option<Spanned<f64>>,
+    rank: Option<Spanned<usize>>,
+    alpha: Option<Spanned<f64>>,
+    dropout: Option<Spanned<f64>>,
+    rslora: Option<bool>,
+    targets: Option<Spanned<Vec<String>>>,
+    lr: Option<Spanned<f64>>,
+    epochs: Option<Spanned<usize>>,
+    max_steps: Option<Spanned<usize>>,
+    batch: Option<Spanned<usize>>,
+    grad_accum: Option<Spanned<usize>>,
+    seq_len: Option<Spanned<usize>>,
+    warmup_steps: Option<Spanned<usize>>,
+    schedule: Option<Spanned<String>>,
+    weight_decay: Option<Spanned<f64>>,
+    max_grad_norm: Option<Spanned<f64>>,
+    seed: Option<Spanned<u64>>,
+    train_on: Option<Spanned<String>>,
+    weight: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +190,17 @@ pub struct Adapter {
     pub path: PathBuf,
     pub weight: f32,
     /// Line and column of its `path` in the recipe, for errors found when it is loaded.
+    pub at: (usize, usize),
+}
+
+/// A LoRA adapter trained on the base model before anything else, then merged first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finetune {
+    pub data: PathBuf,
+    pub config: TrainConfig,
+    /// The merge weight of the trained adapter.
+    pub weight: f32,
+    /// Line and column of `[finetune]`, for errors found when the base is available.
     pub at: (usize, usize),
 }
 
@@ -357,6 +398,7 @@ pub struct Recipe {
     pub name: String,
     pub description: Option<String>,
     pub model: ModelSource,
+    pub finetune: Option<Finetune>,
     pub adapters: Vec<Adapter>,
     pub calibration: Calibration,
     pub transforms: Vec<Transform>,
@@ -552,6 +594,12 @@ impl Recipe {
         };
 
         let model = source(&cx, &raw.model, "model", true)?;
+
+        let finetune = raw
+            .finetune
+            .as_ref()
+            .map(|f| finetune(&cx, f))
+            .transpose()?;
 
         let mut adapters = Vec::new();
         for (i, a) in raw.adapters.iter().enumerate() {
@@ -886,6 +934,7 @@ impl Recipe {
             name,
             description: raw.description.clone(),
             model,
+            finetune,
             adapters,
             calibration,
             transforms,
@@ -987,6 +1036,121 @@ fn source(
             "give exactly one of `path` (a file or folder) and `package`",
         )),
     }
+}
+
+/// A checked `[finetune]` table: every option in range, by key.
+fn finetune(cx: &Ctx<'_>, f: &Spanned<RawFinetune>) -> Result<Finetune> {
+    let r = f.get_ref();
+    let d = TrainConfig::default();
+    // A number with its check, or the default.
+    let num = |v: &Option<Spanned<f64>>,
+               key: &str,
+               default: f64,
+               ok: fn(f64) -> bool,
+               want: &str|
+     -> Result<f64> {
+        match v {
+            None => Ok(default),
+            Some(x) if x.get_ref().is_finite() && ok(*x.get_ref()) => Ok(*x.get_ref()),
+            Some(x) => Err(cx.err(x.span(), &format!("finetune.{key}"), want)),
+        }
+    };
+    let count = |v: &Option<Spanned<usize>>, key: &str, default: usize, lo: usize| {
+        cx.count(v, &format!("finetune.{key}"), default, lo)
+    };
+    let word = |v: &Option<Spanned<String>>,
+                key: &str,
+                default: &str,
+                ok: &dyn Fn(&str) -> std::result::Result<(), String>|
+     -> Result<String> {
+        match v {
+            None => Ok(default.to_string()),
+            Some(x) => {
+                ok(x.get_ref()).map_err(|e| cx.err(x.span(), &format!("finetune.{key}"), e))?;
+                Ok(x.get_ref().clone())
+            }
+        }
+    };
+    let targets = match &r.targets {
+        None => d.targets.clone(),
+        Some(t) if t.get_ref().is_empty() => {
+            return Err(cx.err(t.span(), "finetune.targets", "names no module"))
+        }
+        Some(t) => t.get_ref().clone(),
+    };
+    let epochs = count(&r.epochs, "epochs", d.epochs as usize, 0)?;
+    let max_steps = r
+        .max_steps
+        .as_ref()
+        .map(|m| count(&Some(m.clone()), "max_steps", 1, 1))
+        .transpose()?;
+    if epochs == 0 && max_steps.is_none() {
+        let span = r.epochs.as_ref().map_or(f.span(), |e| e.span());
+        return Err(cx.err(
+            span,
+            "finetune.epochs",
+            "0 epochs without `max_steps` trains nothing",
+        ));
+    }
+    let config = TrainConfig {
+        rank: count(&r.rank, "rank", d.rank, 1)?,
+        alpha: num(&r.alpha, "alpha", d.alpha, |v| v > 0.0, "must be positive")?,
+        dropout: num(
+            &r.dropout,
+            "dropout",
+            d.dropout as f64,
+            |v| (0.0..1.0).contains(&v),
+            "must be in [0, 1)",
+        )? as f32,
+        rslora: r.rslora.unwrap_or(d.rslora),
+        targets,
+        lr: num(&r.lr, "lr", d.lr, |v| v > 0.0, "must be positive")?,
+        epochs: epochs as u32,
+        max_steps: max_steps.map(|m| m as u64),
+        batch: count(&r.batch, "batch", d.batch, 1)?,
+        grad_accum: count(&r.grad_accum, "grad_accum", d.grad_accum, 1)?,
+        seq_len: count(&r.seq_len, "seq_len", d.seq_len, 2)?,
+        warmup_steps: count(&r.warmup_steps, "warmup_steps", d.warmup_steps as usize, 0)? as u64,
+        schedule: word(&r.schedule, "schedule", &d.schedule, &|s| {
+            s.parse::<Schedule>().map(|_| ())
+        })?,
+        weight_decay: num(
+            &r.weight_decay,
+            "weight_decay",
+            d.weight_decay,
+            |v| v >= 0.0,
+            "must be 0 or more",
+        )?,
+        max_grad_norm: num(
+            &r.max_grad_norm,
+            "max_grad_norm",
+            d.max_grad_norm,
+            |v| v >= 0.0,
+            "must be 0 (no clipping) or more",
+        )?,
+        seed: r.seed.as_ref().map_or(d.seed, |s| *s.get_ref()),
+        eval_split: num(
+            &r.eval_split,
+            "eval_split",
+            d.eval_split,
+            |v| (0.0..1.0).contains(&v),
+            "must be a share in [0, 1)",
+        )?,
+        train_on: word(&r.train_on, "train_on", &d.train_on, &|s| {
+            s.parse::<TrainOn>().map(|_| ())
+        })?,
+        ..d
+    };
+    config
+        .check()
+        .map_err(|e| cx.err(f.span(), "finetune", e.to_string()))?;
+    let weight = num(&r.weight, "weight", 1.0, |_| true, "not a number")? as f32;
+    Ok(Finetune {
+        data: cx.existing(&r.data, "finetune.data")?,
+        config,
+        weight,
+        at: line_col(cx.text, f.span().start),
+    })
 }
 
 fn output(
@@ -1204,6 +1368,61 @@ mod tests {
         let e = Recipe::load(&p).unwrap_err().to_string();
         assert!(
             e.contains("r.toml:6:10: `targets.board.outputs[0].format`: board cpu-only runs no tflite engine"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_finetune_table_takes_the_commands_defaults_and_refuses_bad_values_by_key() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("m")).unwrap();
+        std::fs::write(d.path().join("qa.jsonl"), "").unwrap();
+        let head = "[model]\npath = \"m\"\n[targets.rpi5]\n[finetune]\ndata = \"qa.jsonl\"\n";
+        let r = Recipe::load(&write(d.path(), &format!("{head}lr = 1e-3\nepochs = 1\n"))).unwrap();
+        let f = r.finetune.unwrap();
+        assert_eq!(
+            f.config,
+            TrainConfig {
+                lr: 1e-3,
+                epochs: 1,
+                ..TrainConfig::default()
+            }
+        );
+        assert_eq!(f.weight, 1.0);
+        for (extra, want) in [
+            ("rank = 0\n", "6:8: `finetune.rank`: must be between 1"),
+            ("lr = -1.0\n", "6:6: `finetune.lr`: must be positive"),
+            (
+                "dropout = 1.0\n",
+                "6:11: `finetune.dropout`: must be in [0, 1)",
+            ),
+            ("schedule = \"step\"\n", "6:12: `finetune.schedule`: "),
+            ("train_on = \"prompt\"\n", "6:12: `finetune.train_on`: "),
+            (
+                "targets = []\n",
+                "6:11: `finetune.targets`: names no module",
+            ),
+            (
+                "epochs = 0\n",
+                "6:10: `finetune.epochs`: 0 epochs without `max_steps`",
+            ),
+            (
+                "eval_split = 1.0\n",
+                "6:14: `finetune.eval_split`: must be a share in [0, 1)",
+            ),
+            (
+                "lr = \"fast\"\n",
+                "6:6: invalid type: string \"fast\", expected f64",
+            ),
+        ] {
+            let e = Recipe::load(&write(d.path(), &format!("{head}{extra}")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let e = err("[model]\npath = \"m\"\n[targets.rpi5]\n[finetune]\ndata = \"none.jsonl\"\n");
+        assert!(
+            e.contains("5:8: `finetune.data`: D/none.jsonl does not exist"),
             "{e}"
         );
     }

@@ -54,6 +54,9 @@ pub struct Report {
     pub outputs: Vec<OutputReport>,
     pub gates: Vec<GateResult>,
     pub passed: bool,
+    /// The training stage's summary (losses, tokens/s, peak RSS), with the answer similarity
+    /// of the base model and of the fine-tuned float model; `null` without `[finetune]`.
+    pub finetune: Value,
     pub stages: Vec<StageStatus>,
     pub seconds: f64,
     /// The separate `edgepack` commands that do the same work.
@@ -199,6 +202,18 @@ pub fn build_report(recipe: &Recipe, plan: &Plan, status: &[StageStatus], second
         }
     }
     let passed = gates.iter().all(|g| g.passed);
+    let finetune = plan.finetune.map_or(Value::Null, |i| {
+        let mut v = status[i].result.clone();
+        v["similarity_base"] = plan
+            .base_answers
+            .map_or(Value::Null, |a| status[a].result["similarity"].clone());
+        v["similarity_tuned"] = plan
+            .stages
+            .iter()
+            .position(|s| s.id == "answers:reference")
+            .map_or(Value::Null, |a| status[a].result["similarity"].clone());
+        v
+    });
     Report {
         schema: REPORT_SCHEMA,
         recipe: recipe.name.clone(),
@@ -207,6 +222,7 @@ pub fn build_report(recipe: &Recipe, plan: &Plan, status: &[StageStatus], second
         outputs,
         gates,
         passed,
+        finetune,
         stages: status.to_vec(),
         seconds,
         commands: commands(recipe),
@@ -227,12 +243,41 @@ pub fn commands(r: &Recipe) -> Vec<String> {
             format!("<{name} model>")
         }
     };
-    if !r.adapters.is_empty() {
-        let lora: Vec<String> = r
-            .adapters
+    let mut lora: Vec<String> = Vec::new();
+    if let Some(f) = &r.finetune {
+        let c = &f.config;
+        let mut opts = format!(
+            "--eval-split {} --rank {} --alpha {} --dropout {} --targets {} --lr {} --epochs {}",
+            c.eval_split,
+            c.rank,
+            c.alpha,
+            c.dropout,
+            c.targets.join(","),
+            c.lr,
+            c.epochs
+        );
+        if let Some(m) = c.max_steps {
+            opts += &format!(" --max-steps {m}");
+        }
+        if c.rslora {
+            opts += " --rslora";
+        }
+        opts += &format!(
+            " --batch {} --grad-accum {} --seq-len {} --warmup-steps {} --schedule {} --weight-decay {} --max-grad-norm {} --seed {} --train-on {}",
+            c.batch, c.grad_accum, c.seq_len, c.warmup_steps, c.schedule, c.weight_decay, c.max_grad_norm, c.seed, c.train_on
+        );
+        v.push(format!(
+            "edgepack finetune {model} --data {} {opts} -o adapter",
+            f.data.display()
+        ));
+        lora.push(format!("--lora adapter:{}", f.weight));
+    }
+    lora.extend(
+        r.adapters
             .iter()
-            .map(|a| format!("--lora {}:{}", a.path.display(), a.weight))
-            .collect();
+            .map(|a| format!("--lora {}:{}", a.path.display(), a.weight)),
+    );
+    if !lora.is_empty() {
         v.push(format!(
             "edgepack merge {model} {} --dtype f32 -o merged",
             lora.join(" ")
@@ -386,6 +431,30 @@ fn cells(o: &OutputReport) -> [String; 10] {
     ]
 }
 
+/// One sentence on the training, when the recipe fine-tunes.
+fn finetune_line(r: &Report) -> Option<String> {
+    let f = &r.finetune;
+    if f.is_null() {
+        return None;
+    }
+    Some(format!(
+        "Fine-tuning: {} steps over {} samples ({} held out), {:.0} tokens/s, peak RSS {} MiB; training loss {} -> {} (first and last quarter), eval loss {} -> {}; answer similarity of the float model {} (base) -> {} (fine-tuned).",
+        f["steps"],
+        f["train_samples"],
+        f["eval_samples"],
+        f["tokens_per_second"].as_f64().unwrap_or(0.0),
+        f["peak_rss_bytes"]
+            .as_u64()
+            .map_or("-".into(), |b| (b >> 20).to_string()),
+        fmt_opt(f["train_loss_first_quarter"].as_f64(), 3),
+        fmt_opt(f["train_loss_last_quarter"].as_f64(), 3),
+        fmt_opt(f["eval_loss_before"].as_f64(), 3),
+        fmt_opt(f["eval_loss_after"].as_f64(), 3),
+        fmt_opt(f["similarity_base"].as_f64(), 3),
+        fmt_opt(f["similarity_tuned"].as_f64(), 3),
+    ))
+}
+
 /// The Markdown report.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
@@ -400,6 +469,9 @@ pub fn markdown(r: &Report) -> String {
         r.seconds,
         if r.passed { "passed" } else { "FAILED" }
     );
+    if let Some(line) = finetune_line(r) {
+        let _ = writeln!(s, "{line}\n");
+    }
     let _ = writeln!(
         s,
         "| target | output | size MiB | worst fit margin | decode ceiling tok/s | KL mean | top-1 | PPL ratio | similarity | bundle |"
@@ -549,6 +621,9 @@ pub fn svg(r: &Report) -> String {
 /// The result table printed after a build.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
+    if let Some(line) = finetune_line(r) {
+        let _ = writeln!(s, "{line}\n");
+    }
     let _ = writeln!(
         s,
         "{:<10} {:<18} {:>9} {:>10} {:>9} {:>7} {:>9} {:>8}  bundle",

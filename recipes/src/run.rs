@@ -2,6 +2,7 @@
 //! run as soon as the stages they read have finished, up to `jobs` at a time and within a
 //! memory budget (a stage's peak estimate is reserved while it runs; one stage always may run,
 //! so a budget smaller than the largest stage slows the build down instead of failing it).
+//! A training stage keeps every core busy by itself and runs alone.
 //!
 //! A failing stage stops the build: the stages already running finish (and stay cached), no
 //! new one starts, and the error names the failing stage. The build's published outputs are
@@ -237,8 +238,11 @@ pub fn execute(
                         continue;
                     }
                     let used: u64 = running.values().sum();
+                    // A stage that takes every core (training) runs alone.
+                    let alone = s.job.exclusive()
+                        || running.keys().any(|r| plan.stages[*r].job.exclusive());
                     if running.len() >= opts.jobs.max(1)
-                        || (!running.is_empty() && used + s.memory > opts.memory_budget)
+                        || (!running.is_empty() && (alone || used + s.memory > opts.memory_budget))
                     {
                         break;
                     }

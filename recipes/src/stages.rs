@@ -24,6 +24,7 @@ use edgepack_converters::model::Model;
 use edgepack_converters::progress::Silent;
 use edgepack_converters::quant::preset::Preset;
 use edgepack_converters::quant::GgmlType;
+use edgepack_converters::train;
 use edgepack_converters::transform::lora::{load_adapter, merge_adapters};
 use edgepack_converters::transform::smooth::{self, Alpha, Scope};
 use edgepack_converters::transform::sparsify::{self, Method, Pattern};
@@ -34,7 +35,7 @@ use serde_json::{json, Value};
 
 use crate::bundle::{tensor_types, write_bundle, BundleSpec};
 use crate::cache::sha256_file;
-use crate::plan::{Job, ModelIn, Plan, Stage};
+use crate::plan::{AdapterIn, Job, ModelIn, Plan, Stage};
 use crate::recipe::{AlphaSpec, Format};
 use crate::vela;
 
@@ -57,6 +58,34 @@ pub fn model_path(m: &ModelIn, done: &[Option<Done>]) -> Result<PathBuf, String>
             Ok(d.dir.join(rel))
         }
     }
+}
+
+/// Training shows nothing inside a build (the build reports the stage).
+struct NoProgress;
+impl train::TrainProgress for NoProgress {}
+
+/// Where a stage's adapter input is on disk.
+fn adapter_path(a: &AdapterIn, done: &[Option<Done>]) -> Result<PathBuf, String> {
+    match a {
+        AdapterIn::Path(p) => Ok(p.clone()),
+        AdapterIn::Stage(i) => {
+            let d = dep(done, *i)?;
+            let rel = d.result["adapter"]
+                .as_str()
+                .ok_or("the input stage recorded no adapter")?;
+            Ok(d.dir.join(rel))
+        }
+    }
+}
+
+fn adapters_on_disk(
+    adapters: &[(AdapterIn, f32)],
+    done: &[Option<Done>],
+) -> Result<Vec<(PathBuf, f32)>, String> {
+    adapters
+        .iter()
+        .map(|(a, w)| Ok((adapter_path(a, done)?, *w)))
+        .collect()
 }
 
 fn dep(done: &[Option<Done>], i: usize) -> Result<&Done, String> {
@@ -196,11 +225,53 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             };
             Ok(json!({"model": format!("package/{rel}"), "wheel_sha256": wheel_sha}))
         }
+        Job::Finetune { base, data, config } => {
+            let m = open(&model_path(base, done)?)?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let adapter = out.join("adapter");
+            let run = train::Run {
+                model: &m,
+                base_name: m.name.clone(),
+                data,
+                out: &adapter,
+                init: None,
+                resume: None,
+                save_every: 0,
+                eval_every: 0,
+                keep_checkpoints: 0,
+                threads,
+            };
+            // The stage runs alone (`Job::exclusive`): its threads take every core.
+            let report = {
+                let _ops = train::SingleThreadedOps::new();
+                train::train(&run, config, &NoProgress)
+            }
+            .map_err(|e| format!("fine-tuning on {}: {e}", data.display()))?;
+            let mean = |s: &[train::StepLog]| {
+                (!s.is_empty()).then(|| s.iter().map(|x| x.loss).sum::<f64>() / s.len() as f64)
+            };
+            let quarter = report.steps.len().div_ceil(4);
+            Ok(json!({
+                "adapter": "adapter",
+                "steps": report.steps.len(),
+                "train_samples": report.data.train_samples,
+                "eval_samples": report.data.eval_samples,
+                "truncated": report.data.truncated,
+                "train_loss_first_quarter": mean(&report.steps[..quarter]),
+                "train_loss_last_quarter": mean(&report.steps[report.steps.len() - quarter..]),
+                "eval_loss_before": report.eval.first().map(|e| e.loss),
+                "eval_loss_after": report.eval.last().map(|e| e.loss),
+                "tokens_per_second": report.tokens_per_second,
+                "train_seconds": report.train_seconds,
+                "peak_rss_bytes": report.peak_rss_bytes,
+                "trainable_parameters": report.trainable_parameters,
+            }))
+        }
         Job::Merge { base, adapters } => {
             let base_path = model_path(base, done)?;
             let mut m = open(&base_path)?;
             let mut loaded = Vec::new();
-            for (p, w) in adapters {
+            for (p, w) in &adapters_on_disk(adapters, done)? {
                 let ad =
                     load_adapter(p).map_err(|e| format!("reading adapter {}: {e}", p.display()))?;
                 ad.check_against(&m)
@@ -562,6 +633,7 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             quant,
         } => {
             let m = open(&model_path(model, done)?)?;
+            let adapters = &adapters_on_disk(adapters, done)?;
             let ex = dep(done, *export)?;
             let file = ex
                 .dir

@@ -226,8 +226,18 @@ pub fn write_tiny(dir: &Path, t: &Tiny, tokenizer_from: &Path, seed: u64) {
 }
 
 /// Builds `dir` once per test run with `make`, safely when tests run in parallel processes:
-/// each builder writes a private folder and renames it into place; losers discard theirs.
+/// one builder at a time holds `dir.lock` (the others wait for its result rather than build
+/// it again) and writes a private folder that it renames into place, so a builder that
+/// fails or is killed leaves no half-built `dir`.
 pub fn build_once(dir: &Path, make: impl FnOnce(&Path)) -> PathBuf {
+    if dir.is_dir() {
+        return dir.to_path_buf();
+    }
+    let lock_path = dir.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
     if dir.is_dir() {
         return dir.to_path_buf();
     }

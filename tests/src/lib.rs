@@ -200,6 +200,55 @@ pub fn smollm2_stats() -> PathBuf {
     .join("stats.calib")
 }
 
+/// The shipped recipe `recipes/smollm2-assistant.toml` (fine-tuning, every board, signed),
+/// built once per run by `edgepack build --json` and shared by the suites that check its
+/// parts: `out/` (what the build published), `cache/` (every stage's entry), `build.json`
+/// (the build's JSON, with each stage's cache folder under `stages[].dir`) and the signing
+/// key `release.pem` / `release.pub.pem`.
+pub fn shipped_recipe_build() -> PathBuf {
+    let dir = shared_work_dir().join("recipe-smollm2-assistant");
+    fixtures::build_once(&dir, |tmp| {
+        std::fs::create_dir_all(tmp).unwrap();
+        let key = tmp.join("release");
+        run_ok(edgepack().arg("keygen").arg("-o").arg(&key));
+        let out = run_ok(
+            edgepack()
+                .arg("build")
+                .arg(root().join("recipes/smollm2-assistant.toml"))
+                .arg("--out")
+                .arg(tmp.join("out"))
+                .arg("--cache")
+                .arg(tmp.join("cache"))
+                .arg("--sign")
+                .arg(key.with_extension("pem"))
+                .args(["--jobs", "2", "--json"])
+                .env("EDGEPACK_PYTHON", python()),
+        );
+        std::fs::write(tmp.join("build.json"), &out.stdout).unwrap();
+    })
+}
+
+/// The cache folder of the stage `id` of [`shipped_recipe_build`].
+pub fn shipped_recipe_stage(id: &str) -> PathBuf {
+    let dir = shipped_recipe_build();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("build.json")).unwrap()).unwrap();
+    let s = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("the shipped recipe has no stage {id}"));
+    // Recorded under the builder's private folder, which was renamed into `dir`.
+    let recorded = PathBuf::from(s["dir"].as_str().unwrap());
+    let cache = recorded
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "cache"))
+        .expect("a stage folder inside the cache");
+    dir.join("cache")
+        .join(recorded.strip_prefix(cache).unwrap())
+}
+
 /// llama.cpp's source tree (from the llama-cpp-python sdist), for its converter scripts.
 pub fn llama_cpp_src() -> PathBuf {
     let p = cache_dir().join("src/llama_cpp_python-0.3.36/vendor/llama.cpp");

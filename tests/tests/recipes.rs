@@ -465,18 +465,26 @@ fn a_build_killed_mid_export_resumes_and_gives_the_bytes_of_a_clean_build() {
 
 #[test]
 fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
-    let work = shared_work_dir().join("recipe-smollm2-assistant");
-    let _ = std::fs::remove_dir_all(work.join("out"));
-    std::fs::create_dir_all(&work).unwrap();
+    // Built once for every suite that reads it (the fine-tuning suite checks the adapter).
+    let work = shipped_recipe_build();
     let key = work.join("release");
-    if !key.with_extension("pem").is_file() {
-        run_ok(edgepack().arg("keygen").arg("-o").arg(&key));
-    }
     let recipe = root().join("recipes/smollm2-assistant.toml");
     let pem = key.with_extension("pem").display().to_string();
-    let v = build_ok(&recipe, &work, &["--sign", &pem, "--jobs", "2"]);
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(work.join("build.json")).unwrap()).unwrap();
     assert_eq!(v["passed"], true, "{:#}", v["report"]["gates"]);
     let report = &v["report"];
+    // The adapter trained first is published, merged, and named in every bundle.
+    let ft = &report["finetune"];
+    assert!(
+        ft["eval_loss_after"].as_f64().unwrap() < ft["eval_loss_before"].as_f64().unwrap(),
+        "{ft:#}"
+    );
+    for k in ["similarity_base", "similarity_tuned"] {
+        assert!(ft[k].as_f64().is_some_and(f64::is_finite), "{k}: {ft:#}");
+    }
+    assert!(work.join("out/adapter/adapter_model.safetensors").is_file());
+    assert!(work.join("out/adapter/training_report.json").is_file());
     let outs = report["outputs"].as_array().unwrap();
     let labels: Vec<String> = outs
         .iter()
@@ -571,6 +579,11 @@ fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
         )
         .unwrap();
         assert_eq!(m["engine"]["name"], engine, "{m}");
+        assert_eq!(
+            m["model"]["adapters"].as_array().map(Vec::len),
+            Some(1),
+            "{m}"
+        );
         assert_eq!(m["engine"]["delegate"].as_str(), delegate, "{m}");
         assert_eq!(m["model"]["file"], model, "{m}");
     }
