@@ -76,6 +76,18 @@ pub struct FinetuneArgs {
     /// Which tokens carry the loss: `completion` (assistant answers) or `all`.
     #[arg(long, default_value = "completion")]
     pub train_on: String,
+    /// Train on the K most useful training samples only: scored with the base model (loss and
+    /// entropy on the answers) and spread by a diversity term; per-sample scores go in
+    /// training_report.json.
+    #[arg(long, value_name = "K")]
+    pub select: Option<usize>,
+    /// How --select picks: `score`, or `random` (the baseline, drawn with --seed).
+    #[arg(long, default_value = "score")]
+    pub select_by: String,
+    /// Weight of diversity (1 - cosine similarity to the samples already picked) against
+    /// usefulness when scoring; 0 keeps the K hardest samples.
+    #[arg(long, default_value_t = 1.0)]
+    pub select_diversity: f64,
     /// Start from this PEFT adapter's A/B instead of a fresh initialisation.
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -197,6 +209,9 @@ fn config(a: &FinetuneArgs) -> TrainConfig {
         seed: a.seed,
         eval_split: a.eval_split,
         train_on: a.train_on.clone(),
+        select: a.select,
+        select_by: a.select_by.clone(),
+        select_diversity: a.select_diversity,
         ..TrainConfig::default()
     }
 }
@@ -266,6 +281,12 @@ pub fn run_finetune(a: &FinetuneArgs, json_out: bool) -> Result<()> {
             report.data.train_samples,
             report.tokens_per_second
         );
+        if let Some(sel) = &report.data.selection {
+            println!(
+                "trained on {} of {} samples, selected by {}",
+                sel.k, sel.candidates, sel.by
+            );
+        }
         if let Some(s) = report.steps.last() {
             println!("last training loss {:.4}", s.loss);
         }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use edgepack_converters::quant::preset::Preset;
 use edgepack_converters::train::data::TrainOn;
 use edgepack_converters::train::optim::Schedule;
+use edgepack_converters::train::select::SelectBy;
 use edgepack_converters::train::TrainConfig;
 use edgepack_targets::Profile;
 use serde::Deserialize;
@@ -88,6 +89,9 @@ struct RawFinetune {
     max_grad_norm: Option<Spanned<f64>>,
     seed: Option<Spanned<u64>>,
     train_on: Option<Spanned<String>>,
+    select: Option<Spanned<usize>>,
+    select_by: Option<Spanned<String>>,
+    select_diversity: Option<Spanned<f64>>,
     weight: Option<Spanned<f64>>,
 }
 
@@ -1139,6 +1143,21 @@ fn finetune(cx: &Ctx<'_>, f: &Spanned<RawFinetune>) -> Result<Finetune> {
         train_on: word(&r.train_on, "train_on", &d.train_on, &|s| {
             s.parse::<TrainOn>().map(|_| ())
         })?,
+        select: r
+            .select
+            .as_ref()
+            .map(|k| count(&Some(k.clone()), "select", 1, 1))
+            .transpose()?,
+        select_by: word(&r.select_by, "select_by", &d.select_by, &|s| {
+            s.parse::<SelectBy>().map(|_| ())
+        })?,
+        select_diversity: num(
+            &r.select_diversity,
+            "select_diversity",
+            d.select_diversity,
+            |v| v >= 0.0,
+            "must be 0 or more",
+        )?,
         ..d
     };
     config

@@ -266,6 +266,12 @@ pub fn commands(r: &Recipe) -> Vec<String> {
             " --batch {} --grad-accum {} --seq-len {} --warmup-steps {} --schedule {} --weight-decay {} --max-grad-norm {} --seed {} --train-on {}",
             c.batch, c.grad_accum, c.seq_len, c.warmup_steps, c.schedule, c.weight_decay, c.max_grad_norm, c.seed, c.train_on
         );
+        if let Some(k) = c.select {
+            opts += &format!(
+                " --select {k} --select-by {} --select-diversity {}",
+                c.select_by, c.select_diversity
+            );
+        }
         v.push(format!(
             "edgepack finetune {model} --data {} {opts} -o adapter",
             f.data.display()

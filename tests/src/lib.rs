@@ -204,13 +204,12 @@ pub fn smollm2_stats() -> PathBuf {
 /// built once per run by `edgepack build --json` and shared by the suites that check its
 /// parts: `out/` (what the build published), `cache/` (every stage's entry), `build.json`
 /// (the build's JSON, with each stage's cache folder under `stages[].dir`) and the signing
-/// key `release.pem` / `release.pub.pem`.
+/// key [`release_key`].
 pub fn shipped_recipe_build() -> PathBuf {
     let dir = shared_work_dir().join("recipe-smollm2-assistant");
+    let key = release_key();
     fixtures::build_once(&dir, |tmp| {
         std::fs::create_dir_all(tmp).unwrap();
-        let key = tmp.join("release");
-        run_ok(edgepack().arg("keygen").arg("-o").arg(&key));
         let out = run_ok(
             edgepack()
                 .arg("build")
@@ -228,7 +227,19 @@ pub fn shipped_recipe_build() -> PathBuf {
     })
 }
 
-/// The cache folder of the stage `id` of [`shipped_recipe_build`].
+/// A signing key pair made by `edgepack keygen`, once per run, at a path that does not move
+/// (a stage's cache key covers the paths of the files it reads): `release.pem` (private)
+/// and `release.pub.pem`; returns the `release` stem.
+pub fn release_key() -> PathBuf {
+    fixtures::build_once(&shared_work_dir().join("release-key"), |tmp| {
+        std::fs::create_dir_all(tmp).unwrap();
+        run_ok(edgepack().arg("keygen").arg("-o").arg(tmp.join("release")));
+    });
+    shared_work_dir().join("release-key/release")
+}
+
+/// The output folder of the stage `id` of [`shipped_recipe_build`] in its cache
+/// (`cache/stages/<kind>-<first 16 of key>/out`, as `recipes::cache` lays entries out).
 pub fn shipped_recipe_stage(id: &str) -> PathBuf {
     let dir = shipped_recipe_build();
     let v: serde_json::Value =
@@ -239,14 +250,11 @@ pub fn shipped_recipe_stage(id: &str) -> PathBuf {
         .iter()
         .find(|s| s["id"] == id)
         .unwrap_or_else(|| panic!("the shipped recipe has no stage {id}"));
-    // Recorded under the builder's private folder, which was renamed into `dir`.
-    let recorded = PathBuf::from(s["dir"].as_str().unwrap());
-    let cache = recorded
-        .ancestors()
-        .find(|a| a.file_name().is_some_and(|n| n == "cache"))
-        .expect("a stage folder inside the cache");
-    dir.join("cache")
-        .join(recorded.strip_prefix(cache).unwrap())
+    let key = s["key"].as_str().unwrap();
+    let entry = format!("{}-{}", s["kind"].as_str().unwrap(), &key[..16]);
+    let out = dir.join("cache/stages").join(entry).join("out");
+    assert!(out.is_dir(), "{} is missing", out.display());
+    out
 }
 
 /// llama.cpp's source tree (from the llama-cpp-python sdist), for its converter scripts.

@@ -353,6 +353,92 @@ fn resume_from_a_checkpoint_reproduces_the_uninterrupted_adapter_bytes() {
     assert!(err.contains("base_identity"), "{err}");
 }
 
+/// The kept samples of a `--select` run: (data line, pick order, usefulness), in pick order.
+fn picks(r: &Value) -> Vec<(u64, u64, Option<f64>)> {
+    let sel = &r["data"]["selection"];
+    let mut v: Vec<(u64, u64, Option<f64>)> = sel["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["picked"].is_null())
+        .map(|s| {
+            (
+                s["line"].as_u64().unwrap(),
+                s["picked"].as_u64().unwrap(),
+                s["usefulness"].as_f64(),
+            )
+        })
+        .collect();
+    v.sort_by_key(|p| p.1);
+    v
+}
+
+#[test]
+fn select_keeps_k_samples_scored_by_the_base_and_spread_by_diversity() {
+    let work = tempfile::tempdir().unwrap();
+    let base = tiny_base();
+    // 16 distinct pairs, then one pair written 16 times: copies have equal scores and
+    // embeddings, so a diversity term keeps all but one of them out.
+    let text = std::fs::read_to_string(tern("train.jsonl")).unwrap();
+    let mut lines: Vec<&str> = text.lines().step_by(5).take(16).collect();
+    let copy = text.lines().nth(1).unwrap();
+    lines.extend(std::iter::repeat_n(copy, 16));
+    let data = work.path().join("data.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let copy_lines: Vec<u64> = (17..=32).collect();
+    let run = |name: &str, extra: &[&str]| -> Value {
+        let out = work.path().join(name);
+        let mut opts = vec!["--eval-split", "0", "--epochs", "0", "--max-steps", "1"];
+        opts.extend_from_slice(extra);
+        run_ok(&mut tiny_run(&base, &data, &out, &opts));
+        report(&out)
+    };
+
+    let spread = run("spread", &["--select", "8", "--select-diversity", "10"]);
+    assert_eq!(spread["data"]["train_samples"], 8);
+    let sel = &spread["data"]["selection"];
+    assert_eq!(
+        (sel["k"].as_u64(), sel["candidates"].as_u64()),
+        (Some(8), Some(32))
+    );
+    for s in sel["samples"].as_array().unwrap() {
+        for k in ["loss", "entropy", "usefulness"] {
+            assert!(s[k].as_f64().is_some_and(f64::is_finite), "{s}");
+        }
+    }
+    let p = picks(&spread);
+    assert_eq!(
+        p.iter().map(|x| x.1).collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>()
+    );
+    let copies = p.iter().filter(|x| copy_lines.contains(&x.0)).count();
+    assert!(copies <= 1, "{copies} copies of one pair kept: {p:?}");
+
+    // Without the diversity term, the K most useful samples, hardest first.
+    let hardest = run("hardest", &["--select", "8", "--select-diversity", "0"]);
+    let p = picks(&hardest);
+    let mut all: Vec<f64> = hardest["data"]["selection"]["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["usefulness"].as_f64().unwrap())
+        .collect();
+    all.sort_by(|a, b| b.total_cmp(a));
+    let kept: Vec<f64> = p.iter().map(|x| x.2.unwrap()).collect();
+    assert_eq!(kept, all[..8], "picks {p:?}");
+
+    // Random: reproducible from the seed, scores nothing.
+    let r1 = picks(&run("random1", &["--select", "8", "--select-by", "random"]));
+    let r2 = picks(&run("random2", &["--select", "8", "--select-by", "random"]));
+    let r3 = picks(&run(
+        "random3",
+        &["--select", "8", "--select-by", "random", "--seed", "7"],
+    ));
+    assert_eq!(r1, r2);
+    assert_ne!(r1, r3);
+    assert!(r1.iter().all(|x| x.2.is_none()));
+}
+
 #[test]
 fn bad_data_and_options_are_refused_by_file_line_and_field_before_training() {
     let work = tempfile::tempdir().unwrap();

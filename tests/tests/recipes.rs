@@ -467,7 +467,7 @@ fn a_build_killed_mid_export_resumes_and_gives_the_bytes_of_a_clean_build() {
 fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
     // Built once for every suite that reads it (the fine-tuning suite checks the adapter).
     let work = shipped_recipe_build();
-    let key = work.join("release");
+    let key = release_key();
     let recipe = root().join("recipes/smollm2-assistant.toml");
     let pem = key.with_extension("pem").display().to_string();
     let v: Value =

@@ -6,6 +6,8 @@
 pub mod adapter;
 pub mod data;
 pub mod optim;
+pub mod select;
+mod threads;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,6 +24,9 @@ use crate::model::Model;
 use adapter::{LoraSpec, Pair};
 use data::{Example, TrainOn};
 use optim::{AdamW, Moments, Schedule};
+use select::{SelectBy, Selection};
+use threads::run_packs;
+pub use threads::SingleThreadedOps;
 
 /// Everything that decides what a run computes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +55,23 @@ pub struct TrainConfig {
     pub seed: u64,
     pub eval_split: f64,
     pub train_on: String,
+    /// Train on this many of the training samples only, chosen by `select_by`.
+    #[serde(default)]
+    pub select: Option<usize>,
+    /// `score` (base-model loss and entropy with a diversity term) or `random`.
+    #[serde(default = "default_select_by")]
+    pub select_by: String,
+    /// Weight of the diversity term against usefulness when scoring.
+    #[serde(default = "default_select_diversity")]
+    pub select_diversity: f64,
+}
+
+fn default_select_by() -> String {
+    "score".into()
+}
+
+fn default_select_diversity() -> f64 {
+    1.0
 }
 
 /// The defaults `edgepack finetune` and a recipe's `[finetune]` table use: PEFT's LoRA
@@ -80,6 +102,9 @@ impl Default for TrainConfig {
             seed: 42,
             eval_split: 0.1,
             train_on: "completion".into(),
+            select: None,
+            select_by: default_select_by(),
+            select_diversity: default_select_diversity(),
         }
     }
 }
@@ -102,6 +127,12 @@ impl TrainConfig {
 
     fn train_on(&self) -> Result<TrainOn> {
         self.train_on.parse().map_err(Error::Invalid)
+    }
+
+    fn select_by(&self) -> Result<SelectBy> {
+        self.select_by
+            .parse()
+            .map_err(|e| Error::Invalid(format!("--select-by {e}")))
     }
 
     fn optimizer(&self) -> AdamW {
@@ -149,8 +180,18 @@ impl TrainConfig {
         if !(self.alpha > 0.0 && self.alpha.is_finite()) {
             return bad(format!("--alpha {}: give a positive number", self.alpha));
         }
+        if self.select == Some(0) {
+            return bad("--select 0 keeps no sample".into());
+        }
+        if !(self.select_diversity >= 0.0 && self.select_diversity.is_finite()) {
+            return bad(format!(
+                "--select-diversity {}: give 0 or more",
+                self.select_diversity
+            ));
+        }
         self.schedule()?;
         self.train_on()?;
+        self.select_by()?;
         Ok(())
     }
 }
@@ -175,43 +216,6 @@ pub fn preflight(model: &Model, data: &Path, cfg: &TrainConfig) -> Result<DataCo
         eval: eval.len(),
         truncated: ds.truncated,
     })
-}
-
-/// Makes candle run each operation on the calling thread while it lives.
-///
-/// candle reads `RAYON_NUM_THREADS` at every matrix product and splits the product over that
-/// many rayon tasks. The trainer already keeps every core busy with its own threads (one
-/// pack of samples each), where splitting each small product again halves the throughput
-/// (measured on SmolLM2-135M at 2 cores: 149 against 78 tokens/s). `edgepack finetune` sets
-/// the variable once at start; a process that runs other work too (`edgepack build`) holds
-/// this guard around training only, while no other stage runs. rayon's global pool is
-/// created before the variable changes, so it keeps its size.
-pub struct SingleThreadedOps {
-    previous: Option<std::ffi::OsString>,
-}
-
-impl SingleThreadedOps {
-    pub fn new() -> SingleThreadedOps {
-        let _ = rayon::current_num_threads();
-        let previous = std::env::var_os("RAYON_NUM_THREADS");
-        std::env::set_var("RAYON_NUM_THREADS", "1");
-        SingleThreadedOps { previous }
-    }
-}
-
-impl Default for SingleThreadedOps {
-    fn default() -> Self {
-        SingleThreadedOps::new()
-    }
-}
-
-impl Drop for SingleThreadedOps {
-    fn drop(&mut self) {
-        match &self.previous {
-            Some(v) => std::env::set_var("RAYON_NUM_THREADS", v),
-            None => std::env::remove_var("RAYON_NUM_THREADS"),
-        }
-    }
 }
 
 /// One optimizer step's record.
@@ -283,6 +287,9 @@ pub struct DataReport {
     pub truncated: usize,
     /// Lines dropped for having no trained token within the sequence length.
     pub dropped_lines: Vec<usize>,
+    /// With `--select`: the candidates, scored, and which were kept.
+    #[serde(default)]
+    pub selection: Option<Selection>,
 }
 
 /// `training_report.json`.
@@ -573,50 +580,6 @@ fn eval_loss(fwd: &Forward, examples: &[&Example], threads: usize) -> Result<(f6
     Ok((sum / n.max(1) as f64, n))
 }
 
-/// Runs `f` over every pack on `threads` threads (each taking the next pack when it is free)
-/// and returns the results in pack order, so what is summed from them does not depend on
-/// the thread count or on which thread ran which pack.
-fn run_packs<T: Send>(
-    all: &[Vec<&Example>],
-    threads: usize,
-    f: impl Fn(usize, &[&Example]) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let threads = threads.clamp(1, all.len().max(1));
-    if threads == 1 {
-        return all.iter().enumerate().map(|(i, p)| f(i, p)).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<Result<T>>>> =
-        all.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(pack) = all.get(i) else { break };
-                let r = f(i, pack);
-                let failed = r.is_err();
-                *slots[i].lock().expect("a pack slot") = Some(r);
-                if failed {
-                    // Let the other threads run out of packs too.
-                    next.store(all.len(), std::sync::atomic::Ordering::Relaxed);
-                    break;
-                }
-            });
-        }
-    });
-    let mut out = Vec::with_capacity(all.len());
-    for slot in slots {
-        match slot.into_inner().expect("a pack slot") {
-            Some(r) => out.push(r?),
-            None => break,
-        }
-    }
-    if out.len() != all.len() {
-        return Err(Error::Invalid("training: a pack did not run".into()));
-    }
-    Ok(out)
-}
-
 fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
@@ -651,10 +614,30 @@ pub fn train(
     };
     let ds = data::read_dataset(run.data, model, cfg.seq_len, cfg.train_on()?)?;
     let (train_idx, eval_idx) = data::split(ds.examples.len(), cfg.eval_split, cfg.seed);
-    let train_set: Vec<&Example> = train_idx.iter().map(|&i| &ds.examples[i]).collect();
+    let mut train_set: Vec<&Example> = train_idx.iter().map(|&i| &ds.examples[i]).collect();
     let eval_set: Vec<&Example> = eval_idx.iter().map(|&i| &ds.examples[i]).collect();
 
     let mut fwd = Forward::new(model)?;
+    // Selection scores with the base model, before any LoRA pair exists; the held-out
+    // samples stay as they are, so eval losses compare across selections.
+    let selection = match cfg.select {
+        Some(k) => {
+            let s = select::select(
+                &fwd,
+                &train_set,
+                k,
+                cfg.select_by()?,
+                cfg.select_diversity,
+                cfg.seed,
+                run.threads,
+            )?;
+            let mut kept = s.kept.clone();
+            kept.sort_unstable();
+            train_set = kept.iter().map(|&i| train_set[i]).collect();
+            Some(s)
+        }
+        None => None,
+    };
     let modules = fwd.attach_lora(
         &cfg.targets,
         cfg.rank,
@@ -685,6 +668,7 @@ pub fn train(
         eval_samples: eval_set.len(),
         truncated: ds.truncated,
         dropped_lines: ds.dropped.clone(),
+        selection,
     };
     let mut report = TrainReport {
         edgepack_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -18,6 +18,8 @@ pub struct Options {
     pub rank: usize,
     pub seq_len: usize,
     pub threads: Option<usize>,
+    /// The sample budget of the data-selection comparison (0: skip it).
+    pub quality: usize,
     pub output: std::path::PathBuf,
 }
 
@@ -97,7 +99,141 @@ pub fn bench(o: Options) -> Result<()> {
         "speedup": if peer_tps > 0.0 { ours_tps / peer_tps } else { 0.0 },
         "memory_ratio": m_ours.max_rss_mib / m_peer.max_rss_mib.max(1.0),
     });
+    let mut result = result;
+    if o.quality > 0 {
+        result["quality"] = quality(&ep, &work, &model, &data, o.quality)?;
+    }
     write(&o.output, &result)
+}
+
+/// Held-out answer similarity (the Tern T3 rewordings, scored by all-MiniLM-L6-v2 against the
+/// manual's answers) of the base model and of adapters trained on: every sample (one epoch,
+/// as the shipped recipe), the `k` samples `--select` scores highest, and `k` at random
+/// (three epochs each, the same steps for both).
+fn quality(ep: &Path, work: &Path, model: &Path, data: &Path, k: usize) -> Result<Value> {
+    let common = [
+        "--eval-split",
+        "0.1",
+        "--rank",
+        "16",
+        "--alpha",
+        "32",
+        "--lr",
+        "1e-3",
+        "--batch",
+        "8",
+        "--warmup-steps",
+        "3",
+        "--seq-len",
+        "256",
+    ];
+    let ks = k.to_string();
+    let runs: [(&str, Vec<&str>); 3] = [
+        ("all", vec!["--epochs", "1"]),
+        ("selected", vec!["--epochs", "3", "--select", &ks]),
+        (
+            "random",
+            vec!["--epochs", "3", "--select", &ks, "--select-by", "random"],
+        ),
+    ];
+    let mut merged = Vec::new();
+    let mut rows = serde_json::Map::new();
+    for (name, extra) in &runs {
+        let adapter = work.join(format!("quality-{name}"));
+        let m = measure(
+            Command::new(ep)
+                .arg("finetune")
+                .arg(model)
+                .arg("--data")
+                .arg(data)
+                .args(common)
+                .args(extra)
+                .arg("-o")
+                .arg(&adapter)
+                .env("CI", "1"),
+        )?;
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(
+            adapter.join("training_report.json"),
+        )?)?;
+        let out = work.join(format!("quality-{name}-merged"));
+        run_quiet(
+            Command::new(ep)
+                .arg("merge")
+                .arg(model)
+                .arg("--lora")
+                .arg(&adapter)
+                .args(["--dtype", "f32", "-o"])
+                .arg(&out),
+        )?;
+        merged.push(out);
+        rows.insert(
+            name.to_string(),
+            json!({
+                "train_samples": r["data"]["train_samples"],
+                "steps": r["steps"].as_array().map_or(0, Vec::len),
+                "eval_loss_before": r["eval"][0]["loss"],
+                "eval_loss_after": r["eval"].as_array().and_then(|e| e.last()).map(|e| e["loss"].clone()),
+                "train_wall_seconds": m.seconds,
+            }),
+        );
+    }
+    let heldout = root().join("recipes/data/tern-t3/heldout.jsonl");
+    let minilm = crate::setup::minilm(&py())?;
+    let mut eval = Command::new(ep);
+    eval.arg("eval").arg(model);
+    for m in &merged {
+        eval.arg("--against").arg(m);
+    }
+    let out = eval
+        .arg("--qa")
+        .arg(&heldout)
+        .arg("--embedder")
+        .arg(&minilm)
+        .args([
+            "--chunks",
+            "1",
+            "--ctx",
+            "64",
+            "--max-new-tokens",
+            "48",
+            "--json",
+        ])
+        .output()
+        .context("running edgepack eval")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "edgepack eval failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev: Value = serde_json::from_slice(&out.stdout)?;
+    let sims: Vec<f64> = ev["qa"]
+        .as_array()
+        .context("eval --json has no qa")?
+        .iter()
+        .map(|q| q["mean_similarity"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    anyhow::ensure!(sims.len() == 4, "expected 4 similarity rows, got {sims:?}");
+    rows.insert("base".into(), json!({ "similarity": sims[0] }));
+    for (i, (name, _)) in runs.iter().enumerate() {
+        rows[*name]["similarity"] = json!(sims[i + 1]);
+    }
+    Ok(json!({
+        "k": k,
+        "heldout": heldout.display().to_string(),
+        "questions": std::fs::read_to_string(&heldout)?.lines().count(),
+        "rows": rows,
+        "selected_beats_random": sims[2] > sims[3],
+    }))
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 fn write(output: &Path, v: &Value) -> Result<()> {

@@ -148,8 +148,11 @@ pub enum Bench {
     },
     /// LoRA training on the Tern T3 data: `edgepack finetune` against PEFT + torch (CPU, same
     /// model, data, rank, batch, sequence length, steps and threads): tokens/s and peak RSS.
+    /// With `--quality K`, also the held-out answer similarity of the base model, of an
+    /// adapter trained on all the data, and of adapters trained on K samples chosen by
+    /// `--select` (scored) and at random.
     #[command(
-        after_help = "Example:\n  cargo xtask bench finetune --steps 10 --batch 8 --threads 2 -o target/bench/finetune.json"
+        after_help = "Example:\n  cargo xtask bench finetune --steps 10 --batch 8 --threads 2 -o target/bench/finetune.json\n  cargo xtask bench finetune --quality 64"
     )]
     Finetune {
         /// Optimizer steps each tool runs.
@@ -167,6 +170,9 @@ pub enum Bench {
         /// Threads for both tools (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Also compare data selection at this budget of samples (0: skip; takes minutes).
+        #[arg(long, default_value_t = 0)]
+        quality: usize,
         /// Where to write the JSON.
         #[arg(short, long, default_value = "target/bench/finetune.json")]
         output: PathBuf,
@@ -232,6 +238,7 @@ pub fn bench(b: Bench) -> Result<()> {
             rank,
             seq_len,
             threads,
+            quality,
             output,
         } => finetune::bench(finetune::Options {
             steps,
@@ -239,6 +246,7 @@ pub fn bench(b: Bench) -> Result<()> {
             rank,
             seq_len,
             threads,
+            quality,
             output,
         }),
     }
