@@ -1,15 +1,17 @@
 //! Data selection under a budget (`--select K`): which K training samples teach the base
 //! model the most. Each sample is scored with the base model alone: the mean loss and the
-//! mean predictive entropy over its trained tokens (what the model does not know yet), and a
-//! sentence embedding (the mean of the last normalised hidden states) for diversity. Samples
-//! are then picked greedily: the next one maximises
+//! mean predictive entropy over its trained tokens (what the model does not know yet), and an
+//! embedding of what it teaches (the mean of the last normalised hidden states over its
+//! trained tokens, centred on the candidates' mean: a decoder's raw states all point one way,
+//! and the shared chat template would dominate a mean over every token). Samples are then
+//! picked greedily: the next one maximises
 //!
 //! ```text
-//! usefulness + diversity_weight * (1 - max cosine similarity to the samples already picked)
+//! usefulness + diversity_weight * (1 - max cosine similarity to the samples already picked) / 2
 //! ```
 //!
 //! where usefulness is the mean of the loss and the entropy, each scaled to [0, 1] over the
-//! candidates. With a weight of 0 this keeps the K hardest samples; a larger weight spreads
+//! candidates, and the diversity term lies in [0, 1] too. With a weight of 0 this keeps the K hardest samples; a larger weight spreads
 //! the budget over more of the data's topics instead of several wordings of one hard fact.
 //! `random` keeps K samples drawn with the run's seed, the baseline to compare against.
 
@@ -52,8 +54,8 @@ pub struct Scored {
     pub entropy: Option<f64>,
     /// Mean of loss and entropy, each scaled to [0, 1] over the candidates.
     pub usefulness: Option<f64>,
-    /// 1 - the largest cosine similarity to the samples picked before it (1 for the first),
-    /// when it was picked; `null` if it was not.
+    /// (1 - the largest cosine similarity to the samples picked before it) / 2, 1 for the
+    /// first, when it was picked; `null` if it was not.
     pub diversity: Option<f64>,
     /// Position in the pick order (0 first); `null` if not picked.
     pub picked: Option<usize>,
@@ -110,25 +112,52 @@ fn measure(fwd: &Forward, ex: &Example) -> Result<Measure> {
         entropy += z.ln() - weighted / z;
         n += 1;
     }
+    // The states where the trained tokens are read (every state if none is).
     let dim = hidden.first().map_or(0, Vec::len);
     let mut embedding = vec![0f32; dim];
-    for h in &hidden {
-        for (e, x) in embedding.iter_mut().zip(h) {
-            *e += x;
+    let trained: Vec<&Vec<f32>> = hidden
+        .iter()
+        .zip(&ex.train)
+        .filter(|(_, &t)| t)
+        .map(|(h, _)| h)
+        .collect();
+    let rows = if trained.is_empty() {
+        hidden.iter().collect()
+    } else {
+        trained
+    };
+    for h in &rows {
+        for (e, x) in embedding.iter_mut().zip(h.iter()) {
+            *e += x / rows.len() as f32;
         }
     }
-    let norm = embedding
-        .iter()
-        .map(|x| x * x)
-        .sum::<f32>()
-        .sqrt()
-        .max(1e-12);
-    embedding.iter_mut().for_each(|x| *x /= norm);
     Ok(Measure {
         loss: loss / n.max(1) as f64,
         entropy: entropy / n.max(1) as f64,
         embedding,
     })
+}
+
+/// Subtracts the candidates' mean embedding and scales each to unit length.
+fn centre_and_normalise(m: &mut [Measure]) {
+    let Some(dim) = m.first().map(|x| x.embedding.len()) else {
+        return;
+    };
+    let mut mean = vec![0f64; dim];
+    for x in m.iter() {
+        for (a, &e) in mean.iter_mut().zip(&x.embedding) {
+            *a += e as f64 / m.len() as f64;
+        }
+    }
+    for x in m.iter_mut() {
+        for (e, &a) in x.embedding.iter_mut().zip(&mean) {
+            *e -= a as f32;
+        }
+        let norm = x.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if norm > 1e-12 {
+            x.embedding.iter_mut().for_each(|v| *v /= norm);
+        }
+    }
 }
 
 /// Values scaled to [0, 1] (all 0 when they are equal).
@@ -174,7 +203,8 @@ pub fn select(
         }
         SelectBy::Score => {
             let one_each: Vec<Vec<&Example>> = candidates.iter().map(|e| vec![*e]).collect();
-            let m = run_packs(&one_each, threads, |_, p| measure(fwd, p[0]))?;
+            let mut m = run_packs(&one_each, threads, |_, p| measure(fwd, p[0]))?;
+            centre_and_normalise(&mut m);
             let loss: Vec<f64> = m.iter().map(|x| x.loss).collect();
             let entropy: Vec<f64> = m.iter().map(|x| x.entropy).collect();
             let (ul, ue) = (unit(&loss), unit(&entropy));
@@ -193,7 +223,7 @@ pub fn select(
                     if nearest[i] == f64::NEG_INFINITY {
                         1.0
                     } else {
-                        1.0 - nearest[i]
+                        (1.0 - nearest[i]) / 2.0
                     }
                 };
                 let best = (0..candidates.len())
