@@ -6,7 +6,9 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::args::LoraArgs;
-use crate::{build_cmd, deploy_cmd, eval_cmd, export_cmd, finetune_cmd, model_cmd, targets_cmd};
+use crate::{
+    build_cmd, deploy_cmd, eval_cmd, export_cmd, finetune_cmd, model_cmd, rag_cmd, targets_cmd,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -132,6 +134,9 @@ enum Command {
     /// The recipe stage cache: its size, and removing stages no recipe uses.
     #[command(subcommand)]
     Cache(build_cmd::CacheCommand),
+    /// A knowledge base of documents for retrieval: build, add, remove, query, calibrate.
+    #[command(subcommand)]
+    Rag(rag_cmd::RagCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -145,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Build(a) => build_cmd::run_build(&a, json_out),
         Command::Finetune(a) => finetune_cmd::run_finetune(&a, json_out),
         Command::Cache(c) => build_cmd::run_cache(&c, json_out),
+        Command::Rag(c) => rag_cmd::run(c, json_out),
         Command::Merge {
             base,
             lora,

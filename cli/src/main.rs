@@ -10,6 +10,7 @@ mod export_cmd;
 mod finetune_cmd;
 mod model_cmd;
 mod progress;
+mod rag_cmd;
 mod targets_cmd;
 
 use std::process::ExitCode;

@@ -40,6 +40,24 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<edgepack_encoder::EncoderError> for Error {
+    fn from(e: edgepack_encoder::EncoderError) -> Error {
+        use edgepack_encoder::EncoderError as E;
+        match e {
+            E::Format {
+                path,
+                field,
+                message,
+            } => Error::Format {
+                path,
+                field,
+                msg: message,
+            },
+            other => Error::Invalid(other.to_string()),
+        }
+    }
+}
+
 impl Error {
     pub fn io(path: impl AsRef<Path>, cause: std::io::Error) -> Self {
         Error::Io {

@@ -1,0 +1,789 @@
+//! The knowledge base: documents cut into chunks ([`crate::chunk`]), each chunk's embedding
+//! and text, in one versioned safetensors file tied to the encoder that made it.
+//!
+//! ```text
+//! kb.safetensors
+//!   vectors       [n, dim]  F32, F16, or I8 with `scales` [n] F32 (one scale per vector)
+//!   text          [bytes]   U8, every chunk's UTF-8 text one after another
+//!   text_offsets  [n + 1]   I64, where each chunk's text starts (and the last ends)
+//!   __metadata__  "edgepack_kb": JSON of [`Meta`] (schema, encoder identity, chunking,
+//!                 documents, each chunk's document and byte range, the guard)
+//! ```
+//!
+//! Search is exact: the inner product of the question's embedding with every vector (all
+//! embeddings are unit length, so it is their cosine), over all cores. The guard is the
+//! best score below which a question is out of domain; `calibrate` picks it from question
+//! sets.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::bert::{Embedder, Identity};
+use crate::chunk::chunk;
+use crate::error::{EncoderError, Result};
+
+/// The file in a knowledge-base folder.
+pub const KB_FILE: &str = "kb.safetensors";
+pub const SCHEMA: u32 = 1;
+/// The metadata key holding [`Meta`].
+const META_KEY: &str = "edgepack_kb";
+/// Documents larger than this are refused rather than read whole.
+pub const MAX_DOCUMENT_BYTES: u64 = 256 << 20;
+
+/// How vectors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    /// One byte per value and one f32 scale per vector (the largest magnitude maps to 127).
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Precision, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("`{s}`: use f32, f16 or int8")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    /// As given when it was added (the key `remove` takes).
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    /// Index into `documents`.
+    pub doc: u32,
+    /// Byte range in the document.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The out-of-domain guard: questions whose best score is below `threshold` are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Guard {
+    pub threshold: f32,
+    /// Area under the ROC curve of the best score separating in-domain from out-of-domain
+    /// questions (1: perfectly).
+    pub auc: f64,
+    /// The share of in-domain questions the threshold was chosen to refuse at most.
+    pub false_reject_target: f64,
+    pub in_domain: usize,
+    pub out_of_domain: usize,
+    /// At the threshold: in-domain questions passed, out-of-domain ones refused.
+    pub in_domain_passed: f64,
+    pub out_of_domain_refused: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub schema: u32,
+    pub embedder: Identity,
+    pub chunk_tokens: usize,
+    pub overlap: usize,
+    pub precision: Precision,
+    pub documents: Vec<Document>,
+    pub chunks: Vec<ChunkInfo>,
+    pub guard: Option<Guard>,
+}
+
+#[derive(Debug, Clone)]
+enum Vectors {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Int8 { q: Vec<i8>, scales: Vec<f32> },
+}
+
+/// A knowledge base in memory.
+#[derive(Debug, Clone)]
+pub struct Kb {
+    pub meta: Meta,
+    vectors: Vectors,
+    texts: Vec<String>,
+}
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    pub chunk: usize,
+    pub score: f32,
+    pub source: String,
+    pub start: u64,
+    pub end: u64,
+    pub text: String,
+}
+
+/// What adding documents did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Added {
+    pub documents: usize,
+    pub chunks: usize,
+    /// Documents left out, each with the reason (binary, empty, already in the kb, ...).
+    pub skipped: Vec<(String, String)>,
+}
+
+fn quantize(v: &[f32]) -> (Vec<i8>, f32) {
+    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if max == 0.0 {
+        return (vec![0; v.len()], 0.0);
+    }
+    let scale = max / 127.0;
+    (
+        v.iter()
+            .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8)
+            .collect(),
+        scale,
+    )
+}
+
+impl Kb {
+    /// An empty knowledge base for `embedder`'s vectors.
+    pub fn new(embedder: &Identity, chunk_tokens: usize, overlap: usize, p: Precision) -> Kb {
+        Kb {
+            meta: Meta {
+                schema: SCHEMA,
+                embedder: embedder.clone(),
+                chunk_tokens,
+                overlap,
+                precision: p,
+                documents: Vec::new(),
+                chunks: Vec::new(),
+                guard: None,
+            },
+            vectors: match p {
+                Precision::F32 => Vectors::F32(Vec::new()),
+                Precision::F16 => Vectors::F16(Vec::new()),
+                Precision::Int8 => Vectors::Int8 {
+                    q: Vec::new(),
+                    scales: Vec::new(),
+                },
+            },
+            texts: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.meta.chunks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.chunks.is_empty()
+    }
+
+    fn push_vector(&mut self, v: &[f32]) {
+        match &mut self.vectors {
+            Vectors::F32(d) => d.extend_from_slice(v),
+            Vectors::F16(d) => d.extend(v.iter().map(|x| f16::from_f32(*x))),
+            Vectors::Int8 { q, scales } => {
+                let (qv, s) = quantize(v);
+                q.extend(qv);
+                scales.push(s);
+            }
+        }
+    }
+
+    /// Refuses `enc` unless it is the encoder that built this kb.
+    pub fn check_embedder(&self, enc: &Identity) -> Result<()> {
+        if *enc != self.meta.embedder {
+            return Err(EncoderError::Invalid(format!(
+                "the knowledge base was built with the encoder {} (weights sha256 {}, dim {}), not {} (weights sha256 {}, dim {})",
+                self.meta.embedder.name,
+                self.meta.embedder.weights_sha256,
+                self.meta.embedder.dim,
+                enc.name,
+                enc.weights_sha256,
+                enc.dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Chunks, embeds and adds the documents at `paths` (in order). Binary, empty and
+    /// already-present documents are skipped and named; an unreadable one is an error.
+    pub fn add_documents(&mut self, enc: &Embedder, paths: &[PathBuf]) -> Result<Added> {
+        self.check_embedder(enc.identity())?;
+        let mut added = Added::default();
+        for path in paths {
+            let name = path.display().to_string();
+            let skip = |added: &mut Added, why: String| added.skipped.push((name.clone(), why));
+            if self.meta.documents.iter().any(|d| d.path == name) {
+                skip(&mut added, "already in the knowledge base".into());
+                continue;
+            }
+            let meta = std::fs::metadata(path).map_err(|e| EncoderError::io(path, e))?;
+            if !meta.is_file() {
+                skip(&mut added, "not a file".into());
+                continue;
+            }
+            if meta.len() > MAX_DOCUMENT_BYTES {
+                return Err(EncoderError::format(
+                    path,
+                    "size",
+                    format!(
+                        "{} bytes; documents above {} bytes are refused (split the file)",
+                        meta.len(),
+                        MAX_DOCUMENT_BYTES
+                    ),
+                ));
+            }
+            let bytes = std::fs::read(path).map_err(|e| EncoderError::io(path, e))?;
+            if bytes.contains(&0) {
+                skip(&mut added, "binary (holds NUL bytes)".into());
+                continue;
+            }
+            let Ok(text) = String::from_utf8(bytes) else {
+                skip(&mut added, "not UTF-8 text".into());
+                continue;
+            };
+            let spans = chunk(
+                enc.tokenizer(),
+                &text,
+                self.meta.chunk_tokens,
+                self.meta.overlap,
+            )?;
+            if spans.is_empty() {
+                skip(&mut added, "empty".into());
+                continue;
+            }
+            let vectors: Vec<Vec<f32>> = spans
+                .par_iter()
+                .map(|s| enc.embed(&text[s.start..s.end]))
+                .collect::<Result<_>>()?;
+            let doc = self.meta.documents.len() as u32;
+            for (s, v) in spans.iter().zip(&vectors) {
+                self.push_vector(v);
+                self.texts.push(text[s.start..s.end].to_string());
+                self.meta.chunks.push(ChunkInfo {
+                    doc,
+                    start: s.start as u64,
+                    end: s.end as u64,
+                });
+            }
+            self.meta.documents.push(Document {
+                path: name,
+                sha256: format!("{:x}", Sha256::digest(text.as_bytes())),
+                bytes: meta.len(),
+            });
+            added.documents += 1;
+            added.chunks += spans.len();
+        }
+        // A guard calibrated on other contents no longer holds.
+        if added.chunks > 0 {
+            self.meta.guard = None;
+        }
+        Ok(added)
+    }
+
+    /// Removes the documents named as they were added; returns the chunks removed. A name
+    /// that is not in the kb is an error listing what is.
+    pub fn remove_documents(&mut self, names: &[String]) -> Result<usize> {
+        for n in names {
+            if !self.meta.documents.iter().any(|d| &d.path == n) {
+                let have: Vec<&str> = self
+                    .meta
+                    .documents
+                    .iter()
+                    .map(|d| d.path.as_str())
+                    .collect();
+                return Err(EncoderError::Invalid(format!(
+                    "`{n}` is not in the knowledge base (it holds: {})",
+                    have.join(", ")
+                )));
+            }
+        }
+        let dim = self.meta.embedder.dim;
+        let drop_doc: Vec<bool> = self
+            .meta
+            .documents
+            .iter()
+            .map(|d| names.contains(&d.path))
+            .collect();
+        let mut new_index = Vec::with_capacity(drop_doc.len());
+        let mut n = 0u32;
+        for &d in &drop_doc {
+            new_index.push(n);
+            if !d {
+                n += 1;
+            }
+        }
+        let keep: Vec<bool> = self
+            .meta
+            .chunks
+            .iter()
+            .map(|c| !drop_doc[c.doc as usize])
+            .collect();
+        let removed = keep.iter().filter(|k| !**k).count();
+        let mut i = 0;
+        self.texts.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        let rows = |len: usize| (0..len).filter(|r| keep[*r]);
+        self.vectors = match &self.vectors {
+            Vectors::F32(d) => Vectors::F32(
+                rows(keep.len())
+                    .flat_map(|r| d[r * dim..(r + 1) * dim].iter().copied())
+                    .collect(),
+            ),
+            Vectors::F16(d) => Vectors::F16(
+                rows(keep.len())
+                    .flat_map(|r| d[r * dim..(r + 1) * dim].iter().copied())
+                    .collect(),
+            ),
+            Vectors::Int8 { q, scales } => Vectors::Int8 {
+                q: rows(keep.len())
+                    .flat_map(|r| q[r * dim..(r + 1) * dim].iter().copied())
+                    .collect(),
+                scales: rows(keep.len()).map(|r| scales[r]).collect(),
+            },
+        };
+        self.meta.chunks = self
+            .meta
+            .chunks
+            .iter()
+            .filter(|c| !drop_doc[c.doc as usize])
+            .map(|c| ChunkInfo {
+                doc: new_index[c.doc as usize],
+                ..*c
+            })
+            .collect();
+        let mut d = 0;
+        self.meta.documents.retain(|_| {
+            d += 1;
+            !drop_doc[d - 1]
+        });
+        if removed > 0 {
+            self.meta.guard = None;
+        }
+        Ok(removed)
+    }
+
+    /// The inner product of `q` with every vector.
+    pub fn scores(&self, q: &[f32]) -> Vec<f32> {
+        let dim = self.meta.embedder.dim;
+        let n = self.len();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(1024).enumerate().for_each(|(b, dst)| {
+            for (j, o) in dst.iter_mut().enumerate() {
+                let r = b * 1024 + j;
+                *o = match &self.vectors {
+                    Vectors::F32(d) => dot(q, &d[r * dim..(r + 1) * dim]),
+                    Vectors::F16(d) => d[r * dim..(r + 1) * dim]
+                        .iter()
+                        .zip(q)
+                        .map(|(a, b)| a.to_f32() * b)
+                        .sum(),
+                    Vectors::Int8 { q: v, scales } => {
+                        let s: f32 = v[r * dim..(r + 1) * dim]
+                            .iter()
+                            .zip(q)
+                            .map(|(a, b)| *a as f32 * b)
+                            .sum();
+                        s * scales[r]
+                    }
+                };
+            }
+        });
+        out
+    }
+
+    /// The `k` chunks closest to the embedding `q`, best first (ties: the earlier chunk).
+    pub fn search(&self, q: &[f32], k: usize) -> Result<Vec<Hit>> {
+        if q.len() != self.meta.embedder.dim {
+            return Err(EncoderError::Invalid(format!(
+                "a query of {} values against vectors of {}",
+                q.len(),
+                self.meta.embedder.dim
+            )));
+        }
+        if self.is_empty() {
+            return Err(EncoderError::Invalid(
+                "the knowledge base holds no document yet".into(),
+            ));
+        }
+        let scores = self.scores(q);
+        let mut idx: Vec<usize> = (0..scores.len()).collect();
+        let k = k.min(idx.len());
+        let order = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k, order);
+            idx.truncate(k);
+        }
+        idx.sort_by(order);
+        Ok(idx.into_iter().map(|i| self.hit(i, scores[i])).collect())
+    }
+
+    fn hit(&self, i: usize, score: f32) -> Hit {
+        let c = self.meta.chunks[i];
+        Hit {
+            chunk: i,
+            score,
+            source: self.meta.documents[c.doc as usize].path.clone(),
+            start: c.start,
+            end: c.end,
+            text: self.texts[i].clone(),
+        }
+    }
+
+    /// Embeds `text` with `enc` (which must be the kb's encoder) and searches.
+    pub fn query(&self, enc: &Embedder, text: &str, k: usize) -> Result<Vec<Hit>> {
+        self.check_embedder(enc.identity())?;
+        self.search(&enc.embed(text)?, k)
+    }
+
+    /// The best score of each question.
+    pub fn best_scores(&self, enc: &Embedder, questions: &[String]) -> Result<Vec<f32>> {
+        self.check_embedder(enc.identity())?;
+        questions
+            .par_iter()
+            .map(|q| Ok(self.search(&enc.embed(q)?, 1)?[0].score))
+            .collect()
+    }
+
+    /// Picks the guard's threshold from in-domain and out-of-domain questions: the highest
+    /// threshold that refuses at most `false_reject` of the in-domain ones; stores it.
+    pub fn calibrate(
+        &mut self,
+        enc: &Embedder,
+        in_domain: &[String],
+        out_of_domain: &[String],
+        false_reject: f64,
+    ) -> Result<Guard> {
+        if in_domain.is_empty() || out_of_domain.is_empty() {
+            return Err(EncoderError::Invalid(
+                "calibration needs in-domain and out-of-domain questions".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&false_reject) {
+            return Err(EncoderError::Invalid(format!(
+                "false-reject rate {false_reject}: give a share in [0, 1)"
+            )));
+        }
+        let ins = self.best_scores(enc, in_domain)?;
+        let outs = self.best_scores(enc, out_of_domain)?;
+        let g = guard(&ins, &outs, false_reject);
+        self.meta.guard = Some(g.clone());
+        Ok(g)
+    }
+
+    /// Writes `dir/kb.safetensors` whole, by a rename.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| EncoderError::io(dir, e))?;
+        let n = self.len();
+        let dim = self.meta.embedder.dim;
+        let mut text = Vec::new();
+        let mut offsets: Vec<i64> = Vec::with_capacity(n + 1);
+        for t in &self.texts {
+            offsets.push(text.len() as i64);
+            text.extend_from_slice(t.as_bytes());
+        }
+        offsets.push(text.len() as i64);
+        let off_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        let bad = |e: safetensors::SafeTensorError| EncoderError::Invalid(format!("kb: {e}"));
+        let (vec_bytes, vec_dtype, scale_bytes): (Vec<u8>, Dtype, Option<Vec<u8>>) =
+            match &self.vectors {
+                Vectors::F32(d) => (
+                    d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    Dtype::F32,
+                    None,
+                ),
+                Vectors::F16(d) => (
+                    d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    Dtype::F16,
+                    None,
+                ),
+                Vectors::Int8 { q, scales } => (
+                    q.iter().map(|x| *x as u8).collect(),
+                    Dtype::I8,
+                    Some(scales.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                ),
+            };
+        let mut views: Vec<(String, TensorView<'_>)> = vec![
+            (
+                "vectors".into(),
+                TensorView::new(vec_dtype, vec![n, dim], &vec_bytes).map_err(bad)?,
+            ),
+            (
+                "text".into(),
+                TensorView::new(Dtype::U8, vec![text.len()], &text).map_err(bad)?,
+            ),
+            (
+                "text_offsets".into(),
+                TensorView::new(Dtype::I64, vec![n + 1], &off_bytes).map_err(bad)?,
+            ),
+        ];
+        if let Some(s) = &scale_bytes {
+            views.push((
+                "scales".into(),
+                TensorView::new(Dtype::F32, vec![n], s).map_err(bad)?,
+            ));
+        }
+        let meta = HashMap::from([(
+            META_KEY.to_string(),
+            serde_json::to_string(&self.meta).expect("metadata serializes"),
+        )]);
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        let path = dir.join(KB_FILE);
+        let tmp = dir.join(format!(".{KB_FILE}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(|e| EncoderError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            EncoderError::io(&path, e)
+        })?;
+        Ok(path)
+    }
+
+    /// Reads and checks `dir/kb.safetensors` (or the file itself): every shape, offset and
+    /// index against the metadata; a corrupt or foreign file is refused naming the field.
+    pub fn read(path: &Path) -> Result<Kb> {
+        let file = if path.is_dir() {
+            path.join(KB_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let bytes = std::fs::read(&file).map_err(|e| EncoderError::io(&file, e))?;
+        let fmt = |field: &str, m: String| EncoderError::format(&file, field, m);
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| fmt("header", e.to_string()))?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .ok_or_else(|| fmt(META_KEY, "missing: not an edgepack knowledge base".into()))?;
+        let meta: Meta =
+            serde_json::from_str(meta_json).map_err(|e| fmt(META_KEY, e.to_string()))?;
+        if meta.schema != SCHEMA {
+            return Err(fmt(
+                "schema",
+                format!("{} (this edgepack reads {SCHEMA})", meta.schema),
+            ));
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| fmt("tensors", e.to_string()))?;
+        let n = meta.chunks.len();
+        let dim = meta.embedder.dim;
+        let tensor = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
+            let t = st.tensor(name).map_err(|_| fmt(name, "missing".into()))?;
+            if t.dtype() != dtype || t.shape() != shape {
+                return Err(fmt(
+                    name,
+                    format!(
+                        "{:?} {:?}, expected {dtype:?} {shape:?}",
+                        t.dtype(),
+                        t.shape()
+                    ),
+                ));
+            }
+            Ok(t.data().to_vec())
+        };
+        let vectors = match meta.precision {
+            Precision::F32 => Vectors::F32(
+                tensor("vectors", Dtype::F32, &[n, dim])?
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect(),
+            ),
+            Precision::F16 => Vectors::F16(
+                tensor("vectors", Dtype::F16, &[n, dim])?
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes(b.try_into().expect("2 bytes")))
+                    .collect(),
+            ),
+            Precision::Int8 => Vectors::Int8 {
+                q: tensor("vectors", Dtype::I8, &[n, dim])?
+                    .into_iter()
+                    .map(|b| b as i8)
+                    .collect(),
+                scales: tensor("scales", Dtype::F32, &[n])?
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect(),
+            },
+        };
+        let text_len = st
+            .tensor("text")
+            .map_err(|_| fmt("text", "missing".into()))?;
+        let text = tensor(
+            "text",
+            Dtype::U8,
+            &[text_len.shape().first().copied().unwrap_or(0)],
+        )?;
+        let offsets: Vec<i64> = tensor("text_offsets", Dtype::I64, &[n + 1])?
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let mut texts = Vec::with_capacity(n);
+        for (i, w) in offsets.windows(2).enumerate() {
+            let (a, b) = (w[0], w[1]);
+            if a < 0 || b < a || b as usize > text.len() {
+                return Err(fmt(
+                    "text_offsets",
+                    format!("chunk {i}: {a}..{b} outside the {} text bytes", text.len()),
+                ));
+            }
+            let t = std::str::from_utf8(&text[a as usize..b as usize])
+                .map_err(|e| fmt("text", format!("chunk {i}: {e}")))?;
+            texts.push(t.to_string());
+        }
+        if offsets.first() != Some(&0) || offsets.last() != Some(&(text.len() as i64)) {
+            return Err(fmt(
+                "text_offsets",
+                "do not cover the text bytes from first to last".into(),
+            ));
+        }
+        for (i, c) in meta.chunks.iter().enumerate() {
+            let Some(d) = meta.documents.get(c.doc as usize) else {
+                return Err(fmt(
+                    "chunks",
+                    format!(
+                        "chunk {i} names document {} of {}",
+                        c.doc,
+                        meta.documents.len()
+                    ),
+                ));
+            };
+            if c.start > c.end || c.end > d.bytes {
+                return Err(fmt(
+                    "chunks",
+                    format!(
+                        "chunk {i}: bytes {}..{} of a {}-byte document",
+                        c.start, c.end, d.bytes
+                    ),
+                ));
+            }
+        }
+        Ok(Kb {
+            meta,
+            vectors,
+            texts,
+        })
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The guard from the best scores of in-domain and out-of-domain questions.
+pub fn guard(ins: &[f32], outs: &[f32], false_reject: f64) -> Guard {
+    // AUC: the chance that an in-domain question outscores an out-of-domain one.
+    let mut wins = 0f64;
+    for a in ins {
+        for b in outs {
+            wins += if a > b {
+                1.0
+            } else if a == b {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    let auc = wins / (ins.len() * outs.len()) as f64;
+    let mut sorted = ins.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    // Refused: score < threshold. The highest threshold refusing at most the target share.
+    let allowed = (false_reject * ins.len() as f64).floor() as usize;
+    let threshold = sorted[allowed.min(sorted.len() - 1)];
+    let passed = ins.iter().filter(|s| **s >= threshold).count() as f64 / ins.len() as f64;
+    let refused = outs.iter().filter(|s| **s < threshold).count() as f64 / outs.len() as f64;
+    Guard {
+        threshold,
+        auc,
+        false_reject_target: false_reject,
+        in_domain: ins.len(),
+        out_of_domain: outs.len(),
+        in_domain_passed: passed,
+        out_of_domain_refused: refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_keeps_a_vectors_direction() {
+        let v = [0.5f32, -0.25, 0.125, 0.0];
+        let (q, s) = quantize(&v);
+        assert_eq!(q[0], 127);
+        let back: Vec<f32> = q.iter().map(|x| *x as f32 * s).collect();
+        for (a, b) in v.iter().zip(&back) {
+            assert!((a - b).abs() <= s / 2.0 + 1e-7, "{v:?} -> {back:?}");
+        }
+    }
+
+    #[test]
+    fn guard_threshold_refuses_at_most_the_target_share_of_in_domain_questions() {
+        let ins = [0.9f32, 0.8, 0.7, 0.6, 0.5, 0.45, 0.65, 0.75, 0.85, 0.95];
+        let outs = [0.1f32, 0.2, 0.3, 0.55];
+        let g = guard(&ins, &outs, 0.1);
+        assert_eq!(g.threshold, 0.5);
+        assert_eq!(g.in_domain_passed, 0.9);
+        assert_eq!(g.out_of_domain_refused, 0.75);
+        // 0.55 outscores 0.5 and 0.45 only: 2 of 40 pairs lost.
+        assert!((g.auc - 38.0 / 40.0).abs() < 1e-12, "{}", g.auc);
+        let g0 = guard(&ins, &outs, 0.0);
+        assert_eq!((g0.threshold, g0.in_domain_passed), (0.45, 1.0));
+    }
+
+    #[test]
+    fn search_ranks_by_inner_product_and_removal_keeps_the_rest() {
+        let id = Identity {
+            name: "t".into(),
+            weights_sha256: "x".into(),
+            dim: 2,
+            max_seq: 8,
+        };
+        for p in [Precision::F32, Precision::F16, Precision::Int8] {
+            let mut kb = Kb::new(&id, 4, 1, p);
+            for (d, vs) in [
+                (0u32, [[1.0f32, 0.0], [0.6, 0.8]]),
+                (1, [[0.0, 1.0], [-1.0, 0.0]]),
+            ] {
+                kb.meta.documents.push(Document {
+                    path: format!("d{d}"),
+                    sha256: String::new(),
+                    bytes: 10,
+                });
+                for (i, v) in vs.iter().enumerate() {
+                    kb.push_vector(v);
+                    kb.texts.push(format!("d{d}c{i}"));
+                    kb.meta.chunks.push(ChunkInfo {
+                        doc: d,
+                        start: 0,
+                        end: 1,
+                    });
+                }
+            }
+            let hits = kb.search(&[0.0, 1.0], 3).unwrap();
+            let names: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
+            assert_eq!(names, ["d1c0", "d0c1", "d0c0"], "{p:?}");
+            let dir = tempfile::tempdir().unwrap();
+            kb.write(dir.path()).unwrap();
+            let back = Kb::read(dir.path()).unwrap();
+            assert_eq!(back.search(&[0.0, 1.0], 3).unwrap(), hits, "{p:?}");
+            assert_eq!(kb.remove_documents(&["d0".into()]).unwrap(), 2);
+            let hits = kb.search(&[0.0, 1.0], 5).unwrap();
+            let names: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
+            assert_eq!(names, ["d1c0", "d1c1"], "{p:?}");
+            assert_eq!(hits[0].source, "d1");
+        }
+    }
+}
