@@ -20,7 +20,7 @@ use crate::bundle::link_or_copy;
 use crate::cache::{pid_alive, Cache};
 use crate::error::{RecipeError, Result};
 use crate::plan::{plan, Plan};
-use crate::recipe::{ModelSource, Recipe};
+use crate::recipe::{Finetune, ModelSource, Recipe};
 use crate::report::{build_report, markdown, svg, Report};
 use crate::run::{execute, fetch_first, Observer, Options, StageStatus, State};
 
@@ -81,7 +81,12 @@ pub fn build(
         Some(f) => plan(recipe, &cache, Some(f))?,
         None => first,
     };
-    preflight(recipe, fetched.as_deref())?;
+    // A trained adapter in the cache was made from data that was read and checked then.
+    let finetune = recipe.finetune.as_ref().filter(|_| {
+        p.finetune
+            .is_none_or(|i| cache.lookup("finetune", &p.stages[i].key).is_none())
+    });
+    preflight(recipe, finetune, fetched.as_deref())?;
     let mut status = execute(&p, &cache, &prev, opts, obs)?;
     if let Some((id, key)) = fetching.filter(|_| !opts.dry_run) {
         if let Some(s) = status.iter_mut().find(|s| s.id == id) {
@@ -143,9 +148,10 @@ pub fn gc(recipes: &[Recipe], cache_dir: &Path) -> Result<(u64, u64)> {
 }
 
 /// Checks what can only be checked against the real model before any stage runs: that every
-/// adapter was trained for this base (module names and shapes).
-fn preflight(recipe: &Recipe, fetched: Option<&Path>) -> Result<()> {
-    if recipe.adapters.is_empty() && recipe.finetune.is_none() {
+/// adapter was trained for this base (module names and shapes), and that the data of a
+/// training still to run reads.
+fn preflight(recipe: &Recipe, finetune: Option<&Finetune>, fetched: Option<&Path>) -> Result<()> {
+    if recipe.adapters.is_empty() && finetune.is_none() {
         return Ok(());
     }
     let base = match (&recipe.model, fetched) {
@@ -155,7 +161,7 @@ fn preflight(recipe: &Recipe, fetched: Option<&Path>) -> Result<()> {
         _ => return Ok(()),
     };
     let m = import::open(&base).map_err(|e| RecipeError::io(&base, e))?;
-    if let Some(f) = &recipe.finetune {
+    if let Some(f) = finetune {
         // The data as the trainer will read it: a bad line fails the build before any stage.
         train::preflight(&m, &f.data, &f.config).map_err(|e| RecipeError::Invalid {
             file: recipe.file.clone(),

@@ -198,6 +198,8 @@ pub struct Plan {
     /// The training stage, and the base model's scored answers it is compared with.
     pub finetune: Option<usize>,
     pub base_answers: Option<usize>,
+    /// The float model's scored answers (one stage every evaluated output reads).
+    pub reference_answers: Option<usize>,
 }
 
 /// Sizes used for memory estimates: f32 weights of the whole model for stages that run the
@@ -412,7 +414,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
 
     // The trained adapter is merged first, then the recipe's own, in order.
     let mut adapters: Vec<(AdapterIn, f32)> = Vec::new();
-    let (mut finetune, mut base_answers) = (None, None);
+    let (mut finetune, mut base_answers, mut reference_answers) = (None, None, None);
     if let Some(f) = &recipe.finetune {
         let i = b.add(
             "finetune".into(),
@@ -613,6 +615,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     )?),
                     _ => None,
                 };
+                reference_answers = reference_answers.or(answers);
                 planned.eval = Some(b.add(
                     format!("eval:{oid}"),
                     Job::Eval {
@@ -708,5 +711,6 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
         outputs,
         finetune,
         base_answers,
+        reference_answers,
     })
 }

@@ -1086,7 +1086,7 @@ fn finetune(cx: &Ctx<'_>, f: &Spanned<RawFinetune>) -> Result<Finetune> {
     let max_steps = r
         .max_steps
         .as_ref()
-        .map(|m| count(&Some(m.clone()), "max_steps", 1, 1))
+        .map(|_| count(&r.max_steps, "max_steps", 1, 1))
         .transpose()?;
     if epochs == 0 && max_steps.is_none() {
         let span = r.epochs.as_ref().map_or(f.span(), |e| e.span());
@@ -1146,7 +1146,7 @@ fn finetune(cx: &Ctx<'_>, f: &Spanned<RawFinetune>) -> Result<Finetune> {
         select: r
             .select
             .as_ref()
-            .map(|k| count(&Some(k.clone()), "select", 1, 1))
+            .map(|_| count(&r.select, "select", 1, 1))
             .transpose()?,
         select_by: word(&r.select_by, "select_by", &d.select_by, &|s| {
             s.parse::<SelectBy>().map(|_| ())

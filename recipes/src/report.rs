@@ -208,9 +208,7 @@ pub fn build_report(recipe: &Recipe, plan: &Plan, status: &[StageStatus], second
             .base_answers
             .map_or(Value::Null, |a| status[a].result["similarity"].clone());
         v["similarity_tuned"] = plan
-            .stages
-            .iter()
-            .position(|s| s.id == "answers:reference")
+            .reference_answers
             .map_or(Value::Null, |a| status[a].result["similarity"].clone());
         v
     });

@@ -134,18 +134,8 @@ fn kb_embeddings_equal_transformers_and_search_equals_numpy_exact_search() {
         .unwrap()
         .iter()
         .map(|t| {
-            let idx = t["indices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
-            let s = t["scores"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
+            let idx = serde_json::from_value(t["indices"].clone()).unwrap();
+            let s = serde_json::from_value(t["scores"].clone()).unwrap();
             (idx, s)
         })
         .collect();

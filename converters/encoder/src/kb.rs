@@ -334,23 +334,12 @@ impl Kb {
             i += 1;
             keep[i - 1]
         });
-        let rows = |len: usize| (0..len).filter(|r| keep[*r]);
         self.vectors = match &self.vectors {
-            Vectors::F32(d) => Vectors::F32(
-                rows(keep.len())
-                    .flat_map(|r| d[r * dim..(r + 1) * dim].iter().copied())
-                    .collect(),
-            ),
-            Vectors::F16(d) => Vectors::F16(
-                rows(keep.len())
-                    .flat_map(|r| d[r * dim..(r + 1) * dim].iter().copied())
-                    .collect(),
-            ),
+            Vectors::F32(d) => Vectors::F32(keep_rows(d, dim, &keep)),
+            Vectors::F16(d) => Vectors::F16(keep_rows(d, dim, &keep)),
             Vectors::Int8 { q, scales } => Vectors::Int8 {
-                q: rows(keep.len())
-                    .flat_map(|r| q[r * dim..(r + 1) * dim].iter().copied())
-                    .collect(),
-                scales: rows(keep.len()).map(|r| scales[r]).collect(),
+                q: keep_rows(q, dim, &keep),
+                scales: keep_rows(scales, 1, &keep),
             },
         };
         self.meta.chunks = self
@@ -674,6 +663,15 @@ impl Kb {
             texts,
         })
     }
+}
+
+/// The rows of `d` (`width` values each) whose `keep` is set.
+fn keep_rows<T: Copy>(d: &[T], width: usize, keep: &[bool]) -> Vec<T> {
+    d.chunks_exact(width)
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

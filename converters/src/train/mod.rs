@@ -632,9 +632,7 @@ pub fn train(
                 cfg.seed,
                 run.threads,
             )?;
-            let mut kept = s.kept.clone();
-            kept.sort_unstable();
-            train_set = kept.iter().map(|&i| train_set[i]).collect();
+            train_set = s.kept().map(|i| train_set[i]).collect();
             Some(s)
         }
         None => None,

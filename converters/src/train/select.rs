@@ -70,9 +70,16 @@ pub struct Selection {
     pub candidates: usize,
     /// Per candidate, in data order (scores are absent for `random`).
     pub samples: Vec<Scored>,
-    /// Indices into the candidates, in pick order.
-    #[serde(skip)]
-    pub kept: Vec<usize>,
+}
+
+impl Selection {
+    /// Indices of the kept candidates, in data order.
+    pub fn kept(&self) -> impl Iterator<Item = usize> + '_ {
+        self.samples
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.picked.map(|_| i))
+    }
 }
 
 /// Loss, entropy and embedding of one sample under the base model.
@@ -263,7 +270,6 @@ pub fn select(
         diversity_weight,
         candidates: candidates.len(),
         samples,
-        kept,
     })
 }
 

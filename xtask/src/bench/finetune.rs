@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use super::common::{edgepack_release, fresh_work_dir, measure, model_or_smollm2, py};
-use crate::util::root;
+use crate::util::{root, run};
 
 pub struct Options {
     pub steps: u64,
@@ -156,15 +156,13 @@ fn quality(ep: &Path, work: &Path, model: &Path, data: &Path, k: usize) -> Resul
             adapter.join("training_report.json"),
         )?)?;
         let out = work.join(format!("quality-{name}-merged"));
-        run_quiet(
-            Command::new(ep)
-                .arg("merge")
-                .arg(model)
-                .arg("--lora")
-                .arg(&adapter)
-                .args(["--dtype", "f32", "-o"])
-                .arg(&out),
-        )?;
+        run(Command::new(ep)
+            .arg("merge")
+            .arg(model)
+            .arg("--lora")
+            .arg(&adapter)
+            .args(["--dtype", "f32", "-o"])
+            .arg(&out))?;
         merged.push(out);
         rows.insert(
             name.to_string(),
@@ -224,16 +222,6 @@ fn quality(ep: &Path, work: &Path, model: &Path, data: &Path, k: usize) -> Resul
         "rows": rows,
         "selected_beats_random": sims[2] > sims[3],
     }))
-}
-
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 fn write(output: &Path, v: &Value) -> Result<()> {
