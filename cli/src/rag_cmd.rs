@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use edgepack_encoder::kb::{Added, Hit, Kb, Precision};
+use edgepack_encoder::kb::{self, Added, Hit, Kb, Precision};
 use edgepack_encoder::Embedder;
 use serde_json::json;
 
@@ -65,7 +65,7 @@ pub enum RagCommand {
         #[arg(long)]
         out_of_domain: PathBuf,
         /// Share of in-domain questions the guard may refuse.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = kb::DEFAULT_FALSE_REJECT)]
         false_reject: f64,
     },
 }
@@ -79,10 +79,10 @@ pub struct BuildArgs {
     #[arg(long)]
     embedder: PathBuf,
     /// Tokens per chunk (the encoder's tokens; at most its maximum length).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = kb::DEFAULT_CHUNK_TOKENS)]
     chunk_tokens: usize,
     /// Tokens each chunk shares with the next.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = kb::DEFAULT_OVERLAP)]
     overlap: usize,
     /// How vectors are stored: int8 (a scale per vector), f16 or f32.
     #[arg(long, default_value = "int8")]
@@ -129,27 +129,7 @@ fn report_added(kb: &Kb, dir: &Path, a: &Added, json_out: bool) -> Result<()> {
 
 /// Questions: one per line, or JSONL objects with a `question` field.
 fn read_questions(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1))?;
-            let q = v["question"].as_str().with_context(|| {
-                format!("{}: line {}: no string `question`", path.display(), i + 1)
-            })?;
-            out.push(q.to_string());
-        } else {
-            out.push(line.to_string());
-        }
-    }
-    anyhow::ensure!(!out.is_empty(), "{}: holds no question", path.display());
-    Ok(out)
+    Ok(kb::read_questions(path)?)
 }
 
 fn print_hits(hits: &[Hit]) {

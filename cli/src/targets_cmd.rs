@@ -17,8 +17,10 @@ use edgepack_converters::gguf::writer::{GgufWriter, TensorPlan};
 use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::Model;
 use edgepack_converters::quant::preset::Preset;
+use edgepack_encoder::ground::{DEFAULT_REFUSAL, DEFAULT_TEMPLATE, DEFAULT_TOP_K};
 use edgepack_recipes::bundle::{
-    check_library, check_runtime, slug, tensor_types, write_bundle, BundleSpec,
+    check_library, check_retrieval, check_runtime, slug, tensor_types, write_bundle, BundleSpec,
+    RetrievalSpec,
 };
 use edgepack_targets::bundle::{self, QuantInfo, SignatureState};
 use edgepack_targets::fit::{self, KvShape};
@@ -67,7 +69,7 @@ pub enum TargetCommand {
     },
     /// Build a bundle for one board: model, tokenizer, optional runtime binary, manifest, signature.
     #[command(
-        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n  edgepack bundle ./merged --target imx95 --format onnx --precision int8 -o out/\n  edgepack bundle ./merged --target imx93 --format tflite --precision int8 --stats s.calib -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
+        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n  edgepack bundle ./merged --target imx95 --format onnx --precision int8 -o out/\n  edgepack bundle ./merged --target imx93 --format tflite --precision int8 --stats s.calib -o out/\n  edgepack bundle ./merged --target imx95 --kb kb/ --embedder ./all-MiniLM-L6-v2 -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
     )]
     Bundle {
         /// A Hugging Face model folder or a .gguf file.
@@ -86,6 +88,8 @@ pub enum TargetCommand {
         quant: Option<String>,
         #[command(flatten)]
         tflite: Box<TfliteBundleArgs>,
+        #[command(flatten)]
+        kb: Box<KbBundleArgs>,
         /// An engine library to carry in the bundle's lib/ for boards whose image lacks it
         /// (ONNX: libonnxruntime.so.* from the onnxruntime wheel for the board's CPU; TFLite:
         /// libLiteRt.so* from the ai-edge-litert wheel; `cargo xtask dist --engine-libs`).
@@ -124,6 +128,57 @@ pub enum TargetCommand {
         #[arg(long)]
         target: Option<String>,
     },
+}
+
+/// A knowledge base for `bundle --kb`: the runtime answers chat questions from its passages
+/// and refuses those it does not cover.
+#[derive(Args, Debug)]
+pub struct KbBundleArgs {
+    /// A knowledge base folder from `edgepack rag build` to carry in the bundle's rag/ with
+    /// its encoder; the board's chat endpoint then answers from it.
+    #[arg(long, value_name = "DIR", requires = "embedder")]
+    kb: Option<PathBuf>,
+    /// The sentence-transformers folder that built --kb (checked against the kb's record of
+    /// its weights).
+    #[arg(long, value_name = "DIR", requires = "kb")]
+    embedder: Option<PathBuf>,
+    /// Passages put into the prompt.
+    #[arg(long, default_value_t = DEFAULT_TOP_K, requires = "kb")]
+    kb_top_k: u32,
+    /// The out-of-domain guard's threshold (best passage cosine below it: refused without
+    /// running the model); default: the one `edgepack rag calibrate` stored in the kb.
+    #[arg(long, value_name = "COSINE", requires = "kb")]
+    kb_threshold: Option<f32>,
+    /// The answer to an out-of-domain question.
+    #[arg(long, value_name = "TEXT", requires = "kb")]
+    kb_refusal: Option<String>,
+    /// A text file with the user turn sent to the model: `{context}` becomes the numbered
+    /// passages, `{question}` the question.
+    #[arg(long, value_name = "FILE", requires = "kb")]
+    kb_template: Option<PathBuf>,
+}
+
+impl KbBundleArgs {
+    fn spec(&self) -> Result<Option<RetrievalSpec<'_>>> {
+        let (Some(kb), Some(encoder)) = (&self.kb, &self.embedder) else {
+            return Ok(None);
+        };
+        let template = match &self.kb_template {
+            Some(f) => fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            None => DEFAULT_TEMPLATE.to_string(),
+        };
+        Ok(Some(RetrievalSpec {
+            kb,
+            encoder,
+            top_k: self.kb_top_k,
+            threshold: self.kb_threshold,
+            refusal: self
+                .kb_refusal
+                .clone()
+                .unwrap_or_else(|| DEFAULT_REFUSAL.to_string()),
+            template,
+        }))
+    }
 }
 
 /// The TFLite export settings of `bundle --format tflite`.
@@ -224,6 +279,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
             format,
             quant,
             tflite,
+            kb,
             engine_lib,
             runtime,
             runtime_version,
@@ -239,6 +295,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
                 format,
                 quant,
                 tflite: &tflite,
+                kb: &kb,
                 engine_libs: &engine_lib,
                 runtime: runtime.as_deref(),
                 runtime_version,
@@ -579,6 +636,7 @@ struct BundleRequest<'a> {
     format: Option<String>,
     quant: Option<String>,
     tflite: &'a TfliteBundleArgs,
+    kb: &'a KbBundleArgs,
     engine_libs: &'a [PathBuf],
     runtime: Option<&'a Path>,
     runtime_version: Option<String>,
@@ -619,6 +677,11 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         .sign
         .map(|k| sign::read_secret_key(k).context("reading the signing key"))
         .transpose()?;
+    // The knowledge base is checked before minutes go into the export.
+    let retrieval = r.kb.spec()?;
+    if let Some(spec) = &retrieval {
+        check_retrieval(spec).context("--kb")?;
+    }
     let adapters = r.lora.parse()?;
     let lp: Vec<PathBuf> = adapters.iter().map(|(p, _)| p.clone()).collect();
     let (m, _) = load(r.model, r.lora)?;
@@ -640,6 +703,8 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
     ins.extend(r.sign);
     ins.extend(r.engine_libs.iter().map(PathBuf::as_path));
     ins.extend(r.tflite.stats.as_deref());
+    ins.extend(r.kb.kb.as_deref());
+    ins.extend(r.kb.embedder.as_deref());
     ensure_not_input(&dir, &ins)?;
     ensure_not_input(&archive, &ins)?;
     fs::create_dir_all(r.output).with_context(|| format!("creating {}", r.output.display()))?;
@@ -688,6 +753,7 @@ fn run_bundle(r: &BundleRequest<'_>, json_out: bool) -> Result<()> {
         profile: p,
         runtime: r.runtime,
         runtime_version: r.runtime_version.clone(),
+        retrieval,
         key: key.as_ref(),
         top: &top,
         model_name: &name,

@@ -276,15 +276,17 @@ fn publish(
             items.push(name);
         }
     }
-    // The trained adapter: what `edgepack merge` and `export gguf-lora` take, and PEFT loads.
-    if let Some(i) = p.finetune {
+    // The trained adapter (what `edgepack merge` and `export gguf-lora` take, and PEFT
+    // loads) and the knowledge base (what `edgepack rag query` and `bundle --kb` take).
+    for (stage, folder) in [(p.finetune, "adapter"), (p.rag, "kb")] {
+        let Some(i) = stage else { continue };
         let s = &status[i];
         let dir = s
             .dir
             .as_ref()
             .ok_or_else(|| RecipeError::stage(&s.id, "no output"))?;
-        link_tree(&dir.join("adapter"), &staging.join("adapter"))?;
-        items.push("adapter".into());
+        link_tree(&dir.join(folder), &staging.join(folder))?;
+        items.push(folder.into());
     }
     // Replace what the last build published; drop what this one no longer makes.
     for old in &prev.published {

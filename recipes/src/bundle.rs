@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::SigningKey;
 use edgepack_converters::io::AtomicDir;
 use edgepack_converters::model::Model;
+use edgepack_encoder::kb::Kb;
+use edgepack_encoder::{Embedder, EncoderError};
 use edgepack_targets::bundle::{
-    self, AdapterInfo, EngineInfo, FileEntry, Manifest, ModelInfo, QuantInfo, RuntimeInfo,
-    TargetInfo, TokenizerInfo, Tool,
+    self, AdapterInfo, EngineInfo, FileEntry, Manifest, ModelInfo, QuantInfo, RetrievalInfo,
+    RuntimeInfo, TargetInfo, TokenizerInfo, Tool,
 };
 use edgepack_targets::Profile;
 
@@ -19,6 +21,22 @@ use crate::error::{RecipeError, Result};
 
 /// Where the runtime sits inside a bundle.
 pub const RUNTIME_FILE: &str = "bin/edgepack-runtime";
+/// Where a knowledge base and its encoder sit inside a bundle.
+pub const KB_FILE: &str = "rag/kb.safetensors";
+pub const ENCODER_DIR: &str = "rag/encoder";
+/// A knowledge base to carry, with the encoder that built it and how the board uses it.
+pub struct RetrievalSpec<'a> {
+    /// A folder holding `kb.safetensors`, or the file.
+    pub kb: &'a Path,
+    /// The sentence-transformers folder that built it.
+    pub encoder: &'a Path,
+    pub top_k: u32,
+    /// The guard's threshold; `None` takes the one `rag calibrate` stored in the kb (and no
+    /// guard if it stored none).
+    pub threshold: Option<f32>,
+    pub refusal: String,
+    pub template: String,
+}
 
 /// What goes into one bundle.
 pub struct BundleSpec<'a> {
@@ -43,6 +61,8 @@ pub struct BundleSpec<'a> {
     pub profile: &'a Profile,
     pub runtime: Option<&'a Path>,
     pub runtime_version: Option<String>,
+    /// A knowledge base for answers grounded in documents, with an out-of-domain guard.
+    pub retrieval: Option<RetrievalSpec<'a>>,
     pub key: Option<&'a SigningKey>,
     /// The bundle's name: its folder, `<top>.tar.zst` and the model file's stem.
     pub top: &'a str,
@@ -268,6 +288,10 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
         }
         None => None,
     };
+    let retrieval = match &s.retrieval {
+        Some(r) => Some(add_retrieval(r, staging)?),
+        None => None,
+    };
     let mut adapter_info = Vec::new();
     for (path, weight) in s.adapters {
         adapter_info.push(AdapterInfo {
@@ -299,6 +323,7 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
             chat_template: m.tokenizer.chat_template().is_some(),
         },
         runtime,
+        retrieval,
         created_by: Tool {
             name: "edgepack".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -322,6 +347,79 @@ pub fn write_bundle(s: &BundleSpec<'_>) -> Result<BundleOutcome> {
         archive,
         archive_bytes,
         manifest,
+    })
+}
+
+/// Checks a retrieval spec before anything is exported: the encoder loads, the knowledge
+/// base reads, holds passages and was built by that encoder, and the options are in range.
+/// Returns the guard's threshold the bundle will carry.
+pub fn check_retrieval(r: &RetrievalSpec<'_>) -> Result<Option<f32>> {
+    let enc_err = |e: EncoderError| RecipeError::Io {
+        path: r.kb.to_path_buf(),
+        message: e.to_string(),
+    };
+    let encoder = Embedder::open(r.encoder).map_err(|e| RecipeError::Io {
+        path: r.encoder.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let kb = Kb::read(r.kb).map_err(enc_err)?;
+    kb.check_embedder(encoder.identity()).map_err(enc_err)?;
+    if kb.is_empty() {
+        return Err(RecipeError::io(
+            r.kb,
+            "the knowledge base holds no passages (edgepack rag add KB DOCS)",
+        ));
+    }
+    if r.top_k == 0 || r.top_k > 64 {
+        return Err(RecipeError::stage(
+            "bundle",
+            format!("retrieval top-k {} is outside 1..=64", r.top_k),
+        ));
+    }
+    for key in ["{context}", "{question}"] {
+        if !r.template.contains(key) {
+            return Err(RecipeError::stage(
+                "bundle",
+                format!("the retrieval template must contain {key}"),
+            ));
+        }
+    }
+    if let Some(t) = r.threshold.filter(|t| !(-1.0..=1.0).contains(t)) {
+        return Err(RecipeError::stage(
+            "bundle",
+            format!("retrieval threshold {t} is not a cosine in -1..=1"),
+        ));
+    }
+    Ok(r.threshold.or(kb.meta.guard.as_ref().map(|g| g.threshold)))
+}
+
+/// Checks the knowledge base against its encoder, copies both into `rag/`, and returns the
+/// manifest's section.
+fn add_retrieval(r: &RetrievalSpec<'_>, staging: &Path) -> Result<RetrievalInfo> {
+    let threshold = check_retrieval(r)?;
+    let kb_src = if r.kb.is_dir() {
+        r.kb.join(edgepack_encoder::kb::KB_FILE)
+    } else {
+        r.kb.to_path_buf()
+    };
+    let dst = staging.join(KB_FILE);
+    fs::create_dir_all(staging.join(ENCODER_DIR)).map_err(|e| RecipeError::io(&dst, e))?;
+    link_or_copy(&kb_src, &dst)?;
+    let optional = ["sentence_bert_config.json"];
+    for name in bundle::ENCODER_FILES.iter().chain(&optional) {
+        let from = r.encoder.join(name);
+        if optional.contains(name) && !from.is_file() {
+            continue;
+        }
+        link_or_copy(&from, &staging.join(ENCODER_DIR).join(name))?;
+    }
+    Ok(RetrievalInfo {
+        kb: KB_FILE.into(),
+        encoder: ENCODER_DIR.into(),
+        top_k: r.top_k,
+        threshold,
+        refusal: r.refusal.clone(),
+        template: r.template.clone(),
     })
 }
 

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::cache::{sha256_str, Cache};
 use crate::error::{RecipeError, Result};
-use crate::recipe::{AlphaSpec, Eval, Format, ModelSource, Output, Recipe, Transform};
+use crate::recipe::{AlphaSpec, Eval, Format, ModelSource, Output, Rag, Recipe, Transform};
 use edgepack_converters::train::TrainConfig;
 
 /// The version every key includes: a new edgepack may compute differently.
@@ -93,11 +93,15 @@ pub enum Job {
         stats: Option<usize>,
         imatrix: Option<usize>,
     },
-    /// The float model's own answers to the question set, scored once for every output.
+    /// The knowledge base the bundles carry (`edgepack rag build`, then `rag calibrate`).
+    Rag { embedder: ModelIn, rag: Box<Rag> },
+    /// The float model's own answers to the question set, scored once for every output;
+    /// with `rag`, each question is asked with its passages from that stage's knowledge base.
     Answers {
         model: ModelIn,
         eval: Eval,
         embedder: ModelIn,
+        rag: Option<(usize, Box<Rag>)>,
     },
     Eval {
         reference: ModelIn,
@@ -122,6 +126,8 @@ pub enum Job {
         /// The output's format and precision (quant preset).
         format: Format,
         quant: String,
+        /// The knowledge base (stage) with the encoder that built it, and its settings.
+        rag: Option<(usize, ModelIn, Box<Rag>)>,
     },
     Verify {
         bundle: usize,
@@ -136,6 +142,7 @@ impl Job {
             Job::Fetch { .. } => "fetch",
             Job::Finetune { .. } => "finetune",
             Job::Merge { .. } => "merge",
+            Job::Rag { .. } => "rag",
             Job::Calibrate { .. } => "calibrate",
             Job::Smooth { .. } => "smooth",
             Job::Sparsify { .. } => "sparsify",
@@ -200,6 +207,11 @@ pub struct Plan {
     pub base_answers: Option<usize>,
     /// The float model's scored answers (one stage every evaluated output reads).
     pub reference_answers: Option<usize>,
+    /// The knowledge base, and the float model's answers asked with its passages.
+    pub rag: Option<usize>,
+    pub rag_answers: Option<usize>,
+    /// With `[finetune]` too: the base model's answers asked with the passages.
+    pub base_rag_answers: Option<usize>,
 }
 
 /// Sizes used for memory estimates: f32 weights of the whole model for stages that run the
@@ -269,11 +281,16 @@ impl Builder<'_> {
                 deps.extend(*stats);
                 deps.extend(*imatrix);
             }
+            Job::Rag { embedder, .. } => push_model(embedder, &mut deps),
             Job::Answers {
-                model, embedder, ..
+                model,
+                embedder,
+                rag,
+                ..
             } => {
                 push_model(model, &mut deps);
                 push_model(embedder, &mut deps);
+                deps.extend(rag.as_ref().map(|r| r.0));
             }
             Job::Eval {
                 reference,
@@ -294,12 +311,17 @@ impl Builder<'_> {
                 export,
                 source,
                 adapters,
+                rag,
                 ..
             } => {
                 push_model(model, &mut deps);
                 push_model(source, &mut deps);
                 deps.push(*export);
                 deps.extend(adapter_stages(adapters));
+                if let Some((kb, encoder, _)) = rag {
+                    deps.push(*kb);
+                    push_model(encoder, &mut deps);
+                }
             }
             Job::Verify { bundle, .. } => deps.push(*bundle),
         }
@@ -438,6 +460,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     model: source.clone(),
                     eval: recipe.eval.clone(),
                     embedder: emb.clone(),
+                    rag: None,
                 },
                 json!({"max_new_tokens": recipe.eval.max_new_tokens}),
                 vec![qa.clone()],
@@ -468,6 +491,61 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
             None,
         )?)
     };
+
+    // The knowledge base, and what it adds to the float model's answers.
+    let (mut rag, mut rag_answers, mut base_rag_answers) = (None, None, None);
+    let mut bundle_rag = None;
+    if let Some(r) = &recipe.rag {
+        let encoder = fetch(&mut b, &r.embedder, "embedder")?;
+        let mut files: Vec<PathBuf> = r.docs.iter().map(|d| d.0.clone()).collect();
+        if let Some((i, o)) = &r.calibrate {
+            files.extend([i.clone(), o.clone()]);
+        }
+        let kb = b.add(
+            "rag".into(),
+            Job::Rag {
+                embedder: encoder.clone(),
+                rag: Box::new(r.clone()),
+            },
+            json!({
+                "chunk_tokens": r.chunk_tokens,
+                "overlap": r.overlap,
+                "precision": format!("{:?}", r.precision).to_lowercase(),
+                "false_reject": r.calibrate.as_ref().map(|_| r.false_reject),
+            }),
+            files,
+            512 << 20,
+            None,
+        )?;
+        rag = Some(kb);
+        bundle_rag = Some((kb, encoder.clone(), Box::new(r.clone())));
+        if let (Some(emb), Some(qa)) = (&embedder, &recipe.eval.qa) {
+            let answers = |b: &mut Builder<'_>, id: &str, model: &ModelIn| {
+                b.add(
+                    id.into(),
+                    Job::Answers {
+                        model: model.clone(),
+                        eval: recipe.eval.clone(),
+                        embedder: emb.clone(),
+                        rag: Some((kb, Box::new(r.clone()))),
+                    },
+                    json!({
+                        "max_new_tokens": recipe.eval.max_new_tokens,
+                        "top_k": r.top_k,
+                        "template": r.template,
+                    }),
+                    vec![qa.clone()],
+                    fwd,
+                    None,
+                )
+            };
+            rag_answers = Some(answers(&mut b, "answers:rag", &merged)?);
+            // Retrieval against fine-tuning: the base model with the passages.
+            if base_answers.is_some() {
+                base_rag_answers = Some(answers(&mut b, "answers:base+rag", &source)?);
+            }
+        }
+    }
 
     let cal = &recipe.calibration;
     let data_files: Vec<PathBuf> = cal.data.iter().cloned().collect();
@@ -607,6 +685,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                             model: merged.clone(),
                             eval: e.clone(),
                             embedder: emb.clone(),
+                            rag: None,
                         },
                         json!({"max_new_tokens": e.max_new_tokens}),
                         vec![qa.clone()],
@@ -667,6 +746,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                         name: name.clone(),
                         format: o.format,
                         quant: o.quant.clone(),
+                        rag: bundle_rag.clone(),
                     },
                     json!({
                         "name": name,
@@ -677,6 +757,12 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                         "weights": adapters.iter().map(|a| a.1).collect::<Vec<_>>(),
                         "runtime": t.runtime.is_some(),
                         "signed": recipe.sign.is_some(),
+                        "rag": recipe.rag.as_ref().map(|r| json!({
+                            "top_k": r.top_k,
+                            "threshold": r.threshold,
+                            "refusal": r.refusal,
+                            "template": r.template,
+                        })),
                     }),
                     files,
                     stream,
@@ -712,5 +798,8 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
         finetune,
         base_answers,
         reference_answers,
+        rag,
+        rag_answers,
+        base_rag_answers,
     })
 }

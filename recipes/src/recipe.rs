@@ -12,6 +12,10 @@ use edgepack_converters::train::data::TrainOn;
 use edgepack_converters::train::optim::Schedule;
 use edgepack_converters::train::select::SelectBy;
 use edgepack_converters::train::TrainConfig;
+use edgepack_encoder::ground::{DEFAULT_REFUSAL, DEFAULT_TEMPLATE, DEFAULT_TOP_K};
+use edgepack_encoder::kb::{
+    Precision, DEFAULT_CHUNK_TOKENS, DEFAULT_FALSE_REJECT, DEFAULT_OVERLAP,
+};
 use edgepack_targets::Profile;
 use serde::Deserialize;
 use toml::Spanned;
@@ -45,6 +49,7 @@ struct RawRecipe {
     #[serde(default)]
     transforms: Vec<Spanned<RawTransform>>,
     eval: Option<Spanned<RawEval>>,
+    rag: Option<Spanned<RawRag>>,
     gates: Option<RawGates>,
     sign: Option<RawSign>,
     targets: Spanned<BTreeMap<String, Spanned<RawTarget>>>,
@@ -133,6 +138,25 @@ struct RawEval {
     qa: Option<Spanned<String>>,
     embedder: Option<Spanned<RawModel>>,
     max_new_tokens: Option<Spanned<usize>>,
+}
+
+/// `[rag]`: a knowledge base for the bundles, as `edgepack rag build` and `rag calibrate`
+/// make it, and how the board uses it (`bundle --kb`'s options).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRag {
+    docs: Spanned<Vec<Spanned<String>>>,
+    embedder: Option<Spanned<RawModel>>,
+    chunk_tokens: Option<Spanned<usize>>,
+    overlap: Option<Spanned<usize>>,
+    precision: Option<Spanned<String>>,
+    in_domain: Option<Spanned<String>>,
+    out_of_domain: Option<Spanned<String>>,
+    false_reject: Option<Spanned<f64>>,
+    top_k: Option<Spanned<usize>>,
+    threshold: Option<Spanned<f64>>,
+    refusal: Option<Spanned<String>>,
+    template: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -284,6 +308,27 @@ pub struct Eval {
     pub max_new_tokens: usize,
 }
 
+/// The knowledge base every bundle carries, and how the board answers from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rag {
+    /// Each document's path, and its name as the recipe writes it (what sources show on
+    /// the board, rather than a workstation's absolute path).
+    pub docs: Vec<(PathBuf, String)>,
+    /// The sentence encoder: `[rag.embedder]`, else `[eval.embedder]`.
+    pub embedder: ModelSource,
+    pub chunk_tokens: usize,
+    pub overlap: usize,
+    pub precision: Precision,
+    /// In-domain and out-of-domain question files that calibrate the guard.
+    pub calibrate: Option<(PathBuf, PathBuf)>,
+    pub false_reject: f64,
+    pub top_k: u32,
+    /// A fixed guard threshold instead of the calibrated one.
+    pub threshold: Option<f32>,
+    pub refusal: String,
+    pub template: String,
+}
+
 /// Limits an output must keep. `None`: not gated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Gates {
@@ -407,6 +452,7 @@ pub struct Recipe {
     pub calibration: Calibration,
     pub transforms: Vec<Transform>,
     pub eval: Eval,
+    pub rag: Option<Rag>,
     pub sign: Option<PathBuf>,
     pub targets: Vec<Target>,
 }
@@ -801,6 +847,12 @@ impl Recipe {
             }
         };
 
+        let rag = raw
+            .rag
+            .as_ref()
+            .map(|r| rag(&cx, r, raw.eval.as_ref()))
+            .transpose()?;
+
         let wide_raw = raw.gates.clone().unwrap_or_default();
         let wide = cx.gates(&wide_raw, "gates.")?;
         let sign = raw
@@ -942,6 +994,7 @@ impl Recipe {
             adapters,
             calibration,
             transforms,
+            rag,
             eval,
             sign,
             targets,
@@ -1040,6 +1093,125 @@ fn source(
             "give exactly one of `path` (a file or folder) and `package`",
         )),
     }
+}
+
+/// A checked `[rag]` table: the documents present, an encoder named here or in `[eval]`,
+/// both question sets or neither, every option in range.
+fn rag(cx: &Ctx<'_>, r: &Spanned<RawRag>, eval: Option<&Spanned<RawEval>>) -> Result<Rag> {
+    let raw = r.get_ref();
+    if raw.docs.get_ref().is_empty() {
+        return Err(cx.err(raw.docs.span(), "rag.docs", "names no document"));
+    }
+    let docs = raw
+        .docs
+        .get_ref()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Ok((
+                cx.existing(d, &format!("rag.docs[{i}]"))?,
+                d.get_ref().clone(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embedder = match (&raw.embedder, eval.and_then(|e| e.get_ref().embedder.as_ref())) {
+        (Some(e), _) => source(cx, e, "rag.embedder", false)?,
+        (None, Some(e)) => source(cx, e, "eval.embedder", false)?,
+        (None, None) => {
+            return Err(cx.err(
+                r.span(),
+                "rag.embedder",
+                "no sentence encoder: `[rag.embedder]` or `[eval.embedder]` with the `path` or `package` of a sentence-transformers model such as all-MiniLM-L6-v2",
+            ))
+        }
+    };
+    let chunk_tokens = cx.count(
+        &raw.chunk_tokens,
+        "rag.chunk_tokens",
+        DEFAULT_CHUNK_TOKENS,
+        8,
+    )?;
+    let overlap = match &raw.overlap {
+        None => DEFAULT_OVERLAP.min(chunk_tokens / 2),
+        Some(o) if *o.get_ref() < chunk_tokens => *o.get_ref(),
+        Some(o) => {
+            return Err(cx.err(
+                o.span(),
+                "rag.overlap",
+                format!("must be below chunk_tokens ({chunk_tokens})"),
+            ))
+        }
+    };
+    let precision = match &raw.precision {
+        None => Precision::Int8,
+        Some(p) => p
+            .get_ref()
+            .parse()
+            .map_err(|e: String| cx.err(p.span(), "rag.precision", e))?,
+    };
+    let calibrate =
+        match (&raw.in_domain, &raw.out_of_domain) {
+            (Some(i), Some(o)) => Some((
+                cx.existing(i, "rag.in_domain")?,
+                cx.existing(o, "rag.out_of_domain")?,
+            )),
+            (None, None) => None,
+            (Some(x), None) | (None, Some(x)) => return Err(cx.err(
+                x.span(),
+                if raw.in_domain.is_some() {
+                    "rag.out_of_domain"
+                } else {
+                    "rag.in_domain"
+                },
+                "the guard is calibrated on both an in-domain and an out-of-domain question file",
+            )),
+        };
+    let false_reject = match &raw.false_reject {
+        None => DEFAULT_FALSE_REJECT,
+        Some(f) if (0.0..1.0).contains(f.get_ref()) => *f.get_ref(),
+        Some(f) => return Err(cx.err(f.span(), "rag.false_reject", "must be a share in [0, 1)")),
+    };
+    let top_k = match &raw.top_k {
+        None => DEFAULT_TOP_K,
+        Some(k) if (1..=64).contains(k.get_ref()) => *k.get_ref() as u32,
+        Some(k) => return Err(cx.err(k.span(), "rag.top_k", "must be between 1 and 64")),
+    };
+    let threshold = match &raw.threshold {
+        None => None,
+        Some(t) if (-1.0..=1.0).contains(t.get_ref()) => Some(*t.get_ref() as f32),
+        Some(t) => return Err(cx.err(t.span(), "rag.threshold", "must be a cosine in [-1, 1]")),
+    };
+    let template = match &raw.template {
+        None => DEFAULT_TEMPLATE.to_string(),
+        Some(t) => {
+            for key in ["{context}", "{question}"] {
+                if !t.get_ref().contains(key) {
+                    return Err(cx.err(t.span(), "rag.template", format!("must contain {key}")));
+                }
+            }
+            t.get_ref().clone()
+        }
+    };
+    let refusal = match &raw.refusal {
+        None => DEFAULT_REFUSAL.to_string(),
+        Some(t) if t.get_ref().trim().is_empty() => {
+            return Err(cx.err(t.span(), "rag.refusal", "is empty"))
+        }
+        Some(t) => t.get_ref().clone(),
+    };
+    Ok(Rag {
+        docs,
+        embedder,
+        chunk_tokens,
+        overlap,
+        precision,
+        calibrate,
+        false_reject,
+        top_k,
+        threshold,
+        refusal,
+        template,
+    })
 }
 
 /// A checked `[finetune]` table: every option in range, by key.
@@ -1389,6 +1561,104 @@ mod tests {
             e.contains("r.toml:6:10: `targets.board.outputs[0].format`: board cpu-only runs no tflite engine"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_rag_table_takes_the_commands_defaults_and_refuses_bad_values_by_key() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("m")).unwrap();
+        std::fs::create_dir_all(d.path().join("enc")).unwrap();
+        for f in ["doc.md", "in.txt", "out.txt"] {
+            std::fs::write(d.path().join(f), "x\n").unwrap();
+        }
+        let head = "[model]\npath = \"m\"\n[targets.rpi5]\n[rag]\ndocs = [\"doc.md\"]\n";
+        let enc = "[rag.embedder]\npath = \"enc\"\n";
+        let r = Recipe::load(&write(d.path(), &format!("{head}{enc}"))).unwrap();
+        let k = r.rag.unwrap();
+        assert_eq!(
+            k.docs,
+            vec![(d.path().join("doc.md"), "doc.md".to_string())]
+        );
+        assert_eq!(k.embedder, ModelSource::Path(d.path().join("enc")));
+        assert_eq!(
+            (k.chunk_tokens, k.overlap, k.precision, k.top_k),
+            (
+                DEFAULT_CHUNK_TOKENS,
+                DEFAULT_OVERLAP,
+                Precision::Int8,
+                DEFAULT_TOP_K
+            )
+        );
+        assert_eq!((k.calibrate, k.threshold), (None, None));
+        assert_eq!(k.template, DEFAULT_TEMPLATE);
+        // The encoder may come from [eval].
+        let r = Recipe::load(&write(
+            d.path(),
+            &format!("{head}[eval.embedder]\npath = \"enc\"\n"),
+        ))
+        .unwrap();
+        assert_eq!(
+            r.rag.unwrap().embedder,
+            ModelSource::Path(d.path().join("enc"))
+        );
+        let e = Recipe::load(&write(d.path(), head))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`rag.embedder`: no sentence encoder"), "{e}");
+        for (extra, want) in [
+            ("docs = []\n", "`rag.docs`: names no document"),
+            (
+                "docs = [\"none.md\"]\n",
+                "`rag.docs[0]`: D/none.md does not exist",
+            ),
+            (
+                "overlap = 200\n",
+                "`rag.overlap`: must be below chunk_tokens (128)",
+            ),
+            (
+                "precision = \"int4\"\n",
+                "`rag.precision`: `int4`: use f32, f16 or int8",
+            ),
+            (
+                "in_domain = \"in.txt\"\n",
+                "`rag.out_of_domain`: the guard is calibrated on both",
+            ),
+            (
+                "false_reject = 1.0\n",
+                "`rag.false_reject`: must be a share in [0, 1)",
+            ),
+            ("top_k = 0\n", "`rag.top_k`: must be between 1 and 64"),
+            (
+                "threshold = 2.0\n",
+                "`rag.threshold`: must be a cosine in [-1, 1]",
+            ),
+            (
+                "template = \"{question}\"\n",
+                "`rag.template`: must contain {context}",
+            ),
+            ("refusal = \" \"\n", "`rag.refusal`: is empty"),
+            (
+                "top_k = \"3\"\n",
+                "invalid type: string \"3\", expected usize",
+            ),
+        ] {
+            let text = format!(
+                "[model]\npath = \"m\"\n[targets.rpi5]\n[rag]\ndocs = [\"doc.md\"]\n{extra}{enc}"
+            )
+            .replacen("docs = [\"doc.md\"]\ndocs", "docs", 1);
+            let e = Recipe::load(&write(d.path(), &text))
+                .unwrap_err()
+                .to_string()
+                .replace(&d.path().display().to_string(), "D");
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let text = format!("{head}in_domain = \"in.txt\"\nout_of_domain = \"out.txt\"\n{enc}");
+        let k = Recipe::load(&write(d.path(), &text)).unwrap().rag.unwrap();
+        assert_eq!(
+            k.calibrate,
+            Some((d.path().join("in.txt"), d.path().join("out.txt")))
+        );
+        assert_eq!(k.false_reject, DEFAULT_FALSE_REJECT);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Report {
     /// The training stage's summary (losses, tokens/s, peak RSS), with the answer similarity
     /// of the base model and of the fine-tuned float model; `null` without `[finetune]`.
     pub finetune: Value,
+    /// The knowledge base's summary (documents, chunks, the guard's calibration), with the
+    /// float model's answer similarity without and with its passages; `null` without `[rag]`.
+    pub rag: Value,
     pub stages: Vec<StageStatus>,
     pub seconds: f64,
     /// The separate `edgepack` commands that do the same work.
@@ -212,6 +215,22 @@ pub fn build_report(recipe: &Recipe, plan: &Plan, status: &[StageStatus], second
             .map_or(Value::Null, |a| status[a].result["similarity"].clone());
         v
     });
+    let rag = plan.rag.map_or(Value::Null, |i| {
+        let mut v = status[i].result.clone();
+        v["similarity_without"] = plan
+            .reference_answers
+            .map_or(Value::Null, |a| status[a].result["similarity"].clone());
+        v["similarity_with"] = plan
+            .rag_answers
+            .map_or(Value::Null, |a| status[a].result["similarity"].clone());
+        v["similarity_base_without"] = plan
+            .base_answers
+            .map_or(Value::Null, |a| status[a].result["similarity"].clone());
+        v["similarity_base_with"] = plan
+            .base_rag_answers
+            .map_or(Value::Null, |a| status[a].result["similarity"].clone());
+        v
+    });
     Report {
         schema: REPORT_SCHEMA,
         recipe: recipe.name.clone(),
@@ -221,6 +240,7 @@ pub fn build_report(recipe: &Recipe, plan: &Plan, status: &[StageStatus], second
         gates,
         passed,
         finetune,
+        rag,
         stages: status.to_vec(),
         seconds,
         commands: commands(recipe),
@@ -289,6 +309,29 @@ pub fn commands(r: &Recipe) -> Vec<String> {
         model = "merged".into();
     }
     let reference = model.clone();
+    let mut kb_flags = String::new();
+    if let Some(k) = &r.rag {
+        let docs: Vec<&str> = k.docs.iter().map(|d| d.1.as_str()).collect();
+        v.push(format!(
+            "edgepack rag build {} --embedder <embedder> --chunk-tokens {} --overlap {} --precision {} -o kb",
+            docs.join(" "),
+            k.chunk_tokens,
+            k.overlap,
+            format!("{:?}", k.precision).to_lowercase()
+        ));
+        if let Some((i, o)) = &k.calibrate {
+            v.push(format!(
+                "edgepack rag calibrate kb --embedder <embedder> --in-domain {} --out-of-domain {} --false-reject {}",
+                i.display(),
+                o.display(),
+                k.false_reject
+            ));
+        }
+        kb_flags = format!(" --kb kb --embedder <embedder> --kb-top-k {}", k.top_k);
+        if let Some(t) = k.threshold {
+            kb_flags += &format!(" --kb-threshold {t}");
+        }
+    }
     let data = r
         .calibration
         .data
@@ -374,7 +417,7 @@ pub fn commands(r: &Recipe) -> Vec<String> {
                     }
                     if o.bundle {
                         v.push(format!(
-                            "edgepack bundle {model} --target {} --quant {} -o out/",
+                            "edgepack bundle {model} --target {} --quant {}{kb_flags} -o out/",
                             t.profile.name, o.quant
                         ));
                     }
@@ -459,6 +502,46 @@ fn finetune_line(r: &Report) -> Option<String> {
     ))
 }
 
+/// One sentence on retrieval, when the recipe carries a knowledge base.
+fn rag_line(r: &Report) -> Option<String> {
+    let k = &r.rag;
+    if k.is_null() {
+        return None;
+    }
+    let g = &k["guard"];
+    let guard = if g.is_null() {
+        "no guard calibrated".to_string()
+    } else {
+        format!(
+            "guard threshold {} (ROC AUC {}) passes {} of in-domain and refuses {} of out-of-domain questions",
+            fmt_opt(g["threshold"].as_f64(), 3),
+            fmt_opt(g["auc"].as_f64(), 3),
+            pct(g["in_domain_passed"].as_f64()),
+            pct(g["out_of_domain_refused"].as_f64()),
+        )
+    };
+    let base = if k["similarity_base_with"].is_null() {
+        String::new()
+    } else {
+        format!(
+            " (base model: {} -> {})",
+            fmt_opt(k["similarity_base_without"].as_f64(), 3),
+            fmt_opt(k["similarity_base_with"].as_f64(), 3),
+        )
+    };
+    Some(format!(
+        "Retrieval: {} documents in {} chunks; {guard}; answer similarity of the float model {} without its passages -> {} with them{base}.",
+        k["documents"],
+        k["chunks"],
+        fmt_opt(k["similarity_without"].as_f64(), 3),
+        fmt_opt(k["similarity_with"].as_f64(), 3),
+    ))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+}
+
 /// The Markdown report.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
@@ -473,7 +556,7 @@ pub fn markdown(r: &Report) -> String {
         r.seconds,
         if r.passed { "passed" } else { "FAILED" }
     );
-    if let Some(line) = finetune_line(r) {
+    for line in finetune_line(r).into_iter().chain(rag_line(r)) {
         let _ = writeln!(s, "{line}\n");
     }
     let _ = writeln!(
@@ -625,7 +708,7 @@ pub fn svg(r: &Report) -> String {
 /// The result table printed after a build.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    if let Some(line) = finetune_line(r) {
+    for line in finetune_line(r).into_iter().chain(rag_line(r)) {
         let _ = writeln!(s, "{line}\n");
     }
     let _ = writeln!(

@@ -28,12 +28,14 @@ use edgepack_converters::train;
 use edgepack_converters::transform::lora::{load_adapter, merge_adapters};
 use edgepack_converters::transform::smooth::{self, Alpha, Scope};
 use edgepack_converters::transform::sparsify::{self, Method, Pattern};
+use edgepack_encoder::ground;
+use edgepack_encoder::kb::{self, Kb};
 use edgepack_targets::bundle::{self as tbundle, QuantInfo, SignatureState};
 use edgepack_targets::sign;
 use edgepack_targets::Profile;
 use serde_json::{json, Value};
 
-use crate::bundle::{tensor_types, write_bundle, BundleSpec};
+use crate::bundle::{tensor_types, write_bundle, BundleSpec, RetrievalSpec};
 use crate::cache::sha256_file;
 use crate::plan::{AdapterIn, Job, ModelIn, Plan, Stage};
 use crate::recipe::{AlphaSpec, Format};
@@ -63,6 +65,15 @@ pub fn model_path(m: &ModelIn, done: &[Option<Done>]) -> Result<PathBuf, String>
 /// Training shows nothing inside a build (the build reports the stage).
 struct NoProgress;
 impl train::TrainProgress for NoProgress {}
+
+/// The knowledge base folder a rag stage wrote.
+fn kb_dir(done: &[Option<Done>], i: usize) -> Result<PathBuf, String> {
+    let d = dep(done, i)?;
+    let rel = d.result["kb"]
+        .as_str()
+        .ok_or("the rag stage recorded no knowledge base")?;
+    Ok(d.dir.join(rel))
+}
 
 /// Where a stage's adapter input is on disk.
 fn adapter_path(a: &AdapterIn, done: &[Option<Done>]) -> Result<PathBuf, String> {
@@ -530,10 +541,48 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 }
             }
         }
+        Job::Rag { embedder, rag } => {
+            let emb = model_path(embedder, done)?;
+            let enc = Embedder::open(&emb)
+                .map_err(|e| format!("loading the encoder {}: {e}", emb.display()))?;
+            let mut kb = Kb::new(enc.identity(), rag.chunk_tokens, rag.overlap, rag.precision);
+            let added = kb.add_named(&enc, &rag.docs).map_err(|e| e.to_string())?;
+            if kb.is_empty() {
+                return Err(format!(
+                    "no usable document: {}",
+                    added
+                        .skipped
+                        .iter()
+                        .map(|(d, why)| format!("{d} ({why})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            let guard = match &rag.calibrate {
+                Some((ins, outs)) => {
+                    let ins = kb::read_questions(ins).map_err(|e| e.to_string())?;
+                    let outs = kb::read_questions(outs).map_err(|e| e.to_string())?;
+                    Some(
+                        kb.calibrate(&enc, &ins, &outs, rag.false_reject)
+                            .map_err(|e| e.to_string())?,
+                    )
+                }
+                None => None,
+            };
+            kb.write(&out.join("kb")).map_err(|e| e.to_string())?;
+            Ok(json!({
+                "kb": "kb",
+                "documents": kb.meta.documents.len(),
+                "chunks": kb.len(),
+                "skipped": added.skipped,
+                "guard": guard,
+            }))
+        }
         Job::Answers {
             model,
             eval: e,
             embedder,
+            rag,
         } => {
             let m = open(&model_path(model, done)?)?;
             let f = Forward::new(&m).map_err(|e| e.to_string())?;
@@ -543,15 +592,34 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             let embedder = Embedder::open(&emb)
                 .map_err(|e| format!("loading the embedder {}: {e}", emb.display()))?;
             let prompter = Prompter::new(&m).map_err(|e| e.to_string())?;
-            let r = eval::answer_qa(
+            // With a knowledge base each question is asked as the board asks it: inside the
+            // template, with its passages.
+            let asked = match rag {
+                None => items.clone(),
+                Some((kb_stage, r)) => {
+                    let kb = Kb::read(&kb_dir(done, *kb_stage)?).map_err(|e| e.to_string())?;
+                    let mut asked = Vec::with_capacity(items.len());
+                    for (q, a) in &items {
+                        let hits = kb
+                            .query(&embedder, q, r.top_k as usize)
+                            .map_err(|e| e.to_string())?;
+                        asked.push((ground::prompt(&r.template, &hits, q), a.clone()));
+                    }
+                    asked
+                }
+            };
+            let mut r = eval::answer_qa(
                 "reference",
                 &f,
                 &prompter,
                 &embedder,
-                &items,
+                &asked,
                 e.max_new_tokens,
             )
             .map_err(|e| e.to_string())?;
+            for (a, (q, _)) in r.answers.iter_mut().zip(&items) {
+                a.question = q.clone();
+            }
             Ok(json!({"similarity": r.mean_similarity, "answers": r.answers}))
         }
         Job::Eval {
@@ -631,9 +699,27 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             name,
             format,
             quant,
+            rag,
         } => {
             let m = open(&model_path(model, done)?)?;
             let adapters = &adapters_on_disk(adapters, done)?;
+            let rag_dirs = match rag {
+                Some((kb_stage, encoder, _)) => {
+                    Some((kb_dir(done, *kb_stage)?, model_path(encoder, done)?))
+                }
+                None => None,
+            };
+            let retrieval = match (rag, &rag_dirs) {
+                (Some((_, _, r)), Some((kb, encoder))) => Some(RetrievalSpec {
+                    kb,
+                    encoder,
+                    top_k: r.top_k,
+                    threshold: r.threshold,
+                    refusal: r.refusal.clone(),
+                    template: r.template.clone(),
+                }),
+                _ => None,
+            };
             let ex = dep(done, *export)?;
             let file = ex
                 .dir
@@ -686,6 +772,7 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 profile,
                 runtime: runtime.as_deref(),
                 runtime_version: None,
+                retrieval,
                 key: key.as_ref(),
                 top: name,
                 model_name: name,

@@ -9,5 +9,6 @@ pub mod bundle;
 pub mod engine;
 pub mod library;
 pub mod metrics;
+pub mod rag;
 pub mod server;
 pub mod stop;

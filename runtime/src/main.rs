@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use edgepack_runtime::bench::{self, BenchConfig};
 use edgepack_runtime::bundle::{self, DelegateChoice};
 use edgepack_runtime::engine::{Engine, EngineConfig};
+use edgepack_runtime::rag::Retrieval;
 use edgepack_runtime::server::{self, AppState};
+use edgepack_targets::bundle::RetrievalInfo;
 
 /// Context size when none is asked for: room for a chat turn and its answer without a
 /// board-sized model's KV cache growing past a few tens of MiB.
@@ -107,8 +109,9 @@ impl ModelArgs {
         i32::try_from(n).context("--threads is too large")
     }
 
-    /// Verifies the bundle and returns the engine config and the model id.
-    fn open(&self) -> Result<(EngineConfig, String)> {
+    /// Verifies the bundle and returns the engine config, the model id and the retrieval
+    /// section when the bundle carries a knowledge base.
+    fn open(&self) -> Result<(EngineConfig, String, Option<RetrievalInfo>)> {
         let threads = self.threads()?;
         let verified = bundle::open(
             &self.bundle,
@@ -132,6 +135,7 @@ impl ModelArgs {
                 delegate: verified.delegate,
             },
             verified.model_id,
+            verified.manifest.retrieval,
         ))
     }
 }
@@ -174,7 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             if gen_tokens == 0 {
                 bail!("--gen-tokens must be at least 1");
             }
-            let (config, model_id) = model.open()?;
+            let (config, model_id, _) = model.open()?;
             let model_path = config.model_path.clone();
             let engine = Engine::load(config).context("loading the model")?;
             let cfg = BenchConfig {
@@ -240,7 +244,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
     // Verification happens before the socket opens or any model byte is mapped.
-    let (config, model_id) = model.open()?;
+    let (config, model_id, retrieval) = model.open()?;
+    let bundle_dir = model.bundle.clone();
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| {
@@ -275,7 +280,25 @@ fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
         let (loader_state, loader_failed, loader_notify) =
             (state.clone(), failed.clone(), load_failed.clone());
         let model_path = config.model_path.clone();
-        tokio::task::spawn_blocking(move || match Engine::load(config) {
+        tokio::task::spawn_blocking(move || {
+            let fail = |e: anyhow::Error| {
+                *loader_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                // A permit is stored if the server is not waiting yet.
+                loader_notify.notify_one();
+            };
+            // The knowledge base first: /health says ready only when both answer.
+            if let Some(info) = &retrieval {
+                match Retrieval::open(&bundle_dir, info) {
+                    Ok(r) => {
+                        tracing::info!(retrieval = ?r, "knowledge base loaded");
+                        let _ = loader_state.retrieval.set(Arc::new(r));
+                    }
+                    Err(e) => {
+                        return fail(anyhow::Error::new(e).context("loading the knowledge base"))
+                    }
+                }
+            }
+            match Engine::load(config) {
             Ok(engine) => {
                 tracing::info!(
                     model = %model_path.display(),
@@ -285,12 +308,8 @@ fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
                 );
                 let _ = loader_state.engine.set(engine);
             }
-            Err(e) => {
-                *loader_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                // A permit is stored if the server is not waiting yet.
-                loader_notify.notify_one();
-            }
-        });
+            Err(e) => fail(anyhow::Error::new(e).context("loading the model")),
+        }});
         let app = server::router(state);
         let stop = async move {
             tokio::select! {
@@ -303,7 +322,7 @@ fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
             .await
             .context("HTTP server")?;
         if let Some(e) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(anyhow::Error::new(e).context("loading the model"));
+            return Err(e);
         }
         Ok(())
     })

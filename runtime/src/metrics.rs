@@ -11,6 +11,9 @@ use crate::engine::{GenStats, ModelInfo};
 /// Upper bounds (seconds) of the time-to-first-token histogram: a small model on a fast core
 /// answers in tens of milliseconds, a long prompt on a Cortex-A53 takes seconds.
 pub const TTFT_BUCKETS: [f64; 10] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Upper bounds (seconds) of the retrieval-latency histogram: embedding a question and
+/// searching takes milliseconds on a workstation and tens of them on a Cortex-A53.
+pub const RETRIEVAL_BUCKETS: [f64; 9] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -24,6 +27,19 @@ struct Inner {
     decode_seconds: f64,
     decode_tokens: u64,
     last_decode_tps: f64,
+    guarded: u64,
+    answered_with_kb: u64,
+    retrieval_sum: f64,
+    retrieval_buckets: [u64; RETRIEVAL_BUCKETS.len()],
+}
+
+/// What the guard decided for a question.
+#[derive(Debug, Clone, Copy)]
+pub enum Retrieved {
+    /// Out of domain: refused without running the model.
+    Guarded,
+    /// Answered from the knowledge base's passages.
+    Answered,
 }
 
 /// Shared between the HTTP handlers.
@@ -55,6 +71,22 @@ impl Metrics {
         }
     }
 
+    /// Counts a question the knowledge base was searched for, and how long that took.
+    pub fn record_retrieval(&self, outcome: Retrieved, latency: std::time::Duration) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Retrieved::Guarded => m.guarded += 1,
+            Retrieved::Answered => m.answered_with_kb += 1,
+        }
+        let s = latency.as_secs_f64();
+        m.retrieval_sum += s;
+        for (bucket, le) in m.retrieval_buckets.iter_mut().zip(RETRIEVAL_BUCKETS) {
+            if s <= le {
+                *bucket += 1;
+            }
+        }
+    }
+
     pub fn record_failure(&self) {
         self.inner
             .lock()
@@ -63,8 +95,9 @@ impl Metrics {
     }
 
     /// The exposition text; `info` (once the model is loaded) adds which engine, library
-    /// version and delegate run it.
-    pub fn render(&self, model: &str, info: Option<&ModelInfo>) -> String {
+    /// version and delegate run it; `retrieval` (a bundle with a knowledge base) adds the
+    /// guard's counts and the retrieval latency.
+    pub fn render(&self, model: &str, info: Option<&ModelInfo>, retrieval: bool) -> String {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let label = format!("model=\"{}\"", escape(model));
         let mut out = String::new();
@@ -164,6 +197,38 @@ impl Metrics {
             "Decode speed of the last request that generated two or more tokens.",
             &[(format!("{{{label}}}"), format!("{}", m.last_decode_tps))],
         );
+        if retrieval {
+            metric(
+                "edgepack_retrieval_questions_total",
+                "counter",
+                "Chat questions searched in the knowledge base, by the guard's decision.",
+                &[
+                    (
+                        format!("{{{label},decision=\"answered\"}}"),
+                        m.answered_with_kb.to_string(),
+                    ),
+                    (
+                        format!("{{{label},decision=\"guarded\"}}"),
+                        m.guarded.to_string(),
+                    ),
+                ],
+            );
+            let count = m.guarded + m.answered_with_kb;
+            let mut lat: Vec<(String, String)> = RETRIEVAL_BUCKETS
+                .iter()
+                .zip(m.retrieval_buckets)
+                .map(|(le, n)| (format!("_bucket{{{label},le=\"{le}\"}}"), n.to_string()))
+                .collect();
+            lat.push((format!("_bucket{{{label},le=\"+Inf\"}}"), count.to_string()));
+            lat.push((format!("_sum{{{label}}}"), format!("{}", m.retrieval_sum)));
+            lat.push((format!("_count{{{label}}}"), count.to_string()));
+            metric(
+                "edgepack_retrieval_seconds",
+                "histogram",
+                "Time from a chat question to the guard's decision: embedding and search.",
+                &lat,
+            );
+        }
         out
     }
 }

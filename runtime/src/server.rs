@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::engine::{ChatMessage, Engine, EngineError, GenEvent, GenRequest, GenStats, Prompt};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Retrieved};
+use crate::rag::{Decision, Retrieval};
 
 /// OpenAI's default `max_tokens` is "until the context is full"; on a board that can mean
 /// minutes, so an unset limit is this many tokens.
@@ -37,6 +38,8 @@ pub struct AppState {
     pub model_id: String,
     /// Set once the model has loaded.
     pub engine: OnceLock<Engine>,
+    /// The bundle's knowledge base, set before the engine when the bundle has one.
+    pub retrieval: OnceLock<Arc<Retrieval>>,
     pub metrics: Metrics,
     next_id: AtomicU64,
 }
@@ -46,6 +49,7 @@ impl AppState {
         AppState {
             model_id,
             engine: OnceLock::new(),
+            retrieval: OnceLock::new(),
             metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
         }
@@ -104,10 +108,13 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
-    let meta = st
-        .engine
-        .get()
-        .map(|e| serde_json::to_value(&e.info).unwrap_or(Value::Null));
+    let meta = st.engine.get().map(|e| {
+        let mut v = serde_json::to_value(&e.info).unwrap_or(Value::Null);
+        if let (Some(r), Some(o)) = (st.retrieval.get(), v.as_object_mut()) {
+            o.insert("retrieval".into(), r.describe());
+        }
+        v
+    });
     Json(json!({
         "object": "list",
         "data": [{
@@ -124,8 +131,11 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics
-            .render(&st.model_id, st.engine.get().map(|e| &e.info)),
+        st.metrics.render(
+            &st.model_id,
+            st.engine.get().map(|e| &e.info),
+            st.retrieval.get().is_some(),
+        ),
     )
         .into_response()
 }
@@ -210,7 +220,8 @@ struct CompletionRequest {
 }
 
 impl Sampling {
-    fn request(&self, prompt: Prompt) -> Result<GenRequest, String> {
+    /// The temperature and top-p asked for, checked.
+    fn checked(&self) -> Result<(f32, f32), String> {
         let temperature = self.temperature.unwrap_or(DEFAULT_TEMPERATURE);
         let top_p = self.top_p.unwrap_or(DEFAULT_TOP_P);
         if !(0.0..=2.0).contains(&temperature) {
@@ -219,6 +230,11 @@ impl Sampling {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(format!("top_p {top_p} is outside (0, 1]"));
         }
+        Ok((temperature, top_p))
+    }
+
+    fn request(&self, prompt: Prompt) -> Result<GenRequest, String> {
+        let (temperature, top_p) = self.checked()?;
         Ok(GenRequest {
             prompt,
             max_tokens: self
@@ -249,7 +265,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
 }
 
-fn chat_prompt(messages: Vec<Message>) -> Result<Prompt, String> {
+fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, String> {
     if messages.is_empty() {
         return Err("messages is empty".into());
     }
@@ -278,7 +294,7 @@ fn chat_prompt(messages: Vec<Message>) -> Result<Prompt, String> {
             content,
         });
     }
-    Ok(Prompt::Chat(out))
+    Ok(out)
 }
 
 fn now_secs() -> u64 {
@@ -357,11 +373,147 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Respo
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
-    let prompt = match chat_prompt(req.messages) {
+    let mut messages = match chat_messages(req.messages) {
         Ok(p) => p,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
-    generate(st, Api::Chat, prompt, req.sampling).await
+    if st.engine.get().is_none() {
+        return loading();
+    }
+    if let Err(msg) = req.sampling.checked() {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg);
+    }
+    let mut extra = None;
+    if let Some(r) = st.retrieval.get() {
+        match ground(&st, r.clone(), &mut messages).await {
+            Ok(Grounded::Answer(fields)) => extra = Some(fields),
+            Ok(Grounded::Refuse(fields)) => return refuse(&st, r, fields, &req.sampling),
+            Ok(Grounded::NoQuestion) => {}
+            Err(resp) => return resp,
+        }
+    }
+    generate(st, Api::Chat, Prompt::Chat(messages), req.sampling, extra).await
+}
+
+/// What retrieval made of a chat request.
+enum Grounded {
+    /// The last user turn now holds the passages; these fields join the response.
+    Answer(serde_json::Map<String, Value>),
+    /// Out of domain: answer with the refusal and these fields.
+    Refuse(serde_json::Map<String, Value>),
+    /// No user turn to search for.
+    NoQuestion,
+}
+
+/// Searches the knowledge base for the last user turn and applies the guard; an answered
+/// question's turn is replaced by the bundle's template filled with the passages.
+async fn ground(
+    st: &AppState,
+    r: Arc<Retrieval>,
+    messages: &mut [ChatMessage],
+) -> Result<Grounded, Response> {
+    let Some(turn) = messages.iter_mut().rev().find(|m| m.role == "user") else {
+        return Ok(Grounded::NoQuestion);
+    };
+    let question = turn.content.clone();
+    let threshold = r.threshold;
+    // Embedding is CPU work: off the async workers.
+    let decided = tokio::task::spawn_blocking(move || r.decide(&question))
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| {
+            st.metrics.record_failure();
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("retrieval: {e}"),
+            )
+        })?;
+    let latency_ms = decided.latency.as_secs_f64() * 1e3;
+    let mut fields = serde_json::Map::new();
+    Ok(match decided.decision {
+        Decision::Refuse { best } => {
+            st.metrics
+                .record_retrieval(Retrieved::Guarded, decided.latency);
+            fields.insert("sources".into(), json!([]));
+            fields.insert(
+                "retrieval".into(),
+                json!({"guarded": true, "best_score": best, "threshold": threshold, "latency_ms": latency_ms}),
+            );
+            Grounded::Refuse(fields)
+        }
+        Decision::Answer { prompt, sources } => {
+            st.metrics
+                .record_retrieval(Retrieved::Answered, decided.latency);
+            let best = sources.first().map(|s| s.score);
+            turn.content = prompt;
+            fields.insert("sources".into(), json!(sources));
+            fields.insert(
+                "retrieval".into(),
+                json!({"guarded": false, "best_score": best, "threshold": threshold, "latency_ms": latency_ms}),
+            );
+            Grounded::Answer(fields)
+        }
+    })
+}
+
+/// The refusal to an out-of-domain question, as a chat completion (streamed when asked)
+/// with no model tokens.
+fn refuse(
+    st: &AppState,
+    r: &Retrieval,
+    fields: serde_json::Map<String, Value>,
+    sampling: &Sampling,
+) -> Response {
+    let id = format!(
+        "{}-{}",
+        Api::Chat.id_prefix(),
+        st.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let zero = json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+    let mut v = json!({
+        "id": id,
+        "object": Api::Chat.object(sampling.stream),
+        "created": now_secs(),
+        "model": st.model_id,
+    });
+    if !sampling.stream {
+        v["choices"] = json!([Api::Chat.full_choice(r.refusal.clone(), json!("stop"))]);
+        v["usage"] = zero;
+        extend(&mut v, fields);
+        return Json(v).into_response();
+    }
+    let mut first = v.clone();
+    first["choices"] = json!([Api::Chat.delta_choice(Some(r.refusal.clone()), true, Value::Null)]);
+    extend(&mut first, fields);
+    let mut last = v.clone();
+    last["choices"] = json!([Api::Chat.delta_choice(None, false, json!("stop"))]);
+    let mut events = vec![first, last];
+    if sampling.include_usage() {
+        let mut u = v;
+        u["choices"] = json!([]);
+        u["usage"] = zero;
+        events.push(u);
+    }
+    let events: Vec<Result<Event, Infallible>> = events
+        .into_iter()
+        .map(|e| Ok(Event::default().data(e.to_string())))
+        .chain([Ok(Event::default().data("[DONE]"))])
+        .collect();
+    Sse::new(tokio_stream::iter(events)).into_response()
+}
+
+/// Adds `fields` to the JSON object `v`.
+fn extend(v: &mut Value, fields: serde_json::Map<String, Value>) {
+    if let Some(o) = v.as_object_mut() {
+        o.extend(fields);
+    }
 }
 
 async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -383,10 +535,25 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             )
         }
     };
-    generate(st, Api::Completion, Prompt::Text(prompt), req.sampling).await
+    generate(
+        st,
+        Api::Completion,
+        Prompt::Text(prompt),
+        req.sampling,
+        None,
+    )
+    .await
 }
 
-async fn generate(st: Arc<AppState>, api: Api, prompt: Prompt, sampling: Sampling) -> Response {
+/// Runs a generation and answers it; `extra` fields (retrieval's sources) join the full
+/// response, or the first chunk of a stream.
+async fn generate(
+    st: Arc<AppState>,
+    api: Api,
+    prompt: Prompt,
+    sampling: Sampling,
+    extra: Option<serde_json::Map<String, Value>>,
+) -> Response {
     let Some(engine) = st.engine.get() else {
         return loading();
     };
@@ -409,15 +576,16 @@ async fn generate(st: Arc<AppState>, api: Api, prompt: Prompt, sampling: Samplin
                 GenEvent::Text(t) => text.push_str(&t),
                 GenEvent::Done(stats) => {
                     st.metrics.record(&stats);
-                    return Json(json!({
+                    let mut v = json!({
                         "id": id,
                         "object": api.object(false),
                         "created": created,
                         "model": st.model_id,
                         "choices": [api.full_choice(text, json!(stats.finish_reason))],
                         "usage": usage(&stats),
-                    }))
-                    .into_response();
+                    });
+                    extend(&mut v, extra.unwrap_or_default());
+                    return Json(v).into_response();
                 }
                 GenEvent::Error(e) => {
                     st.metrics.record_failure();
@@ -444,7 +612,8 @@ async fn generate(st: Arc<AppState>, api: Api, prompt: Prompt, sampling: Samplin
     };
     let include_usage = sampling.include_usage();
     let model = st.model_id.clone();
-    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+    let mut extra = extra;
+    let mut chunk = move |choices: Value, usage: Option<Value>| -> Event {
         let mut v = json!({
             "id": id,
             "object": api.object(true),
@@ -454,6 +623,9 @@ async fn generate(st: Arc<AppState>, api: Api, prompt: Prompt, sampling: Samplin
         });
         if let Some(u) = usage {
             v["usage"] = u;
+        }
+        if let Some(fields) = extra.take() {
+            extend(&mut v, fields);
         }
         Event::default().data(v.to_string())
     };

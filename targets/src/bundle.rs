@@ -131,6 +131,33 @@ pub struct RuntimeInfo {
     pub triple: String,
 }
 
+/// Retrieval on the board: a knowledge base and the sentence encoder that built it. The chat
+/// endpoint embeds each question, searches the knowledge base and either refuses it (best
+/// passage below `threshold`) or answers from the `top_k` passages put into `template`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrievalInfo {
+    /// The knowledge base file (`rag/kb.safetensors`).
+    pub kb: String,
+    /// The sentence encoder's folder (`rag/encoder`): `config.json`, `model.safetensors`,
+    /// `tokenizer.json` and, when it has one, `sentence_bert_config.json`.
+    pub encoder: String,
+    /// Passages put into the prompt.
+    pub top_k: u32,
+    /// Best-passage score (cosine) below which a question is out of domain and gets
+    /// `refusal` without the model running; `None`: every question is answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    /// The answer to an out-of-domain question.
+    pub refusal: String,
+    /// The user turn sent to the model: `{context}` becomes the numbered passages,
+    /// `{question}` the user's question.
+    pub template: String,
+}
+
+/// The files a retrieval section needs: the kb and the encoder's three required files.
+pub const ENCODER_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
 /// The tool that made the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +183,9 @@ pub struct Manifest {
     pub tokenizer: TokenizerInfo,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeInfo>,
+    /// Retrieval-augmented answers with an out-of-domain guard, when the bundle has a kb.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<RetrievalInfo>,
     pub created_by: Tool,
     /// Only when asked for: a timestamp makes two otherwise identical bundles differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,6 +270,31 @@ impl Manifest {
         named.extend(self.tokenizer.files.iter().map(|f| ("tokenizer.files", f)));
         if let Some(r) = &self.runtime {
             named.push(("runtime.file", &r.file));
+        }
+        let encoder_files: Vec<String>;
+        if let Some(r) = &self.retrieval {
+            named.push(("retrieval.kb", &r.kb));
+            encoder_files = ENCODER_FILES
+                .iter()
+                .map(|f| format!("{}/{f}", r.encoder))
+                .collect();
+            named.extend(encoder_files.iter().map(|f| ("retrieval.encoder", f)));
+            if r.top_k == 0 || r.top_k > 64 {
+                return Err(bad(format!(
+                    "field `retrieval.top_k`: {} is outside 1..=64",
+                    r.top_k
+                )));
+            }
+            if let Some(t) = r.threshold.filter(|t| !(-1.0..=1.0).contains(t)) {
+                return Err(bad(format!(
+                    "field `retrieval.threshold`: {t} is not a cosine in -1..=1"
+                )));
+            }
+            if !r.template.contains("{context}") || !r.template.contains("{question}") {
+                return Err(bad(
+                    "field `retrieval.template`: must contain `{context}` and `{question}`".into(),
+                ));
+            }
         }
         for (field, file) in named {
             if !seen.contains(file.as_str()) {
@@ -713,6 +768,7 @@ mod tests {
                 chat_template: false,
             },
             runtime: None,
+            retrieval: None,
             created_by: Tool {
                 name: "edgepack".into(),
                 version: "0".into(),

@@ -1,7 +1,8 @@
 //! `edgepack rag`: a knowledge base of the Tern T3 documents whose chunk embeddings equal
 //! transformers' (sentence-transformers' pooling) and whose search equals numpy's exact search
 //! over them; a guard calibrated on the held-out Tern questions against general ones; and
-//! bad documents, foreign encoders and corrupt files refused by name.
+//! bad documents, foreign encoders (in queries and bundles) and corrupt files refused by
+//! name.
 
 use std::path::{Path, PathBuf};
 
@@ -331,6 +332,26 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
         msg.contains("built with the encoder") && msg.contains("not other-encoder"),
         "{msg}"
     );
+    // And `bundle --kb` refuses the pair before it exports anything.
+    let out = work.path().join("bundles");
+    let msg = refused(
+        edgepack()
+            .arg("bundle")
+            .arg(smollm2_gguf())
+            .args(["--target", "imx95", "--quant", "Q8_0", "--kb"])
+            .arg(&kb)
+            .arg("--embedder")
+            .arg(&other)
+            .arg("-o")
+            .arg(&out),
+    );
+    assert!(
+        msg.contains("--kb")
+            && msg.contains("built with the encoder")
+            && msg.contains("not other-encoder"),
+        "{msg}"
+    );
+    assert!(!out.exists(), "nothing is written for a refused kb");
 
     // A cut file, and a file that is not a knowledge base.
     let file = kb.join("kb.safetensors");

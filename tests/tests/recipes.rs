@@ -485,6 +485,24 @@ fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
     }
     assert!(work.join("out/adapter/adapter_model.safetensors").is_file());
     assert!(work.join("out/adapter/training_report.json").is_file());
+    // The knowledge base: published, its guard calibrated, and its passages lift the base
+    // model's answers clearly (the fine-tuned model already knows most facts).
+    let rag = &report["rag"];
+    assert_eq!(rag["documents"], 2, "{rag:#}");
+    let g = &rag["guard"];
+    assert!(g["auc"].as_f64().unwrap() >= 0.95, "{rag:#}");
+    assert!(g["in_domain_passed"].as_f64().unwrap() >= 0.9, "{rag:#}");
+    assert!(
+        g["out_of_domain_refused"].as_f64().unwrap() >= 0.95,
+        "{rag:#}"
+    );
+    let sim = |k: &str| rag[k].as_f64().unwrap_or_else(|| panic!("{k}: {rag:#}"));
+    assert!(
+        sim("similarity_base_with") > sim("similarity_base_without") + 0.05,
+        "{rag:#}"
+    );
+    assert!(sim("similarity_with").is_finite());
+    assert!(work.join("out/kb/kb.safetensors").is_file());
     let outs = report["outputs"].as_array().unwrap();
     let labels: Vec<String> = outs
         .iter()
@@ -586,6 +604,15 @@ fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
         );
         assert_eq!(m["engine"]["delegate"].as_str(), delegate, "{m}");
         assert_eq!(m["model"]["file"], model, "{m}");
+        // Every bundle carries the knowledge base with the recipe's settings.
+        let r = &m["retrieval"];
+        assert_eq!(r["top_k"], 2, "{m}");
+        assert_eq!(
+            r["refusal"],
+            "I can only answer questions about the Tern T3 thermostat."
+        );
+        let t = r["threshold"].as_f64().unwrap() - g["threshold"].as_f64().unwrap();
+        assert!(t.abs() < 1e-6, "the calibrated threshold: {m}");
     }
     // A rerun of the unchanged recipe does no work.
     let t0 = Instant::now();

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use edgepack_tests::{
-    edgepack, fixtures, litert_lib, onnxruntime_lib, oracle, root, run_err, run_ok, runtime_bin,
-    shared_work_dir, smollm2_hf,
+    edgepack, fixtures, litert_lib, minilm_dir, onnxruntime_lib, oracle, root, run_err, run_ok,
+    runtime_bin, shared_work_dir, smollm2_hf, tern_kb,
 };
 use serde_json::{json, Value};
 
@@ -380,6 +380,48 @@ fn refused(cmd: Command, bundle: &Path, extra: &[&str]) -> String {
 }
 
 #[test]
+fn aarch64_runtime_under_qemu_answers_from_its_kb_with_a_source_and_refuses_out_of_domain() {
+    let runtime = PathBuf::from(dist()["binary"].as_str().expect("dist binary"));
+    let (key, public) = keypair("signer");
+    let bundle = kb_bundle(
+        BOARD,
+        &[&"--runtime", &runtime, &"--sign", &key, &"--kb-top-k", &"1"],
+    );
+    let m = manifest(&bundle);
+    let refusal = m["retrieval"]["refusal"].as_str().unwrap().to_string();
+    let threshold = m["retrieval"]["threshold"].as_f64().unwrap();
+    let server = serve(
+        qemu(&bundle.join("bin/edgepack-runtime")),
+        &bundle,
+        &[
+            "--trusted-key",
+            public.to_str().unwrap(),
+            "--threads",
+            THREADS,
+            "--ctx-size",
+            "1024",
+        ],
+        QEMU_READY,
+    );
+    let o = chat(server.port, OUT_OF_DOMAIN, json!({"max_tokens": 8}));
+    assert_eq!(o.status, 200, "{}", o.body);
+    let o = o.json();
+    assert_refused(&o, &refusal, threshold);
+    let a = chat(server.port, IN_DOMAIN, json!({"max_tokens": 8}));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = a.json();
+    assert_grounded_in_e1(&a, threshold, 1);
+    assert!(!a["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    eprintln!(
+        "emulated guard decision: {} ms (refused), {} ms (answered)",
+        o["retrieval"]["latency_ms"], a["retrieval"]["latency_ms"]
+    );
+}
+
+#[test]
 fn tampered_bundles_are_refused_before_loading_naming_the_file() {
     let good = board_bundle();
     let (_, signer) = keypair("signer");
@@ -589,6 +631,162 @@ fn native_runtime_serves_models_completions_and_metrics() {
     assert!(metric("edgepack_time_to_first_token_seconds_sum") > 0.0);
     assert!(metric("edgepack_completion_tokens_total") >= 12.0 * 3.0);
     assert!(metric("edgepack_decode_tokens_per_second") > 0.0);
+}
+
+/// `edgepack bundle` of SmolLM2 Q8_0 for `target` with the Tern knowledge base and its
+/// calibrated guard; `extra` adds options (a runtime, a key, fewer passages).
+fn kb_bundle(target: &str, extra: &[&dyn AsRef<std::ffi::OsStr>]) -> PathBuf {
+    let out = shared_work_dir().join(format!("runtime-bundle-kb-{target}"));
+    let out = fixtures::build_once(&out, |tmp| {
+        let mut cmd = edgepack();
+        cmd.arg("bundle")
+            .arg(smollm2_hf())
+            .args(["--target", target, "--format", "gguf", "--quant", "Q8_0"])
+            .args(["--name", "smollm2", "--kb"])
+            .arg(tern_kb())
+            .arg("--embedder")
+            .arg(minilm_dir());
+        for a in extra {
+            cmd.arg(a);
+        }
+        run_ok(cmd.arg("-o").arg(tmp));
+    });
+    out.join(format!("smollm2-{target}"))
+}
+
+fn manifest(bundle: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// A grounded answer: not guarded, its best passage above the threshold and from the
+/// manual's E1 paragraph, the passages in the prompt.
+fn assert_grounded_in_e1(v: &Value, threshold: f64, top_k: usize) {
+    assert_eq!(v["retrieval"]["guarded"], false, "{v}");
+    assert!(
+        v["retrieval"]["best_score"].as_f64().unwrap() >= threshold,
+        "{v}"
+    );
+    let sources = v["sources"].as_array().expect("sources");
+    assert_eq!(sources.len(), top_k, "{v}");
+    assert!(sources[0]["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("manual.txt"));
+    assert!(sources[0]["text"].as_str().unwrap().contains("E1"), "{v}");
+    let scores: Vec<f64> = sources
+        .iter()
+        .map(|s| s["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {scores:?}"
+    );
+    // The bare question is about 45 tokens with the template's system turn; the passages
+    // (about 100 tokens each) make the prompt much longer.
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 45 + 60 * top_k as u64, "{prompt} prompt tokens");
+}
+
+/// The refusal: the bundle's text, no model tokens, no sources.
+fn assert_refused(v: &Value, refusal: &str, threshold: f64) {
+    assert_eq!(v["choices"][0]["message"]["content"], refusal, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    assert_eq!(v["sources"], json!([]));
+    assert_eq!(v["retrieval"]["guarded"], true);
+    assert!(
+        v["retrieval"]["best_score"].as_f64().unwrap() < threshold,
+        "{v}"
+    );
+}
+
+const IN_DOMAIN: &str = "What does the code E1 mean on my Tern T3?";
+const OUT_OF_DOMAIN: &str = "What is the capital of France?";
+
+#[test]
+fn native_runtime_answers_from_the_bundles_kb_with_sources_and_refuses_out_of_domain_questions() {
+    let bundle = kb_bundle("generic-x86_64", &[]);
+    let m = manifest(&bundle);
+    let refusal = m["retrieval"]["refusal"].as_str().unwrap().to_string();
+    let threshold = m["retrieval"]["threshold"]
+        .as_f64()
+        .expect("the kb's calibrated threshold travels in the manifest");
+    assert_eq!(m["retrieval"]["top_k"], 3);
+    let server = serve(
+        Command::new(runtime_bin()),
+        &bundle,
+        &["--ctx-size", "2048", "--threads", THREADS],
+        NATIVE_READY,
+    );
+    let port = server.port;
+
+    let models = http::request(port, "GET", "/v1/models", None, REQUEST_TIMEOUT).json();
+    let r = &models["data"][0]["meta"]["retrieval"];
+    assert_eq!(r["documents"], 2, "{models}");
+    assert!(r["chunks"].as_u64().unwrap() > 10, "{models}");
+
+    let a = chat(port, IN_DOMAIN, json!({"max_tokens": 16}));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = a.json();
+    assert_grounded_in_e1(&a, threshold, 3);
+    assert!(!a["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+
+    let o = chat(port, OUT_OF_DOMAIN, json!({"max_tokens": 16}));
+    assert_eq!(o.status, 200, "{}", o.body);
+    assert_refused(&o.json(), &refusal, threshold);
+
+    // Streamed: the refusal arrives as one content chunk; a grounded stream's first chunk
+    // carries the sources and spells the same greedy answer.
+    let s = chat(port, OUT_OF_DOMAIN, json!({"stream": true}));
+    let data = s.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["choices"][0]["delta"]["content"], refusal.as_str());
+    assert_eq!(first["retrieval"]["guarded"], true);
+    let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+
+    let s = chat(port, IN_DOMAIN, json!({"max_tokens": 16, "stream": true}));
+    let data = s.sse_data();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["sources"], a["sources"]);
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed,
+        a["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+
+    // The model ran for the two grounded answers only.
+    let m = http::request(port, "GET", "/metrics", None, REQUEST_TIMEOUT).body;
+    let sample = |prefix: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing from\n{m}"))
+    };
+    let q = "edgepack_retrieval_questions_total{model=";
+    assert_eq!(
+        m.lines()
+            .filter(|l| l.starts_with(q))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .collect::<Vec<_>>(),
+        vec![2.0, 2.0],
+        "answered, guarded:\n{m}"
+    );
+    assert_eq!(sample("edgepack_retrieval_seconds_count"), 4.0);
+    assert!(sample("edgepack_retrieval_seconds_sum") > 0.0);
+    assert!(m.contains("outcome=\"ok\"} 2\n"), "{m}");
 }
 
 #[test]

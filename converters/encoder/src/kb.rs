@@ -30,6 +30,10 @@ use crate::error::{EncoderError, Result};
 
 /// The file in a knowledge-base folder.
 pub const KB_FILE: &str = "kb.safetensors";
+/// Chunking and calibration defaults, shared by `edgepack rag` and the recipe's `[rag]`.
+pub const DEFAULT_CHUNK_TOKENS: usize = 128;
+pub const DEFAULT_OVERLAP: usize = 32;
+pub const DEFAULT_FALSE_REJECT: f64 = 0.05;
 pub const SCHEMA: u32 = 1;
 /// The metadata key holding [`Meta`].
 const META_KEY: &str = "edgepack_kb";
@@ -198,9 +202,15 @@ impl Kb {
         }
     }
 
-    /// Refuses `enc` unless it is the encoder that built this kb.
+    /// Refuses `enc` unless it is the encoder that built this kb: the same weights, width
+    /// and sequence length (the folder's name, kept for messages, may differ: a bundle
+    /// carries the encoder under its own name).
     pub fn check_embedder(&self, enc: &Identity) -> Result<()> {
-        if *enc != self.meta.embedder {
+        let built = &self.meta.embedder;
+        if enc.weights_sha256 != built.weights_sha256
+            || enc.dim != built.dim
+            || enc.max_seq != built.max_seq
+        {
             return Err(EncoderError::Invalid(format!(
                 "the knowledge base was built with the encoder {} (weights sha256 {}, dim {}), not {} (weights sha256 {}, dim {})",
                 self.meta.embedder.name,
@@ -214,13 +224,24 @@ impl Kb {
         Ok(())
     }
 
-    /// Chunks, embeds and adds the documents at `paths` (in order). Binary, empty and
-    /// already-present documents are skipped and named; an unreadable one is an error.
+    /// Chunks, embeds and adds the documents at `paths` (in order), each named by its path
+    /// as given. Binary, empty and already-present documents are skipped and named; an
+    /// unreadable one is an error.
     pub fn add_documents(&mut self, enc: &Embedder, paths: &[PathBuf]) -> Result<Added> {
+        let named: Vec<(PathBuf, String)> = paths
+            .iter()
+            .map(|p| (p.clone(), p.display().to_string()))
+            .collect();
+        self.add_named(enc, &named)
+    }
+
+    /// [`Kb::add_documents`] with each document's name (what sources show) given beside
+    /// the path it is read from.
+    pub fn add_named(&mut self, enc: &Embedder, docs: &[(PathBuf, String)]) -> Result<Added> {
         self.check_embedder(enc.identity())?;
         let mut added = Added::default();
-        for path in paths {
-            let name = path.display().to_string();
+        for (path, name) in docs {
+            let name = name.clone();
             let skip = |added: &mut Added, why: String| added.skipped.push((name.clone(), why));
             if self.meta.documents.iter().any(|d| d.path == name) {
                 skip(&mut added, "already in the knowledge base".into());
@@ -676,6 +697,34 @@ fn keep_rows<T: Copy>(d: &[T], width: usize, keep: &[bool]) -> Vec<T> {
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Reads a question file: one question per line, or JSONL with a string `question` field
+/// per line (blank lines skipped). An empty file is an error.
+pub fn read_questions(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| EncoderError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('{') {
+            let at = format!("line {}", i + 1);
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| EncoderError::format(path, &at, format!("not JSON: {e}")))?;
+            let q = v["question"]
+                .as_str()
+                .ok_or_else(|| EncoderError::format(path, &at, "no string `question`"))?;
+            out.push(q.to_string());
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        return Err(EncoderError::format(path, "questions", "holds no question"));
+    }
+    Ok(out)
 }
 
 /// The guard from the best scores of in-domain and out-of-domain questions.

@@ -7,6 +7,7 @@
 pub mod bert;
 pub mod chunk;
 pub mod error;
+pub mod ground;
 pub mod kb;
 
 pub use bert::{cosine, Embedder};
