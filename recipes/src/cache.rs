@@ -3,6 +3,8 @@
 //! ```text
 //! <cache>/stages/<kind>-<key>/     a finished stage: out/ (its files) and stage.json
 //! <cache>/tmp/<kind>-<key>.<pid>/  a stage being built; renamed into stages/ when complete
+//! <cache>/resume/<kind>-<key>/     what a long stage (training) saved to continue after an
+//!                                  interruption; removed when the stage is committed
 //! <cache>/hashes.json              SHA-256 of input files, keyed by path, size, mtime, inode
 //! ```
 //!
@@ -50,7 +52,7 @@ impl Cache {
     /// Opens (creating) the cache at `root` and removes temporary folders that no running
     /// build owns.
     pub fn open(root: &Path) -> Result<Cache> {
-        for d in ["stages", "tmp"] {
+        for d in ["stages", "tmp", "resume"] {
             fs::create_dir_all(root.join(d)).map_err(|e| RecipeError::io(&root.join(d), e))?;
         }
         let tmp = root.join("tmp");
@@ -130,6 +132,17 @@ impl Cache {
         Ok(dst)
     }
 
+    /// Where a stage keeps what lets a later build continue it (training checkpoints): it
+    /// survives an interrupted build, unlike `tmp/`, and goes when the entry is committed.
+    pub fn resume_dir(&self, kind: &str, key: &str) -> PathBuf {
+        self.root.join("resume").join(Self::entry_name(kind, key))
+    }
+
+    /// Drops a finished stage's resume folder.
+    pub fn finish(&self, kind: &str, key: &str) {
+        let _ = fs::remove_dir_all(self.resume_dir(kind, key));
+    }
+
     /// Drops a failed stage's temporary folder.
     pub fn abandon(&self, tmp: &Path) {
         let _ = fs::remove_dir_all(tmp);
@@ -188,12 +201,21 @@ impl Cache {
                 fs::remove_dir_all(e.path()).map_err(|x| RecipeError::io(&e.path(), x))?;
             }
         }
+        // Saved progress of a stage no kept recipe has any more.
+        let resume = self.root.join("resume");
+        for e in fs::read_dir(&resume).map_err(|e| RecipeError::io(&resume, e))? {
+            let e = e.map_err(|e| RecipeError::io(&resume, e))?;
+            if !keep.contains(&stages.join(e.file_name())) {
+                freed += tree_size(&e.path());
+                fs::remove_dir_all(e.path()).map_err(|x| RecipeError::io(&e.path(), x))?;
+            }
+        }
         Ok(freed)
     }
 
-    /// Bytes held by finished entries.
+    /// Bytes held by finished entries and saved progress.
     pub fn size(&self) -> u64 {
-        tree_size(&self.root.join("stages"))
+        tree_size(&self.root.join("stages")) + tree_size(&self.root.join("resume"))
     }
 }
 

@@ -55,6 +55,9 @@ pub enum Job {
         base: ModelIn,
         data: PathBuf,
         config: Box<TrainConfig>,
+        /// Checkpoint every this many steps (the stage resumes from the last one); does not
+        /// change the adapter, so it is not part of the key.
+        save_steps: usize,
     },
     Merge {
         base: ModelIn,
@@ -444,6 +447,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                 base: source.clone(),
                 data: f.data.clone(),
                 config: Box::new(f.config.clone()),
+                save_steps: f.save_steps,
             },
             serde_json::to_value(&f.config).expect("a config serializes"),
             vec![f.data.clone()],

@@ -29,6 +29,8 @@ pub const DEFAULT_SEQ_LEN: usize = 256;
 pub const DEFAULT_EVAL_CTX: usize = 256;
 pub const DEFAULT_EVAL_CHUNKS: usize = 8;
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 48;
+/// A training stage checkpoints this often (optimizer steps) so an interrupted build resumes.
+pub const DEFAULT_SAVE_STEPS: usize = 10;
 /// The context a GGUF output is fitted for when the recipe does not say.
 pub const DEFAULT_CTX: usize = 2048;
 /// TFLite outputs: KV cache length and prefill length when the recipe does not say.
@@ -98,6 +100,7 @@ struct RawFinetune {
     select_by: Option<Spanned<String>>,
     select_diversity: Option<Spanned<f64>>,
     weight: Option<Spanned<f64>>,
+    save_steps: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +231,8 @@ pub struct Finetune {
     pub config: TrainConfig,
     /// The merge weight of the trained adapter.
     pub weight: f32,
+    /// Checkpoint every this many optimizer steps, so an interrupted build resumes.
+    pub save_steps: usize,
     /// Line and column of `[finetune]`, for errors found when the base is available.
     pub at: (usize, usize),
 }
@@ -1340,6 +1345,7 @@ fn finetune(cx: &Ctx<'_>, f: &Spanned<RawFinetune>) -> Result<Finetune> {
         data: cx.existing(&r.data, "finetune.data")?,
         config,
         weight,
+        save_steps: cx.count(&r.save_steps, "finetune.save_steps", DEFAULT_SAVE_STEPS, 1)?,
         at: line_col(cx.text, f.span().start),
     })
 }

@@ -317,8 +317,9 @@ fn run_one(
     let t0 = Instant::now();
     let tmp = cache.begin(s.kind(), &s.key).map_err(|e| e.to_string())?;
     let out = tmp.join("out");
+    let resume = cache.resume_dir(s.kind(), &s.key);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        stages::run(plan, i, done, &out)
+        stages::run(plan, i, done, &out, &resume)
     }))
     .unwrap_or_else(|p| {
         let msg = p
@@ -338,6 +339,7 @@ fn run_one(
                 result,
             };
             let dir = cache.commit(&tmp, &info).map_err(|e| e.to_string())?;
+            cache.finish(s.kind(), &s.key);
             Ok((dir, info))
         }
         Err(e) => {

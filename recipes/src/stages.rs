@@ -66,6 +66,24 @@ pub fn model_path(m: &ModelIn, done: &[Option<Done>]) -> Result<PathBuf, String>
 struct NoProgress;
 impl train::TrainProgress for NoProgress {}
 
+/// The `checkpoint-N` folder with the highest N under `dir`, if any.
+fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let n: u64 = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
+
 /// The knowledge base folder a rag stage wrote.
 fn kb_dir(done: &[Option<Done>], i: usize) -> Result<PathBuf, String> {
     let d = dep(done, i)?;
@@ -166,7 +184,15 @@ fn find_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
 }
 
 /// Runs one stage, writing into `out` (an empty folder). Returns its summary.
-pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result<Value, String> {
+/// Runs stage `idx` into `out`. `resume` is the stage's own folder that outlives an
+/// interrupted build: training keeps its checkpoints there and continues from the last one.
+pub fn run(
+    plan: &Plan,
+    idx: usize,
+    done: &[Option<Done>],
+    out: &Path,
+    resume: &Path,
+) -> Result<Value, String> {
     let stage: &Stage = &plan.stages[idx];
     let silent = Silent;
     match &stage.job {
@@ -236,20 +262,32 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
             };
             Ok(json!({"model": format!("package/{rel}"), "wheel_sha256": wheel_sha}))
         }
-        Job::Finetune { base, data, config } => {
+        Job::Finetune {
+            base,
+            data,
+            config,
+            save_steps,
+        } => {
             let m = open(&model_path(base, done)?)?;
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let adapter = out.join("adapter");
+            // Training writes into the resume folder, checkpointing as it goes, so a killed
+            // build continues from the last checkpoint (bit for bit) instead of step 0.
+            let work = resume.join("adapter");
+            let last = latest_checkpoint(&work);
+            if last.is_none() && work.exists() {
+                std::fs::remove_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+            }
+            std::fs::create_dir_all(resume).map_err(|e| format!("{}: {e}", resume.display()))?;
             let run = train::Run {
                 model: &m,
                 base_name: m.name.clone(),
                 data,
-                out: &adapter,
+                out: &work,
                 init: None,
-                resume: None,
-                save_every: 0,
+                resume: last.as_deref(),
+                save_every: *save_steps as u64,
                 eval_every: 0,
-                keep_checkpoints: 0,
+                keep_checkpoints: 1,
                 threads,
             };
             // The stage runs alone (`Job::exclusive`): its threads take every core.
@@ -258,6 +296,18 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 train::train(&run, config, &NoProgress)
             }
             .map_err(|e| format!("fine-tuning on {}: {e}", data.display()))?;
+            // The adapter without the checkpoints goes into the entry.
+            let adapter = out.join("adapter");
+            std::fs::create_dir_all(&adapter).map_err(|e| format!("{}: {e}", adapter.display()))?;
+            for e in std::fs::read_dir(&work)
+                .map_err(|e| format!("{}: {e}", work.display()))?
+                .flatten()
+            {
+                if e.path().is_file() {
+                    std::fs::copy(e.path(), adapter.join(e.file_name()))
+                        .map_err(|x| format!("{}: {x}", e.path().display()))?;
+                }
+            }
             let mean = |s: &[train::StepLog]| {
                 (!s.is_empty()).then(|| s.iter().map(|x| x.loss).sum::<f64>() / s.len() as f64)
             };
@@ -276,6 +326,7 @@ pub fn run(plan: &Plan, idx: usize, done: &[Option<Done>], out: &Path) -> Result
                 "train_seconds": report.train_seconds,
                 "peak_rss_bytes": report.peak_rss_bytes,
                 "trainable_parameters": report.trainable_parameters,
+                "resumed_from_step": report.resumed_from_step,
             }))
         }
         Job::Merge { base, adapters } => {

@@ -463,6 +463,89 @@ fn a_build_killed_mid_export_resumes_and_gives_the_bytes_of_a_clean_build() {
     }
 }
 
+/// A recipe that fine-tunes a tiny model on the Tern questions for many short steps,
+/// checkpointing every fifth step.
+fn tiny_finetune_recipe(dir: &Path) -> PathBuf {
+    let r = dir.join("tiny-ft.toml");
+    write(
+        &r,
+        &format!(
+            "name = \"tiny-ft\"\n[model]\npath = \"{}\"\n\
+             [finetune]\ndata = \"{}\"\nrank = 4\nalpha = 8\nbatch = 2\nseq_len = 96\n\
+             epochs = 10\nsave_steps = 5\n\
+             [targets.rpi5]\n[[targets.rpi5.outputs]]\nquant = \"Q8_0\"\n",
+            tiny("llama-tied-f32", Tiny::llama()).display(),
+            root().join("recipes/data/tern-t3/qa.jsonl").display()
+        ),
+    );
+    r
+}
+
+#[test]
+fn a_build_killed_mid_training_resumes_from_its_checkpoint_and_gives_a_clean_builds_adapter() {
+    let work = tempfile::tempdir().unwrap();
+    let recipe = tiny_finetune_recipe(work.path());
+    let mut child = edgepack()
+        .arg("build")
+        .arg(&recipe)
+        .arg("--out")
+        .arg(work.path().join("out"))
+        .arg("--cache")
+        .arg(work.path().join("cache"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 once training has saved a checkpoint.
+    let resume = work.path().join("cache/resume");
+    let t0 = Instant::now();
+    let mut killed_mid_training = false;
+    while t0.elapsed() < Duration::from_secs(300) {
+        let saved = std::fs::read_dir(&resume).ok().is_some_and(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_dir(e.path().join("adapter")).is_ok_and(|rd| {
+                    rd.flatten()
+                        .any(|c| c.file_name().to_string_lossy().starts_with("checkpoint-"))
+                })
+            })
+        });
+        if saved {
+            child.kill().unwrap();
+            killed_mid_training = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    assert!(
+        killed_mid_training,
+        "the training finished before it could be interrupted"
+    );
+
+    // The next build continues from the checkpoint and ends where an uninterrupted one does.
+    let resumed = build_ok(&recipe, work.path(), &[]);
+    let from = resumed["report"]["finetune"]["resumed_from_step"]
+        .as_u64()
+        .unwrap();
+    assert!(from >= 5, "resumed from step {from}");
+    assert!(
+        std::fs::read_dir(&resume).unwrap().next().is_none(),
+        "the finished stage's checkpoints are removed"
+    );
+    let clean = tempfile::tempdir().unwrap();
+    let fresh = build_ok(&recipe, clean.path(), &[]);
+    assert_eq!(fresh["report"]["finetune"]["resumed_from_step"], 0);
+    let adapter =
+        |d: &Path| std::fs::read(d.join("out/adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        adapter(work.path()) == adapter(clean.path()),
+        "the resumed adapter differs from a clean build's"
+    );
+}
+
 #[test]
 fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
     // Built once for every suite that reads it (the fine-tuning suite checks the adapter).
