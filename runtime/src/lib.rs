@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bundle;
 pub mod engine;
 pub mod library;
+pub mod listen;
 pub mod metrics;
 pub mod rag;
 pub mod server;

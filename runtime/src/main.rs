@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use edgepack_runtime::bench::{self, BenchConfig};
 use edgepack_runtime::bundle::{self, DelegateChoice};
 use edgepack_runtime::engine::{Engine, EngineConfig};
+use edgepack_runtime::listen;
 use edgepack_runtime::rag::Retrieval;
 use edgepack_runtime::server::{self, AppState};
 use edgepack_targets::bundle::RetrievalInfo;
@@ -47,6 +48,8 @@ enum Command {
         host: String,
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Measure time to first token and decode tokens/s for each prompt size.
     #[command(
@@ -67,13 +70,30 @@ enum Command {
     },
 }
 
+/// What one client may hold of the server.
+#[derive(Debug, Args)]
+struct ServeLimits {
+    /// Connections open at once; more are closed on accept and counted in /metrics
+    /// (default: 1024, or the open-file limit less 64 when that is lower).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers, idle kept-alive connections
+    /// included; then the connection is closed.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Largest request body in bytes; larger ones are answered 413 unread.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_body: usize,
+}
+
 #[derive(Debug, Args)]
 struct ModelArgs {
     /// The bundle directory (manifest.json, model/, bin/); verified before anything loads.
     #[arg(long)]
     bundle: PathBuf,
     /// Public key (PEM) the bundle's manifest.sig must verify against; without it an
-    /// unsigned bundle is accepted and a signed one is only checked for integrity.
+    /// unsigned bundle is accepted on its checksums and a signed one is refused (whoever
+    /// signed it meant it to be checked).
     #[arg(long)]
     trusted_key: Option<PathBuf>,
     /// Threads for the engine (default: every available core).
@@ -113,6 +133,13 @@ impl ModelArgs {
     /// section when the bundle carries a knowledge base.
     fn open(&self) -> Result<(EngineConfig, String, Option<RetrievalInfo>)> {
         let threads = self.threads()?;
+        if self.bundle.is_file() {
+            bail!(
+                "{}: the runtime takes an unpacked bundle folder, not an archive\nhint: unpack it first (edgepack deploy does), e.g. tar --zstd -xf {} -C /opt/edgepack",
+                self.bundle.display(),
+                self.bundle.display()
+            );
+        }
         let verified = bundle::open(
             &self.bundle,
             self.trusted_key.as_deref(),
@@ -158,14 +185,22 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .with_ansi(
+            std::env::var_os("NO_COLOR").is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
         .init();
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { model, host, port } => serve(&model, &host, port, cli.json),
+        Command::Serve {
+            model,
+            host,
+            port,
+            limits,
+        } => serve(&model, &host, port, &limits, cli.json),
         Command::Bench {
             model,
             prompt_sizes,
@@ -242,7 +277,20 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
+fn serve(model: &ModelArgs, host: &str, port: u16, limits: &ServeLimits, json: bool) -> Result<()> {
+    if limits.header_timeout == 0 {
+        bail!("--header-timeout must be at least 1 second");
+    }
+    if limits.max_connections == Some(0) {
+        bail!("--max-connections must be at least 1");
+    }
+    let fd_limit = listen::raise_fd_limit();
+    let conn_limits = listen::Limits {
+        max_connections: limits
+            .max_connections
+            .unwrap_or_else(|| listen::default_max_connections(fd_limit)),
+        header_timeout: std::time::Duration::from_secs(limits.header_timeout),
+    };
     // Verification happens before the socket opens or any model byte is mapped.
     let (config, model_id, retrieval) = model.open()?;
     let bundle_dir = model.bundle.clone();
@@ -310,17 +358,21 @@ fn serve(model: &ModelArgs, host: &str, port: u16, json: bool) -> Result<()> {
             }
             Err(e) => fail(anyhow::Error::new(e).context("loading the model")),
         }});
-        let app = server::router(state);
+        let refused = state.metrics.refused_connections.clone();
+        let app = server::router(state, limits.max_body);
         let stop = async move {
             tokio::select! {
                 () = shutdown_signal() => {},
                 () = load_failed.notified() => {},
             }
         };
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-            .context("HTTP server")?;
+        tracing::info!(
+            max_connections = conn_limits.max_connections,
+            header_timeout_s = conn_limits.header_timeout.as_secs(),
+            fd_limit = ?fd_limit,
+            "serving"
+        );
+        listen::serve(listener, app, conn_limits, refused, stop).await;
         if let Some(e) = failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(e);
         }

@@ -46,6 +46,9 @@ pub enum Retrieved {
 #[derive(Debug, Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    /// Connections closed at accept because the connection cap was reached (the accept
+    /// loop counts them).
+    pub refused_connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -149,6 +152,17 @@ impl Metrics {
                     m.requests_failed.to_string(),
                 ),
             ],
+        );
+        metric(
+            "edgepack_connections_refused_total",
+            "counter",
+            "Connections closed at once because the connection cap was reached.",
+            &[(
+                format!("{{{label}}}"),
+                self.refused_connections
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .to_string(),
+            )],
         );
         metric(
             "edgepack_prompt_tokens_total",

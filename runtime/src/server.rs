@@ -56,7 +56,9 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The API. Request bodies above `max_body` bytes are answered 413 before they are read
+/// whole, let alone tokenized.
+pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/health", get(health))
@@ -64,6 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 

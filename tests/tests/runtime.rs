@@ -472,6 +472,15 @@ fn tampered_bundles_are_refused_before_loading_naming_the_file() {
         );
     }
 
+    // An archive is not a bundle folder, and the runtime says so once, with the fix.
+    let archive = good.with_extension("tar.zst");
+    assert!(archive.is_file(), "{}", archive.display());
+    let err = refused(Command::new(runtime_bin()), &archive, &[]);
+    assert!(
+        err.contains("takes an unpacked bundle folder") && !err.contains("Not a directory"),
+        "{err}"
+    );
+
     // The same bundle with the right key is not refused by `edgepack verify` either: the
     // damage above is the only difference.
     run_ok(
@@ -787,6 +796,69 @@ fn native_runtime_answers_from_the_bundles_kb_with_sources_and_refuses_out_of_do
     assert_eq!(sample("edgepack_retrieval_seconds_count"), 4.0);
     assert!(sample("edgepack_retrieval_seconds_sum") > 0.0);
     assert!(m.contains("outcome=\"ok\"} 2\n"), "{m}");
+}
+
+#[test]
+fn idle_and_half_sent_connections_beyond_the_fd_limit_do_not_lock_out_health() {
+    // The runtime under a 256-descriptor limit; twice as many hostile sockets as it has
+    // descriptors, held open, half of them with a request that never ends.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\""])
+        .arg(runtime_bin());
+    let server = serve(
+        cmd,
+        &native_bundle(),
+        &["--threads", THREADS, "--header-timeout", "2"],
+        NATIVE_READY,
+    );
+    let port = server.port;
+    let mut held = Vec::new();
+    for i in 0..600 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if i % 2 == 1 {
+            use std::io::Write;
+            s.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+        }
+        held.push(s);
+    }
+    let t0 = Instant::now();
+    let health = loop {
+        if let Some(r) = http::try_request(port, "GET", "/health", None, Duration::from_secs(2)) {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "/health unreachable while {} sockets are held",
+            held.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health.status, 200);
+    eprintln!(
+        "/health answered {:.1} s into the flood",
+        t0.elapsed().as_secs_f64()
+    );
+    // Every hostile socket was closed by the server: over the cap at once, the rest at the
+    // header deadline.
+    std::thread::sleep(Duration::from_secs(3));
+    for s in &held {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        let n = std::io::Read::read(&mut &*s, &mut b).unwrap_or(0);
+        assert_eq!(n, 0, "a held socket is still open");
+    }
+    let m = http::request(port, "GET", "/metrics", None, REQUEST_TIMEOUT).body;
+    let refused: u64 = m
+        .lines()
+        .find(|l| l.starts_with("edgepack_connections_refused_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no refused count in\n{m}"));
+    assert!(refused > 0, "{m}");
+    // A body past --max-body is refused unread.
+    let big = json!({"prompt": "x".repeat(300 << 10)});
+    let r = http::request(port, "POST", "/v1/completions", Some(&big), REQUEST_TIMEOUT);
+    assert_eq!(r.status, 413, "{}", r.body);
 }
 
 #[test]
