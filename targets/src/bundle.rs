@@ -307,14 +307,84 @@ impl Manifest {
     }
 }
 
-/// A path written in a manifest or an archive: relative, `/`-separated, no `.`/`..`, no empty
-/// parts, no backslashes.
-fn is_safe_relative(p: &str) -> bool {
+/// A path written in a manifest or an archive: relative, `/`-separated parts of POSIX's
+/// portable file-name characters (ASCII letters, digits, `.`, `_`, `-`), no empty, `.` or
+/// `..` part, none starting with `-`. So no path can carry a newline, a quote or a space
+/// into the shell scripts that deploy a bundle, nor read as an option.
+pub fn is_safe_relative(p: &str) -> bool {
     !p.is_empty()
-        && !p.starts_with('/')
-        && !p.contains('\\')
-        && !p.contains('\0')
-        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && p.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && !c.starts_with('-')
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+        })
+}
+
+/// The largest `manifest.json` read: a bundle of a hundred thousand files stays below it.
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+/// An ed25519 signature is 64 bytes; anything much larger is not one.
+const MAX_SIGNATURE_BYTES: u64 = 4 << 10;
+
+/// Reads a small file of a bundle with bounds: it must be a regular file (a link, FIFO or
+/// device is refused without being opened for reading) of at most `limit` bytes. `None`
+/// when it does not exist.
+fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, BundleError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(BundleError::io(path, e)),
+    };
+    if !meta.file_type().is_file() {
+        return Err(BundleError::NotRegular {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() > limit {
+        return Err(BundleError::Manifest {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} bytes; more than the {limit} a bundle's may have",
+                meta.len()
+            ),
+        });
+    }
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        // No following a link swapped in since the check, no blocking on a FIFO.
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| BundleError::io(path, e))?
+    };
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| BundleError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(BundleError::Manifest {
+            path: path.to_path_buf(),
+            message: format!("grew past the {limit} bytes a bundle's may have while read"),
+        });
+    }
+    Ok(Some(bytes))
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct it is given for a NUL-terminated path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
 }
 
 /// Size and lower-case hex SHA-256 of a file, streamed.
@@ -370,6 +440,12 @@ fn walk(root: &Path) -> Result<Tree, BundleError> {
             } else {
                 format!("{rel}/{name}")
             };
+            if !is_safe_relative(&rel_path) {
+                return Err(BundleError::UnsafePath {
+                    path: path.clone(),
+                    entry: rel_path,
+                });
+            }
             let ty = entry.file_type().map_err(|e| BundleError::io(&path, e))?;
             if ty.is_dir() {
                 tree.dirs.insert(rel_path.clone());
@@ -411,20 +487,11 @@ pub struct Checked {
 pub fn check_dir(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Checked, BundleError> {
     let manifest_path = dir.join(MANIFEST);
     let sig_path = dir.join(SIGNATURE);
-    let bytes = match fs::read(&manifest_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(BundleError::Missing {
-                path: manifest_path,
-            })
-        }
-        Err(e) => return Err(BundleError::io(&manifest_path, e)),
-    };
-    let sig = match fs::read(&sig_path) {
-        Ok(s) => Some(s),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(BundleError::io(&sig_path, e)),
-    };
+    let bytes =
+        read_bounded(&manifest_path, MAX_MANIFEST_BYTES)?.ok_or_else(|| BundleError::Missing {
+            path: manifest_path.clone(),
+        })?;
+    let sig = read_bounded(&sig_path, MAX_SIGNATURE_BYTES)?;
     // The signature is checked on the raw bytes before anything in them is believed.
     let signature = match (trusted, &sig) {
         (Some(key), Some(sig)) => {
@@ -561,7 +628,16 @@ pub fn pack(dir: &Path, top: &str, archive: &Path) -> Result<(), BundleError> {
         .map(|d| (d.clone(), None))
         .chain(tree.files.iter().map(|(r, p)| (r.clone(), Some(p))))
         .collect();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    // The manifest (and its signature) first, so that unpacking knows every entry's name
+    // and size before it writes a byte; then the rest in name order.
+    entries.sort_by(|a, b| {
+        let rank = |n: &str| match n {
+            MANIFEST => 0,
+            SIGNATURE => 1,
+            _ => 2,
+        };
+        rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0))
+    });
     let tmp = tmp_sibling(archive);
     let res = (|| -> Result<(), BundleError> {
         let file = File::create(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
@@ -641,6 +717,11 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<PathBuf, BundleError> {
     fs::create_dir(&staging).map_err(|e| BundleError::io(&staging, e))?;
     let res = (|| -> Result<String, BundleError> {
         let mut top: Option<String> = None;
+        // What the manifest (the first entry of archives edgepack writes) lets through:
+        // each listed file at its listed size; nothing else is written.
+        let mut listed: Option<BTreeMap<String, u64>> = None;
+        let mut free = free_bytes(dest);
+        let mut first_file = true;
         let entries = tar
             .entries()
             .map_err(|e| bad(format!("not a tar.zst archive: {e}")))?;
@@ -679,6 +760,73 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<PathBuf, BundleError> {
                     fs::create_dir_all(&out).map_err(|e| BundleError::io(&out, e))?;
                 }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    let size = entry
+                        .header()
+                        .size()
+                        .map_err(|e| bad(format!("`{raw}`: {e}")))?;
+                    let inner = rel.split_once('/').map_or("", |(_, r)| r);
+                    if std::mem::take(&mut first_file) && inner == MANIFEST {
+                        if size > MAX_MANIFEST_BYTES {
+                            return Err(bad(format!(
+                                "`{raw}` is {size} bytes; more than the {MAX_MANIFEST_BYTES} a manifest may have"
+                            )));
+                        }
+                        let mut bytes = Vec::with_capacity(size as usize);
+                        (&mut entry)
+                            .take(MAX_MANIFEST_BYTES + 1)
+                            .read_to_end(&mut bytes)
+                            .map_err(|e| bad(format!("`{raw}`: {e}")))?;
+                        let m = Manifest::from_bytes(&bytes, &archive.join(&raw))?;
+                        let need = m.total_bytes().saturating_add(bytes.len() as u64);
+                        if let Some(f) = free.filter(|f| need > *f) {
+                            return Err(bad(format!(
+                                "unpacked it needs {need} bytes, and {} has {f} free",
+                                dest.display()
+                            )));
+                        }
+                        listed = Some(m.files.into_iter().map(|f| (f.path, f.size)).collect());
+                        if let Some(parent) = out.parent() {
+                            fs::create_dir_all(parent).map_err(|e| BundleError::io(parent, e))?;
+                        }
+                        fs::write(&out, &bytes).map_err(|e| BundleError::io(&out, e))?;
+                        set_mode(&out, FILE_MODE).map_err(|e| BundleError::io(&out, e))?;
+                        continue;
+                    }
+                    match &listed {
+                        Some(_) if inner == SIGNATURE => {
+                            if size > MAX_SIGNATURE_BYTES {
+                                return Err(bad(format!(
+                                    "`{raw}` is {size} bytes; not a signature"
+                                )));
+                            }
+                        }
+                        Some(l) => match l.get(inner) {
+                            None => {
+                                return Err(BundleError::Unlisted {
+                                    path: archive.join(&raw),
+                                })
+                            }
+                            Some(want) if *want != size => {
+                                return Err(BundleError::Size {
+                                    path: archive.join(&raw),
+                                    expected: *want,
+                                    actual: size,
+                                })
+                            }
+                            Some(_) => {}
+                        },
+                        // An archive without its manifest first (not written by edgepack):
+                        // each entry is held to the free space left.
+                        None => {
+                            if let Some(f) = free.filter(|f| size > *f) {
+                                return Err(bad(format!(
+                                    "`{raw}` is {size} bytes, and {} has {f} free",
+                                    dest.display()
+                                )));
+                            }
+                            free = free.map(|f| f - size);
+                        }
+                    }
                     if let Some(parent) = out.parent() {
                         fs::create_dir_all(parent).map_err(|e| BundleError::io(parent, e))?;
                     }
@@ -694,7 +842,11 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<PathBuf, BundleError> {
                                 BundleError::io(&out, e)
                             }
                         })?;
-                    std::io::copy(&mut entry, &mut f).map_err(|e| BundleError::io(&out, e))?;
+                    let copied = std::io::copy(&mut (&mut entry).take(size), &mut f)
+                        .map_err(|e| BundleError::io(&out, e))?;
+                    if copied != size {
+                        return Err(bad(format!("`{raw}` is cut short")));
+                    }
                     let m = if mode & 0o111 != 0 {
                         EXEC_MODE
                     } else {

@@ -38,7 +38,7 @@ pub enum BundleError {
         expected: String,
         actual: String,
     },
-    #[error("{}: `{entry}` is not a safe relative path inside the bundle", path.display())]
+    #[error("{}: {entry:?} is not a safe relative path inside the bundle (parts of ASCII letters, digits, `.`, `_` and `-`, none starting with `-` or being `.` or `..`, joined by `/`)", path.display())]
     UnsafePath { path: PathBuf, entry: String },
     #[error("{}: missing; a public key was given, so the bundle must be signed\nhint: sign it with `edgepack bundle ... --sign key.pem`", path.display())]
     SignatureMissing { path: PathBuf },

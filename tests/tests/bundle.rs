@@ -2,7 +2,9 @@
 //! archive, Python's hashlib recomputes every listed SHA-256, gguf-py reads the model inside,
 //! and OpenSSL checks the ed25519 signature and reads the PEM keys. The same inputs give a
 //! byte-identical archive; `edgepack verify` refuses a flipped byte, a missing file, an extra
-//! file, a wrong key and a tampered manifest, naming the file.
+//! file, a wrong key and a tampered manifest, naming the file, and hostile archives and
+//! manifests (an unlisted entry, a FIFO, a link to /dev/zero, a huge manifest, a path with a
+//! newline) without writing or reading more than a bundle's own bytes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -436,6 +438,118 @@ fn an_archive_entry_that_leaves_the_bundle_is_refused() {
     run_tool(Command::new("zstd").arg("-q").arg(&tar_path));
     let err = verify_err(&work.path().join("evil.tar.zst"), None);
     assert!(err.contains("../evil") && err.contains("safe"), "{err}");
+}
+
+#[test]
+fn an_unlisted_archive_entry_is_refused_at_its_header_before_a_byte_is_written() {
+    let (w, dir) = copy_of_bundle();
+    // 64 MiB the manifest does not list, right after the manifest as edgepack orders
+    // entries; the archive is then cut 1 MiB into that entry's data. Refusing it by its
+    // header says "not listed"; writing it first would end at the cut instead.
+    let zeros = dir.join("model/zeros.bin");
+    fs::File::create(&zeros).unwrap().set_len(64 << 20).unwrap();
+    let tar_path = w.path().join("big.tar");
+    run_tool(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tar_path)
+            .arg("-C")
+            .arg(w.path())
+            .args([
+                "smollm2-imx95/manifest.json",
+                "smollm2-imx95/manifest.sig",
+                "smollm2-imx95/model/zeros.bin",
+            ]),
+    );
+    let bytes = fs::read(&tar_path).unwrap();
+    let name = b"smollm2-imx95/model/zeros.bin";
+    let at = bytes
+        .windows(name.len())
+        .position(|x| x == name)
+        .expect("the entry's header");
+    let header = at / 512 * 512;
+    fs::write(&tar_path, &bytes[..header + 512 + (1 << 20)]).unwrap();
+    run_tool(Command::new("zstd").arg("-q").arg(&tar_path));
+    let tmp = w.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let err = run_err(
+        edgepack()
+            .arg("verify")
+            .arg(w.path().join("big.tar.zst"))
+            .env("TMPDIR", &tmp),
+    );
+    assert!(
+        err.contains("model/zeros.bin") && err.contains("not listed in manifest.json"),
+        "{err}"
+    );
+    assert!(
+        fs::read_dir(&tmp).unwrap().next().is_none(),
+        "left in TMPDIR"
+    );
+}
+
+#[test]
+fn a_manifest_that_is_a_fifo_a_link_to_dev_zero_or_huge_is_refused_without_reading_it() {
+    let (_w, dir) = copy_of_bundle();
+    let manifest = dir.join("manifest.json");
+    // Each case must fail at once: a FIFO with no writer would block a plain read forever.
+    let verify = |what: &str| -> String {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(edgepack_bin())
+            .arg("verify")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{what}: accepted");
+        assert_ne!(out.status.code(), Some(124), "{what}: verify hung");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    fs::remove_file(&manifest).unwrap();
+    run_tool(Command::new("mkfifo").arg(&manifest));
+    let err = verify("fifo");
+    assert!(
+        err.contains("manifest.json") && err.contains("not a regular file"),
+        "{err}"
+    );
+    fs::remove_file(&manifest).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &manifest).unwrap();
+    let err = verify("link");
+    assert!(
+        err.contains("manifest.json") && err.contains("not a regular file"),
+        "{err}"
+    );
+    fs::remove_file(&manifest).unwrap();
+    fs::write(&manifest, vec![b' '; 17 << 20]).unwrap();
+    let err = verify("17 MiB");
+    assert!(
+        err.contains("manifest.json") && err.contains("more than the 16777216"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_path_with_a_newline_or_a_leading_dash_is_refused_by_name() {
+    let (_w, dir) = copy_of_bundle();
+    let text = fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let m: Value = serde_json::from_str(&text).unwrap();
+    for name in ["model/a\nEDGEPACK_SUMS\necho INJECTED >&2\n: ", "model/-rf"] {
+        let mut bad = m.clone();
+        bad["files"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "path": name, "size": 1, "sha256": "0".repeat(64)
+            }));
+        fs::write(dir.join("manifest.json"), serde_json::to_vec(&bad).unwrap()).unwrap();
+        let err = verify_err(&dir, None);
+        let shown = format!("{name:?}");
+        assert!(
+            err.contains(&shown) && err.contains("not a safe relative path"),
+            "{name:?}: {err}"
+        );
+        assert!(!err.contains("echo INJECTED >&2\n"), "{err}");
+    }
 }
 
 #[test]
