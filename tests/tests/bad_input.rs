@@ -23,6 +23,52 @@ fn assert_nothing_written(dir: &Path, out_name: &str) {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
 
+/// A tiny llama exported to a Q8_0 GGUF at `work/name`, returned with its bytes.
+fn tiny_gguf(work: &Path, name: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let g = work.join(name);
+    export_gguf(&tiny("llama-tied-f32", Tiny::llama()), "Q8_0", &g);
+    let bytes = std::fs::read(&g).unwrap();
+    (g, bytes)
+}
+
+/// Where GGUF string `s` is stored (its u64 length, then its bytes) in `gguf`: the offset just
+/// past it.
+fn after_gguf_string(gguf: &[u8], s: &str) -> usize {
+    let mut pat = (s.len() as u64).to_le_bytes().to_vec();
+    pat.extend_from_slice(s.as_bytes());
+    let at = gguf
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .unwrap_or_else(|| panic!("{s} is not in the file"));
+    at + pat.len()
+}
+
+/// Overwrites the UINT32 value of metadata key `key` in place.
+fn set_kv_u32(gguf: &mut [u8], key: &str, value: u32) {
+    let at = after_gguf_string(gguf, key);
+    assert_eq!(
+        gguf[at..at + 4],
+        4u32.to_le_bytes(),
+        "{key} is not a UINT32"
+    );
+    gguf[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+#[test]
+fn gguf_with_zero_kv_heads_is_refused_naming_the_file_and_key() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, mut bytes) = tiny_gguf(work.path(), "m.gguf");
+    set_kv_u32(&mut bytes, "llama.attention.head_count_kv", 0);
+    let bad = work.path().join("kv0.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&bad));
+    assert!(
+        err.contains("kv0.gguf: llama.attention.head_count_kv: is 0"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn truncated_safetensors_is_refused_naming_the_file_and_nothing_is_written() {
     let work = tempfile::tempdir().unwrap();

@@ -254,10 +254,38 @@ fn factor(c: &ModelConfig, src: &Path) -> Result<f32> {
 }
 
 fn need(m: &Metadata, key: &str, src: &Path) -> Result<usize> {
-    m.get_i64(key)
-        .filter(|v| *v >= 0)
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::format(src, key, "missing or not a non-negative integer"))
+    opt_count(m, key, src)?.ok_or_else(|| Error::format(src, key, "missing"))
+}
+
+/// An optional count: absent is `None`; present, it must be a non-negative integer.
+fn opt_count(m: &Metadata, key: &str, src: &Path) -> Result<Option<usize>> {
+    let Some(v) = m.get(key) else {
+        return Ok(None);
+    };
+    let n = match v {
+        Value::U64(u) => usize::try_from(*u).ok(),
+        other => other.as_i64().and_then(|i| usize::try_from(i).ok()),
+    };
+    n.map(Some).ok_or_else(|| {
+        Error::format(
+            src,
+            key,
+            format!("must be a non-negative integer, found {v}"),
+        )
+    })
+}
+
+/// The config.json field of a [`ModelConfig`] size -> the GGUF key (or tensor) it comes from.
+fn gguf_key(a: &str, field: &str) -> String {
+    match field {
+        "hidden_size" => format!("{a}.embedding_length"),
+        "intermediate_size" => format!("{a}.feed_forward_length"),
+        "num_attention_heads" => format!("{a}.attention.head_count"),
+        "num_key_value_heads" => format!("{a}.attention.head_count_kv"),
+        "head_dim" => format!("{a}.attention.key_length"),
+        "vocab_size" => "token_embd.weight".into(),
+        other => other.into(),
+    }
 }
 
 /// Rebuilds a config from GGUF metadata; `vocab_size` is the embedding's row count.
@@ -281,14 +309,18 @@ pub fn config_from_metadata(m: &Metadata, vocab_size: usize, src: &Path) -> Resu
             "is 0",
         ));
     }
-    let n_head_kv = m
-        .get_i64(&format!("{a}.attention.head_count_kv"))
-        .map(|v| v as usize)
-        .unwrap_or(n_head);
-    let head_dim = m
-        .get_i64(&format!("{a}.attention.key_length"))
-        .map(|v| v as usize)
-        .unwrap_or(hidden / n_head);
+    let n_head_kv = opt_count(m, &format!("{a}.attention.head_count_kv"), src)?.unwrap_or(n_head);
+    let head_dim = match opt_count(m, &format!("{a}.attention.key_length"), src)? {
+        Some(d) => d,
+        None if hidden % n_head != 0 => {
+            return Err(Error::format(
+                src,
+                format!("{a}.attention.head_count"),
+                format!("{n_head} does not divide {a}.embedding_length {hidden}"),
+            ))
+        }
+        None => hidden / n_head,
+    };
     let eps = m
         .get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
         .ok_or_else(|| {
@@ -319,7 +351,7 @@ pub fn config_from_metadata(m: &Metadata, vocab_size: usize, src: &Path) -> Resu
     if key_present {
         raw["head_dim"] = serde_json::json!(head_dim);
     }
-    Ok(ModelConfig {
+    let config = ModelConfig {
         arch,
         hidden_size: hidden,
         intermediate_size: need(m, &format!("{a}.feed_forward_length"), src)?,
@@ -345,12 +377,125 @@ pub fn config_from_metadata(m: &Metadata, vocab_size: usize, src: &Path) -> Resu
             .map(|v| v as usize),
         torch_dtype: None,
         raw: key_present.then_some(raw),
-    })
+    };
+    config.check_sizes(src, |field| gguf_key(a, field))?;
+    Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::value::Array;
+
+    /// The metadata of a 2-layer llama with hidden 64, 4 heads, 2 KV heads.
+    fn llama_metadata() -> Metadata {
+        let mut m = Metadata::new();
+        m.set("general.architecture", Value::String("llama".into()));
+        for (k, v) in [
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("block_count", 2),
+            ("context_length", 2048),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+        ] {
+            m.set(format!("llama.{k}"), Value::U32(v));
+        }
+        m.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+        m
+    }
+
+    fn config_err(m: &Metadata) -> String {
+        config_from_metadata(m, 100, Path::new("m.gguf"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn valid_metadata_gives_the_config() {
+        let c = config_from_metadata(&llama_metadata(), 100, Path::new("m.gguf")).unwrap();
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (4, 2));
+        assert_eq!(c.head_dim, 16);
+    }
+
+    #[test]
+    fn zero_kv_heads_is_an_error_naming_the_file_and_key() {
+        let mut m = llama_metadata();
+        m.set("llama.attention.head_count_kv", Value::U32(0));
+        let err = config_err(&m);
+        assert!(
+            err.contains("m.gguf: llama.attention.head_count_kv: is 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn head_counts_that_do_not_divide_are_errors_naming_the_key() {
+        let mut m = llama_metadata();
+        m.set("llama.attention.head_count_kv", Value::U32(3));
+        let err = config_err(&m);
+        assert!(err.contains("llama.attention.head_count_kv"), "{err}");
+        assert!(err.contains("does not divide"), "{err}");
+        let mut m = llama_metadata();
+        m.set("llama.attention.head_count", Value::U32(5));
+        m.set("llama.attention.head_count_kv", Value::U32(5));
+        let err = config_err(&m);
+        assert!(err.contains("m.gguf: llama.attention.head_count:"), "{err}");
+        assert!(err.contains("does not divide"), "{err}");
+    }
+
+    #[test]
+    fn zero_sizes_and_odd_head_dims_are_errors_naming_the_key() {
+        for (key, value, want) in [
+            (
+                "llama.attention.head_count",
+                0,
+                "llama.attention.head_count: is 0",
+            ),
+            ("llama.embedding_length", 0, "llama.embedding_length: is 0"),
+            (
+                "llama.feed_forward_length",
+                0,
+                "llama.feed_forward_length: is 0",
+            ),
+            (
+                "llama.attention.key_length",
+                0,
+                "llama.attention.key_length: is 0",
+            ),
+            (
+                "llama.attention.key_length",
+                15,
+                "llama.attention.key_length: 15 is odd",
+            ),
+        ] {
+            let mut m = llama_metadata();
+            m.set(key, Value::U32(value));
+            let err = config_err(&m);
+            assert!(err.contains(want), "{key}={value}: {err}");
+        }
+        let err = config_from_metadata(&llama_metadata(), 0, Path::new("m.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token_embd.weight: is 0"), "{err}");
+    }
+
+    #[test]
+    fn negative_or_non_integer_head_counts_are_errors_not_defaults() {
+        let mut m = llama_metadata();
+        m.set("llama.attention.head_count_kv", Value::I32(-1));
+        let err = config_err(&m);
+        assert!(err.contains("llama.attention.head_count_kv"), "{err}");
+        assert!(err.contains("non-negative integer, found -1"), "{err}");
+        let mut m = llama_metadata();
+        m.set(
+            "llama.attention.head_count_kv",
+            Value::Array(Array::U32(vec![2, 2])),
+        );
+        let err = config_err(&m);
+        assert!(err.contains("llama.attention.head_count_kv"), "{err}");
+        assert!(err.contains("non-negative integer"), "{err}");
+    }
 
     #[test]
     fn rope_permutation_interleaves_head_halves_like_llama_cpp() {

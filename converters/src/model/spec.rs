@@ -154,7 +154,7 @@ impl ModelConfig {
                     .and_then(Json::as_f64)
             })
             .unwrap_or(10000.0);
-        Ok(ModelConfig {
+        let config = ModelConfig {
             arch,
             hidden_size,
             intermediate_size: req_usize(cfg, "intermediate_size", path)?,
@@ -182,7 +182,9 @@ impl ModelConfig {
                 .and_then(Json::as_str)
                 .map(str::to_owned),
             raw: Some(cfg.clone()),
-        })
+        };
+        config.check_sizes(path, str::to_owned)?;
+        Ok(config)
     }
 
     /// config.json for this model: the original with the fields edgepack knows updated, or a
@@ -234,6 +236,69 @@ impl ModelConfig {
         cfg
     }
 
+    /// Checks the sizes every shape, head split and rotary permutation divide or multiply by:
+    /// they are positive, the KV heads divide the heads, head_dim is even (rotary pairs) and no
+    /// projection's row count overflows. `key` maps a config.json field name to the name
+    /// `path` gives it, so the error names the field as the file has it.
+    pub fn check_sizes(&self, path: &Path, key: impl Fn(&str) -> String) -> Result<()> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::format(path, key(field), "is 0; it must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::format(
+                path,
+                key("num_key_value_heads"),
+                format!(
+                    "{} does not divide the {} attention heads",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::format(
+                path,
+                key("head_dim"),
+                format!(
+                    "{} is odd; rotary embeddings rotate pairs of dimensions",
+                    self.head_dim
+                ),
+            ));
+        }
+        let q = self.num_attention_heads.checked_mul(self.head_dim);
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim);
+        let qkv = q
+            .zip(kv)
+            .and_then(|(q, kv)| kv.checked_mul(2).and_then(|kv2| q.checked_add(kv2)));
+        if qkv.is_none() {
+            return Err(Error::format(
+                path,
+                key("head_dim"),
+                format!(
+                    "{} heads of {} dimensions overflow",
+                    self.num_attention_heads, self.head_dim
+                ),
+            ));
+        }
+        if self.intermediate_size.checked_mul(2).is_none() {
+            return Err(Error::format(
+                path,
+                key("intermediate_size"),
+                format!("{} overflows", self.intermediate_size),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn n_embd_kv(&self) -> usize {
         self.num_key_value_heads * self.head_dim
     }
@@ -264,6 +329,45 @@ mod tests {
             .to_string();
         assert!(err.contains("m/config.json: architectures"), "{err}");
         assert!(err.contains("GPT2LMHeadModel"), "{err}");
+    }
+
+    fn tiny_llama() -> Json {
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-5})
+    }
+
+    #[test]
+    fn zero_sizes_and_odd_head_dims_are_errors_naming_the_field() {
+        for (field, value, want) in [
+            ("hidden_size", json!(0), "config.json: hidden_size: is 0"),
+            (
+                "num_key_value_heads",
+                json!(0),
+                "config.json: num_key_value_heads:",
+            ),
+            (
+                "num_key_value_heads",
+                json!(3),
+                "config.json: num_key_value_heads:",
+            ),
+            ("head_dim", json!(0), "config.json: head_dim: is 0"),
+            ("head_dim", json!(7), "config.json: head_dim: 7 is odd"),
+            (
+                "intermediate_size",
+                json!(0),
+                "config.json: intermediate_size: is 0",
+            ),
+            ("vocab_size", json!(0), "config.json: vocab_size: is 0"),
+            ("head_dim", json!(1u64 << 62), "config.json: head_dim:"),
+        ] {
+            let mut cfg = tiny_llama();
+            cfg[field] = value.clone();
+            let err = ModelConfig::from_hf_json(&cfg, Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{field}={value}: {err}");
+        }
     }
 
     #[test]
