@@ -70,6 +70,33 @@ fn gguf_with_zero_kv_heads_is_refused_naming_the_file_and_key() {
 }
 
 #[test]
+fn gguf_claiming_more_layers_than_it_holds_is_refused_before_allocating() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, mut bytes) = tiny_gguf(work.path(), "m.gguf");
+    set_kv_u32(&mut bytes, "llama.block_count", i32::MAX as u32);
+    let bad = work.path().join("layers.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&bad));
+    assert!(err.contains("layers.gguf: llama.block_count:"), "{err}");
+    assert!(err.contains("2147483647 layers need"), "{err}");
+}
+
+#[test]
+fn config_claiming_more_layers_than_the_safetensors_hold_is_refused_before_allocating() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    let cfg = m.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "\"num_hidden_layers\": 2",
+        "\"num_hidden_layers\": 1000000000",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&m));
+    assert!(err.contains("config.json: num_hidden_layers:"), "{err}");
+    assert!(err.contains("1000000000 layers need"), "{err}");
+}
+
+#[test]
 fn truncated_safetensors_is_refused_naming_the_file_and_nothing_is_written() {
     let work = tempfile::tempdir().unwrap();
     let m = damaged_copy(work.path(), "m");

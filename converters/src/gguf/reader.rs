@@ -201,7 +201,8 @@ impl GgufFile {
                 format!("GGUF version {version} is not supported (2 and 3 are)"),
             ));
         }
-        let n_tensors = c.count("tensor_count", 8 + 4 + 4 + 8)?;
+        // A tensor info holds at least a name length, n_dims, one dimension, a type and an offset.
+        let n_tensors = c.count("tensor_count", 8 + 4 + 8 + 4 + 8)?;
         let n_kv = c.count("kv_count", 8 + 4)?;
         let mut metadata = Metadata::new();
         for i in 0..n_kv {
@@ -331,5 +332,95 @@ impl GgufFile {
         self.metadata
             .get_str("general.architecture")
             .ok_or_else(|| Error::format(&self.path, "general.architecture", "missing"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// A GGUF v3 header claiming `n_tensors` tensor infos and `n_kv` metadata pairs.
+    fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&n_tensors.to_le_bytes());
+        b.extend_from_slice(&n_kv.to_le_bytes());
+        b
+    }
+
+    fn open_err(bytes: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open(&path).unwrap_err().to_string()
+    }
+
+    const HUGE: u64 = 1 << 60;
+
+    #[test]
+    fn huge_tensor_and_metadata_counts_are_errors_not_allocations() {
+        let err = open_err(&header(HUGE, 0));
+        assert!(err.contains("x.gguf: tensor_count:"), "{err}");
+        let err = open_err(&header(0, HUGE));
+        assert!(err.contains("x.gguf: kv_count:"), "{err}");
+    }
+
+    #[test]
+    fn huge_string_and_array_lengths_are_errors_not_allocations() {
+        let mut b = header(0, 1);
+        b.extend_from_slice(&HUGE.to_le_bytes());
+        b.extend_from_slice(b"key");
+        b.extend_from_slice(&[0u8; 64]);
+        let err = open_err(&b);
+        assert!(err.contains("metadata[0].key"), "{err}");
+
+        let mut b = header(0, 1);
+        put_str(&mut b, "general.name");
+        b.extend_from_slice(&(ValueType::String as u32).to_le_bytes());
+        b.extend_from_slice(&HUGE.to_le_bytes());
+        b.extend_from_slice(b"name");
+        b.extend_from_slice(&[0u8; 64]);
+        let err = open_err(&b);
+        assert!(err.contains("x.gguf: general.name:"), "{err}");
+
+        for et in [ValueType::U8, ValueType::U64, ValueType::String] {
+            let mut b = header(0, 1);
+            put_str(&mut b, "tokenizer.ggml.tokens");
+            b.extend_from_slice(&(ValueType::Array as u32).to_le_bytes());
+            b.extend_from_slice(&(et as u32).to_le_bytes());
+            b.extend_from_slice(&HUGE.to_le_bytes());
+            b.extend_from_slice(&[0u8; 64]);
+            let err = open_err(&b);
+            assert!(
+                err.contains("x.gguf: tokenizer.ggml.tokens:"),
+                "{et:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_n_dims_and_dimensions_are_errors_naming_the_tensor() {
+        let mut b = header(1, 0);
+        put_str(&mut b, "token_embd.weight");
+        b.extend_from_slice(&(1u32 << 31).to_le_bytes());
+        b.extend_from_slice(&[0u8; 64]);
+        let err = open_err(&b);
+        assert!(err.contains("x.gguf: token_embd.weight:"), "{err}");
+        assert!(err.contains("dimensions"), "{err}");
+
+        let mut b = header(1, 0);
+        put_str(&mut b, "token_embd.weight");
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&HUGE.to_le_bytes());
+        b.extend_from_slice(&GgmlType::F32.id().to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&[0u8; 64]);
+        let err = open_err(&b);
+        assert!(err.contains("x.gguf: token_embd.weight:"), "{err}");
     }
 }

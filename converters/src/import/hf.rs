@@ -11,7 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
-use crate::model::names::{expected_tensors, LM_HEAD};
+use crate::model::names::{expected_tensor_count, expected_tensors, LM_HEAD};
 use crate::model::{Model, ModelConfig, Source, SourceFormat, Tensor, TokenizerFiles};
 use crate::quant::GgmlType;
 
@@ -182,8 +182,25 @@ pub fn import_folder(dir: &Path) -> Result<Model> {
             by_name.insert(t.name.clone(), (t, f.clone()));
         }
     }
-    let mut tensors = Vec::new();
-    for (name, shape) in expected_tensors(&config) {
+    match expected_tensor_count(&config) {
+        Some(n) if n <= by_name.len() => {}
+        n => {
+            return Err(Error::format(
+                &cfg_path,
+                "num_hidden_layers",
+                format!(
+                    "{} layers need {} tensors, but the safetensors files hold {}",
+                    config.num_hidden_layers,
+                    n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                    by_name.len()
+                ),
+            ))
+        }
+    }
+    // Bounded by the tensors of the files, checked just above.
+    let expected = expected_tensors(&config);
+    let mut tensors = Vec::with_capacity(expected.len());
+    for (name, shape) in expected {
         let (t, f) = by_name.remove(&name).ok_or_else(|| {
             Error::format(dir, &name, "tensor missing from the safetensors files")
         })?;

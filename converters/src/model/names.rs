@@ -87,6 +87,16 @@ pub fn role_shape(role: Role, c: &ModelConfig) -> Vec<usize> {
     }
 }
 
+/// How many parameters [`expected_tensors`] lists, without building the list; `None` when the
+/// count overflows. Importers compare it with the tensors the file holds before listing them,
+/// so a corrupt layer count cannot make them allocate more than the file justifies.
+pub fn expected_tensor_count(c: &ModelConfig) -> Option<usize> {
+    let per_layer = layer_roles(c.arch).len();
+    c.num_hidden_layers
+        .checked_mul(per_layer)?
+        .checked_add(2 + usize::from(!c.tie_word_embeddings))
+}
+
 /// Every parameter a model of this config has, with its shape, in a stable order. The LM head
 /// is listed only when embeddings are not tied.
 pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
