@@ -97,6 +97,37 @@ fn config_claiming_more_layers_than_the_safetensors_hold_is_refused_before_alloc
 }
 
 #[test]
+fn config_fields_of_the_wrong_json_type_are_refused_not_defaulted() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    let cfg = m.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"rope_theta\": 10000.0", "\"rope_theta\": \"100000\"")
+        .replace(
+            "\"max_position_embeddings\": 2048",
+            "\"max_position_embeddings\": \"8192\"",
+        );
+    assert!(text.contains("\"100000\"") && text.contains("\"8192\""));
+    std::fs::write(&cfg, text).unwrap();
+    let out = work.path().join("out.gguf");
+    let err = run_err(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&m)
+            .args(["--quant", "Q8_0", "-o"])
+            .arg(&out),
+    );
+    assert!(err.contains("config.json: "), "{err}");
+    assert!(
+        err.contains("rope_theta: must be a number, found \"100000\"")
+            || err.contains("max_position_embeddings: must be a non-negative integer"),
+        "{err}"
+    );
+    assert_nothing_written(work.path(), "out.gguf");
+}
+
+#[test]
 fn truncated_safetensors_is_refused_naming_the_file_and_nothing_is_written() {
     let work = tempfile::tempdir().unwrap();
     let m = damaged_copy(work.path(), "m");

@@ -275,6 +275,17 @@ fn opt_count(m: &Metadata, key: &str, src: &Path) -> Result<Option<usize>> {
     })
 }
 
+/// An optional number (float or integer): absent is `None`; present, it must be numeric.
+fn opt_f64(m: &Metadata, key: &str, src: &Path) -> Result<Option<f64>> {
+    match m.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::format(src, key, format!("must be a number, found {v}"))),
+    }
+}
+
 /// The config.json field of a [`ModelConfig`] size -> the GGUF key (or tensor) it comes from.
 fn gguf_key(a: &str, field: &str) -> String {
     match field {
@@ -321,25 +332,26 @@ pub fn config_from_metadata(m: &Metadata, vocab_size: usize, src: &Path) -> Resu
         }
         None => hidden / n_head,
     };
-    let eps = m
-        .get_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
-        .ok_or_else(|| {
-            Error::format(
+    let eps_key = format!("{a}.attention.layer_norm_rms_epsilon");
+    let eps = opt_f64(m, &eps_key, src)?.ok_or_else(|| Error::format(src, &eps_key, "missing"))?;
+    let scaling_key = format!("{a}.rope.scaling.type");
+    let scaling_type = match m.get(&scaling_key) {
+        None => None,
+        Some(Value::String(t)) => Some(t.clone()),
+        Some(v) => {
+            return Err(Error::format(
                 src,
-                format!("{a}.attention.layer_norm_rms_epsilon"),
-                "missing",
-            )
-        })?;
-    let scaling_type = m
-        .get_str(&format!("{a}.rope.scaling.type"))
-        .map(str::to_owned);
+                scaling_key,
+                format!("must be a string, found {v}"),
+            ))
+        }
+    };
+    let orig_ctx = opt_count(m, &format!("{a}.rope.scaling.original_context_length"), src)?;
     let rope_scaling = match scaling_type.as_deref() {
         Some("linear") | Some("yarn") => {
-            let f = m
-                .get_f64(&format!("{a}.rope.scaling.factor"))
-                .unwrap_or(1.0);
+            let f = opt_f64(m, &format!("{a}.rope.scaling.factor"), src)?.unwrap_or(1.0);
             let mut r = serde_json::json!({"rope_type": scaling_type, "factor": f});
-            if let Some(o) = m.get_i64(&format!("{a}.rope.scaling.original_context_length")) {
+            if let Some(o) = orig_ctx {
                 r["original_max_position_embeddings"] = serde_json::json!(o);
             }
             Some(r)
@@ -362,19 +374,12 @@ pub fn config_from_metadata(m: &Metadata, vocab_size: usize, src: &Path) -> Resu
         vocab_size,
         max_position_embeddings: need(m, &format!("{a}.context_length"), src)?,
         rms_norm_eps: eps as f32 as f64,
-        rope_theta: m.get_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0),
+        rope_theta: opt_f64(m, &format!("{a}.rope.freq_base"), src)?.unwrap_or(10000.0),
         tie_word_embeddings: false,
         rope_scaling,
-        original_max_position_embeddings: if arch == Arch::Phi3 {
-            m.get_i64(&format!("{a}.rope.scaling.original_context_length"))
-                .map(|v| v as usize)
-        } else {
-            None
-        },
-        sliding_window: m
-            .get_i64(&format!("{a}.attention.sliding_window"))
-            .filter(|v| *v > 0)
-            .map(|v| v as usize),
+        original_max_position_embeddings: if arch == Arch::Phi3 { orig_ctx } else { None },
+        sliding_window: opt_count(m, &format!("{a}.attention.sliding_window"), src)?
+            .filter(|v| *v > 0),
         torch_dtype: None,
         raw: key_present.then_some(raw),
     };
@@ -495,6 +500,31 @@ mod tests {
         let err = config_err(&m);
         assert!(err.contains("llama.attention.head_count_kv"), "{err}");
         assert!(err.contains("non-negative integer"), "{err}");
+    }
+
+    #[test]
+    fn present_keys_of_the_wrong_type_are_errors_not_defaults() {
+        for key in [
+            "llama.rope.freq_base",
+            "llama.attention.layer_norm_rms_epsilon",
+            "llama.rope.scaling.factor",
+            "llama.rope.scaling.original_context_length",
+            "llama.attention.sliding_window",
+            "llama.context_length",
+        ] {
+            let mut m = llama_metadata();
+            m.set("llama.rope.scaling.type", Value::String("linear".into()));
+            m.set(key, Value::String("100000".into()));
+            let err = config_err(&m);
+            assert!(err.contains(&format!("m.gguf: {key}: must be ")), "{err}");
+        }
+        let mut m = llama_metadata();
+        m.set("llama.rope.scaling.type", Value::U32(1));
+        let err = config_err(&m);
+        assert!(
+            err.contains("llama.rope.scaling.type: must be a string"),
+            "{err}"
+        );
     }
 
     #[test]

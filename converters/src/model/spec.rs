@@ -95,26 +95,120 @@ pub struct ModelConfig {
     pub raw: Option<Json>,
 }
 
-fn req_usize(cfg: &Json, key: &str, path: &Path) -> Result<usize> {
-    cfg.get(key)
-        .and_then(Json::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::format(path, key, "missing or not a non-negative integer"))
+/// The JSON type a config.json field must have when it is present.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Count,
+    Number,
+    Bool,
+    Str,
+    Object,
+    Numbers,
 }
 
-fn opt_usize(cfg: &Json, key: &str) -> Option<usize> {
-    cfg.get(key).and_then(Json::as_u64).map(|v| v as usize)
+impl Kind {
+    fn holds(self, v: &Json) -> bool {
+        match self {
+            Kind::Count => v.as_u64().is_some_and(|u| usize::try_from(u).is_ok()),
+            Kind::Number => v.is_number(),
+            Kind::Bool => v.is_boolean(),
+            Kind::Str => v.is_string(),
+            Kind::Object => v.is_object(),
+            Kind::Numbers => v.as_array().is_some_and(|a| a.iter().all(Json::is_number)),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Count => "a non-negative integer",
+            Kind::Number => "a number",
+            Kind::Bool => "true or false",
+            Kind::Str => "a string",
+            Kind::Object => "an object",
+            Kind::Numbers => "an array of numbers",
+        }
+    }
+}
+
+/// Fields edgepack reads from config.json outside [`ModelConfig::from_hf_json`]'s own fields
+/// (the raw config and `rope_scaling` are read again by the forward pass and the exporters):
+/// their types are checked once, here, so no reader falls back to a default for a value of
+/// the wrong type.
+const OTHER_FIELDS: &[(&str, Kind)] = &[
+    ("partial_rotary_factor", Kind::Number),
+    ("use_sliding_window", Kind::Bool),
+    ("rope_scaling.rope_type", Kind::Str),
+    ("rope_scaling.type", Kind::Str),
+    ("rope_scaling.factor", Kind::Number),
+    ("rope_scaling.low_freq_factor", Kind::Number),
+    ("rope_scaling.high_freq_factor", Kind::Number),
+    ("rope_scaling.original_max_position_embeddings", Kind::Count),
+    ("rope_scaling.attention_factor", Kind::Number),
+    ("rope_scaling.beta_fast", Kind::Number),
+    ("rope_scaling.beta_slow", Kind::Number),
+    ("rope_scaling.long_factor", Kind::Numbers),
+    ("rope_scaling.short_factor", Kind::Numbers),
+];
+
+/// Field `key` of config.json (`a.b` for a field of an object field) if present; null counts
+/// as absent, as transformers treats it. A present value of the wrong type is an error naming
+/// the file and the field.
+fn field<'a>(cfg: &'a Json, key: &str, kind: Kind, path: &Path) -> Result<Option<&'a Json>> {
+    let mut v = Some(cfg);
+    for part in key.split('.') {
+        v = v.and_then(|o| o.get(part)).filter(|v| !v.is_null());
+    }
+    match v {
+        Some(v) if !kind.holds(v) => Err(Error::format(
+            path,
+            key,
+            format!("must be {}, found {v}", kind.describe()),
+        )),
+        v => Ok(v),
+    }
+}
+
+fn opt_usize(cfg: &Json, key: &str, path: &Path) -> Result<Option<usize>> {
+    Ok(field(cfg, key, Kind::Count, path)?
+        .and_then(Json::as_u64)
+        .map(|v| v as usize))
+}
+
+fn req_usize(cfg: &Json, key: &str, path: &Path) -> Result<usize> {
+    opt_usize(cfg, key, path)?.ok_or_else(|| Error::format(path, key, "missing"))
+}
+
+fn opt_f64(cfg: &Json, key: &str, path: &Path) -> Result<Option<f64>> {
+    Ok(field(cfg, key, Kind::Number, path)?.and_then(Json::as_f64))
+}
+
+fn opt_str(cfg: &Json, key: &str, path: &Path) -> Result<Option<String>> {
+    Ok(field(cfg, key, Kind::Str, path)?
+        .and_then(Json::as_str)
+        .map(str::to_owned))
 }
 
 impl ModelConfig {
-    /// Reads config.json. `path` names the file in errors.
+    /// Reads config.json. `path` names the file in errors. Absent (or null) optional fields
+    /// take transformers' defaults (`num_key_value_heads` = `num_attention_heads`, `head_dim`
+    /// = `hidden_size / num_attention_heads`, `rope_theta` 10000, `max_position_embeddings`
+    /// 2048, `tie_word_embeddings` false); a present field of the wrong JSON type is an error.
     pub fn from_hf_json(cfg: &Json, path: &Path) -> Result<ModelConfig> {
+        if !cfg.is_object() {
+            return Err(Error::format(path, "json", "must be an object"));
+        }
         let class = cfg
             .get("architectures")
             .and_then(Json::as_array)
             .and_then(|a| a.first())
             .and_then(Json::as_str)
-            .ok_or_else(|| Error::format(path, "architectures", "missing"))?;
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    "architectures",
+                    "missing or not a list of class names",
+                )
+            })?;
         let arch = Arch::from_hf_class(class).ok_or_else(|| {
             Error::unsupported(
                 path,
@@ -125,6 +219,9 @@ impl ModelConfig {
                 ),
             )
         })?;
+        for (key, kind) in OTHER_FIELDS {
+            field(cfg, key, *kind, path)?;
+        }
         let hidden_size = req_usize(cfg, "hidden_size", path)?;
         let num_attention_heads = req_usize(cfg, "num_attention_heads", path)?;
         if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
@@ -135,7 +232,7 @@ impl ModelConfig {
             ));
         }
         let num_key_value_heads =
-            opt_usize(cfg, "num_key_value_heads").unwrap_or(num_attention_heads);
+            opt_usize(cfg, "num_key_value_heads", path)?.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(Error::format(
                 path,
@@ -143,17 +240,18 @@ impl ModelConfig {
                 format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
             ));
         }
-        let head_dim = opt_usize(cfg, "head_dim").unwrap_or(hidden_size / num_attention_heads);
-        let rope_scaling = cfg.get("rope_scaling").filter(|v| !v.is_null()).cloned();
-        let rope_theta = cfg
-            .get("rope_theta")
-            .and_then(Json::as_f64)
-            .or_else(|| {
-                cfg.get("rope_parameters")
-                    .and_then(|r| r.get("rope_theta"))
-                    .and_then(Json::as_f64)
-            })
-            .unwrap_or(10000.0);
+        let head_dim =
+            opt_usize(cfg, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads);
+        let rope_scaling = field(cfg, "rope_scaling", Kind::Object, path)?.cloned();
+        field(cfg, "rope_parameters", Kind::Object, path)?;
+        let rope_theta = match opt_f64(cfg, "rope_theta", path)? {
+            Some(t) => t,
+            None => opt_f64(cfg, "rope_parameters.rope_theta", path)?.unwrap_or(10000.0),
+        };
+        let torch_dtype = match opt_str(cfg, "torch_dtype", path)? {
+            Some(d) => Some(d),
+            None => opt_str(cfg, "dtype", path)?,
+        };
         let config = ModelConfig {
             arch,
             hidden_size,
@@ -163,24 +261,22 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: req_usize(cfg, "vocab_size", path)?,
-            max_position_embeddings: opt_usize(cfg, "max_position_embeddings").unwrap_or(2048),
-            rms_norm_eps: cfg
-                .get("rms_norm_eps")
-                .and_then(Json::as_f64)
-                .ok_or_else(|| Error::format(path, "rms_norm_eps", "missing or not a number"))?,
+            max_position_embeddings: opt_usize(cfg, "max_position_embeddings", path)?
+                .unwrap_or(2048),
+            rms_norm_eps: opt_f64(cfg, "rms_norm_eps", path)?
+                .ok_or_else(|| Error::format(path, "rms_norm_eps", "missing"))?,
             rope_theta,
-            tie_word_embeddings: cfg
-                .get("tie_word_embeddings")
+            tie_word_embeddings: field(cfg, "tie_word_embeddings", Kind::Bool, path)?
                 .and_then(Json::as_bool)
                 .unwrap_or(false),
             rope_scaling,
-            original_max_position_embeddings: opt_usize(cfg, "original_max_position_embeddings"),
-            sliding_window: opt_usize(cfg, "sliding_window"),
-            torch_dtype: cfg
-                .get("torch_dtype")
-                .or_else(|| cfg.get("dtype"))
-                .and_then(Json::as_str)
-                .map(str::to_owned),
+            original_max_position_embeddings: opt_usize(
+                cfg,
+                "original_max_position_embeddings",
+                path,
+            )?,
+            sliding_window: opt_usize(cfg, "sliding_window", path)?,
+            torch_dtype,
             raw: Some(cfg.clone()),
         };
         config.check_sizes(path, str::to_owned)?;
@@ -368,6 +464,105 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{field}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn present_fields_of_the_wrong_type_are_errors_naming_the_field() {
+        for (field, value) in [
+            ("rope_theta", json!("100000")),
+            ("max_position_embeddings", json!("8192")),
+            ("max_position_embeddings", json!(8192.5)),
+            ("rms_norm_eps", json!("1e-5")),
+            ("vocab_size", json!("100")),
+            ("hidden_size", json!(-64)),
+            ("num_key_value_heads", json!(2.5)),
+            ("head_dim", json!("16")),
+            ("tie_word_embeddings", json!("true")),
+            ("tie_word_embeddings", json!(1)),
+            ("torch_dtype", json!(16)),
+            ("sliding_window", json!(true)),
+            ("original_max_position_embeddings", json!("4096")),
+            ("rope_scaling", json!("llama3")),
+            ("partial_rotary_factor", json!("0.5")),
+            ("use_sliding_window", json!("yes")),
+        ] {
+            let mut cfg = tiny_llama();
+            cfg[field] = value.clone();
+            let err = ModelConfig::from_hf_json(&cfg, Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
+            let want = format!("m/config.json: {field}: must be ");
+            assert!(err.contains(&want), "{field}={value}: {err}");
+            assert!(err.contains(&value.to_string()), "{field}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn nested_rope_fields_of_the_wrong_type_are_errors_naming_the_field() {
+        for (rope, field) in [
+            (
+                json!({"rope_scaling": {"rope_type": "llama3", "factor": "8"}}),
+                "rope_scaling.factor",
+            ),
+            (
+                json!({"rope_scaling": {"rope_type": 3}}),
+                "rope_scaling.rope_type",
+            ),
+            (
+                json!({"rope_scaling": {"type": "longrope", "long_factor": ["1"]}}),
+                "rope_scaling.long_factor",
+            ),
+            (
+                json!({"rope_scaling": {"rope_type": "llama3",
+                    "original_max_position_embeddings": 8192.5}}),
+                "rope_scaling.original_max_position_embeddings",
+            ),
+            (
+                json!({"rope_parameters": {"rope_theta": "500000"}}),
+                "rope_parameters.rope_theta",
+            ),
+            (json!({"rope_parameters": 500000}), "rope_parameters"),
+        ] {
+            let mut cfg = tiny_llama();
+            for (k, v) in rope.as_object().unwrap() {
+                cfg[k] = v.clone();
+            }
+            let err = ModelConfig::from_hf_json(&cfg, Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
+            let want = format!("m/config.json: {field}: must be ");
+            assert!(err.contains(&want), "{rope}: {err}");
+        }
+    }
+
+    #[test]
+    fn absent_or_null_optional_fields_keep_their_documented_defaults() {
+        let mut cfg = tiny_llama();
+        for k in [
+            "rope_theta",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "num_key_value_heads",
+            "head_dim",
+            "sliding_window",
+            "rope_scaling",
+            "torch_dtype",
+        ] {
+            cfg[k] = Json::Null;
+        }
+        let c = ModelConfig::from_hf_json(&cfg, Path::new("config.json")).unwrap();
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.max_position_embeddings, 2048);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!((c.num_key_value_heads, c.head_dim), (4, 16));
+        assert_eq!((c.sliding_window, c.rope_scaling.is_none()), (None, true));
+        cfg["rope_theta"] = json!(500000);
+        cfg["rope_parameters"] = json!({"rope_theta": 1.0});
+        let c = ModelConfig::from_hf_json(&cfg, Path::new("config.json")).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        cfg["rope_theta"] = Json::Null;
+        let c = ModelConfig::from_hf_json(&cfg, Path::new("config.json")).unwrap();
+        assert_eq!(c.rope_theta, 1.0);
     }
 
     #[test]
