@@ -54,6 +54,45 @@ fn set_kv_u32(gguf: &mut [u8], key: &str, value: u32) {
     gguf[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
 }
 
+/// Overwrites the ggml type id in tensor `name`'s info in place.
+fn set_tensor_type(gguf: &mut [u8], name: &str, type_id: u32) {
+    let at = after_gguf_string(gguf, name);
+    let n_dims = u32::from_le_bytes(gguf[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    gguf[ty..ty + 4].copy_from_slice(&type_id.to_le_bytes());
+}
+
+#[test]
+fn gguf_with_a_tensor_type_changed_is_refused_by_inspect_and_export() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, mut bytes) = tiny_gguf(work.path(), "m.gguf");
+    // Q8_0 (8) -> Q4_0 (2): the header stays well formed, the data layout no longer adds up.
+    set_tensor_type(&mut bytes, "blk.0.attn_q.weight", 2);
+    let bad = work.path().join("type.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&bad));
+    assert!(err.contains("type.gguf: "), "{err}");
+    assert!(err.contains(".offset: data offset"), "{err}");
+    assert!(err.contains("blk.0.attn_q.weight before it (Q4_0"), "{err}");
+    let out = work.path().join("out.gguf");
+    let err = run_err(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(&bad)
+            .args(["--quant", "Q8_0", "-o"])
+            .arg(&out),
+    );
+    assert!(err.contains("blk.0.attn_q.weight before it (Q4_0"), "{err}");
+    assert_nothing_written(work.path(), "out.gguf");
+    set_tensor_type(&mut bytes, "blk.0.attn_q.weight", 200);
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = run_err(edgepack().arg("inspect").arg(&bad));
+    assert!(
+        err.contains("type.gguf: blk.0.attn_q.weight.type: type id 200 is not a ggml type"),
+        "{err}"
+    );
+}
+
 #[test]
 fn gguf_with_zero_kv_heads_is_refused_naming_the_file_and_key() {
     let work = tempfile::tempdir().unwrap();

@@ -238,43 +238,81 @@ impl GgufFile {
             if n_dims == 0 || n_dims > MAX_DIMS {
                 return Err(Error::format(
                     path,
-                    &name,
+                    format!("{name}.n_dims"),
                     format!("has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"),
                 ));
             }
             let mut ne = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
                 let d = c.u64(&format!("{name}.ne"))?;
-                ne.push(usize::try_from(d).map_err(|_| {
-                    Error::format(path, &name, format!("dimension {d} is too large"))
-                })?);
+                // ggml's dimensions are int64_t; llama.cpp rejects negative ones.
+                ne.push(
+                    usize::try_from(d)
+                        .ok()
+                        .filter(|_| d <= i64::MAX as u64)
+                        .ok_or_else(|| {
+                            Error::format(
+                                path,
+                                format!("{name}.ne"),
+                                format!("dimension {d} is too large"),
+                            )
+                        })?,
+                );
             }
             let tid = c.u32(&format!("{name}.type"))?;
-            let ty = GgmlType::from_id(tid).ok_or_else(|| {
-                Error::unsupported(path, &name, format!("tensor type id {tid} is unknown"))
+            let ty = GgmlType::from_id(tid).ok_or_else(|| match GgmlType::ggml_name(tid) {
+                Some(known) => Error::unsupported(
+                    path,
+                    format!("{name}.type"),
+                    format!("ggml type {known} (id {tid}) is not supported by edgepack"),
+                ),
+                None => Error::format(
+                    path,
+                    format!("{name}.type"),
+                    format!("type id {tid} is not a ggml type (corrupt file?)"),
+                ),
             })?;
-            let offset = c.u64(&format!("{name}.offset"))? as usize;
+            let offset = c.u64(&format!("{name}.offset"))?;
+            // llama.cpp keeps element counts within int64_t.
             let n: usize = ne
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| Error::format(path, &name, "element count overflows"))?;
-            let size = ty
-                .bytes_for(n)
-                .filter(|_| ne[0] % ty.block_size() == 0)
+                .filter(|n| *n <= i64::MAX as usize)
                 .ok_or_else(|| {
                     Error::format(
                         path,
-                        &name,
-                        format!(
-                            "ne0 = {} is not a multiple of {ty}'s block size {}",
-                            ne[0],
-                            ty.block_size()
-                        ),
+                        format!("{name}.ne"),
+                        format!("the element count of dimensions {ne:?} overflows"),
                     )
                 })?;
+            if ne[0] % ty.block_size() != 0 {
+                return Err(Error::format(
+                    path,
+                    format!("{name}.ne"),
+                    format!(
+                        "ne0 = {} is not a multiple of {ty}'s block size {}",
+                        ne[0],
+                        ty.block_size()
+                    ),
+                ));
+            }
+            let size = ty.bytes_for(n).ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("{name}.ne"),
+                    format!("{n} elements of {ty} overflow a byte count"),
+                )
+            })?;
             if infos.iter().any(|t: &TensorInfo| t.name == name) {
                 return Err(Error::format(path, &name, "duplicate tensor name"));
             }
+            let offset = usize::try_from(offset).map_err(|_| {
+                Error::format(
+                    path,
+                    format!("{name}.offset"),
+                    format!("data offset {offset} is too large"),
+                )
+            })?;
             infos.push(TensorInfo {
                 name,
                 ne,
@@ -284,29 +322,68 @@ impl GgufFile {
             });
         }
         let data_start = c.pos.div_ceil(alignment) * alignment;
-        for t in &mut infos {
+        // As llama.cpp's gguf_init: tensor data is laid out in header order, each tensor's
+        // offset is the sum of the aligned sizes before it (so offsets are aligned and tensors
+        // never overlap), and each tensor lies inside the file. A corrupt type or shape shows
+        // up here as an offset that does not follow from the sizes before it.
+        let mut expected = 0usize;
+        for i in 0..infos.len() {
+            let t = &infos[i];
             if t.offset % alignment != 0 {
                 return Err(Error::format(
                     path,
-                    &t.name,
+                    format!("{}.offset", t.name),
                     format!("data offset {} is not aligned to {alignment}", t.offset),
+                ));
+            }
+            if t.offset != expected {
+                let why = match i.checked_sub(1).map(|p| &infos[p]) {
+                    Some(p) => format!(
+                        "{} before it ({} {:?}, {} bytes) ends at {expected} once padded to \
+                         {alignment}",
+                        p.name, p.ty, p.ne, p.size
+                    ),
+                    None => "the first tensor's data starts at 0".into(),
+                };
+                return Err(Error::format(
+                    path,
+                    format!("{}.offset", t.name),
+                    format!(
+                        "data offset {}, but {why}; llama.cpp requires each tensor's data right \
+                         after the previous one's, so a tensor's type or shape is corrupt",
+                        t.offset
+                    ),
                 ));
             }
             let start = data_start
                 .checked_add(t.offset)
-                .ok_or_else(|| Error::format(path, &t.name, "data offset overflows"))?;
-            if start + t.size > map.len() {
+                .filter(|s| s.checked_add(t.size).is_some_and(|end| end <= map.len()));
+            let Some(start) = start else {
                 return Err(Error::format(
                     path,
                     &t.name,
                     format!(
-                        "tensor data ends at byte {} but the file has {} bytes (truncated)",
-                        start + t.size,
+                        "{} data of {} bytes at byte {} ends past the end of the file, which has \
+                         {} bytes (truncated, or a corrupt type or shape)",
+                        t.ty,
+                        t.size,
+                        data_start as u128 + t.offset as u128,
                         map.len()
                     ),
                 ));
-            }
-            t.offset = start;
+            };
+            expected = t
+                .size
+                .checked_next_multiple_of(alignment)
+                .and_then(|padded| expected.checked_add(padded))
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        &t.name,
+                        format!("data offset {expected} plus {} bytes overflows", t.size),
+                    )
+                })?;
+            infos[i].offset = start;
         }
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -362,6 +439,126 @@ mod tests {
 
     const HUGE: u64 = 1 << 60;
 
+    /// A GGUF with no metadata and these tensor infos (name, dims, type id, offset), followed
+    /// by `data` zero bytes of tensor data.
+    fn raw_file(tensors: &[(&str, &[u64], u32, u64)], data: usize) -> Vec<u8> {
+        let mut b = header(tensors.len() as u64, 0);
+        for (name, ne, ty, offset) in tensors {
+            put_str(&mut b, name);
+            b.extend_from_slice(&(ne.len() as u32).to_le_bytes());
+            for d in *ne {
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+        }
+        b.resize(b.len().next_multiple_of(32) + data, 0);
+        b
+    }
+
+    const F32: u32 = 0;
+    const Q4_0: u32 = 2;
+    const Q8_0: u32 = 8;
+
+    #[test]
+    fn contiguous_aligned_tensors_open_at_their_absolute_offsets() {
+        let b = raw_file(
+            &[
+                ("a", &[3], F32, 0),
+                ("b", &[32, 2], Q8_0, 32),
+                ("c", &[8], F32, 128),
+            ],
+            160,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, &b).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        let offsets: Vec<_> = f.tensors.iter().map(|t| t.offset - f.data_start).collect();
+        assert_eq!(offsets, [0, 32, 128]);
+        assert_eq!(f.tensors[1].size, 68);
+    }
+
+    #[test]
+    fn changed_type_id_is_refused_naming_the_tensors_and_the_offset() {
+        // b was Q8_0 (68 bytes, ending at 128 once padded): as Q4_0 it is 36 bytes and ends
+        // at 96, so c's offset no longer follows it.
+        let b = raw_file(
+            &[
+                ("a", &[3], F32, 0),
+                ("b", &[32, 2], Q4_0, 32),
+                ("c", &[8], F32, 128),
+            ],
+            160,
+        );
+        let err = open_err(&b);
+        assert!(err.contains("x.gguf: c.offset: data offset 128"), "{err}");
+        assert!(
+            err.contains("b before it (Q4_0 [32, 2], 36 bytes) ends at 96"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn misaligned_overlapping_or_gapped_offsets_are_refused_naming_the_offset() {
+        for (offset, want) in [
+            (36, "b.offset: data offset 36 is not aligned to 32"),
+            (0, "b.offset: data offset 0, but a before it"),
+            (64, "b.offset: data offset 64, but a before it"),
+        ] {
+            let b = raw_file(&[("a", &[3], F32, 0), ("b", &[8], F32, offset)], 128);
+            let err = open_err(&b);
+            assert!(err.contains(want), "offset {offset}: {err}");
+        }
+        let b = raw_file(&[("a", &[3], F32, 32)], 64);
+        let err = open_err(&b);
+        assert!(
+            err.contains("a.offset: data offset 32, but the first"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn data_past_the_end_of_the_file_is_refused_naming_the_tensor() {
+        let b = raw_file(&[("a", &[3], F32, 0), ("b", &[32, 2], Q8_0, 32)], 99);
+        let err = open_err(&b);
+        assert!(err.contains("x.gguf: b: Q8_0 data of 68 bytes"), "{err}");
+        assert!(err.contains("past the end of the file"), "{err}");
+    }
+
+    #[test]
+    fn type_ids_ggml_does_not_know_are_refused_and_known_ones_named() {
+        let err = open_err(&raw_file(&[("a", &[32], 200, 0)], 128));
+        assert!(
+            err.contains("x.gguf: a.type: type id 200 is not a ggml type"),
+            "{err}"
+        );
+        let err = open_err(&raw_file(&[("a", &[32], 4, 0)], 128));
+        assert!(
+            err.contains("a.type: type id 4 is not a ggml type"),
+            "{err}"
+        );
+        let err = open_err(&raw_file(&[("a", &[256], 16, 0)], 128));
+        assert!(
+            err.contains("a.type: unsupported: ggml type IQ2_XXS (id 16)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dimensions_whose_product_or_byte_size_overflows_are_refused() {
+        for ne in [&[1u64 << 32, 1 << 32][..], &[1 << 63], &[1 << 40, 1 << 30]] {
+            let err = open_err(&raw_file(&[("a", ne, F32, 0)], 128));
+            assert!(err.contains("x.gguf: a.ne:"), "{ne:?}: {err}");
+        }
+        // 2^62 elements fit int64_t; 2^64 bytes of F32 do not fit a byte count.
+        let err = open_err(&raw_file(&[("a", &[1 << 62], F32, 0)], 128));
+        assert!(
+            err.contains("x.gguf: a.ne:") && err.contains("overflow"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn huge_tensor_and_metadata_counts_are_errors_not_allocations() {
         let err = open_err(&header(HUGE, 0));
@@ -410,7 +607,7 @@ mod tests {
         b.extend_from_slice(&(1u32 << 31).to_le_bytes());
         b.extend_from_slice(&[0u8; 64]);
         let err = open_err(&b);
-        assert!(err.contains("x.gguf: token_embd.weight:"), "{err}");
+        assert!(err.contains("x.gguf: token_embd.weight.n_dims:"), "{err}");
         assert!(err.contains("dimensions"), "{err}");
 
         let mut b = header(1, 0);

@@ -92,6 +92,33 @@ impl GgmlType {
         GgmlType::ALL.iter().copied().find(|t| t.id() == id)
     }
 
+    /// The name ggml gives type id `id` (`ggml.h`'s `enum ggml_type`), for ids ggml loads from
+    /// GGUF files, whether or not edgepack supports them; `None` for ids ggml rejects (unused,
+    /// removed, or past `GGML_TYPE_COUNT`).
+    pub fn ggml_name(id: u32) -> Option<&'static str> {
+        if let Some(t) = GgmlType::from_id(id) {
+            return Some(t.name());
+        }
+        Some(match id {
+            16 => "IQ2_XXS",
+            17 => "IQ2_XS",
+            18 => "IQ3_XXS",
+            19 => "IQ1_S",
+            20 => "IQ4_NL",
+            21 => "IQ3_S",
+            22 => "IQ2_S",
+            23 => "IQ4_XS",
+            29 => "IQ1_M",
+            34 => "TQ1_0",
+            35 => "TQ2_0",
+            39 => "MXFP4",
+            40 => "NVFP4",
+            41 => "Q1_0",
+            42 => "Q2_0",
+            _ => return None,
+        })
+    }
+
     /// Elements per block.
     pub fn block_size(self) -> usize {
         use GgmlType::*;
@@ -125,10 +152,14 @@ impl GgmlType {
         }
     }
 
-    /// Bytes taken by `n` elements; `None` when `n` is not a whole number of blocks.
+    /// Bytes taken by `n` elements; `None` when `n` is not a whole number of blocks or the
+    /// byte count overflows.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let b = self.block_size();
-        (n % b == 0).then(|| n / b * self.type_size())
+        if n % b != 0 {
+            return None;
+        }
+        (n / b).checked_mul(self.type_size())
     }
 
     /// Bits per weight, as llama.cpp reports them.
