@@ -2,6 +2,7 @@
 //! until a tensor is asked for. Every bound is checked, so a truncated or corrupt file gives an
 //! error naming the field instead of a crash (shared/facts/gguf.md §1).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -231,6 +232,7 @@ impl GgufFile {
             }
         };
         let mut infos = Vec::with_capacity(n_tensors);
+        let mut names = HashSet::with_capacity(n_tensors);
         for i in 0..n_tensors {
             let field = format!("tensor_info[{i}]");
             let name = c.string(&format!("{field}.name"))?;
@@ -303,7 +305,7 @@ impl GgufFile {
                     format!("{n} elements of {ty} overflow a byte count"),
                 )
             })?;
-            if infos.iter().any(|t: &TensorInfo| t.name == name) {
+            if !names.insert(name.clone()) {
                 return Err(Error::format(path, &name, "duplicate tensor name"));
             }
             let offset = usize::try_from(offset).map_err(|_| {
@@ -555,6 +557,48 @@ mod tests {
         let err = open_err(&raw_file(&[("a", &[1 << 62], F32, 0)], 128));
         assert!(
             err.contains("x.gguf: a.ne:") && err.contains("overflow"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn headers_with_100k_keys_and_100k_tensors_parse_and_duplicates_are_found() {
+        const N: usize = 100_000;
+        let mut b = header(0, N as u64);
+        for i in 0..N {
+            put_str(&mut b, &format!("x.key.{i:06}"));
+            b.extend_from_slice(&(ValueType::U32 as u32).to_le_bytes());
+            b.extend_from_slice(&(i as u32).to_le_bytes());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, &b).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.metadata.len(), N);
+        assert_eq!(f.metadata.get("x.key.099999"), Some(&Value::U32(99_999)));
+        // The last key repeats the first.
+        let at = b.len() - (8 + 12 + 4 + 4);
+        b[at + 8..at + 20].copy_from_slice(b"x.key.000000");
+        let err = open_err(&b);
+        assert!(err.contains("x.gguf: x.key.000000: duplicate key"), "{err}");
+
+        let names: Vec<String> = (0..N).map(|i| format!("t.{i:06}")).collect();
+        let infos: Vec<(&str, &[u64], u32, u64)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), &[8u64][..], F32, 32 * i as u64))
+            .collect();
+        let b = raw_file(&infos, 32 * N);
+        std::fs::write(&path, &b).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.tensors.len(), N);
+        assert_eq!(f.tensors[N - 1].name, "t.099999");
+        assert_eq!(f.tensors[N - 1].offset, f.data_start + 32 * (N - 1));
+        let mut infos = infos;
+        infos[N - 1].0 = "t.000000";
+        let err = open_err(&raw_file(&infos, 32 * N));
+        assert!(
+            err.contains("x.gguf: t.000000: duplicate tensor name"),
             "{err}"
         );
     }

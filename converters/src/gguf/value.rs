@@ -3,6 +3,7 @@
 //! llama.cpp checks the stored type of every key exactly, with no integer widening, so a value
 //! keeps the type it was read or built with all the way to the writer.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// The value type ids of GGUF metadata.
@@ -224,9 +225,20 @@ impl fmt::Display for Value {
 }
 
 /// Ordered metadata: GGUF keeps KV pairs in file order and edgepack writes them in a stable order.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Keys are also indexed, so lookups and inserts take constant time and reading a header with
+/// many keys stays linear.
+#[derive(Debug, Clone, Default)]
 pub struct Metadata {
     entries: Vec<(String, Value)>,
+    /// Key -> its position in `entries`.
+    index: HashMap<String, usize>,
+}
+
+/// Equal when the same keys hold the same values in the same order.
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
 }
 
 impl Metadata {
@@ -237,20 +249,27 @@ impl Metadata {
     /// Sets `key`, replacing an earlier value in place.
     pub fn set(&mut self, key: impl Into<String>, value: Value) {
         let key = key.into();
-        if let Some(slot) = self.entries.iter_mut().find(|(k, _)| *k == key) {
-            slot.1 = value;
+        if let Some(&i) = self.index.get(&key) {
+            self.entries[i].1 = value;
         } else {
+            self.index.insert(key.clone(), self.entries.len());
             self.entries.push((key, value));
         }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.index.get(key).map(|&i| &self.entries[i].1)
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        let i = self.entries.iter().position(|(k, _)| k == key)?;
-        Some(self.entries.remove(i).1)
+        let i = self.index.remove(key)?;
+        let (_, v) = self.entries.remove(i);
+        for (k, _) in &self.entries[i..] {
+            if let Some(j) = self.index.get_mut(k) {
+                *j -= 1;
+            }
+        }
+        Some(v)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
@@ -283,5 +302,33 @@ impl Metadata {
 
     pub fn get_array(&self, key: &str) -> Option<&Array> {
         self.get(key).and_then(Value::as_array)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_keeps_insertion_order_through_set_and_remove() {
+        let mut m = Metadata::new();
+        for (i, k) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            m.set(k, Value::U32(i as u32));
+        }
+        m.set("b", Value::U32(9));
+        assert_eq!(m.remove("a"), Some(Value::U32(0)));
+        assert_eq!(m.remove("a"), None);
+        m.set("a", Value::U32(7));
+        let keys: Vec<_> = m.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["b", "c", "d", "a"]);
+        assert_eq!(m.get("b"), Some(&Value::U32(9)));
+        assert_eq!(m.get("d"), Some(&Value::U32(3)));
+        assert_eq!(m.get("a"), Some(&Value::U32(7)));
+        assert_eq!(m.len(), 4);
+        let mut other = Metadata::new();
+        for k in ["b", "c", "d", "a"] {
+            other.set(k, m.get(k).unwrap().clone());
+        }
+        assert_eq!(m, other);
     }
 }
