@@ -167,6 +167,33 @@ fn config_fields_of_the_wrong_json_type_are_refused_not_defaulted() {
 }
 
 #[test]
+fn safetensors_index_pointing_outside_the_model_folder_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let m = damaged_copy(work.path(), "m");
+    std::fs::write(work.path().join("x.safetensors"), b"not read").unwrap();
+    for shard in ["/etc/passwd", "../x.safetensors", "sub/../../x.safetensors"] {
+        let index = serde_json::json!({
+            "metadata": {},
+            "weight_map": {"model.embed_tokens.weight": shard},
+        });
+        std::fs::write(
+            m.join("model.safetensors.index.json"),
+            serde_json::to_string(&index).unwrap(),
+        )
+        .unwrap();
+        let err = run_err(edgepack().arg("inspect").arg(&m));
+        assert!(
+            err.contains("model.safetensors.index.json: weight_map.model.embed_tokens.weight:"),
+            "{shard}: {err}"
+        );
+        assert!(
+            err.contains(&format!("shard `{shard}` is not a plain file name")),
+            "{shard}: {err}"
+        );
+    }
+}
+
+#[test]
 fn truncated_safetensors_is_refused_naming_the_file_and_nothing_is_written() {
     let work = tempfile::tempdir().unwrap();
     let m = damaged_copy(work.path(), "m");

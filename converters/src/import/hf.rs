@@ -1,9 +1,9 @@
 //! Imports a Hugging Face model folder: config.json, single or sharded safetensors (memory
 //! mapped; nothing is read until a tensor is used), tokenizer and generation files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -54,6 +54,15 @@ pub fn read_tokenizer_files(dir: &Path) -> Result<TokenizerFiles> {
     })
 }
 
+/// A name with no folder part: not empty, no separator, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(Component::Normal(n)), None) if n == name
+    ) && !name.contains(['/', '\\'])
+}
+
 /// The safetensors files of a folder: the index's shards, or the single file.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
@@ -63,18 +72,23 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .get("weight_map")
             .and_then(Json::as_object)
             .ok_or_else(|| Error::format(&index, "weight_map", "missing or not an object"))?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for v in map.values() {
+        let mut files = BTreeSet::new();
+        for (tensor, v) in map {
+            let field = || format!("weight_map.{tensor}");
             let f = v
                 .as_str()
-                .ok_or_else(|| Error::format(&index, "weight_map", "a value is not a file name"))?;
-            let p = dir.join(f);
-            if !files.contains(&p) {
-                files.push(p);
+                .ok_or_else(|| Error::format(&index, field(), "is not a file name"))?;
+            // The index is data: it must not send the importer to a file outside the folder.
+            if !is_plain_file_name(f) {
+                return Err(Error::format(
+                    &index,
+                    field(),
+                    format!("shard `{f}` is not a plain file name inside the model folder"),
+                ));
             }
+            files.insert(dir.join(f));
         }
-        files.sort();
-        return Ok(files);
+        return Ok(files.into_iter().collect());
     }
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -241,4 +255,30 @@ pub fn import_folder(dir: &Path) -> Result<Model> {
         name,
         card: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_file_names_are_shard_names() {
+        for ok in ["model-00001-of-00002.safetensors", "a..b", ".hidden"] {
+            assert!(is_plain_file_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc/passwd",
+            "sub/x",
+            "x/",
+            "./x",
+            "a\\b",
+            "..\\x",
+        ] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
 }
