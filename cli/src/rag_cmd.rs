@@ -224,9 +224,17 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
                 (None, None) => anyhow::bail!("give a question or --questions FILE"),
             };
             let guard = base.meta.guard.as_ref();
+            base.check_embedder(enc.identity())?;
             let mut results = Vec::with_capacity(asked.len());
             for q in &asked {
-                let hits = base.query(&enc, q, k)?;
+                let t0 = std::time::Instant::now();
+                let v = enc.embed(q)?;
+                let t1 = std::time::Instant::now();
+                let hits = base.search(&v, k)?;
+                let (embed_ms, search_ms) = (
+                    (t1 - t0).as_secs_f64() * 1e3,
+                    t1.elapsed().as_secs_f64() * 1e3,
+                );
                 let refused = guard.map(|g| hits.first().is_none_or(|h| h.score < g.threshold));
                 if !json_out {
                     if asked.len() > 1 {
@@ -243,7 +251,13 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
                         );
                     }
                 }
-                results.push(json!({"question": q, "hits": hits, "out_of_domain": refused}));
+                results.push(json!({
+                    "question": q,
+                    "hits": hits,
+                    "out_of_domain": refused,
+                    "embed_ms": embed_ms,
+                    "search_ms": search_ms,
+                }));
             }
             if json_out {
                 let threshold = guard.map(|g| g.threshold);

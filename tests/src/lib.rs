@@ -269,35 +269,40 @@ pub fn minilm_dir() -> PathBuf {
     d
 }
 
-/// The Tern T3 knowledge base (manual and support conversations, `rag build` defaults) with
-/// its guard calibrated on the held-out Tern questions against the general ones, built once
-/// per run: the folder holding `kb.safetensors`.
-pub fn tern_kb() -> PathBuf {
+/// The Tern T3 knowledge base (manual and support conversations in chunks of `tokens`, a
+/// quarter overlapping) with its guard calibrated on the held-out Tern questions against the
+/// general ones, built once per run: the folder holding `kb.safetensors`.
+pub fn tern_kb(tokens: usize) -> PathBuf {
     let tern = root().join("recipes/data/tern-t3");
-    fixtures::build_once(&shared_work_dir().join("tern-kb"), |tmp| {
-        std::fs::create_dir_all(tmp).unwrap();
-        run_ok(
-            edgepack()
-                .args(["rag", "build"])
-                .arg(tern.join("manual.txt"))
-                .arg(tern.join("conversations.txt"))
-                .arg("--embedder")
-                .arg(minilm_dir())
-                .arg("-o")
-                .arg(tmp),
-        );
-        run_ok(
-            edgepack()
-                .args(["rag", "calibrate"])
-                .arg(tmp)
-                .arg("--embedder")
-                .arg(minilm_dir())
-                .arg("--in-domain")
-                .arg(tern.join("heldout.jsonl"))
-                .arg("--out-of-domain")
-                .arg(tern.join("out_of_domain.txt")),
-        );
-    })
+    fixtures::build_once(
+        &shared_work_dir().join(format!("tern-kb-{tokens}")),
+        |tmp| {
+            std::fs::create_dir_all(tmp).unwrap();
+            run_ok(
+                edgepack()
+                    .args(["rag", "build"])
+                    .arg(tern.join("manual.txt"))
+                    .arg(tern.join("conversations.txt"))
+                    .arg("--embedder")
+                    .arg(minilm_dir())
+                    .args(["--chunk-tokens", &tokens.to_string()])
+                    .args(["--overlap", &(tokens / 4).to_string()])
+                    .arg("-o")
+                    .arg(tmp),
+            );
+            run_ok(
+                edgepack()
+                    .args(["rag", "calibrate"])
+                    .arg(tmp)
+                    .arg("--embedder")
+                    .arg(minilm_dir())
+                    .arg("--in-domain")
+                    .arg(tern.join("heldout.jsonl"))
+                    .arg("--out-of-domain")
+                    .arg(tern.join("out_of_domain.txt")),
+            );
+        },
+    )
 }
 
 /// llama.cpp's source tree (from the llama-cpp-python sdist), for its converter scripts.

@@ -383,8 +383,10 @@ fn refused(cmd: Command, bundle: &Path, extra: &[&str]) -> String {
 fn aarch64_runtime_under_qemu_answers_from_its_kb_with_a_source_and_refuses_out_of_domain() {
     let runtime = PathBuf::from(dist()["binary"].as_str().expect("dist binary"));
     let (key, public) = keypair("signer");
+    // Short passages, one of them: every prompt token is emulated.
     let bundle = kb_bundle(
         BOARD,
+        64,
         &[&"--runtime", &runtime, &"--sign", &key, &"--kb-top-k", &"1"],
     );
     let m = manifest(&bundle);
@@ -407,7 +409,7 @@ fn aarch64_runtime_under_qemu_answers_from_its_kb_with_a_source_and_refuses_out_
     assert_eq!(o.status, 200, "{}", o.body);
     let o = o.json();
     assert_refused(&o, &refusal, threshold);
-    let a = chat(server.port, IN_DOMAIN, json!({"max_tokens": 8}));
+    let a = chat(server.port, IN_DOMAIN, json!({"max_tokens": 4}));
     assert_eq!(a.status, 200, "{}", a.body);
     let a = a.json();
     assert_grounded_in_e1(&a, threshold, 1);
@@ -642,17 +644,17 @@ fn native_runtime_serves_models_completions_and_metrics() {
     assert!(metric("edgepack_decode_tokens_per_second") > 0.0);
 }
 
-/// `edgepack bundle` of SmolLM2 Q8_0 for `target` with the Tern knowledge base and its
-/// calibrated guard; `extra` adds options (a runtime, a key, fewer passages).
-fn kb_bundle(target: &str, extra: &[&dyn AsRef<std::ffi::OsStr>]) -> PathBuf {
-    let out = shared_work_dir().join(format!("runtime-bundle-kb-{target}"));
+/// `edgepack bundle` of SmolLM2 Q8_0 for `target` with the Tern knowledge base in chunks of
+/// `tokens` and its calibrated guard; `extra` adds options (a runtime, a key, fewer passages).
+fn kb_bundle(target: &str, tokens: usize, extra: &[&dyn AsRef<std::ffi::OsStr>]) -> PathBuf {
+    let out = shared_work_dir().join(format!("runtime-bundle-kb{tokens}-{target}"));
     let out = fixtures::build_once(&out, |tmp| {
         let mut cmd = edgepack();
         cmd.arg("bundle")
             .arg(smollm2_hf())
             .args(["--target", target, "--format", "gguf", "--quant", "Q8_0"])
             .args(["--name", "smollm2", "--kb"])
-            .arg(tern_kb())
+            .arg(tern_kb(tokens))
             .arg("--embedder")
             .arg(minilm_dir());
         for a in extra {
@@ -691,9 +693,9 @@ fn assert_grounded_in_e1(v: &Value, threshold: f64, top_k: usize) {
         "best first: {scores:?}"
     );
     // The bare question is about 45 tokens with the template's system turn; the passages
-    // (about 100 tokens each) make the prompt much longer.
+    // (tens of tokens each) make the prompt longer.
     let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(prompt > 45 + 60 * top_k as u64, "{prompt} prompt tokens");
+    assert!(prompt > 45 + 30 * top_k as u64, "{prompt} prompt tokens");
 }
 
 /// The refusal: the bundle's text, no model tokens, no sources.
@@ -714,7 +716,7 @@ const OUT_OF_DOMAIN: &str = "What is the capital of France?";
 
 #[test]
 fn native_runtime_answers_from_the_bundles_kb_with_sources_and_refuses_out_of_domain_questions() {
-    let bundle = kb_bundle("generic-x86_64", &[]);
+    let bundle = kb_bundle("generic-x86_64", 128, &[]);
     let m = manifest(&bundle);
     let refusal = m["retrieval"]["refusal"].as_str().unwrap().to_string();
     let threshold = m["retrieval"]["threshold"]

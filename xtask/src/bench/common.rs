@@ -49,6 +49,29 @@ pub fn edgepack_release() -> Result<PathBuf> {
     Ok(root().join("target/release/edgepack"))
 }
 
+/// The runtime's ordinary release build.
+pub fn release_runtime() -> Result<PathBuf> {
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(["build", "--release", "-p", "edgepack-runtime"]),
+    )
+    .context("building edgepack-runtime")?;
+    Ok(root().join("target/release/edgepack-runtime"))
+}
+
+/// A child's standard output; its standard error in the error when it fails.
+pub fn output_of(cmd: &mut Command) -> Result<Vec<u8>> {
+    eprintln!("$ {cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
 pub fn py() -> PathBuf {
     cache_dir().join("venv/bin/python")
 }

@@ -10,6 +10,7 @@ mod deploy;
 mod finetune;
 mod onnx;
 mod quality;
+mod rag;
 mod recipe;
 mod runtime;
 mod tflite;
@@ -146,6 +147,23 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/recipe.json")]
         output: PathBuf,
     },
+    /// Retrieval against its peers: embedding throughput (chunks/s) against transformers,
+    /// search latency over knowledge bases of `--sizes` chunks against numpy and faiss-cpu's
+    /// exact search, and the runtime's out-of-domain decision latency over HTTP.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench rag --sizes 10000,100000 -o target/bench/rag.json"
+    )]
+    Rag {
+        /// Knowledge-base sizes in chunks for the search timings (the first one is served).
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        sizes: Vec<usize>,
+        /// Questions timed per size.
+        #[arg(long, default_value_t = 20)]
+        questions: usize,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/rag.json")]
+        output: PathBuf,
+    },
     /// LoRA training on the Tern T3 data: `edgepack finetune` against PEFT + torch (CPU, same
     /// model, data, rank, batch, sequence length, steps and threads): tokens/s and peak RSS.
     /// With `--quality K`, also the held-out answer similarity of the base model, of an
@@ -232,6 +250,15 @@ pub fn bench(b: Bench) -> Result<()> {
         }),
         Bench::Deploy { quant, output } => deploy::bench(deploy::Options { quant, output }),
         Bench::Recipe { output } => recipe::bench(&output),
+        Bench::Rag {
+            sizes,
+            questions,
+            output,
+        } => rag::bench(&rag::Options {
+            sizes,
+            questions,
+            output,
+        }),
         Bench::Finetune {
             steps,
             batch,

@@ -18,6 +18,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use super::common::{output_of, release_runtime};
 use crate::setup;
 use crate::util::{cache_dir, cargo, root, run};
 
@@ -113,13 +114,6 @@ fn llama_bench(src: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// The runtime's ordinary release build.
-fn release_runtime() -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "edgepack-runtime"]))
-        .context("building edgepack-runtime")?;
-    Ok(root().join("target/release/edgepack-runtime"))
-}
-
 /// A Q8_0 SmolLM2 bundle for this machine, made by `edgepack bundle`.
 fn bundle(work: &Path) -> Result<PathBuf> {
     run(cargo().args(["build", "--release", "-p", "edgepack"]))?;
@@ -143,17 +137,6 @@ fn bundle(work: &Path) -> Result<PathBuf> {
         .arg(&out)
         .env("CI", "1"))?;
     Ok(out.join("smollm2-generic-x86_64"))
-}
-
-fn output_of(cmd: &mut Command) -> Result<Vec<u8>> {
-    eprintln!("$ {cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out.stdout)
 }
 
 /// The GGUF engine (llama.cpp, linked in) against llama-bench on the same file.
