@@ -212,19 +212,48 @@ impl Embedder {
 
     /// The L2-normalized mean-pooled embedding of `text`.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>> {
-        let enc = self
-            .tok
-            .encode(text, true)
-            .map_err(|e| Error::Invalid(format!("sentence embedder: cannot encode: {e}")))?;
-        let ids = enc.get_ids();
-        let n = ids.len().min(self.max_seq);
+        Ok(self.embed_batch(&[text])?.remove(0))
+    }
+
+    /// The embeddings of several texts in one forward pass: padded to the longest, with the
+    /// padding masked out of attention and of the mean, so each equals its `embed` alone.
+    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
+        for t in texts {
+            let enc = self
+                .tok
+                .encode(*t, true)
+                .map_err(|e| Error::Invalid(format!("sentence embedder: cannot encode: {e}")))?;
+            let ids = enc.get_ids();
+            rows.push(ids[..ids.len().min(self.max_seq)].to_vec());
+        }
+        let b = rows.len();
+        let n = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = vec![0u32; b * n];
+        let mut keep = vec![0f32; b * n];
+        for (r, row) in rows.iter().enumerate() {
+            ids[r * n..r * n + row.len()].copy_from_slice(row);
+            keep[r * n..r * n + row.len()].fill(1.0);
+        }
         let dev = Device::Cpu;
-        let idx = CTensor::from_slice(&ids[..n], n, &dev).map_err(ce)?;
+        let idx = CTensor::from_slice(&ids, b * n, &dev).map_err(ce)?;
+        let keep = CTensor::from_slice(&keep, (b, n), &dev).map_err(ce)?;
+        // Padding gets a large negative attention bias: exp() of it is exactly 0.
+        let bias = keep
+            .affine(1e9, -1e9)
+            .and_then(|m| m.reshape((b, 1, 1, n)))
+            .map_err(ce)?;
+        let pos = self.pos.narrow(0, 0, n).map_err(ce)?;
         let x = self
             .word
             .index_select(&idx, 0)
-            .and_then(|x| x.broadcast_add(&self.pos.narrow(0, 0, n)?))
+            .and_then(|x| x.reshape((b, n, ())))
+            .and_then(|x| x.broadcast_add(&pos))
             .and_then(|x| x.broadcast_add(&self.token_type.narrow(0, 0, 1)?))
+            .and_then(|x| x.reshape((b * n, ())))
             .map_err(ce)?;
         let mut x = layer_norm(&x, &self.emb_norm, self.eps)?;
         let hidden = x.dim(1).map_err(ce)?;
@@ -232,8 +261,8 @@ impl Embedder {
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let heads = |t: CTensor| -> Result<CTensor> {
-                t.reshape((n, self.heads, hd))
-                    .and_then(|t| t.transpose(0, 1))
+                t.reshape((b, n, self.heads, hd))
+                    .and_then(|t| t.transpose(1, 2))
                     .and_then(|t| t.contiguous())
                     .map_err(ce)
             };
@@ -245,6 +274,7 @@ impl Embedder {
             let probs = q
                 .matmul(&k.t().map_err(ce)?)
                 .and_then(|s| s.affine(scale, 0.0))
+                .and_then(|s| s.broadcast_add(&bias))
                 .and_then(|s| {
                     candle_core::Tensor::exp(&s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?)
                 })
@@ -252,9 +282,9 @@ impl Embedder {
                 .map_err(ce)?;
             let ctx = probs
                 .matmul(&v)
-                .and_then(|o| o.transpose(0, 1))
+                .and_then(|o| o.transpose(1, 2))
                 .and_then(|o| o.contiguous())
-                .and_then(|o| o.reshape((n, hidden)))
+                .and_then(|o| o.reshape((b * n, hidden)))
                 .map_err(ce)?;
             let a = (l.attn_out.apply(&ctx)? + &x).map_err(ce)?;
             let a = layer_norm(&a, &l.attn_norm, self.eps)?;
@@ -262,9 +292,23 @@ impl Embedder {
             let o = (l.out.apply(&h)? + &a).map_err(ce)?;
             x = layer_norm(&o, &l.out_norm, self.eps)?;
         }
-        let mean = x.mean(0).map_err(ce)?.to_vec1::<f32>().map_err(ce)?;
-        let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        Ok(mean.into_iter().map(|v| v / norm).collect())
+        // Mean over each text's own tokens.
+        let sums = x
+            .reshape((b, n, hidden))
+            .and_then(|x| x.broadcast_mul(&keep.unsqueeze(2)?))
+            .and_then(|x| x.sum(1))
+            .and_then(|s| s.to_vec2::<f32>())
+            .map_err(ce)?;
+        Ok(sums
+            .into_iter()
+            .zip(&rows)
+            .map(|(sum, row)| {
+                let count = row.len().max(1) as f32;
+                let mean: Vec<f32> = sum.into_iter().map(|v| v / count).collect();
+                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                mean.into_iter().map(|v| v / norm).collect()
+            })
+            .collect())
     }
 
     /// Cosine similarity of the embeddings of two texts.

@@ -34,6 +34,8 @@ pub const KB_FILE: &str = "kb.safetensors";
 pub const DEFAULT_CHUNK_TOKENS: usize = 128;
 pub const DEFAULT_OVERLAP: usize = 32;
 pub const DEFAULT_FALSE_REJECT: f64 = 0.05;
+/// Chunks embedded in one forward pass.
+const EMBED_BATCH: usize = 16;
 pub const SCHEMA: u32 = 1;
 /// The metadata key holding [`Meta`].
 const META_KEY: &str = "edgepack_kb";
@@ -282,10 +284,15 @@ impl Kb {
                 skip(&mut added, "empty".into());
                 continue;
             }
-            let vectors: Vec<Vec<f32>> = spans
-                .par_iter()
-                .map(|s| enc.embed(&text[s.start..s.end]))
+            // Batches of chunks (mostly of one length, so little padding) over all cores.
+            let batches: Vec<Vec<Vec<f32>>> = spans
+                .par_chunks(EMBED_BATCH)
+                .map(|c| {
+                    let texts: Vec<&str> = c.iter().map(|s| &text[s.start..s.end]).collect();
+                    enc.embed_batch(&texts)
+                })
                 .collect::<Result<_>>()?;
+            let vectors: Vec<Vec<f32>> = batches.into_iter().flatten().collect();
             let doc = self.meta.documents.len() as u32;
             for (s, v) in spans.iter().zip(&vectors) {
                 self.push_vector(v);
@@ -394,18 +401,9 @@ impl Kb {
                 let r = b * 1024 + j;
                 *o = match &self.vectors {
                     Vectors::F32(d) => dot(q, &d[r * dim..(r + 1) * dim]),
-                    Vectors::F16(d) => d[r * dim..(r + 1) * dim]
-                        .iter()
-                        .zip(q)
-                        .map(|(a, b)| a.to_f32() * b)
-                        .sum(),
+                    Vectors::F16(d) => dot_with(q, &d[r * dim..(r + 1) * dim], f16::to_f32),
                     Vectors::Int8 { q: v, scales } => {
-                        let s: f32 = v[r * dim..(r + 1) * dim]
-                            .iter()
-                            .zip(q)
-                            .map(|(a, b)| *a as f32 * b)
-                            .sum();
-                        s * scales[r]
+                        dot_with(q, &v[r * dim..(r + 1) * dim], |x: i8| x as f32) * scales[r]
                     }
                 };
             }
@@ -695,8 +693,32 @@ fn keep_rows<T: Copy>(d: &[T], width: usize, keep: &[bool]) -> Vec<T> {
         .collect()
 }
 
+/// Lanes of the inner products: independent partial sums the compiler keeps in SIMD
+/// registers (a single running sum would force one addition after another).
+const LANES: usize = 16;
+
+/// The inner product of `q` with a row whose values `v` turns into floats.
+#[inline]
+fn dot_with<T: Copy>(q: &[f32], row: &[T], v: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut qc = q.chunks_exact(LANES);
+    let mut rc = row.chunks_exact(LANES);
+    for (a, b) in (&mut qc).zip(&mut rc) {
+        for l in 0..LANES {
+            acc[l] += a[l] * v(b[l]);
+        }
+    }
+    let tail: f32 = qc
+        .remainder()
+        .iter()
+        .zip(rc.remainder())
+        .map(|(a, b)| a * v(*b))
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    dot_with(a, b, |x| x)
 }
 
 /// Reads a question file: one question per line, or JSONL with a string `question` field
