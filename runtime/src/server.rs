@@ -274,6 +274,13 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, String> {
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
+        // Roles go into the template's own text: only the ones chat templates know.
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return Err(format!(
+                "messages[{i}].role: {:?} is not one of system, user, assistant, tool",
+                m.role
+            ));
+        }
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,

@@ -23,9 +23,12 @@ use crate::{dist, setup};
 const RECIPE: &str = "recipes/smollm2-assistant.toml";
 const BOARD: &str = "imx93";
 const QUESTION: &str = "What does error code E1 mean on the Tern T3 thermostat?";
+/// A question the manual does not cover: the board's guard refuses it without the model.
+const OFF_TOPIC: &str = "What is the capital of France?";
 
 /// One chat completion from the runtime at `port` (a plain HTTP/1.1 request: no client
-/// library is needed for one call).
+/// library is needed for one call): the answer, then the passages it was given (or the
+/// guard's refusal), as lines to print.
 fn ask(port: u16, question: &str) -> Result<String> {
     let body = json!({
         "messages": [{"role": "user", "content": question}],
@@ -47,11 +50,39 @@ fn ask(port: u16, question: &str) -> Result<String> {
         bail!("the runtime answered {}", head.lines().next().unwrap_or(""));
     }
     let v: Value = serde_json::from_str(body.trim()).context("the answer is not JSON")?;
-    Ok(v["choices"][0]["message"]["content"]
+    let mut out = v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or_default()
         .trim()
-        .to_string())
+        .to_string();
+    let r = &v["retrieval"];
+    if r["guarded"] == true {
+        out += &format!(
+            "\n   (refused by the guard in {:.0} ms: best passage {:.2} < threshold {:.2}; the model did not run)",
+            r["latency_ms"].as_f64().unwrap_or(0.0),
+            r["best_score"].as_f64().unwrap_or(0.0),
+            r["threshold"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for s in v["sources"].as_array().into_iter().flatten() {
+        let file = s["source"].as_str().unwrap_or("");
+        let name = file.rsplit('/').next().unwrap_or(file);
+        let text: String = s["text"]
+            .as_str()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let short: String = text.chars().take(90).collect();
+        out += &format!(
+            "\n   [{}] {name} bytes {}-{} (score {:.2}): {short}...",
+            s["index"],
+            s["start"],
+            s["end"],
+            s["score"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(out)
 }
 
 pub fn demo() -> Result<()> {
@@ -111,8 +142,10 @@ pub fn demo() -> Result<()> {
         .arg(key.with_extension("pub.pem")))?;
 
     eprintln!("\n== ask the board");
-    let answer = ask(board.runtime_port, QUESTION)?;
-    println!("Q: {QUESTION}\nA: {answer}");
+    for q in [QUESTION, OFF_TOPIC] {
+        let answer = ask(board.runtime_port, q)?;
+        println!("Q: {q}\nA: {answer}");
+    }
     println!(
         "\nbundles, report.md and report.svg: {}\n(the board stops with this command; `edgepack deploy` puts the same bundle on a real {BOARD})",
         out.display()

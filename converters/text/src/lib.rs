@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod pieces;
 pub mod prompter;
 
 pub use chat::Message;

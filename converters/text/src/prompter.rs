@@ -5,10 +5,13 @@ use serde_json::Value as Json;
 
 use crate::chat::{self, Message};
 use crate::error::TextError;
+use crate::pieces::{render_pieces, Piece};
 
 /// Turns chat turns into token ids and ids back into text, and knows which ids end an answer.
 pub struct Prompter {
     tok: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token text read as plain text: for message contents.
+    plain: tokenizers::Tokenizer,
     config: Option<Json>,
     template: Option<String>,
     stop: Vec<u32>,
@@ -55,8 +58,11 @@ impl Prompter {
         stop.extend(tok.token_to_id(&eos));
         stop.sort_unstable();
         stop.dedup();
+        let mut plain = tok.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Prompter {
             tok,
+            plain,
             template: tokenizer_config.and_then(chat::template),
             config: tokenizer_config.cloned(),
             stop,
@@ -79,10 +85,22 @@ impl Prompter {
     }
 
     /// Ids of a conversation rendered with the chat template and a generation prompt; the
-    /// template places any BOS itself, so no special tokens are added.
+    /// template places any BOS itself, so no special tokens are added. The template's text
+    /// is read with its special tokens; the messages' contents as plain text, so a message
+    /// that spells `<|im_start|>` does not open a turn.
     pub fn chat(&self, messages: &[Message]) -> Result<Vec<u32>, TextError> {
-        let text = self.render(messages)?;
-        self.encode(&text, false)
+        let mut ids = Vec::new();
+        for piece in render_pieces(messages, |m| self.render(m))? {
+            let (tok, text) = match &piece {
+                Piece::Template(t) => (&self.tok, t),
+                Piece::Content(t) => (&self.plain, t),
+            };
+            let enc = tok
+                .encode(text.as_str(), false)
+                .map_err(|e| TextError::new("tokenizer.json", format!("cannot encode: {e}")))?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+        Ok(ids)
     }
 
     /// Ids of plain text (`special`: let the tokenizer add BOS/EOS as it is configured to).

@@ -14,6 +14,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::generate::{self, Job, PROMPT_BATCH};
 use super::types::{Detokenizer, EngineConfig, EngineError, Forward, ModelInfo, Prompt, Vocab};
+use edgepack_text::pieces::{render_pieces, Piece};
 
 const ENGINE: &str = "llama.cpp";
 /// llama.h `enum llama_flash_attn_type`: DISABLED = 0, ENABLED = 1 (AUTO = -1 is the default
@@ -140,17 +141,35 @@ impl Vocab for LlamaVocab<'_> {
                 let template = self.template.as_ref().ok_or(EngineError::NoChatTemplate(
                     "GGUF key tokenizer.chat_template",
                 ))?;
-                let chat = messages
+                let msgs: Vec<edgepack_text::Message> = messages
                     .iter()
-                    .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| EngineError::Template(e.to_string()))?;
-                let rendered = self
-                    .model
-                    .apply_chat_template(template, &chat, true)
-                    .map_err(|e| EngineError::Template(e.to_string()))?;
-                // The rendered template spells its role markers as special-token text.
-                vocab.tokenize(rendered.as_bytes(), true, true)
+                    .map(|m| edgepack_text::Message {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                let pieces = render_pieces(&msgs, |ms| {
+                    let chat = ms
+                        .iter()
+                        .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| EngineError::Template(e.to_string()))?;
+                    self.model
+                        .apply_chat_template(template, &chat, true)
+                        .map_err(|e| EngineError::Template(e.to_string()))
+                })?;
+                // The template's text spells its role markers as special-token text; the
+                // messages' contents are plain text, whatever they spell. BOS (when the
+                // model wants one) only before the first piece.
+                let mut out = Vec::new();
+                for (i, piece) in pieces.iter().enumerate() {
+                    let (text, special) = match piece {
+                        Piece::Template(t) => (t, true),
+                        Piece::Content(t) => (t, false),
+                    };
+                    out.extend(vocab.tokenize(text.as_bytes(), i == 0, special));
+                }
+                out
             }
             Prompt::Tokens(ids) => return Ok(ids.clone()),
         };
