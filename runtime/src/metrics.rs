@@ -21,16 +21,59 @@ struct Inner {
     requests_failed: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
-    ttft_sum: f64,
-    ttft_count: u64,
-    ttft_buckets: [u64; TTFT_BUCKETS.len()],
+    ttft: Histogram<{ TTFT_BUCKETS.len() }>,
     decode_seconds: f64,
     decode_tokens: u64,
     last_decode_tps: f64,
     guarded: u64,
     answered_with_kb: u64,
-    retrieval_sum: f64,
-    retrieval_buckets: [u64; RETRIEVAL_BUCKETS.len()],
+    retrieval: Histogram<{ RETRIEVAL_BUCKETS.len() }>,
+}
+
+/// A Prometheus histogram over fixed upper bounds: cumulative bucket counts, sum, count.
+#[derive(Debug, Clone, Copy)]
+struct Histogram<const N: usize> {
+    buckets: [u64; N],
+    sum: f64,
+    count: u64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: [0; N],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&mut self, v: f64, bounds: &[f64; N]) {
+        self.sum += v;
+        self.count += 1;
+        for (bucket, le) in self.buckets.iter_mut().zip(bounds) {
+            if v <= *le {
+                *bucket += 1;
+            }
+        }
+    }
+
+    /// The `_bucket`, `_sum` and `_count` samples, each with `label`.
+    fn samples(&self, label: &str, bounds: &[f64; N]) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = bounds
+            .iter()
+            .zip(self.buckets)
+            .map(|(le, n)| (format!("_bucket{{{label},le=\"{le}\"}}"), n.to_string()))
+            .collect();
+        out.push((
+            format!("_bucket{{{label},le=\"+Inf\"}}"),
+            self.count.to_string(),
+        ));
+        out.push((format!("_sum{{{label}}}"), format!("{}", self.sum)));
+        out.push((format!("_count{{{label}}}"), self.count.to_string()));
+        out
+    }
 }
 
 /// What the guard decided for a question.
@@ -58,14 +101,7 @@ impl Metrics {
         m.prompt_tokens += stats.prompt_tokens as u64;
         m.completion_tokens += stats.completion_tokens as u64;
         if stats.completion_tokens > 0 {
-            let ttft = stats.ttft.as_secs_f64();
-            m.ttft_sum += ttft;
-            m.ttft_count += 1;
-            for (bucket, le) in m.ttft_buckets.iter_mut().zip(TTFT_BUCKETS) {
-                if ttft <= le {
-                    *bucket += 1;
-                }
-            }
+            m.ttft.observe(stats.ttft.as_secs_f64(), &TTFT_BUCKETS);
         }
         if let Some(tps) = stats.decode_tokens_per_second() {
             m.decode_seconds += stats.decode.as_secs_f64();
@@ -81,13 +117,8 @@ impl Metrics {
             Retrieved::Guarded => m.guarded += 1,
             Retrieved::Answered => m.answered_with_kb += 1,
         }
-        let s = latency.as_secs_f64();
-        m.retrieval_sum += s;
-        for (bucket, le) in m.retrieval_buckets.iter_mut().zip(RETRIEVAL_BUCKETS) {
-            if s <= le {
-                *bucket += 1;
-            }
-        }
+        m.retrieval
+            .observe(latency.as_secs_f64(), &RETRIEVAL_BUCKETS);
     }
 
     pub fn record_failure(&self) {
@@ -176,22 +207,11 @@ impl Metrics {
             "Tokens generated.",
             &[(format!("{{{label}}}"), m.completion_tokens.to_string())],
         );
-        let mut ttft: Vec<(String, String)> = TTFT_BUCKETS
-            .iter()
-            .zip(m.ttft_buckets)
-            .map(|(le, n)| (format!("_bucket{{{label},le=\"{le}\"}}"), n.to_string()))
-            .collect();
-        ttft.push((
-            format!("_bucket{{{label},le=\"+Inf\"}}"),
-            m.ttft_count.to_string(),
-        ));
-        ttft.push((format!("_sum{{{label}}}"), format!("{}", m.ttft_sum)));
-        ttft.push((format!("_count{{{label}}}"), m.ttft_count.to_string()));
         metric(
             "edgepack_time_to_first_token_seconds",
             "histogram",
             "Time from taking a request to its first generated token.",
-            &ttft,
+            &m.ttft.samples(&label, &TTFT_BUCKETS),
         );
         metric(
             "edgepack_decode_seconds_total",
@@ -227,20 +247,11 @@ impl Metrics {
                     ),
                 ],
             );
-            let count = m.guarded + m.answered_with_kb;
-            let mut lat: Vec<(String, String)> = RETRIEVAL_BUCKETS
-                .iter()
-                .zip(m.retrieval_buckets)
-                .map(|(le, n)| (format!("_bucket{{{label},le=\"{le}\"}}"), n.to_string()))
-                .collect();
-            lat.push((format!("_bucket{{{label},le=\"+Inf\"}}"), count.to_string()));
-            lat.push((format!("_sum{{{label}}}"), format!("{}", m.retrieval_sum)));
-            lat.push((format!("_count{{{label}}}"), count.to_string()));
             metric(
                 "edgepack_retrieval_seconds",
                 "histogram",
                 "Time from a chat question to the guard's decision: embedding and search.",
-                &lat,
+                &m.retrieval.samples(&label, &RETRIEVAL_BUCKETS),
             );
         }
         out
