@@ -166,9 +166,13 @@ impl Embedder {
             ..Default::default()
         }))
         .map_err(|e| Error::format(&tok_path, "truncation", e.to_string()))?;
+        // Streamed: the weights are already loaded once; a second whole copy in memory to
+        // hash them would double the encoder's start-up footprint on a board.
         let weights_sha256 = {
-            let bytes = std::fs::read(&ws.path).map_err(|e| Error::io(&ws.path, e))?;
-            format!("{:x}", Sha256::digest(&bytes))
+            let mut f = std::fs::File::open(&ws.path).map_err(|e| Error::io(&ws.path, e))?;
+            let mut h = Sha256::new();
+            std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&ws.path, e))?;
+            format!("{:x}", h.finalize())
         };
         let word = ws.take("embeddings.word_embeddings.weight")?;
         let identity = Identity {
