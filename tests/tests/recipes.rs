@@ -380,6 +380,37 @@ fn a_failed_gate_exits_3_naming_the_target_and_a_passing_recipe_exits_0() {
 
 /// The SmolLM2 export of the interrupted-build test: a Q8_0 GGUF bundle straight from the
 /// registry model's file.
+/// Starts `edgepack build` of `recipe` in `work` (no `--json`) and kills it with SIGKILL as
+/// soon as `ready` says so; false when the build ended first or `limit` passed.
+fn kill_build_when(recipe: &Path, work: &Path, limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let mut child = edgepack()
+        .arg("build")
+        .arg(recipe)
+        .arg("--out")
+        .arg(work.join("out"))
+        .arg("--cache")
+        .arg(work.join("cache"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut killed = false;
+    while t0.elapsed() < limit {
+        if ready() {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    killed
+}
+
 fn smollm2_recipe(dir: &Path) -> PathBuf {
     let r = dir.join("smollm2-q8.toml");
     write(
@@ -396,45 +427,23 @@ fn smollm2_recipe(dir: &Path) -> PathBuf {
 fn a_build_killed_mid_export_resumes_and_gives_the_bytes_of_a_clean_build() {
     let work = tempfile::tempdir().unwrap();
     let recipe = smollm2_recipe(work.path());
-    let mut child = edgepack()
-        .arg("build")
-        .arg(&recipe)
-        .arg("--out")
-        .arg(work.path().join("out"))
-        .arg("--cache")
-        .arg(work.path().join("cache"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Wait until the export has written part of its file, then kill -9.
     let tmp = work.path().join("cache/tmp");
-    let t0 = Instant::now();
-    let mut killed_mid_export = false;
-    while t0.elapsed() < Duration::from_secs(120) {
+    let killed_mid_export = kill_build_when(&recipe, work.path(), Duration::from_secs(120), || {
         let partial = std::fs::read_dir(&tmp).ok().and_then(|rd| {
             rd.flatten()
                 .find(|e| e.file_name().to_string_lossy().starts_with("export-"))
                 .map(|e| e.path().join("out/model.gguf"))
         });
-        if partial.as_ref().is_some_and(|p| {
+        partial.as_ref().is_some_and(|p| {
             std::fs::read_dir(p.parent().unwrap())
                 .map(|rd| {
                     rd.flatten()
                         .any(|f| f.metadata().map(|m| m.len() > 0).unwrap_or(false))
                 })
                 .unwrap_or(false)
-        }) {
-            child.kill().unwrap();
-            killed_mid_export = true;
-            break;
-        }
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.wait();
+        })
+    });
     assert!(
         killed_mid_export,
         "the export finished before it could be interrupted"
@@ -485,41 +494,19 @@ fn tiny_finetune_recipe(dir: &Path) -> PathBuf {
 fn a_build_killed_mid_training_resumes_from_its_checkpoint_and_gives_a_clean_builds_adapter() {
     let work = tempfile::tempdir().unwrap();
     let recipe = tiny_finetune_recipe(work.path());
-    let mut child = edgepack()
-        .arg("build")
-        .arg(&recipe)
-        .arg("--out")
-        .arg(work.path().join("out"))
-        .arg("--cache")
-        .arg(work.path().join("cache"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Kill -9 once training has saved a checkpoint.
     let resume = work.path().join("cache/resume");
-    let t0 = Instant::now();
-    let mut killed_mid_training = false;
-    while t0.elapsed() < Duration::from_secs(300) {
-        let saved = std::fs::read_dir(&resume).ok().is_some_and(|rd| {
-            rd.flatten().any(|e| {
-                std::fs::read_dir(e.path().join("adapter")).is_ok_and(|rd| {
-                    rd.flatten()
-                        .any(|c| c.file_name().to_string_lossy().starts_with("checkpoint-"))
+    let killed_mid_training =
+        kill_build_when(&recipe, work.path(), Duration::from_secs(300), || {
+            std::fs::read_dir(&resume).ok().is_some_and(|rd| {
+                rd.flatten().any(|e| {
+                    std::fs::read_dir(e.path().join("adapter")).is_ok_and(|rd| {
+                        rd.flatten()
+                            .any(|c| c.file_name().to_string_lossy().starts_with("checkpoint-"))
+                    })
                 })
             })
         });
-        if saved {
-            child.kill().unwrap();
-            killed_mid_training = true;
-            break;
-        }
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = child.wait();
     assert!(
         killed_mid_training,
         "the training finished before it could be interrupted"
