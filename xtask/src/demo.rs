@@ -8,8 +8,6 @@
 //!    board folder; the aarch64 runtime runs under qemu-aarch64) and asks it a question about
 //!    the product the assistant was built for.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
@@ -36,18 +34,15 @@ fn ask(port: u16, question: &str) -> Result<String> {
         "max_tokens": 64,
     })
     .to_string();
-    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connecting to the runtime")?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let (status, body) = crate::util::http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &body,
+        Duration::from_secs(300),
     )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("the runtime answered {}", head.lines().next().unwrap_or(""));
+    if status != 200 {
+        bail!("the runtime answered {status}: {body}");
     }
     let v: Value = serde_json::from_str(body.trim()).context("the answer is not JSON")?;
     let mut out = v["choices"][0]["message"]["content"]

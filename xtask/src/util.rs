@@ -1,5 +1,6 @@
-//! The workspace helpers every task uses: where the repository and the cache are, and running
-//! a command (or cargo) with its command line echoed. Uses nothing else of the crate.
+//! The workspace helpers every task uses: where the repository and the cache are, running
+//! a command (or cargo) with its command line echoed, and one plain HTTP request. Uses
+//! nothing else of the crate.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,4 +39,34 @@ pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
+}
+
+/// One HTTP/1.1 request to `127.0.0.1:port` with `Connection: close` (a plain socket: the
+/// benchmarks and the demo make a handful of calls and need no client library): the status
+/// and the body.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: std::time::Duration,
+) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, rest) = raw.split_once("\r\n\r\n").context("no HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    Ok((status, rest.to_string()))
 }

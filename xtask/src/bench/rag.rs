@@ -13,8 +13,6 @@
 //!   is refused before the model runs, so its round trip is the guard's question-to-decision
 //!   latency.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,24 +96,8 @@ fn serve(runtime: &Path, bundle: &Path) -> Result<Server> {
     bail!("the runtime was not healthy after 120 s")
 }
 
-/// One HTTP/1.1 request with `Connection: close`: status and body.
 fn http(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, rest) = raw.split_once("\r\n\r\n").context("no header end")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status")?;
-    Ok((status, rest.to_string()))
+    crate::util::http(port, method, path, body, Duration::from_secs(60))
 }
 
 pub fn bench(o: &Options) -> Result<()> {
