@@ -9,39 +9,14 @@ import json
 import sys
 
 import numpy as np
-import torch
-from safetensors.numpy import load_file
-from safetensors import safe_open
-from transformers import AutoModel, AutoTokenizer
+
+from rag_peer import encoder, read_kb, texts_of
 
 model_dir, kb_file, questions_json, k = sys.argv[1:5]
 k = int(k)
-t = load_file(kb_file)
-text = t["text"].tobytes()
-offsets = t["text_offsets"]
-chunks = [text[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
-with safe_open(kb_file, "np") as f:
-    meta = json.loads(f.metadata()["edgepack_kb"])
-
-tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32)
-model.eval()
-
-
-def embed(texts):
-    out = []
-    for i in range(0, len(texts), 32):
-        enc = tok(texts[i:i + 32], return_tensors="pt", padding=True, truncation=True,
-                  max_length=meta["embedder"]["max_seq"])
-        with torch.no_grad():
-            h = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        v = (h * m).sum(1) / m.sum(1)
-        v = v / v.norm(dim=1, keepdim=True)
-        out.append(v.numpy())
-    return np.concatenate(out)
-
-
+t, meta = read_kb(kb_file)
+chunks = texts_of(t)
+embed = encoder(model_dir, meta["embedder"]["max_seq"])
 ref = embed(chunks)
 result = {"chunks": len(chunks)}
 if meta["precision"] == "f32":
