@@ -13,6 +13,17 @@ fn damaged_copy(work: &Path, name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// `edgepack export gguf INPUT --quant Q8_0 -o OUT`, which must fail: its stderr.
+fn export_q8_err(input: &Path, out: &Path) -> String {
+    run_err(
+        edgepack()
+            .args(["export", "gguf"])
+            .arg(input)
+            .args(["--quant", "Q8_0", "-o"])
+            .arg(out),
+    )
+}
+
 fn assert_nothing_written(dir: &Path, out_name: &str) {
     let leftovers: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -75,13 +86,7 @@ fn gguf_with_a_tensor_type_changed_is_refused_by_inspect_and_export() {
     assert!(err.contains(".offset: data offset"), "{err}");
     assert!(err.contains("blk.0.attn_q.weight before it (Q4_0"), "{err}");
     let out = work.path().join("out.gguf");
-    let err = run_err(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(&bad)
-            .args(["--quant", "Q8_0", "-o"])
-            .arg(&out),
-    );
+    let err = export_q8_err(&bad, &out);
     assert!(err.contains("blk.0.attn_q.weight before it (Q4_0"), "{err}");
     assert_nothing_written(work.path(), "out.gguf");
     set_tensor_type(&mut bytes, "blk.0.attn_q.weight", 200);
@@ -150,13 +155,7 @@ fn config_fields_of_the_wrong_json_type_are_refused_not_defaulted() {
     assert!(text.contains("\"100000\"") && text.contains("\"8192\""));
     std::fs::write(&cfg, text).unwrap();
     let out = work.path().join("out.gguf");
-    let err = run_err(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(&m)
-            .args(["--quant", "Q8_0", "-o"])
-            .arg(&out),
-    );
+    let err = export_q8_err(&m, &out);
     assert!(err.contains("config.json: "), "{err}");
     assert!(
         err.contains("rope_theta: must be a number, found \"100000\"")
@@ -202,13 +201,7 @@ fn truncated_safetensors_is_refused_naming_the_file_and_nothing_is_written() {
     let f = std::fs::OpenOptions::new().write(true).open(&st).unwrap();
     f.set_len(len - 1000).unwrap();
     let out = work.path().join("out.gguf");
-    let err = run_err(
-        edgepack()
-            .args(["export", "gguf"])
-            .arg(&m)
-            .args(["--quant", "Q8_0", "-o"])
-            .arg(&out),
-    );
+    let err = export_q8_err(&m, &out);
     assert!(err.contains("model.safetensors"), "{err}");
     assert_nothing_written(work.path(), "out.gguf");
 }
