@@ -404,6 +404,40 @@ pub fn file_digest(path: &Path) -> Result<(u64, String), BundleError> {
     Ok((size, hex::encode(h.finalize())))
 }
 
+/// [`file_digest`] of each path, on as many threads as there are cores (at most one a file),
+/// in the order given.
+fn digest_all(paths: &[&PathBuf]) -> Vec<Result<(u64, String), BundleError>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(paths.len())
+        .max(1);
+    // Biggest first, so that the long hashes start early.
+    let mut order: Vec<usize> = (0..paths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(fs::metadata(paths[i]).map(|m| m.len()).unwrap_or(0)));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type Slot = std::sync::Mutex<Option<Result<(u64, String), BundleError>>>;
+    let results: Vec<Slot> = paths.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = order.get(k) else { break };
+                let r = file_digest(paths[i]);
+                *results[i].lock().expect("digest slot") = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .expect("digest slot")
+                .expect("every file hashed")
+        })
+        .collect()
+}
+
 /// A file's entry: `name` as recorded, digest of `path`.
 pub fn file_entry(path: &Path, name: &str) -> Result<FileEntry, BundleError> {
     let (size, sha256) = file_digest(path)?;
@@ -538,9 +572,17 @@ pub fn check_dir(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Checked, 
             });
         }
     }
-    for f in &manifest.files {
+    // Files are hashed on every core (a bundle is mostly two big files: the model and the
+    // runtime); the first mismatch in manifest order is the one reported.
+    let paths: Vec<&PathBuf> = manifest
+        .files
+        .iter()
+        .map(|f| &tree.files[&f.path])
+        .collect();
+    let digests = digest_all(&paths);
+    for (f, digest) in manifest.files.iter().zip(digests) {
         let path = &tree.files[&f.path];
-        let (_, sha) = file_digest(path)?;
+        let (_, sha) = digest?;
         if sha != f.sha256 {
             return Err(BundleError::Digest {
                 path: path.clone(),
@@ -578,11 +620,22 @@ pub fn write_manifest(
     key: Option<&SigningKey>,
 ) -> Result<Vec<u8>, BundleError> {
     let tree = walk(dir)?;
-    manifest.files = tree
+    let listed: Vec<(&String, &PathBuf)> = tree
         .files
         .iter()
         .filter(|(rel, _)| *rel != MANIFEST && *rel != SIGNATURE)
-        .map(|(rel, path)| file_entry(path, rel))
+        .collect();
+    let paths: Vec<&PathBuf> = listed.iter().map(|(_, p)| *p).collect();
+    manifest.files = listed
+        .iter()
+        .zip(digest_all(&paths))
+        .map(|((rel, _), digest)| {
+            digest.map(|(size, sha256)| FileEntry {
+                path: rel.to_string(),
+                size,
+                sha256,
+            })
+        })
         .collect::<Result<_, _>>()?;
     manifest.schema = SCHEMA;
     let path = dir.join(MANIFEST);

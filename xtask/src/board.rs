@@ -20,8 +20,19 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Relays connections from a local port to `to`, adding every byte either way to `count`.
-fn relay(to: u16, count: Arc<AtomicU64>) -> Result<u16> {
+/// A counting relay in front of a board's sshd, optionally shaped like a slower link.
+#[derive(Clone)]
+pub struct Wire {
+    /// Every byte either way is added here.
+    pub count: Arc<AtomicU64>,
+    /// The link's rate in bytes/s in each direction (full duplex, like Ethernet); `None` is
+    /// loopback's own speed.
+    pub rate: Option<u64>,
+}
+
+/// Relays connections from a local port to `to`, counting every byte either way, and holding
+/// each direction to `wire.rate` when set.
+fn relay(to: u16, wire: Wire) -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let port = l.local_addr()?.port();
     std::thread::spawn(move || {
@@ -33,14 +44,22 @@ fn relay(to: u16, count: Arc<AtomicU64>) -> Result<u16> {
                 (conn.try_clone().unwrap(), up.try_clone().unwrap()),
                 (up, conn),
             ] {
-                let count = count.clone();
+                let wire = wire.clone();
                 std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut buf = vec![0u8; 16 * 1024];
+                    // When the link is next free: each chunk holds it for len/rate seconds.
+                    let mut free_at = Instant::now();
                     while let Ok(n) = a.read(&mut buf) {
+                        if let Some(rate) = wire.rate.filter(|r| *r > 0) {
+                            let now = Instant::now();
+                            free_at =
+                                free_at.max(now) + Duration::from_secs_f64(n as f64 / rate as f64);
+                            std::thread::sleep(free_at - now);
+                        }
                         if n == 0 || b.write_all(&buf[..n]).is_err() {
                             break;
                         }
-                        count.fetch_add(n as u64, Ordering::Relaxed);
+                        wire.count.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     let _ = b.shutdown(std::net::Shutdown::Write);
                 });
@@ -72,8 +91,8 @@ pub struct LocalBoard {
 
 impl LocalBoard {
     /// Starts sshd for a board in `work` (emptied first). With `wire`, every byte between ssh
-    /// and sshd is counted there.
-    pub fn start(work: &Path, wire: Option<Arc<AtomicU64>>) -> Result<LocalBoard> {
+    /// and sshd goes through a counting (and maybe rate-holding) relay.
+    pub fn start(work: &Path, wire: Option<Wire>) -> Result<LocalBoard> {
         if !Path::new(SSHD).is_file() {
             bail!("{SSHD} is missing\nhint: apt-get install openssh-server openssh-client");
         }
@@ -116,7 +135,7 @@ impl LocalBoard {
             std::thread::sleep(Duration::from_millis(50));
         }
         let port = match wire {
-            Some(count) => relay(sshd_port, count)?,
+            Some(w) => relay(sshd_port, w)?,
             None => sshd_port,
         };
         let host_key = std::fs::read_to_string(work.join("host.pub"))?;

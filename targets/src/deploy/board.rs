@@ -70,6 +70,7 @@ impl Layout {
             r#"echo "arch $(uname -m)"
 if command -v systemctl >/dev/null 2>&1 && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then echo "systemd yes"; else echo "systemd no"; fi
 if command -v sha256sum >/dev/null 2>&1; then echo "sha256sum yes"; else echo "sha256sum no"; fi
+if command -v zstd >/dev/null 2>&1; then echo "zstd yes"; else echo "zstd no"; fi
 echo "current $(readlink current 2>/dev/null || true)"
 echo "previous $(readlink previous 2>/dev/null || true)"
 for r in releases/*; do [ -f "$r/manifest.json" ] && echo "release ${r#releases/}"; done
@@ -79,15 +80,30 @@ true
         s
     }
 
-    /// Prints `<size> <path>` for each of `files` present under `dir` (relative paths).
-    pub fn sizes(&self, dir: &str, files: &[&str]) -> String {
-        let mut s = self.prelude();
-        let _ = writeln!(s, "cd {} 2>/dev/null || exit 0", quote(dir));
+    /// Everything a deploy needs to plan, in one round trip: the [`probe`](Self::probe)
+    /// lines, the supervised runtime's [`state`](Self::supervised_state) as `state ...` lines,
+    /// `size <bytes> <path>` for each of `files` already in `.incoming/<id>`, and each
+    /// release's manifest as a `manifest <release> <bytes>` line followed by exactly that many
+    /// bytes.
+    pub fn survey(&self, id: &str, files: &[&str]) -> String {
+        let mut s = self.probe();
+        let _ = writeln!(s, "( {} ) | sed 's/^/state /'", self.supervised_state());
+        let _ = writeln!(s, "if cd {} 2>/dev/null; then", quote(&self.incoming(id)));
         for f in files {
             let q = quote(f);
-            let _ = writeln!(s, "[ -f {q} ] && echo \"$(wc -c < {q}) {f}\"");
+            let _ = writeln!(s, "  [ -f {q} ] && echo \"size $(wc -c < {q}) \"{q}");
         }
-        s.push_str("true\n");
+        s.push_str("fi\ncd \"$D\"\n");
+        s.push_str(
+            r#"for m in releases/*/manifest.json; do
+  [ -f "$m" ] || continue
+  r=${m#releases/}; r=${r%/manifest.json}
+  echo "manifest $r $(wc -c < "$m")"
+  cat "$m"
+done
+true
+"#,
+        );
         s
     }
 
@@ -99,10 +115,17 @@ true
         )
     }
 
-    /// Appends stdin to `file`, creating its folder.
-    pub fn append(&self, file: &str) -> String {
+    /// Appends stdin (zstd-compressed when `zstd`) to `file`, creating its folder, and prints
+    /// the sha256 of the bytes appended and then the file's size: the board hashes what it
+    /// receives as it writes it, so a file sent whole needs no second read to be verified.
+    pub fn append(&self, file: &str, zstd: bool) -> String {
         let dir = file.rsplit_once('/').map_or(".", |(d, _)| d);
-        format!("set -e\nmkdir -p {}\ncat >> {}\n", quote(dir), quote(file))
+        let q = quote(file);
+        let source = if zstd { "zstd -dcq | " } else { "" };
+        format!(
+            "set -e\nmkdir -p {}\n{source}tee -a {q} | sha256sum | cut -d' ' -f1\nwc -c < {q}\n",
+            quote(dir)
+        )
     }
 
     /// Empties `file` (a partial upload whose bytes do not match the bundle).
@@ -122,18 +145,27 @@ true
         )
     }
 
-    /// Checks every file of the incoming release against `sums` (`<sha256>  <path>` lines, the
-    /// format `sha256sum -c` reads), refuses files nobody listed, sets the runtime's execute
-    /// bit, syncs, and moves the folder to `releases/<id>` in one rename.
-    pub fn verify_and_commit(&self, id: &str, sums: &str, n_files: usize, exec: &[&str]) -> String {
+    /// Checks the files of the incoming release that were not hashed on arrival against the
+    /// `<sha256>  <path>` lines on stdin (the format `sha256sum -c` reads; none when
+    /// `check_stdin` is false), refuses files nobody listed, sets the runtime's execute bit,
+    /// syncs, and moves the folder to `releases/<id>` in one rename. Paths travel on stdin,
+    /// never in the script's text.
+    pub fn verify_and_commit(
+        &self,
+        id: &str,
+        check_stdin: bool,
+        n_files: usize,
+        exec: &[&str],
+    ) -> String {
         let mut s = self.prelude();
         let _ = writeln!(s, "I={}", quote(&self.incoming(id)));
         let _ = writeln!(s, "R={}", quote(&self.release(id)));
         s.push_str("cd \"$I\"\n");
-        let _ = write!(
-            s,
-            "if ! out=$(sha256sum -c 2>&1 <<'EDGEPACK_SUMS'\n{sums}EDGEPACK_SUMS\n); then\n  echo \"$out\" | grep -v ': OK$' >&2\n  exit 3\nfi\n"
-        );
+        if check_stdin {
+            s.push_str(
+                "if ! out=$(sha256sum -c - 2>&1); then\n  echo \"$out\" | grep -v ': OK$' >&2\n  exit 3\nfi\n",
+            );
+        }
         let _ = writeln!(
             s,
             "n=$(find . -type f | wc -l)\nif [ \"$n\" -ne {n_files} ]; then echo \"the upload holds $n files, the bundle {n_files}\" >&2; find . -type f >&2; exit 3; fi"
@@ -290,16 +322,12 @@ if [ -f runtime.exit ]; then echo "exited $(cat runtime.exit)"; fi
         s
     }
 
-    /// Writes `contents` to `rel` under the install folder through a temporary name.
-    pub fn write_file(&self, rel: &str, contents: &str) -> String {
+    /// Writes stdin to `rel` under the install folder through a temporary name (the contents
+    /// travel as data, so no text in them can end a here-document).
+    pub fn write_file(&self, rel: &str) -> String {
         let mut s = self.prelude();
         let tmp = format!(".{}.tmp", rel.replace('/', "_"));
-        let _ = write!(
-            s,
-            "cat > {t} <<'EDGEPACK_FILE'\n{contents}\nEDGEPACK_FILE\nmv {t} {r}\n",
-            t = quote(&tmp),
-            r = quote(rel)
-        );
+        let _ = writeln!(s, "cat > {t}\nmv {t} {r}", t = quote(&tmp), r = quote(rel));
         s
     }
 

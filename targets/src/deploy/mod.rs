@@ -16,7 +16,7 @@ mod host;
 pub mod inventory;
 pub mod ssh;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +34,12 @@ pub use host::{
     DEFAULT_RUNTIME_PORT, DEFAULT_SERVICE,
 };
 
-/// How often `/health` is asked while the model loads.
+/// How often `/health` is asked while the model loads: often at first (a small model is
+/// ready in well under a second), then less.
+const HEALTH_POLL_FAST: Duration = Duration::from_millis(100);
 const HEALTH_POLL: Duration = Duration::from_millis(500);
+/// How long the fast polling lasts.
+const HEALTH_FAST_FOR: Duration = Duration::from_secs(3);
 /// Lines of the runtime's log quoted when it fails.
 const LOG_TAIL: u32 = 15;
 /// Where the runtime sits inside a release (the bundle layout's `bin/edgepack-runtime`).
@@ -153,6 +157,9 @@ pub struct HostReport {
     pub previous: Option<String>,
     /// File bytes sent over SSH.
     pub bytes_sent: u64,
+    /// Bytes those files took on the SSH channels (zstd-compressed where the board has zstd
+    /// and a file compresses).
+    pub channel_bytes: u64,
     pub files_sent: usize,
     pub files_resumed: usize,
     /// Files an earlier release on the board already had (hard-linked there, not sent).
@@ -162,6 +169,58 @@ pub struct HostReport {
     pub health: Option<Health>,
     pub error: Option<String>,
     pub seconds: f64,
+    /// Seconds spent in each stage, in the order they ran (connecting, probing, uploading,
+    /// verifying, switching, health check, ...).
+    pub phases: Vec<Phase>,
+}
+
+/// One stage of a host's deploy and how long it took.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub stage: String,
+    pub seconds: f64,
+}
+
+/// Wraps a progress display and times each stage it is told about.
+struct Timed<'a> {
+    inner: &'a dyn HostProgress,
+    marks: std::sync::Mutex<Vec<(String, Instant)>>,
+}
+
+impl Timed<'_> {
+    fn phases(&self, end: Instant) -> Vec<Phase> {
+        let marks = self.marks.lock().expect("marks lock");
+        marks
+            .iter()
+            .enumerate()
+            .map(|(i, (stage, at))| {
+                let until = marks.get(i + 1).map(|m| m.1).unwrap_or(end);
+                Phase {
+                    stage: stage.clone(),
+                    seconds: until.duration_since(*at).as_secs_f64(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl HostProgress for Timed<'_> {
+    fn stage(&self, stage: &str) {
+        self.marks
+            .lock()
+            .expect("marks lock")
+            .push((stage.to_string(), Instant::now()));
+        self.inner.stage(stage);
+    }
+    fn upload_start(&self, total_bytes: u64) {
+        self.inner.upload_start(total_bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.inner.advance(bytes);
+    }
+    fn finish(&self, report: &HostReport) {
+        self.inner.finish(report);
+    }
 }
 
 /// What a deploy tells its progress display about one host.
@@ -188,6 +247,7 @@ struct Probe {
     arch: String,
     systemd: bool,
     sha256sum: bool,
+    zstd: bool,
     current: Option<String>,
     previous: Option<String>,
     releases: Vec<String>,
@@ -199,23 +259,82 @@ fn release_of(link: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+impl Probe {
+    /// Takes one `key value` line of the probe script; false for a key it does not know.
+    fn take(&mut self, line: &str) -> bool {
+        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
+        let v = v.trim();
+        match k {
+            "arch" => self.arch = v.to_string(),
+            "systemd" => self.systemd = v == "yes",
+            "sha256sum" => self.sha256sum = v == "yes",
+            "zstd" => self.zstd = v == "yes",
+            "current" => self.current = release_of(v),
+            "previous" => self.previous = release_of(v),
+            "release" => self.releases.push(v.to_string()),
+            _ => return false,
+        }
+        true
+    }
+}
+
 async fn probe(c: &Conn, l: &Layout) -> Result<Probe, DeployError> {
     let out = c.sh("probing the board", &l.probe()).await?;
     let mut p = Probe::default();
     for line in out.lines() {
-        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
-        let v = v.trim();
-        match k {
-            "arch" => p.arch = v.to_string(),
-            "systemd" => p.systemd = v == "yes",
-            "sha256sum" => p.sha256sum = v == "yes",
-            "current" => p.current = release_of(v),
-            "previous" => p.previous = release_of(v),
-            "release" => p.releases.push(v.to_string()),
-            _ => {}
-        }
+        p.take(line);
     }
     Ok(p)
+}
+
+/// What the survey script tells a deploy (see [`Layout::survey`]).
+#[derive(Debug, Default)]
+struct Survey {
+    probe: Probe,
+    /// The supervised runtime's state lines (`running <pid> <s>` / `stopped` / `exited <n>`).
+    state: Vec<String>,
+    /// Sizes of the files already in `.incoming/<id>`.
+    have: BTreeMap<String, u64>,
+    /// Each release's manifest on the board.
+    manifests: Vec<(String, Manifest)>,
+}
+
+fn parse_survey(out: &[u8]) -> Survey {
+    let mut sv = Survey::default();
+    let mut rest = out;
+    while !rest.is_empty() {
+        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+        let line = String::from_utf8_lossy(&rest[..end]).into_owned();
+        rest = &rest[(end + 1).min(rest.len())..];
+        if sv.probe.take(&line) {
+            continue;
+        }
+        if let Some(st) = line.strip_prefix("state ") {
+            sv.state.push(st.trim().to_string());
+        } else if let Some(sz) = line.strip_prefix("size ") {
+            if let Some((n, p)) = sz.split_once(' ') {
+                if let Ok(n) = n.parse() {
+                    sv.have.insert(p.to_string(), n);
+                }
+            }
+        } else if let Some(m) = line.strip_prefix("manifest ") {
+            let Some((rel, n)) = m.rsplit_once(' ') else {
+                break;
+            };
+            let Ok(n) = n.trim().parse::<usize>() else {
+                break;
+            };
+            if n > rest.len() {
+                break;
+            }
+            if let Ok(man) = Manifest::from_bytes(&rest[..n], Path::new(MANIFEST)) {
+                sv.manifests.push((rel.to_string(), man));
+            }
+            // The next line starts right after the manifest's bytes, newline or not.
+            rest = &rest[n..];
+        }
+    }
+    sv
 }
 
 /// The machine names `uname -m` prints for a Rust triple's architecture.
@@ -257,6 +376,16 @@ fn runtime_command(h: &HostConfig, l: &Layout, signed: bool) -> String {
     cmd
 }
 
+/// The script that restarts the runtime of `current` (systemd unit or supervised process).
+fn restart_script(h: &HostConfig, l: &Layout, p: &Probe, signed: bool) -> String {
+    let cmd = runtime_command(h, l, signed);
+    if p.systemd {
+        l.start_systemd(&h.service, &cmd)
+    } else {
+        l.start_supervised(&cmd)
+    }
+}
+
 /// Restarts the runtime of `current` (systemd unit or supervised process).
 async fn restart(
     c: &Conn,
@@ -265,13 +394,9 @@ async fn restart(
     p: &Probe,
     signed: bool,
 ) -> Result<(), DeployError> {
-    let cmd = runtime_command(h, l, signed);
-    let script = if p.systemd {
-        l.start_systemd(&h.service, &cmd)
-    } else {
-        l.start_supervised(&cmd)
-    };
-    c.sh("starting the runtime", &script).await.map(|_| ())
+    c.sh("starting the runtime", &restart_script(h, l, p, signed))
+        .await
+        .map(|_| ())
 }
 
 async fn stop(c: &Conn, h: &HostConfig, l: &Layout, p: &Probe) -> Result<(), DeployError> {
@@ -333,7 +458,12 @@ async fn check_health(
                 ));
             }
         }
-        tokio::time::sleep(HEALTH_POLL).await;
+        tokio::time::sleep(if started.elapsed() < HEALTH_FAST_FOR {
+            HEALTH_POLL_FAST
+        } else {
+            HEALTH_POLL
+        })
+        .await;
     }
     let ready_s = started.elapsed().as_secs_f64();
     let left = timeout
@@ -357,7 +487,7 @@ async fn record_health(
     release: &str,
     result: &Result<Health, String>,
 ) -> Result<(), DeployError> {
-    record_health_with(c, l, release, result, None).await
+    record_health_with(c, l, release, result, None, "").await
 }
 
 /// Writes health.json; after a rollback it also says which release failed and why, so the
@@ -368,6 +498,7 @@ async fn record_health_with(
     release: &str,
     result: &Result<Health, String>,
     rolled_back: Option<(&str, &str)>,
+    then: &str,
 ) -> Result<(), DeployError> {
     let mut v = match result {
         Ok(hl) => serde_json::json!({
@@ -383,12 +514,11 @@ async fn record_health_with(
         v["rolled_back_from"] = serde_json::json!(from);
         v["rollback_reason"] = serde_json::json!(why);
     }
-    c.sh(
+    let json = serde_json::to_string_pretty(&v).expect("json");
+    c.sh_in(
         "recording the health check",
-        &l.write_file(
-            "health.json",
-            &serde_json::to_string_pretty(&v).expect("json"),
-        ),
+        &format!("{}{then}", l.write_file("health.json")),
+        json.as_bytes(),
     )
     .await
     .map(|_| ())
@@ -439,6 +569,7 @@ pub async fn deploy_host(
         release: Some(b.release_id.clone()),
         previous: None,
         bytes_sent: 0,
+        channel_bytes: 0,
         files_sent: 0,
         files_resumed: 0,
         files_reused: 0,
@@ -446,8 +577,13 @@ pub async fn deploy_host(
         health: None,
         error: None,
         seconds: 0.0,
+        phases: Vec::new(),
     };
-    let res = deploy_inner(h, b, opts, progress, &mut r).await;
+    let timed = Timed {
+        inner: progress,
+        marks: Default::default(),
+    };
+    let res = deploy_inner(h, b, opts, &timed, &mut r).await;
     if let Err(e) = res {
         r.ok = false;
         if r.outcome != Outcome::RolledBack {
@@ -455,7 +591,9 @@ pub async fn deploy_host(
         }
         r.error = Some(e.to_string());
     }
-    r.seconds = started.elapsed().as_secs_f64();
+    let end = Instant::now();
+    r.seconds = end.duration_since(started).as_secs_f64();
+    r.phases = timed.phases(end);
     progress.finish(&r);
     r
 }
@@ -509,7 +647,12 @@ async fn deploy_connected(
     let l = Layout::new(&h.install_dir);
     let id = &b.release_id;
     progress.stage("probing");
-    let p = probe(c, &l).await?;
+    let paths: Vec<&str> = b.files.iter().map(|f| f.path.as_str()).collect();
+    let survey = parse_survey(
+        &c.sh_bytes("surveying the board", &l.survey(id, &paths))
+            .await?,
+    );
+    let p = &survey.probe;
     r.previous = p.current.clone();
     let rt = b.manifest.runtime.as_ref().expect("checked by the caller");
     if h.runner.is_none() && !arch_matches(&rt.triple, &p.arch) {
@@ -531,28 +674,34 @@ async fn deploy_connected(
     }
     let signed = b.trusted_key_pem.is_some();
     if !p.releases.contains(id) {
-        upload(c, h, &l, b, opts, progress, r).await?;
+        let hashed = upload(c, &l, b, &survey, opts, progress, r).await?;
         progress.stage("verifying");
-        verify_on_board(c, h, &l, b, &p).await?;
+        verify_on_board(c, h, &l, b, p, &hashed).await?;
     }
-    if let Some(pem) = &b.trusted_key_pem {
-        c.sh(
-            "installing the trusted key",
-            &l.write_file("trusted.pub.pem", pem.trim_end()),
-        )
-        .await?;
-    }
+    // The key travels as the script's input, installed before the runtime starts with it.
+    let (key_script, key) = match &b.trusted_key_pem {
+        Some(pem) => (
+            l.write_file("trusted.pub.pem"),
+            format!("{}\n", pem.trim_end()).into_bytes(),
+        ),
+        None => (String::new(), Vec::new()),
+    };
     let was_current = p.current.as_deref() == Some(id.as_str());
     if was_current {
         // Same release: keep the process that runs; start it only if it is not running.
-        let state = c
-            .sh("reading the runtime's state", &l.supervised_state())
-            .await?;
-        if !p.systemd && !state.starts_with("running") {
-            restart(c, h, &l, &p, signed).await?;
+        let running = survey
+            .state
+            .first()
+            .is_some_and(|s| s.starts_with("running"));
+        let mut script = key_script;
+        if !p.systemd && !running {
+            script.push_str(&restart_script(h, &l, p, signed));
+        }
+        if !script.is_empty() {
+            c.sh_in("starting the runtime", &script, &key).await?;
         }
         progress.stage("health check");
-        let checked = check_health(c, h, &l, &p, opts.health_timeout).await;
+        let checked = check_health(c, h, &l, p, opts.health_timeout).await;
         record_health(c, &l, id, &checked).await?;
         match checked {
             Ok(hl) => {
@@ -572,30 +721,36 @@ async fn deploy_connected(
         }
     }
     progress.stage("switching");
-    c.sh("switching current", &l.switch(id)).await?;
-    restart(c, h, &l, &p, signed).await?;
+    // One round trip: the key, the switch of `current`, and the runtime's restart.
+    let script = format!(
+        "{key_script}{}{}",
+        l.switch(id),
+        restart_script(h, &l, p, signed)
+    );
+    c.sh_in("switching current and starting the runtime", &script, &key)
+        .await?;
     progress.stage("health check");
-    let checked = check_health(c, h, &l, &p, opts.health_timeout).await;
-    record_health(c, &l, id, &checked).await?;
+    let checked = check_health(c, h, &l, p, opts.health_timeout).await;
     match checked {
         Ok(hl) => {
+            // The record and the pruning of old releases in one round trip.
+            record_health_with(c, &l, id, &Ok(hl.clone()), None, &l.prune(h.keep, id)).await?;
             r.health = Some(hl);
             r.outcome = Outcome::Deployed;
             r.ok = true;
-            progress.stage("pruning");
-            c.sh("removing old releases", &l.prune(h.keep, id)).await?;
             Ok(())
         }
         Err(reason) => {
+            record_health(c, &l, id, &Err(reason.clone())).await?;
             progress.stage("rolling back");
             let after = match &p.current {
                 Some(prev) => {
                     c.sh("rolling back", &l.swap_back()).await?;
-                    restart(c, h, &l, &p, signed).await?;
+                    restart(c, h, &l, p, signed).await?;
                     r.outcome = Outcome::RolledBack;
                     r.release = Some(prev.clone());
-                    let again = check_health(c, h, &l, &p, opts.health_timeout).await;
-                    record_health_with(c, &l, prev, &again, Some((id, &reason))).await?;
+                    let again = check_health(c, h, &l, p, opts.health_timeout).await;
+                    record_health_with(c, &l, prev, &again, Some((id, &reason)), "").await?;
                     match again {
                         Ok(hl) => {
                             r.health = Some(hl);
@@ -607,7 +762,7 @@ async fn deploy_connected(
                     }
                 }
                 None => {
-                    stop(c, h, &l, &p).await?;
+                    stop(c, h, &l, p).await?;
                     c.sh(
                         "removing the failed release's link",
                         &format!("rm -f {}", quote(&l.path("current"))),
@@ -629,50 +784,20 @@ async fn deploy_connected(
 
 async fn upload(
     c: &Conn,
-    h: &HostConfig,
     l: &Layout,
     b: &LocalBundle,
+    survey: &Survey,
     opts: &Options,
     progress: &dyn HostProgress,
     r: &mut HostReport,
-) -> Result<(), DeployError> {
+) -> Result<BTreeSet<String>, DeployError> {
     progress.stage("planning");
     let incoming = l.incoming(&b.release_id);
-    let paths: Vec<&str> = b.files.iter().map(|f| f.path.as_str()).collect();
-    let sizes_out = c
-        .sh("listing the partial upload", &l.sizes(&incoming, &paths))
-        .await?;
-    let mut have: BTreeMap<String, u64> = BTreeMap::new();
-    for line in sizes_out.lines() {
-        if let Some((n, p)) = line.trim().split_once(' ') {
-            if let Ok(n) = n.trim().parse() {
-                have.insert(p.to_string(), n);
-            }
-        }
-    }
     // What earlier releases hold, by sha256: their manifests were verified on the board.
-    let mut held: BTreeMap<String, String> = BTreeMap::new();
-    let listing = c
-        .sh(
-            "listing releases",
-            &format!(
-                "cd {} 2>/dev/null && for m in */manifest.json; do [ -f \"$m\" ] && echo \"${{m%/manifest.json}}\"; done; true",
-                quote(&l.path("releases"))
-            ),
-        )
-        .await?;
-    for rel in listing.lines().map(str::trim).filter(|s| !s.is_empty()) {
-        let text = c
-            .sh(
-                "reading a release's manifest",
-                &format!("cat {}", quote(&format!("{}/{MANIFEST}", l.release(rel)))),
-            )
-            .await?;
-        let Ok(m) = Manifest::from_bytes(text.as_bytes(), Path::new(MANIFEST)) else {
-            continue;
-        };
-        for f in m.files {
-            held.entry(f.sha256)
+    let mut held: BTreeMap<&str, String> = BTreeMap::new();
+    for (rel, m) in &survey.manifests {
+        for f in &m.files {
+            held.entry(f.sha256.as_str())
                 .or_insert_with(|| format!("{}/{}", l.release(rel), f.path));
         }
     }
@@ -680,35 +805,27 @@ async fn upload(
     let mut to_send = 0u64;
     for f in &b.files {
         let local = b.dir.join(&f.path);
-        let plan = match have.get(&f.path).copied() {
+        let partial = format!("{incoming}/{}", f.path);
+        let plan = match survey.have.get(&f.path).copied() {
             Some(n) if n == f.size => Plan::Present,
             Some(n) if n > 0 && n < f.size => {
                 let remote = c
-                    .sh(
-                        "hashing the partial upload",
-                        &l.prefix_sha(&format!("{incoming}/{}", f.path), n),
-                    )
+                    .sh("hashing the partial upload", &l.prefix_sha(&partial, n))
                     .await?;
                 if remote.trim() == local_prefix_sha(&local, n)? {
                     Plan::Resume(n)
                 } else {
-                    c.sh(
-                        "discarding a damaged partial upload",
-                        &l.truncate(&format!("{incoming}/{}", f.path)),
-                    )
-                    .await?;
+                    c.sh("discarding a damaged partial upload", &l.truncate(&partial))
+                        .await?;
                     Plan::Resume(0)
                 }
             }
             Some(n) if n > f.size => {
-                c.sh(
-                    "discarding a damaged partial upload",
-                    &l.truncate(&format!("{incoming}/{}", f.path)),
-                )
-                .await?;
+                c.sh("discarding a damaged partial upload", &l.truncate(&partial))
+                    .await?;
                 Plan::Resume(0)
             }
-            _ => match held.get(&f.sha256) {
+            _ => match held.get(f.sha256.as_str()) {
                 Some(src) => Plan::Reuse(src.clone()),
                 None => Plan::Send,
             },
@@ -723,58 +840,129 @@ async fn upload(
     progress.upload_start(to_send);
     progress.stage("uploading");
     let advance = |n: u64| progress.advance(n);
+    // Links to files earlier releases hold go in one script.
+    let links: String = plans
+        .iter()
+        .filter_map(|(f, _, plan)| match plan {
+            Plan::Reuse(src) => Some(l.link(src, &format!("{incoming}/{}", f.path))),
+            _ => None,
+        })
+        .collect();
+    if !links.is_empty() {
+        c.sh("reusing files the board has", &links).await?;
+    }
+    // Files the board hashed as they arrived, whole and matching: no second read needed.
+    let mut hashed = BTreeSet::new();
     for (f, local, plan) in plans {
         let remote = format!("{incoming}/{}", f.path);
-        match plan {
-            Plan::Present => r.files_present += 1,
-            Plan::Reuse(src) => {
-                c.sh("reusing a file the board has", &l.link(&src, &remote))
-                    .await?;
+        let offset = match plan {
+            Plan::Present => {
+                r.files_present += 1;
+                continue;
+            }
+            Plan::Reuse(_) => {
                 r.files_reused += 1;
+                continue;
             }
-            Plan::Resume(n) => {
-                let sent = c
-                    .upload(&local, n, &l.append(&remote), opts.limit_rate, &advance)
-                    .await?;
-                r.bytes_sent += sent;
-                if n > 0 {
-                    r.files_resumed += 1;
-                } else {
-                    r.files_sent += 1;
-                }
-            }
-            Plan::Send => {
-                let sent = c
-                    .upload(&local, 0, &l.append(&remote), opts.limit_rate, &advance)
-                    .await?;
-                r.bytes_sent += sent;
-                r.files_sent += 1;
-            }
+            Plan::Resume(n) => n,
+            Plan::Send => 0,
+        };
+        let zstd = survey.probe.zstd && compressible(&local)?;
+        let up = c
+            .upload(
+                &local,
+                offset,
+                &l.append(&remote, zstd),
+                zstd,
+                opts.limit_rate,
+                &advance,
+            )
+            .await?;
+        r.bytes_sent += up.file_bytes;
+        r.channel_bytes += up.channel_bytes;
+        if offset > 0 {
+            r.files_resumed += 1;
+        } else {
+            r.files_sent += 1;
+        }
+        let mut out = up.stdout.lines();
+        let (sha, size) = (out.next().unwrap_or("").trim(), out.next().unwrap_or(""));
+        let size: Option<u64> = size.trim().parse().ok();
+        if size != Some(f.size) || (offset == 0 && sha != f.sha256) {
+            c.sh(
+                "removing a damaged upload",
+                &format!("rm -f {}", quote(&remote)),
+            )
+            .await?;
+            return Err(DeployError::Corrupted {
+                host: r.host.clone(),
+                kept: r.previous.clone().unwrap_or_else(|| "no release".to_string()),
+                detail: format!(
+                    "{}: FAILED (the board wrote {} bytes with sha256 {sha}; the bundle has {} bytes with {})",
+                    f.path,
+                    size.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string()),
+                    f.size,
+                    f.sha256
+                ),
+            });
+        }
+        if offset == 0 {
+            hashed.insert(f.path.clone());
         }
     }
-    let _ = h;
-    Ok(())
+    Ok(hashed)
 }
 
-/// `sha256sum -c` of the whole incoming release on the board; on a mismatch the damaged files
-/// are removed (the next deploy sends them again) and nothing is switched.
+/// Bytes sampled to decide whether a file is worth compressing on the wire.
+const SAMPLE: usize = 4 << 20;
+
+/// True when zstd shrinks a sample of `path` by more than 15%: executables and tokenizers
+/// do (the runtime binary to about a quarter), quantized weights do not, and compressing
+/// them would only cost time.
+fn compressible(path: &Path) -> Result<bool, DeployError> {
+    use std::io::Read;
+    let err = |e: std::io::Error| DeployError::Local {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut f = std::fs::File::open(path).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    if len < 64 * 1024 {
+        return Ok(false);
+    }
+    let mut sample = Vec::with_capacity(SAMPLE);
+    (&mut f)
+        .take(SAMPLE as u64)
+        .read_to_end(&mut sample)
+        .map_err(err)?;
+    let packed = zstd::bulk::compress(&sample, 1).map_err(err)?;
+    Ok((packed.len() as f64) < 0.85 * sample.len() as f64)
+}
+
+/// `sha256sum -c` on the board of every file of the incoming release that was not hashed as
+/// it arrived (resumed, left by an interrupted deploy, or linked from an earlier release),
+/// then the count check and the commit; on a mismatch the damaged files are removed (the next
+/// deploy sends them again) and nothing is switched.
 async fn verify_on_board(
     c: &Conn,
     h: &HostConfig,
     l: &Layout,
     b: &LocalBundle,
     p: &Probe,
+    hashed: &BTreeSet<String>,
 ) -> Result<(), DeployError> {
     let sums: String = b
         .files
         .iter()
+        .filter(|f| !hashed.contains(&f.path))
         .map(|f| format!("{}  {}\n", f.sha256, f.path))
         .collect();
     let exec = [RUNTIME_IN_RELEASE];
     match c
-        .sh(
+        .sh_in(
             "verifying the upload",
-            &l.verify_and_commit(&b.release_id, &sums, b.files.len(), &exec),
+            &l.verify_and_commit(&b.release_id, !sums.is_empty(), b.files.len(), &exec),
+            sums.as_bytes(),
         )
         .await
     {
@@ -788,6 +976,7 @@ async fn verify_on_board(
             let bad: Vec<String> = stderr
                 .lines()
                 .filter_map(|line| line.strip_suffix(": FAILED"))
+                .filter(|p| b.files.iter().any(|f| f.path == *p))
                 .map(|p| quote(&format!("{incoming}/{p}")))
                 .collect();
             if !bad.is_empty() {
@@ -839,6 +1028,7 @@ pub fn deploy_all(
                             release: None,
                             previous: None,
                             bytes_sent: 0,
+                            channel_bytes: 0,
                             files_sent: 0,
                             files_resumed: 0,
                             files_reused: 0,
@@ -846,6 +1036,7 @@ pub fn deploy_all(
                             health: None,
                             error: Some(format!("{}: {message}", h.name)),
                             seconds: 0.0,
+                            phases: Vec::new(),
                         };
                         prog.finish(&r);
                         r
@@ -1043,6 +1234,25 @@ pub fn logs(h: &HostConfig, opts: &Options, lines: u32, follow: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_survey_frames_manifests_by_length_with_or_without_a_final_newline() {
+        let mut out = b"arch aarch64\nzstd yes\nstate running 12 40\nmanifest r1 9\n".to_vec();
+        // Not a manifest (skipped), with no final newline: the next line follows at once.
+        out.extend_from_slice(b"not json!");
+        out.extend_from_slice(b"manifest r2 3\n{}\n");
+        out.extend_from_slice(b"size 42 model/m.gguf\nrelease r1\n");
+        let sv = parse_survey(&out);
+        assert_eq!(sv.probe.arch, "aarch64");
+        assert!(sv.probe.zstd);
+        assert_eq!(sv.state, ["running 12 40"]);
+        assert!(sv.manifests.is_empty(), "neither body is a valid manifest");
+        assert_eq!(sv.have.get("model/m.gguf"), Some(&42));
+        assert_eq!(sv.probe.releases, ["r1"]);
+        // A length past the end stops the parse instead of reading out of bounds.
+        let sv = parse_survey(b"manifest r3 999\n{}");
+        assert!(sv.manifests.is_empty());
+    }
 
     #[test]
     fn architectures_match_uname_names() {

@@ -19,6 +19,18 @@ const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Bytes per write into the remote `cat`.
 const CHUNK: usize = 256 * 1024;
 
+/// zstd level of compressed uploads: level 1 compresses faster than a gigabit link carries.
+const ZSTD_LEVEL: i32 = 1;
+
+/// What one upload sent and what the board's script printed.
+pub struct Uploaded {
+    /// Bytes of the file sent (from the offset on).
+    pub file_bytes: u64,
+    /// Bytes written into the channel (after compression).
+    pub channel_bytes: u64,
+    pub stdout: String,
+}
+
 /// An open connection to one board.
 pub struct Conn {
     session: Session,
@@ -125,6 +137,12 @@ impl Conn {
     /// Runs `script` with `sh -c` and returns its stdout; a non-zero exit is an error carrying
     /// the script's stderr.
     pub async fn sh(&self, step: &str, script: &str) -> Result<String, DeployError> {
+        let out = self.sh_bytes(step, script).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// [`sh`](Self::sh), with stdout as bytes.
+    pub async fn sh_bytes(&self, step: &str, script: &str) -> Result<Vec<u8>, DeployError> {
         let out = self
             .session
             .command("sh")
@@ -132,6 +150,49 @@ impl Conn {
             .arg(script)
             .stdin(Stdio::null())
             .output()
+            .await
+            .map_err(|e| self.ssh_error(step, e))?;
+        if !out.status.success() {
+            return Err(DeployError::Remote {
+                host: self.host.clone(),
+                step: step.into(),
+                code: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    /// Runs `script` with `input` on its stdin: file contents and sha256 lists travel as data,
+    /// never spliced into shell text.
+    pub async fn sh_in(
+        &self,
+        step: &str,
+        script: &str,
+        input: &[u8],
+    ) -> Result<String, DeployError> {
+        let mut child = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.ssh_error(step, e))?;
+        let mut stdin = child.stdin().take().expect("stdin was piped");
+        let write_err = |e: std::io::Error| DeployError::Ssh {
+            host: self.host.clone(),
+            step: step.into(),
+            detail: format!("the connection broke while sending the script's input: {e}"),
+        };
+        stdin.write_all(input).await.map_err(write_err)?;
+        stdin.shutdown().await.map_err(write_err)?;
+        drop(stdin);
+        let out = child
+            .wait_with_output()
             .await
             .map_err(|e| self.ssh_error(step, e))?;
         if !out.status.success() {
@@ -170,15 +231,17 @@ impl Conn {
     }
 
     /// Streams `local` from byte `offset` into `script` (which appends stdin to the remote
-    /// file). `advance` sees each chunk; `limit` caps the rate in bytes/s. Returns bytes sent.
+    /// file), zstd-compressed when `compress` (the script then decompresses). `advance` sees
+    /// each chunk's file bytes; `limit` caps the rate of channel bytes per second.
     pub async fn upload(
         &self,
         local: &Path,
         offset: u64,
         script: &str,
+        compress: bool,
         limit: Option<u64>,
         advance: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<u64, DeployError> {
+    ) -> Result<Uploaded, DeployError> {
         let local_err = |e: std::io::Error| DeployError::Local {
             path: local.to_path_buf(),
             message: e.to_string(),
@@ -193,7 +256,7 @@ impl Conn {
             .arg("-c")
             .arg(script)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .await
@@ -202,6 +265,15 @@ impl Conn {
         let mut buf = vec![0u8; CHUNK];
         let started = Instant::now();
         let mut sent = 0u64;
+        let mut channel = 0u64;
+        let mut encoder = if compress {
+            Some(
+                zstd::stream::write::Encoder::new(Vec::with_capacity(CHUNK), ZSTD_LEVEL)
+                    .map_err(local_err)?,
+            )
+        } else {
+            None
+        };
         let write_err = |e: std::io::Error| DeployError::Ssh {
             host: self.host.clone(),
             step: "upload".into(),
@@ -215,15 +287,33 @@ impl Conn {
             if n == 0 {
                 break;
             }
-            stdin.write_all(&buf[..n]).await.map_err(write_err)?;
+            match encoder.as_mut() {
+                Some(enc) => {
+                    std::io::Write::write_all(enc, &buf[..n]).map_err(local_err)?;
+                    let out = std::mem::take(enc.get_mut());
+                    stdin.write_all(&out).await.map_err(write_err)?;
+                    channel += out.len() as u64;
+                    *enc.get_mut() = out;
+                    enc.get_mut().clear();
+                }
+                None => {
+                    stdin.write_all(&buf[..n]).await.map_err(write_err)?;
+                    channel += n as u64;
+                }
+            }
             sent += n as u64;
             advance(n as u64);
             if let Some(limit) = limit.filter(|l| *l > 0) {
-                let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+                let due = Duration::from_secs_f64(channel as f64 / limit as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     tokio::time::sleep(wait).await;
                 }
             }
+        }
+        if let Some(enc) = encoder.take() {
+            let tail = enc.finish().map_err(local_err)?;
+            stdin.write_all(&tail).await.map_err(write_err)?;
+            channel += tail.len() as u64;
         }
         stdin.flush().await.map_err(write_err)?;
         stdin.shutdown().await.map_err(write_err)?;
@@ -240,7 +330,11 @@ impl Conn {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
-        Ok(sent)
+        Ok(Uploaded {
+            file_bytes: sent,
+            channel_bytes: channel,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        })
     }
 
     /// Forwards a local unix socket to `127.0.0.1:port` on the board and returns its path.

@@ -1,9 +1,13 @@
 //! `cargo xtask bench deploy`: time and bytes on the wire of a first `edgepack deploy` and of a
-//! redeploy of the same bundle, against plain `scp -r` of the same files, to a board emulated
-//! by a folder behind a real sshd on loopback.
+//! redeploy of the same bundle, against plain `scp -r` of the same files and `scp` of the same
+//! `.tar.zst`, to a board emulated by a folder behind a real sshd on loopback; then the same
+//! over a relay held to a board link's speed (100 Mbit/s by default).
 //!
 //! Bytes on the wire are counted by a TCP relay between ssh and sshd (both directions, every
-//! encrypted byte, handshakes included), so both tools are measured the same way.
+//! encrypted byte, handshakes included), so both tools are measured the same way. edgepack's
+//! time includes what scp does not do: verification on the board, the switch, the runtime's
+//! restart and its health check (model load + smoke prompt); `to_switch_s` is its time up to
+//! a verified release on the board, the part that compares with a copy.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,13 +16,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::board::LocalBoard;
+use crate::board::{LocalBoard, Wire};
 use crate::util::{cache_dir, cargo, root, run};
 
 pub struct Options {
     pub quant: String,
+    pub link_mbit: u64,
     pub output: PathBuf,
 }
 
@@ -56,66 +61,27 @@ pub fn bench(o: Options) -> Result<()> {
         .arg("-o")
         .arg(work.join("out")))?;
     let bundle = work.join("out/smollm2-generic-x86_64");
+    let archive = work.join("out/smollm2-generic-x86_64.tar.zst");
 
-    // A board behind a real sshd on loopback, every byte counted by a relay.
-    let wire = Arc::new(AtomicU64::new(0));
-    let board = LocalBoard::start(&work.join("board-host"), Some(wire.clone()))?;
-    let cfg = board.ssh_config.clone();
-    let install = board.install_dir.clone();
-    let runtime_port = board.runtime_port;
-
-    let measure = |label: &str, cmd: &mut Command| -> Result<serde_json::Value> {
-        wire.store(0, Ordering::Relaxed);
-        eprintln!("$ {label}");
-        let t = Instant::now();
-        let out = cmd.stderr(Stdio::inherit()).output()?;
-        let secs = t.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!("{label} failed:\n{}", String::from_utf8_lossy(&out.stdout));
-        }
-        let bytes = wire.load(Ordering::Relaxed);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(json!(null));
-        Ok(json!({"seconds": secs, "wire_bytes": bytes, "report": report["hosts"][0]}))
-    };
-    let deploy = |cmd: &mut Command| {
-        cmd.arg("--json")
-            .arg("deploy")
-            .arg(&bundle)
-            .args(["--host", "board", "--ssh-config"])
-            .arg(&cfg)
-            .arg("--install-dir")
-            .arg(&install)
-            .args(["--runtime-port", &runtime_port.to_string()]);
-    };
-    let mut c1 = Command::new(&edgepack);
-    deploy(&mut c1);
-    let first = measure("edgepack deploy (first)", &mut c1)?;
-    let mut c2 = Command::new(&edgepack);
-    deploy(&mut c2);
-    let again = measure("edgepack deploy (redeploy)", &mut c2)?;
-    let scp = |dest: &str| {
-        let mut c = Command::new("scp");
-        c.arg("-F")
-            .arg(&cfg)
-            .args(["-q", "-r"])
-            .arg(&bundle)
-            .arg(format!("board:{}", board.root.join(dest).display()));
-        c
-    };
-    let scp1 = measure("scp -r (first)", &mut scp("scp-copy"))?;
-    let scp2 = measure("scp -r (again)", &mut scp("scp-copy"))?;
-
-    board.stop_runtime();
-    let bundle_bytes: u64 = walk_size(&bundle)?;
+    let mut links = vec![("loopback".to_string(), None)];
+    if o.link_mbit > 0 {
+        links.push((
+            format!("link_{}mbit", o.link_mbit),
+            Some(o.link_mbit * 1_000_000 / 8),
+        ));
+    }
+    let mut sections = serde_json::Map::new();
+    for (label, rate) in links {
+        let s = measure_link(&edgepack, &bundle, &archive, &work.join(&label), rate)?;
+        sections.insert(label, s);
+    }
     let v = json!({
         "bundle": bundle.file_name().map(|n| n.to_string_lossy().into_owned()),
         "quant": o.quant,
-        "bundle_bytes": bundle_bytes,
-        "edgepack_deploy_first": first,
-        "edgepack_redeploy": again,
-        "scp_first": scp1,
-        "scp_again": scp2,
-        "note": "wire_bytes: every byte between ssh and sshd (a counting relay); edgepack's seconds include restarting the runtime and its health check (model load + smoke prompt)",
+        "bundle_bytes": walk_size(&bundle)?,
+        "archive_bytes": std::fs::metadata(&archive)?.len(),
+        "links": sections,
+        "note": "wire_bytes: every byte between ssh and sshd (a counting relay); edgepack's seconds include verification on the board, the switch, restarting the runtime and its health check (model load + smoke prompt); to_switch_s stops at a verified release on the board",
     });
     if let Some(p) = o.output.parent() {
         std::fs::create_dir_all(p)?;
@@ -123,6 +89,100 @@ pub fn bench(o: Options) -> Result<()> {
     std::fs::write(&o.output, serde_json::to_string_pretty(&v)?)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
+}
+
+/// One board behind one relay: edgepack's first deploy (of the archive, as a user runs it) and
+/// redeploy, then scp of the folder and of the archive.
+fn measure_link(
+    edgepack: &Path,
+    bundle: &Path,
+    archive: &Path,
+    work: &Path,
+    rate: Option<u64>,
+) -> Result<Value> {
+    let count = Arc::new(AtomicU64::new(0));
+    let board = LocalBoard::start(
+        work,
+        Some(Wire {
+            count: count.clone(),
+            rate,
+        }),
+    )?;
+    let cfg = board.ssh_config.clone();
+    let measure = |label: &str, cmd: &mut Command| -> Result<Value> {
+        count.store(0, Ordering::Relaxed);
+        eprintln!("$ {label}");
+        let t = Instant::now();
+        let out = cmd.stderr(Stdio::inherit()).output()?;
+        let secs = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!("{label} failed:\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+        let bytes = count.load(Ordering::Relaxed);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!(null));
+        let host = &report["hosts"][0];
+        let mut v = json!({"seconds": secs, "wire_bytes": bytes});
+        if !host.is_null() {
+            // Time up to a verified release on the board: everything before the switch.
+            let before_switch: f64 = host["phases"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .take_while(|p| p["stage"] != "switching" && p["stage"] != "health check")
+                        .filter_map(|p| p["seconds"].as_f64())
+                        .sum()
+                })
+                .unwrap_or(0.0);
+            let host_s = host["seconds"].as_f64().unwrap_or(secs);
+            // The process's own start (reading and hashing the bundle) counts too.
+            v["to_switch_s"] = json!(secs - host_s + before_switch);
+            v["report"] = host.clone();
+        }
+        Ok(v)
+    };
+    let deploy = || {
+        let mut cmd = Command::new(edgepack);
+        cmd.arg("--json")
+            .arg("deploy")
+            .arg(archive)
+            .args(["--host", "board", "--ssh-config"])
+            .arg(&cfg)
+            .arg("--install-dir")
+            .arg(&board.install_dir)
+            .args(["--runtime-port", &board.runtime_port.to_string()]);
+        cmd
+    };
+    let first = measure("edgepack deploy (first)", &mut deploy())?;
+    let again = measure("edgepack deploy (redeploy)", &mut deploy())?;
+    let scp = |src: &Path, dest: &str| {
+        let mut c = Command::new("scp");
+        c.arg("-F")
+            .arg(&cfg)
+            .args(["-q", "-r"])
+            .arg(src)
+            .arg(format!("board:{}", board.root.join(dest).display()));
+        c
+    };
+    let scp_dir = measure("scp -r (bundle folder)", &mut scp(bundle, "scp-dir"))?;
+    let scp_archive = measure("scp (bundle archive)", &mut scp(archive, "scp-archive"))?;
+    board.stop_runtime();
+    let ratio = |a: &Value, b: &Value| {
+        json!(a["seconds"].as_f64().unwrap_or(0.0) / b["seconds"].as_f64().unwrap_or(1.0))
+    };
+    let to_switch_ratio = |b: &Value| {
+        json!(first["to_switch_s"].as_f64().unwrap_or(0.0) / b["seconds"].as_f64().unwrap_or(1.0))
+    };
+    Ok(json!({
+        "rate_bytes_per_s": rate,
+        "edgepack_deploy_first": first,
+        "edgepack_redeploy": again,
+        "scp_folder": scp_dir,
+        "scp_archive": scp_archive,
+        "first_vs_scp_folder": ratio(&first, &scp_dir),
+        "first_vs_scp_archive": ratio(&first, &scp_archive),
+        "to_switch_vs_scp_folder": to_switch_ratio(&scp_dir),
+        "to_switch_vs_scp_archive": to_switch_ratio(&scp_archive),
+    }))
 }
 
 fn walk_size(dir: &Path) -> Result<u64> {

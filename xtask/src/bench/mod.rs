@@ -128,13 +128,20 @@ pub enum Bench {
         #[arg(short, long, default_value = "target/bench/runtime.json")]
         output: PathBuf,
     },
-    /// `edgepack deploy` (first deploy and redeploy of one bundle) against plain `scp -r` of
-    /// the same files, over a real sshd on loopback: seconds and bytes on the wire.
-    #[command(after_help = "Example:\n  cargo xtask bench deploy -o target/bench/deploy.json")]
+    /// `edgepack deploy` (first deploy and redeploy of one bundle) against plain `scp` of the
+    /// same files and of the same archive, over a real sshd on loopback and over a link held to
+    /// a board's speed: seconds and bytes on the wire.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench deploy -o target/bench/deploy.json\n  cargo xtask bench deploy --link-mbit 0   # loopback only"
+    )]
     Deploy {
         /// Quantization of the SmolLM2 bundle deployed.
         #[arg(long, default_value = "Q8_0")]
         quant: String,
+        /// Also measure over a link of this many Mbit/s each way (a board's Fast Ethernet or
+        /// Wi-Fi); 0 skips it.
+        #[arg(long, default_value_t = 100)]
+        link_mbit: u64,
         /// Where to write the JSON.
         #[arg(short, long, default_value = "target/bench/deploy.json")]
         output: PathBuf,
@@ -248,7 +255,15 @@ pub fn bench(b: Bench) -> Result<()> {
             engines,
             output,
         }),
-        Bench::Deploy { quant, output } => deploy::bench(deploy::Options { quant, output }),
+        Bench::Deploy {
+            quant,
+            link_mbit,
+            output,
+        } => deploy::bench(deploy::Options {
+            quant,
+            link_mbit,
+            output,
+        }),
         Bench::Recipe { output } => recipe::bench(&output),
         Bench::Rag {
             sizes,
