@@ -208,25 +208,28 @@ impl HostArgs {
     }
 }
 
-/// The bundles a deploy may send, and where archives were unpacked (kept for the run).
+/// The bundles a deploy may send: folders, and archives (unpacked only when a board needs
+/// their files).
 struct Bundles {
     list: Vec<Arc<LocalBundle>>,
-    _unpacked: Vec<tempfile::TempDir>,
 }
 
 fn load_bundles(path: &Path, key: Option<&Path>) -> Result<Bundles> {
-    let mut unpacked = Vec::new();
-    let mut dirs = Vec::new();
-    let mut unpack = |archive: &Path| -> Result<PathBuf> {
-        let tmp = tempfile::tempdir().context("making a folder to unpack the bundle")?;
-        let dir = bundle::unpack(archive, tmp.path())?;
-        unpacked.push(tmp);
-        Ok(dir)
+    let open_dir = |d: &Path| {
+        deploy::open_bundle(d, key)
+            .map(Arc::new)
+            .with_context(|| format!("refusing bundle {}", d.display()))
     };
+    let open_archive = |a: &Path| {
+        deploy::open_archive(a, key)
+            .map(Arc::new)
+            .with_context(|| format!("refusing bundle {}", a.display()))
+    };
+    let mut list = Vec::new();
     if path.is_file() {
-        dirs.push(unpack(path)?);
+        list.push(open_archive(path)?);
     } else if path.join(bundle::MANIFEST).is_file() {
-        dirs.push(path.to_path_buf());
+        list.push(open_dir(path)?);
     } else if path.is_dir() {
         let mut names: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -235,7 +238,7 @@ fn load_bundles(path: &Path, key: Option<&Path>) -> Result<Bundles> {
         names.sort();
         for p in &names {
             if p.join(bundle::MANIFEST).is_file() {
-                dirs.push(p.clone());
+                list.push(open_dir(p)?);
             }
         }
         for p in &names {
@@ -243,11 +246,11 @@ fn load_bundles(path: &Path, key: Option<&Path>) -> Result<Bundles> {
             if let Some(stem) = n.strip_suffix(".tar.zst") {
                 // `edgepack bundle` writes both a folder and its archive: one is enough.
                 if !path.join(stem).join(bundle::MANIFEST).is_file() {
-                    dirs.push(unpack(p)?);
+                    list.push(open_archive(p)?);
                 }
             }
         }
-        if dirs.is_empty() {
+        if list.is_empty() {
             bail!(
                 "{}: no bundle here (a folder with manifest.json, or a .tar.zst)",
                 path.display()
@@ -256,18 +259,7 @@ fn load_bundles(path: &Path, key: Option<&Path>) -> Result<Bundles> {
     } else {
         bail!("{}: no such bundle", path.display());
     }
-    let list = dirs
-        .iter()
-        .map(|d| {
-            deploy::open_bundle(d, key)
-                .map(Arc::new)
-                .with_context(|| format!("refusing bundle {}", d.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Bundles {
-        list,
-        _unpacked: unpacked,
-    })
+    Ok(Bundles { list })
 }
 
 fn pick(bundles: &[Arc<LocalBundle>], h: &HostConfig) -> Result<Arc<LocalBundle>, String> {

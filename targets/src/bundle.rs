@@ -526,21 +526,7 @@ pub fn check_dir(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Checked, 
             path: manifest_path.clone(),
         })?;
     let sig = read_bounded(&sig_path, MAX_SIGNATURE_BYTES)?;
-    // The signature is checked on the raw bytes before anything in them is believed.
-    let signature = match (trusted, &sig) {
-        (Some(key), Some(sig)) => {
-            if !sign::verify(key, &bytes, sig) {
-                return Err(BundleError::SignatureInvalid {
-                    path: sig_path,
-                    fingerprint: sign::fingerprint(key),
-                });
-            }
-            SignatureState::Verified
-        }
-        (Some(_), None) => return Err(BundleError::SignatureMissing { path: sig_path }),
-        (None, Some(_)) => SignatureState::Unverified,
-        (None, None) => SignatureState::Unsigned,
-    };
+    let signature = check_signature(&bytes, sig.as_deref(), trusted, &sig_path)?;
     let manifest = Manifest::from_bytes(&bytes, &manifest_path)?;
     let tree = walk(dir)?;
     let listed: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
@@ -595,6 +581,164 @@ pub fn check_dir(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Checked, 
         manifest,
         signature,
     })
+}
+
+/// The signature rule, on the manifest's raw bytes before anything in them is believed: with
+/// `trusted`, `sig` must be present and verify; without, a present signature is
+/// [`SignatureState::Unverified`].
+fn check_signature(
+    bytes: &[u8],
+    sig: Option<&[u8]>,
+    trusted: Option<&VerifyingKey>,
+    sig_path: &Path,
+) -> Result<SignatureState, BundleError> {
+    Ok(match (trusted, sig) {
+        (Some(key), Some(sig)) => {
+            if !sign::verify(key, bytes, sig) {
+                return Err(BundleError::SignatureInvalid {
+                    path: sig_path.to_path_buf(),
+                    fingerprint: sign::fingerprint(key),
+                });
+            }
+            SignatureState::Verified
+        }
+        (Some(_), None) => {
+            return Err(BundleError::SignatureMissing {
+                path: sig_path.to_path_buf(),
+            })
+        }
+        (None, Some(_)) => SignatureState::Unverified,
+        (None, None) => SignatureState::Unsigned,
+    })
+}
+
+/// A bundle's manifest and signature, checked without reading its files (they are hashed
+/// later, by whoever uses them).
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// The archive's top folder, or the folder's own name.
+    pub top: String,
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub signature: Option<Vec<u8>>,
+}
+
+/// Reads and checks `dir`'s manifest and signature as [`verify_dir`] does (a signed bundle
+/// needs `trusted`), and that every listed file is there with its size; hashes nothing.
+pub fn read_head(dir: &Path, trusted: Option<&VerifyingKey>) -> Result<Head, BundleError> {
+    let manifest_path = dir.join(MANIFEST);
+    let sig_path = dir.join(SIGNATURE);
+    let bytes =
+        read_bounded(&manifest_path, MAX_MANIFEST_BYTES)?.ok_or_else(|| BundleError::Missing {
+            path: manifest_path.clone(),
+        })?;
+    let sig = read_bounded(&sig_path, MAX_SIGNATURE_BYTES)?;
+    if check_signature(&bytes, sig.as_deref(), trusted, &sig_path)? == SignatureState::Unverified {
+        return Err(BundleError::SignatureUnverified { path: sig_path });
+    }
+    let manifest = Manifest::from_bytes(&bytes, &manifest_path)?;
+    for f in &manifest.files {
+        let path = dir.join(&f.path);
+        let meta =
+            fs::symlink_metadata(&path).map_err(|_| BundleError::Missing { path: path.clone() })?;
+        if !meta.is_file() {
+            return Err(BundleError::NotRegular { path });
+        }
+        if meta.len() != f.size {
+            return Err(BundleError::Size {
+                path,
+                expected: f.size,
+                actual: meta.len(),
+            });
+        }
+    }
+    let top = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| manifest.model.name.clone());
+    Ok(Head {
+        top,
+        manifest,
+        manifest_bytes: bytes,
+        signature: sig,
+    })
+}
+
+/// Reads the manifest and signature at the head of an archive edgepack wrote (they come
+/// first) and checks them as [`read_head`] does, without unpacking the rest. `None` when
+/// the archive does not start with its manifest (not written by edgepack): unpack it whole.
+pub fn read_archive_head(
+    archive: &Path,
+    trusted: Option<&VerifyingKey>,
+) -> Result<Option<Head>, BundleError> {
+    let bad = |message: String| BundleError::Archive {
+        path: archive.to_path_buf(),
+        message,
+    };
+    let file = File::open(archive).map_err(|e| BundleError::io(archive, e))?;
+    let dec = zstd::Decoder::new(file).map_err(|e| BundleError::io(archive, e))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut top: Option<String> = None;
+    let mut bytes: Option<Vec<u8>> = None;
+    let mut sig: Option<Vec<u8>> = None;
+    let entries = tar
+        .entries()
+        .map_err(|e| bad(format!("not a tar.zst archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| bad(format!("not a tar.zst archive: {e}")))?;
+        let raw = entry
+            .path()
+            .map_err(|e| bad(format!("entry path: {e}")))?
+            .to_string_lossy()
+            .into_owned();
+        let rel = raw.trim_end_matches('/');
+        let (first, inner) = rel.split_once('/').unwrap_or((rel, ""));
+        if !is_safe_relative(rel) || top.as_deref().is_some_and(|t| t != first) {
+            return Err(BundleError::UnsafePath {
+                path: archive.to_path_buf(),
+                entry: raw.clone(),
+            });
+        }
+        top = Some(first.to_string());
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        let limit = match inner {
+            "" => continue,
+            MANIFEST if bytes.is_none() => MAX_MANIFEST_BYTES,
+            SIGNATURE if bytes.is_some() => MAX_SIGNATURE_BYTES,
+            _ => break,
+        };
+        if size > limit || entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(bad(format!(
+                "`{raw}` is not a manifest this archive can hold"
+            )));
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        (&mut entry)
+            .take(size)
+            .read_to_end(&mut buf)
+            .map_err(|e| bad(format!("`{raw}`: {e}")))?;
+        if inner == MANIFEST {
+            bytes = Some(buf);
+        } else {
+            sig = Some(buf);
+            break;
+        }
+    }
+    let (Some(top), Some(bytes)) = (top, bytes) else {
+        return Ok(None);
+    };
+    let sig_path = archive.join(&top).join(SIGNATURE);
+    if check_signature(&bytes, sig.as_deref(), trusted, &sig_path)? == SignatureState::Unverified {
+        return Err(BundleError::SignatureUnverified { path: sig_path });
+    }
+    let manifest = Manifest::from_bytes(&bytes, &archive.join(&top).join(MANIFEST))?;
+    Ok(Some(Head {
+        top,
+        manifest,
+        manifest_bytes: bytes,
+        signature: sig,
+    }))
 }
 
 /// Verifies a bundle folder before anything in it is used: every listed file present with its
@@ -994,6 +1138,36 @@ mod tests {
         let e = verify_dir(d.path(), None).unwrap_err();
         assert!(matches!(e, BundleError::Digest { .. }), "{e}");
         assert!(e.to_string().contains("model/m.gguf"), "{e}");
+    }
+
+    #[test]
+    fn an_archive_head_gives_the_folder_manifest_and_keeps_the_signature_rule() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let mut m = sample(&src);
+        let (private, public) = (d.path().join("k.pem"), d.path().join("k.pub.pem"));
+        let key = sign::generate(&private, &public).unwrap();
+        write_manifest(
+            &src,
+            &mut m,
+            Some(&sign::read_secret_key(&private).unwrap()),
+        )
+        .unwrap();
+        let a = d.path().join("m-imx93.tar.zst");
+        pack(&src, "m-imx93", &a).unwrap();
+        let head = read_archive_head(&a, Some(&key)).unwrap().unwrap();
+        let folder = read_head(&src, Some(&key)).unwrap();
+        assert_eq!(head.top, "m-imx93");
+        assert_eq!(head.manifest, m);
+        assert_eq!(head.manifest_bytes, folder.manifest_bytes);
+        assert_eq!(head.signature, folder.signature);
+        // A signed bundle with no key to check it is refused, as by verify_dir.
+        let e = read_archive_head(&a, None).unwrap_err();
+        assert!(matches!(e, BundleError::SignatureUnverified { .. }), "{e}");
+        // A file of the wrong size is caught by the folder's head without hashing.
+        fs::write(src.join("model/m.gguf"), b"short").unwrap();
+        let e = read_head(&src, Some(&key)).unwrap_err();
+        assert!(matches!(e, BundleError::Size { .. }), "{e}");
     }
 
     #[test]

@@ -120,6 +120,11 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
         .map(|f| size_of(&a.join(f)))
         .sum();
     assert!(first["bytes_sent"].as_u64().unwrap() >= total, "{first}");
+    // The board has zstd: the runtime binary (which compresses) crossed the wire compressed.
+    assert!(
+        first["channel_bytes"].as_u64().unwrap() < first["bytes_sent"].as_u64().unwrap(),
+        "{first}"
+    );
     let id_a = release_id(&a);
     assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
     let rel = board.install_dir().join("releases").join(&id_a);
@@ -147,18 +152,36 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
         .runtime_pid()
         .expect("a supervised runtime with a pid file");
 
-    // Redeploy of the same bundle: nothing is sent, nothing restarted.
-    let again = host_report(&run_ok(&mut deploy(&sshd, &board, &a, port)));
+    // Redeploy of the same bundle, from its archive: the same release, so nothing is sent,
+    // nothing restarted, and the archive is never unpacked (only its manifest is read).
+    let archive = a.with_file_name(format!(
+        "{}.tar.zst",
+        a.file_name().unwrap().to_string_lossy()
+    ));
+    let again = host_report(&run_ok(&mut deploy(&sshd, &board, &archive, port)));
     assert_eq!(again["outcome"], "unchanged", "{again}");
+    assert_eq!(again["release"], id_a.as_str(), "{again}");
     assert_eq!(again["bytes_sent"], 0, "{again}");
+    let stages: Vec<&str> = again["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["stage"].as_str().unwrap())
+        .collect();
+    assert!(!stages.contains(&"reading the bundle"), "{again}");
     assert_eq!(
         board.runtime_pid(),
         Some(pid),
         "the running runtime was kept"
     );
 
-    // A new model: the model is sent, the unchanged runtime binary is linked on the board.
-    let second = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    // A new model, from its archive (unpacked and verified because files must be sent): the
+    // model is sent, the unchanged runtime binary is linked on the board.
+    let b_archive = b.with_file_name(format!(
+        "{}.tar.zst",
+        b.file_name().unwrap().to_string_lossy()
+    ));
+    let second = host_report(&run_ok(&mut deploy(&sshd, &board, &b_archive, port)));
     assert_eq!(second["outcome"], "deployed", "{second}");
     assert!(second["files_reused"].as_u64().unwrap() >= 1, "{second}");
     let sent = second["bytes_sent"].as_u64().unwrap();

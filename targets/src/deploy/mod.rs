@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::{self, FileEntry, Manifest, MANIFEST, SIGNATURE};
 use board::{quote, Layout};
+use ed25519_dalek::VerifyingKey;
 use health::Health;
 use ssh::Conn;
 
@@ -68,10 +69,13 @@ impl Default for Options {
     }
 }
 
-/// A bundle on the workstation, verified, with what a deploy sends.
-#[derive(Debug, Clone)]
+/// A bundle on the workstation, its manifest checked, with what a deploy sends. Its files are
+/// read (and an archive unpacked) only when a board needs some of them: a redeploy of what a
+/// board already holds hashes nothing.
+#[derive(Debug)]
 pub struct LocalBundle {
-    pub dir: PathBuf,
+    /// The folder or `.tar.zst` the user named.
+    pub source: PathBuf,
     pub manifest: Manifest,
     /// `<bundle folder>-<first 12 hex of sha256(manifest.json)>`: the same bundle is the same
     /// release on every board; any change to any file changes it.
@@ -79,40 +83,88 @@ pub struct LocalBundle {
     /// Every file a release holds: the listed files plus manifest.json (and manifest.sig).
     pub files: Vec<FileEntry>,
     trusted_key_pem: Option<String>,
+    trusted_key: Option<VerifyingKey>,
+    /// The bundle's folder; `None` for an archive not unpacked yet.
+    folder: Option<PathBuf>,
+    /// The verified folder, once asked for.
+    local: std::sync::OnceLock<Result<PathBuf, String>>,
+    /// Where an archive was unpacked; removed with the bundle.
+    unpacked: std::sync::Mutex<Option<tempfile::TempDir>>,
 }
 
-/// Reads and verifies a bundle folder; with `trusted_key` its signature must verify.
-pub fn open_bundle(dir: &Path, trusted_key: Option<&Path>) -> Result<LocalBundle, DeployError> {
-    let (key, pem) = match trusted_key {
+type Key = (Option<VerifyingKey>, Option<String>);
+
+fn read_key(trusted_key: Option<&Path>) -> Result<Key, DeployError> {
+    match trusted_key {
         Some(p) => {
             let k = crate::sign::read_public_key(p)?;
             let pem = std::fs::read_to_string(p).map_err(|e| DeployError::Local {
                 path: p.to_path_buf(),
                 message: e.to_string(),
             })?;
-            (Some(k), Some(pem))
+            Ok((Some(k), Some(pem)))
         }
-        None => (None, None),
-    };
-    // The runtime refuses a signed bundle it has no key for, so deploy refuses it here,
-    // before anything is sent.
-    let manifest = bundle::verify_dir(dir, key.as_ref())?;
-    let mut files = manifest.files.clone();
-    files.push(bundle::file_entry(&dir.join(MANIFEST), MANIFEST)?);
-    if dir.join(SIGNATURE).is_file() {
-        files.push(bundle::file_entry(&dir.join(SIGNATURE), SIGNATURE)?);
+        None => Ok((None, None)),
     }
-    let manifest_sha = &files
-        .iter()
-        .find(|f| f.path == MANIFEST)
-        .expect("just pushed")
-        .sha256;
-    let folder = dir
-        .canonicalize()
-        .ok()
-        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| manifest.model.name.clone());
-    let name: String = folder
+}
+
+/// Opens a bundle folder: its manifest, signature (with `trusted_key` it must verify; the
+/// runtime refuses a signed bundle it has no key for, so deploy refuses it here, before
+/// anything is sent) and file sizes. The files are hashed when a board needs them.
+pub fn open_bundle(dir: &Path, trusted_key: Option<&Path>) -> Result<LocalBundle, DeployError> {
+    let (key, pem) = read_key(trusted_key)?;
+    let head = bundle::read_head(dir, key.as_ref())?;
+    Ok(local_bundle(dir, head, key, pem, Some(dir.to_path_buf())))
+}
+
+/// Opens a `.tar.zst` bundle from the manifest at its head, checked as [`open_bundle`]
+/// checks a folder's; it is unpacked (into a temporary folder) and verified only when a board
+/// needs its files.
+pub fn open_archive(
+    archive: &Path,
+    trusted_key: Option<&Path>,
+) -> Result<LocalBundle, DeployError> {
+    let (key, pem) = read_key(trusted_key)?;
+    match bundle::read_archive_head(archive, key.as_ref())? {
+        Some(head) => Ok(local_bundle(archive, head, key, pem, None)),
+        None => {
+            // Not written by edgepack (no manifest first): unpack it whole now.
+            let tmp = unpack_dir(archive)?;
+            let dir = bundle::unpack(archive, tmp.path())?;
+            let mut b = open_bundle(&dir, trusted_key)?;
+            b.source = archive.to_path_buf();
+            *b.unpacked.get_mut().expect("unpacked lock") = Some(tmp);
+            Ok(b)
+        }
+    }
+}
+
+fn unpack_dir(archive: &Path) -> Result<tempfile::TempDir, DeployError> {
+    tempfile::Builder::new()
+        .prefix("edgepack-deploy")
+        .tempdir()
+        .map_err(|e| DeployError::Local {
+            path: archive.to_path_buf(),
+            message: format!("making a folder to unpack it: {e}"),
+        })
+}
+
+fn local_bundle(
+    source: &Path,
+    head: bundle::Head,
+    trusted_key: Option<VerifyingKey>,
+    trusted_key_pem: Option<String>,
+    folder: Option<PathBuf>,
+) -> LocalBundle {
+    let entry = |path: &str, bytes: &[u8]| FileEntry {
+        path: path.to_string(),
+        size: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    };
+    let mut files = head.manifest.files.clone();
+    let manifest_entry = entry(MANIFEST, &head.manifest_bytes);
+    let name: String = head
+        .top
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
@@ -122,14 +174,61 @@ pub fn open_bundle(dir: &Path, trusted_key: Option<&Path>) -> Result<LocalBundle
             }
         })
         .collect();
-    let release_id = format!("{name}-{}", &manifest_sha[..12]);
-    Ok(LocalBundle {
-        dir: dir.to_path_buf(),
-        manifest,
+    let release_id = format!("{name}-{}", &manifest_entry.sha256[..12]);
+    files.push(manifest_entry);
+    if let Some(sig) = &head.signature {
+        files.push(entry(SIGNATURE, sig));
+    }
+    LocalBundle {
+        source: source.to_path_buf(),
+        manifest: head.manifest,
         release_id,
         files,
-        trusted_key_pem: pem,
-    })
+        trusted_key_pem,
+        trusted_key,
+        folder,
+        local: std::sync::OnceLock::new(),
+        unpacked: std::sync::Mutex::new(None),
+    }
+}
+
+impl LocalBundle {
+    /// The bundle's folder with every file verified against the manifest (an archive is
+    /// unpacked first), done once; the manifest must still be the one the release id names.
+    pub fn local_dir(&self) -> Result<&Path, DeployError> {
+        let r = self
+            .local
+            .get_or_init(|| self.materialize().map_err(|e| e.to_string()));
+        match r {
+            Ok(p) => Ok(p),
+            Err(message) => Err(DeployError::Local {
+                path: self.source.clone(),
+                message: message.clone(),
+            }),
+        }
+    }
+
+    fn materialize(&self) -> Result<PathBuf, DeployError> {
+        let dir = match &self.folder {
+            Some(d) => d.clone(),
+            None => {
+                let tmp = unpack_dir(&self.source)?;
+                let d = bundle::unpack(&self.source, tmp.path())?;
+                *self.unpacked.lock().expect("unpacked lock") = Some(tmp);
+                d
+            }
+        };
+        bundle::verify_dir(&dir, self.trusted_key.as_ref())?;
+        let (_, sha) = bundle::file_digest(&dir.join(MANIFEST))?;
+        let want = self.files.iter().find(|f| f.path == MANIFEST);
+        if want.map(|f| &f.sha256) != Some(&sha) {
+            return Err(DeployError::Local {
+                path: dir.join(MANIFEST),
+                message: "changed while the deploy ran; run it again".into(),
+            });
+        }
+        Ok(dir)
+    }
 }
 
 /// How a deploy ended on one host.
@@ -620,7 +719,7 @@ async fn deploy_inner(
     let rt = b.manifest.runtime.as_ref().ok_or_else(|| {
         refuse(format!(
             "{}: the bundle carries no runtime binary, so nothing could serve it on the board\nhint: edgepack bundle ... --runtime <edgepack-runtime built for the board>",
-            b.dir.display()
+            b.source.display()
         ))
     })?;
     if rt.file != RUNTIME_IN_RELEASE {
@@ -801,10 +900,21 @@ async fn upload(
                 .or_insert_with(|| format!("{}/{}", l.release(rel), f.path));
         }
     }
+    // The local files are read only when something is sent (or a partial upload compared).
+    let needs_local = b.files.iter().any(|f| match survey.have.get(&f.path) {
+        Some(n) => *n != f.size,
+        None => !held.contains_key(f.sha256.as_str()),
+    });
+    let dir = if needs_local {
+        progress.stage("reading the bundle");
+        tokio::task::block_in_place(|| b.local_dir())?.to_path_buf()
+    } else {
+        PathBuf::new()
+    };
     let mut plans = Vec::new();
     let mut to_send = 0u64;
     for f in &b.files {
-        let local = b.dir.join(&f.path);
+        let local = dir.join(&f.path);
         let partial = format!("{incoming}/{}", f.path);
         let plan = match survey.have.get(&f.path).copied() {
             Some(n) if n == f.size => Plan::Present,
