@@ -38,11 +38,20 @@ pub struct Sshd {
     /// The alias the client config defines for this server.
     pub alias: String,
     child: Option<Child>,
+    /// Shell run inside the server's mount namespace before sshd starts (mounts of the board).
+    setup: String,
 }
 
 impl Sshd {
     /// Starts sshd and writes a client config whose known_hosts already holds its host key.
     pub fn start(alias: &str) -> Sshd {
+        Sshd::start_with(alias, "")
+    }
+
+    /// [`start`](Self::start), running `setup` (shell) inside the server's own mount namespace
+    /// first: what the board's processes see, such as a small file system mounted over the
+    /// install folder, without touching the machine's.
+    pub fn start_with(alias: &str, setup: &str) -> Sshd {
         assert!(
             Path::new(SSHD).is_file(),
             "{SSHD} is missing\nhint: apt-get install openssh-server openssh-client"
@@ -58,6 +67,7 @@ impl Sshd {
             alias: alias.to_string(),
             dir,
             child: None,
+            setup: setup.to_string(),
         };
         s.pin_host_key();
         s.write_client_config("client_ed25519");
@@ -105,7 +115,8 @@ impl Sshd {
         std::fs::write(self.path("sshd_config"), cfg).unwrap();
         let log = std::fs::File::create(self.path("sshd.log")).unwrap();
         let script = format!(
-            "mount -t tmpfs tmpfs /run && mkdir /run/sshd && exec {SSHD} -D -e -f {d}/sshd_config"
+            "mount -t tmpfs tmpfs /run && mkdir /run/sshd && {{ {setup}\n}} && exec {SSHD} -D -e -f {d}/sshd_config",
+            setup = if self.setup.is_empty() { ":" } else { &self.setup }
         );
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c", &script])

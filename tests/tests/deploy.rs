@@ -418,6 +418,28 @@ fn an_onnx_bundle_carrying_onnx_runtime_deploys_switches_and_passes_the_health_c
 }
 
 #[test]
+fn a_board_without_room_for_the_release_is_refused_before_anything_is_sent() {
+    let a = bundle_a();
+    let board = Board::new();
+    // The board's install folder is a 16 MiB file system, seen only by the board's processes.
+    let dir = board.install_dir();
+    let sshd = Sshd::start_with(
+        "board-full",
+        &format!(
+            "mkdir -p '{d}' && mount -t tmpfs -o size=16m tmpfs '{d}'",
+            d = dir.display()
+        ),
+    );
+    let (out, err) = run_fail(&mut deploy(&sshd, &board, &a, free_port()));
+    let r = host_report(&out);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["bytes_sent"], 0, "{r}");
+    assert!(err.contains("MiB free"), "{err}");
+    assert!(err.contains("needs"), "{err}");
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+}
+
+#[test]
 fn a_failing_health_check_rolls_back_to_the_previous_release() {
     let a = bundle_a();
     // A bundle whose model is fine but whose runtime cannot serve: its binary exits at once

@@ -82,6 +82,7 @@ true
 
     /// Everything a deploy needs to plan, in one round trip: the [`probe`](Self::probe)
     /// lines, the supervised runtime's [`state`](Self::supervised_state) as `state ...` lines,
+    /// `free <KiB>` available in the install folder's file system,
     /// `size <bytes> <path>` for each of `files` already in `.incoming/<id>`, and each
     /// release's manifest as a `manifest <release> <bytes>` line followed by exactly that many
     /// bytes.
@@ -94,6 +95,8 @@ true
             let _ = writeln!(s, "  [ -f {q} ] && echo \"size $(wc -c < {q}) \"{q}");
         }
         s.push_str("fi\ncd \"$D\"\n");
+        // Free space where releases go, in KiB (POSIX df; busybox's takes -P -k too).
+        s.push_str("echo \"free $(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')\"\n");
         s.push_str(
             r#"for m in releases/*/manifest.json; do
   [ -f "$m" ] || continue

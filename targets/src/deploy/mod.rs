@@ -396,6 +396,8 @@ struct Survey {
     have: BTreeMap<String, u64>,
     /// Each release's manifest on the board.
     manifests: Vec<(String, Manifest)>,
+    /// Bytes free in the install folder's file system, when `df` told.
+    free: Option<u64>,
 }
 
 fn parse_survey(out: &[u8]) -> Survey {
@@ -408,7 +410,13 @@ fn parse_survey(out: &[u8]) -> Survey {
         if sv.probe.take(&line) {
             continue;
         }
-        if let Some(st) = line.strip_prefix("state ") {
+        if let Some(kib) = line.strip_prefix("free ") {
+            sv.free = kib
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .map(|k| k.saturating_mul(1024));
+        } else if let Some(st) = line.strip_prefix("state ") {
             sv.state.push(st.trim().to_string());
         } else if let Some(sz) = line.strip_prefix("size ") {
             if let Some((n, p)) = sz.split_once(' ') {
@@ -946,6 +954,21 @@ async fn upload(
             _ => {}
         }
         plans.push((f, local, plan));
+    }
+    // Refused before a byte is sent when the board cannot hold what must be sent.
+    if let Some(free) = survey.free {
+        let mib = |n: u64| n as f64 / (1 << 20) as f64;
+        if to_send > free {
+            return Err(DeployError::Refused {
+                host: r.host.clone(),
+                message: format!(
+                    "{} has {:.1} MiB free; this release needs {:.1} MiB more there (files the board does not hold yet); nothing was sent\nhint: free space on the board, or lower `keep` in the inventory so fewer old releases stay",
+                    l.install_dir,
+                    mib(free),
+                    mib(to_send)
+                ),
+            });
+        }
     }
     progress.upload_start(to_send);
     progress.stage("uploading");
