@@ -17,7 +17,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// On SIGINT, SIGTERM or SIGHUP: remove the temporary outputs being written, then end as the
+/// signal would (128 + its number). Without this a Ctrl-C during an export left a hidden
+/// `.out.gguf.<pid>.tmp` of the model's size behind.
+fn clean_up_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            edgepack_converters::io::remove_temporaries();
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 fn main() -> ExitCode {
+    clean_up_on_signals();
     let cli = commands::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

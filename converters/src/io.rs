@@ -1,11 +1,91 @@
 //! Output files that appear whole or not at all: written to a temporary name in the target's
 //! folder, fsynced, then renamed over the target. Inputs are never written.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+
+/// The temporary files and folders this process is writing, so that a signal handler can
+/// remove them ([`remove_temporaries`]) before the process ends.
+static LIVE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn track(tmp: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.insert(tmp.to_path_buf());
+    }
+}
+
+fn untrack(tmp: &Path) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.remove(tmp);
+    }
+}
+
+/// Removes every temporary output this process has open. For a SIGINT/SIGTERM handler that
+/// ends the process next: the outputs never appear, and nothing half-written stays behind.
+pub fn remove_temporaries() {
+    let live = match LIVE.lock() {
+        Ok(mut l) => std::mem::take(&mut *l),
+        Err(_) => return,
+    };
+    for p in live {
+        if p.is_dir() {
+            let _ = fs::remove_dir_all(&p);
+        } else {
+            let _ = fs::remove_file(&p);
+        }
+    }
+}
+
+/// The temporary name of an output `name` in `dir` for this process: `.<name>.<pid>.tmp`.
+fn temporary(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
+    dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ))
+}
+
+/// Removes temporaries of `name` in `dir` that processes no longer running left behind (a
+/// run killed with SIGKILL, or a crash): `.<name>.<pid>.tmp` whose pid is gone. Only where
+/// `/proc` tells which processes run.
+fn sweep(dir: &Path, name: &std::ffi::OsStr) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".tmp"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => {
+                let _ = fs::remove_dir_all(&path);
+            }
+            Ok(t) if t.is_file() => {
+                let _ = fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
+}
 
 /// A file being written; it becomes visible at `path` only on [`AtomicFile::commit`]. Dropping
 /// it uncommitted removes the temporary file.
@@ -30,12 +110,10 @@ impl AtomicFile {
         let name = path
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        sweep(&dir, name);
+        let tmp = temporary(&dir, name);
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        track(&tmp);
         Ok(AtomicFile {
             path: path.to_path_buf(),
             tmp,
@@ -61,6 +139,7 @@ impl AtomicFile {
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        untrack(&self.tmp);
         Ok(())
     }
 }
@@ -78,6 +157,7 @@ impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.out.take().is_some() {
             let _ = fs::remove_file(&self.tmp);
+            untrack(&self.tmp);
         }
     }
 }
@@ -119,15 +199,13 @@ impl AtomicDir {
         let name = path
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{}: not a folder path", path.display())))?;
-        let tmp = parent.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        sweep(&parent, name);
+        let tmp = temporary(&parent, name);
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        track(&tmp);
         Ok(AtomicDir {
             path: path.to_path_buf(),
             tmp,
@@ -147,6 +225,7 @@ impl AtomicDir {
             fs::remove_dir(&self.path).map_err(|e| Error::io(&self.path, e))?;
         }
         fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        untrack(&self.tmp);
         self.done = true;
         Ok(())
     }
@@ -156,6 +235,7 @@ impl Drop for AtomicDir {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_dir_all(&self.tmp);
+            untrack(&self.tmp);
         }
     }
 }

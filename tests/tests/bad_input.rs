@@ -330,3 +330,72 @@ fn existing_non_empty_output_folder_is_never_replaced() {
     assert!(err.contains("not an empty folder"), "{err}");
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
 }
+
+/// A pid no process has: the kernel's pid_max is above it only when nothing runs there.
+fn dead_pid() -> u32 {
+    (3_000_000..4_000_000)
+        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        .unwrap()
+}
+
+#[test]
+fn an_export_stopped_by_sigterm_leaves_no_temporary_and_the_next_run_sweeps_dead_ones() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out.gguf");
+    // SmolLM2 to F32: about 540 MB to write, time enough to be stopped halfway.
+    let mut child = edgepack()
+        .args(["export", "gguf"])
+        .arg(smollm2_gguf())
+        .args(["--quant", "F32", "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp = work.path().join(format!(".out.gguf.{}.tmp", child.id()));
+    let t0 = Instant::now();
+    while std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) < (1 << 20) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no temporary appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the export ended first"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    send_signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "{status:?} {:?}",
+        status.signal()
+    );
+    assert_nothing_written(work.path(), "out.gguf");
+
+    // What a SIGKILL leaves (no handler runs) is swept by the next run for that output.
+    let stale = work.path().join(format!(".out.gguf.{}.tmp", dead_pid()));
+    std::fs::write(&stale, b"half a model").unwrap();
+    let live = work
+        .path()
+        .join(format!(".out.gguf.{}.tmp", std::process::id()));
+    std::fs::write(&live, b"a running export's").unwrap();
+    export_gguf(&tiny("llama-tied-f32", Tiny::llama()), "Q8_0", &out);
+    assert!(!stale.exists(), "the dead process's temporary was removed");
+    assert!(live.exists(), "a live process's temporary is left alone");
+    assert!(out.is_file());
+}
+
+/// `kill -SIG pid` through the system's kill, so the test needs no libc binding.
+fn send_signal(pid: u32, sig: &str) {
+    run_ok(
+        std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string()),
+    );
+}
