@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -808,9 +808,8 @@ fn is_executable(_meta: &fs::Metadata) -> bool {
     false
 }
 
-/// Packs the folder `dir` as `archive` (.tar.zst) with every entry under `top/`, reproducibly:
-/// entries sorted by path, mtime 0, uid/gid 0, no owner names, modes 0644 (0755 for
-/// executables and folders), zstd level [`ZSTD_LEVEL`]. The archive appears atomically.
+/// Packs the folder `dir` as `archive` (.tar.zst) with every entry under `top/`, reproducibly
+/// (see [`write_tar`]) at zstd level [`ZSTD_LEVEL`]. The archive appears atomically.
 pub fn pack(dir: &Path, top: &str, archive: &Path) -> Result<(), BundleError> {
     if !is_safe_relative(top) || top.contains('/') {
         return Err(BundleError::UnsafePath {
@@ -818,23 +817,6 @@ pub fn pack(dir: &Path, top: &str, archive: &Path) -> Result<(), BundleError> {
             entry: top.to_string(),
         });
     }
-    let tree = walk(dir)?;
-    let mut entries: Vec<(String, Option<&PathBuf>)> = tree
-        .dirs
-        .iter()
-        .map(|d| (d.clone(), None))
-        .chain(tree.files.iter().map(|(r, p)| (r.clone(), Some(p))))
-        .collect();
-    // The manifest (and its signature) first, so that unpacking knows every entry's name
-    // and size before it writes a byte; then the rest in name order.
-    entries.sort_by(|a, b| {
-        let rank = |n: &str| match n {
-            MANIFEST => 0,
-            SIGNATURE => 1,
-            _ => 2,
-        };
-        rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0))
-    });
     let tmp = tmp_sibling(archive);
     let res = (|| -> Result<(), BundleError> {
         let file = File::create(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
@@ -842,33 +824,7 @@ pub fn pack(dir: &Path, top: &str, archive: &Path) -> Result<(), BundleError> {
             .map_err(|e| BundleError::io(&tmp, e))?;
         enc.include_checksum(true)
             .map_err(|e| BundleError::io(&tmp, e))?;
-        let mut tar = tar::Builder::new(enc);
-        let mut dir_header = header(tar::EntryType::Directory, 0, EXEC_MODE);
-        tar.append_data(&mut dir_header, format!("{top}/"), std::io::empty())
-            .map_err(|e| BundleError::io(&tmp, e))?;
-        for (rel, path) in entries {
-            let name = format!("{top}/{rel}");
-            match path {
-                None => {
-                    let mut h = header(tar::EntryType::Directory, 0, EXEC_MODE);
-                    tar.append_data(&mut h, format!("{name}/"), std::io::empty())
-                        .map_err(|e| BundleError::io(&tmp, e))?;
-                }
-                Some(path) => {
-                    let f = File::open(path).map_err(|e| BundleError::io(path, e))?;
-                    let meta = f.metadata().map_err(|e| BundleError::io(path, e))?;
-                    let mode = if is_executable(&meta) {
-                        EXEC_MODE
-                    } else {
-                        FILE_MODE
-                    };
-                    let mut h = header(tar::EntryType::Regular, meta.len(), mode);
-                    tar.append_data(&mut h, &name, BufReader::new(f))
-                        .map_err(|e| BundleError::io(path, e))?;
-                }
-            }
-        }
-        let enc = tar.into_inner().map_err(|e| BundleError::io(&tmp, e))?;
+        let enc = write_tar(dir, Some(top), enc, &tmp)?;
         let out = enc.finish().map_err(|e| BundleError::io(&tmp, e))?;
         let file = out
             .into_inner()
@@ -883,7 +839,70 @@ pub fn pack(dir: &Path, top: &str, archive: &Path) -> Result<(), BundleError> {
     fs::rename(&tmp, archive).map_err(|e| BundleError::io(archive, e))
 }
 
-fn header(ty: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+/// Writes the folder `dir` to `out` as a tar stream, reproducibly: the manifest (and its
+/// signature) first, so an unpacker knows every entry's name and size before it writes a
+/// byte, then the rest sorted by path; mtime 0, uid/gid 0, no owner names, modes 0644 (0755
+/// for executables and folders). Every entry is under `top/`, or at the top with `None`.
+/// `out_path` names the output in errors. Returns `out` after the tar's end blocks.
+pub fn write_tar<W: Write>(
+    dir: &Path,
+    top: Option<&str>,
+    out: W,
+    out_path: &Path,
+) -> Result<W, BundleError> {
+    let tree = walk(dir)?;
+    let mut entries: Vec<(String, Option<&PathBuf>)> = tree
+        .dirs
+        .iter()
+        .map(|d| (d.clone(), None))
+        .chain(tree.files.iter().map(|(r, p)| (r.clone(), Some(p))))
+        .collect();
+    entries.sort_by(|a, b| {
+        let rank = |n: &str| match n {
+            MANIFEST => 0,
+            SIGNATURE => 1,
+            _ => 2,
+        };
+        rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0))
+    });
+    let io = |e| BundleError::io(out_path, e);
+    let mut tar = tar::Builder::new(out);
+    let prefix = match top {
+        Some(top) => {
+            let mut h = header(tar::EntryType::Directory, 0, EXEC_MODE);
+            tar.append_data(&mut h, format!("{top}/"), std::io::empty())
+                .map_err(io)?;
+            format!("{top}/")
+        }
+        None => String::new(),
+    };
+    for (rel, path) in entries {
+        let name = format!("{prefix}{rel}");
+        match path {
+            None => {
+                let mut h = header(tar::EntryType::Directory, 0, EXEC_MODE);
+                tar.append_data(&mut h, format!("{name}/"), std::io::empty())
+                    .map_err(io)?;
+            }
+            Some(path) => {
+                let f = File::open(path).map_err(|e| BundleError::io(path, e))?;
+                let meta = f.metadata().map_err(|e| BundleError::io(path, e))?;
+                let mode = if is_executable(&meta) {
+                    EXEC_MODE
+                } else {
+                    FILE_MODE
+                };
+                let mut h = header(tar::EntryType::Regular, meta.len(), mode);
+                tar.append_data(&mut h, &name, BufReader::new(f))
+                    .map_err(|e| BundleError::io(path, e))?;
+            }
+        }
+    }
+    tar.into_inner().map_err(io)
+}
+
+/// A tar header with the fields reproducible archives fix: mtime 0, uid/gid 0, no names.
+pub(crate) fn header(ty: tar::EntryType, size: u64, mode: u32) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(ty);
     h.set_size(size);
