@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 
 use crate::args::LoraArgs;
 use crate::{
-    build_cmd, deploy_cmd, eval_cmd, export_cmd, finetune_cmd, model_cmd, rag_cmd, targets_cmd,
+    build_cmd, deploy_cmd, eval_cmd, export_cmd, finetune_cmd, mender_cmd, model_cmd, rag_cmd,
+    targets_cmd,
 };
 
 #[derive(Parser, Debug)]
@@ -120,6 +121,10 @@ enum Command {
     Targets(targets_cmd::TargetCommand),
     #[command(flatten)]
     Deploy(deploy_cmd::DeployCommand),
+    /// Write a bundle as a Mender artifact (format 3, payload type edgepack-bundle), or the
+    /// update module that installs it on a board.
+    #[command(after_help = mender_cmd::AFTER_MENDER)]
+    Mender(mender_cmd::MenderArgs),
     /// Build a recipe: every target's outputs, evaluated, gated, bundled and verified, with
     /// each stage cached so an unchanged recipe does no work.
     #[command(
@@ -147,6 +152,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd::run_eval(&a, json_out),
         Command::Targets(c) => targets_cmd::run(c, json_out),
         Command::Deploy(c) => deploy_cmd::run(c, json_out),
+        Command::Mender(a) => mender_cmd::run(&a, json_out),
         Command::Build(a) => build_cmd::run_build(&a, json_out),
         Command::Finetune(a) => finetune_cmd::run_finetune(&a, json_out),
         Command::Cache(c) => build_cmd::run_cache(&c, json_out),

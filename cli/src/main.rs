@@ -8,6 +8,7 @@ mod deploy_cmd;
 mod eval_cmd;
 mod export_cmd;
 mod finetune_cmd;
+mod mender_cmd;
 mod model_cmd;
 mod progress;
 mod rag_cmd;
