@@ -14,6 +14,7 @@ fn every_command_has_help_with_an_example() {
         vec!["build", "--help"],
         vec!["cache", "size", "--help"],
         vec!["cache", "gc", "--help"],
+        vec!["mender", "--help"],
     ] {
         let out = run_ok(edgepack().args(&args));
         let text = String::from_utf8_lossy(&out.stdout);
