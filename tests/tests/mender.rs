@@ -1,7 +1,7 @@
 //! `edgepack mender` against the real Mender tools: `mender-artifact` reads and validates the
 //! artifacts (unsigned, RSA- and ECDSA-signed, tampered), and the real Mender client (3.4, in
 //! standalone mode) installs, commits and rolls them back through our update module into a
-//! throw-away board folder.
+//! throw-away board folder, with the module under the system's sh and under busybox alone.
 //!
 //! The client looks for update modules only in /usr/share/mender/modules/v3 and reads
 //! /etc/mender/artifact_info: neither is configurable (its `--data` folder holds the rest), so
@@ -163,6 +163,13 @@ fn middle_of_member(tar: &Path, name: &str) -> u64 {
     (block + 1) * 512 + size / 2
 }
 
+/// The shell the update module runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shell {
+    System,
+    Busybox,
+}
+
 /// A throw-away board: the Mender client's data folder, its config, the module folder and
 /// /etc/mender stand-ins, and the install folder the module writes.
 struct Board {
@@ -171,9 +178,15 @@ struct Board {
 
 impl Board {
     fn new(device_type: &str) -> Board {
+        Board::with_shell(device_type, Shell::System)
+    }
+
+    /// A board whose update module runs under `shell`: the system's /bin/sh with its tools,
+    /// or busybox's sh with nothing but busybox's applets on PATH, as on a minimal image.
+    fn with_shell(device_type: &str, shell: Shell) -> Board {
         let dir = tempfile::tempdir().unwrap();
         let b = Board { dir };
-        for d in ["data", "modules", "etc", "opt"] {
+        for d in ["data", "modules", "etc", "opt", "module"] {
             fs::create_dir_all(b.path(d)).unwrap();
         }
         fs::write(
@@ -183,11 +196,35 @@ impl Board {
         .unwrap();
         fs::write(b.path("etc/artifact_info"), "artifact_name=factory\n").unwrap();
         fs::write(b.path("mender.conf"), "{}\n").unwrap();
-        run_ok(
-            edgepack()
-                .args(["mender", "--write-module"])
-                .arg(b.path("modules")),
-        );
+        let written = match shell {
+            Shell::System => b.path("modules"),
+            Shell::Busybox => b.path("module"),
+        };
+        run_ok(edgepack().args(["mender", "--write-module"]).arg(&written));
+        if shell == Shell::Busybox {
+            let bin = b.path("busybox-bin");
+            fs::create_dir_all(&bin).unwrap();
+            let busybox = String::from_utf8(
+                run_ok(Command::new("sh").args(["-c", "command -v busybox"])).stdout,
+            )
+            .expect("busybox's path\nhint: apt-get install busybox");
+            let busybox = busybox.trim();
+            let list = run_ok(Command::new(busybox).arg("--list")).stdout;
+            for applet in String::from_utf8(list).unwrap().lines() {
+                std::os::unix::fs::symlink(busybox, bin.join(applet)).unwrap();
+            }
+            let wrapper = b.path("modules/edgepack-bundle");
+            fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh\nexec env -i PATH={bin} EDGEPACK_INSTALL_DIR=\"$EDGEPACK_INSTALL_DIR\" {busybox} sh {module} \"$@\"\n",
+                    bin = q(&bin),
+                    module = q(&written.join("edgepack-bundle")),
+                ),
+            )
+            .unwrap();
+            run_ok(Command::new("chmod").arg("0755").arg(&wrapper));
+        }
         b
     }
 
@@ -482,6 +519,15 @@ fn the_cli_refuses_a_bad_bundle_an_unknown_key_and_an_unwritable_output_leaving_
 
 #[test]
 fn the_mender_client_installs_commits_and_rolls_back_through_the_module() {
+    install_commit_and_roll_back(Shell::System);
+}
+
+#[test]
+fn the_module_installs_commits_and_rolls_back_with_busybox_alone() {
+    install_commit_and_roll_back(Shell::Busybox);
+}
+
+fn install_commit_and_roll_back(shell: Shell) {
     let (a, b) = (bundle_a(), bundle_b());
     let work = tempfile::tempdir().unwrap();
     let (art_a, va) = artifact_of(&a, &[], work.path(), "a.mender");
@@ -491,7 +537,7 @@ fn the_mender_client_installs_commits_and_rolls_back_through_the_module() {
         vb["release"].as_str().unwrap().to_string(),
     );
     assert_ne!(ra, rb);
-    let board = Board::new("imx93");
+    let board = Board::with_shell("imx93", shell);
 
     board.mender_ok(&["install", art_a.to_str().unwrap()]);
     assert_eq!(board.link("current"), Some(format!("releases/{ra}")));
@@ -546,11 +592,20 @@ fn the_client_refuses_an_artifact_for_another_device_type() {
     assert!(board.releases().is_empty());
 }
 
-/// A change made to a payload tar.
-type Edit = Box<dyn Fn(&Path)>;
+/// A change made to a payload tar; returns the changed payload's path.
+type Edit = Box<dyn Fn(&Path) -> PathBuf>;
 
 #[test]
-fn the_module_refuses_a_tampered_or_padded_bundle_and_current_stays() {
+fn the_module_refuses_a_tampered_padded_or_misnamed_bundle_and_current_stays() {
+    refuses_tampered_bundles(Shell::System);
+}
+
+#[test]
+fn the_module_refuses_a_tampered_padded_or_misnamed_bundle_with_busybox_alone() {
+    refuses_tampered_bundles(Shell::Busybox);
+}
+
+fn refuses_tampered_bundles(shell: Shell) {
     let (a, b) = (bundle_a(), bundle_b());
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -560,7 +615,7 @@ fn the_module_refuses_a_tampered_or_padded_bundle_and_current_stays() {
         va["release"].as_str().unwrap().to_string(),
         vb["release"].as_str().unwrap().to_string(),
     );
-    let board = Board::new("imx93");
+    let board = Board::with_shell("imx93", shell);
     board.mender_ok(&["install", art_a.to_str().unwrap()]);
     board.mender_ok(&["commit"]);
 
@@ -575,10 +630,13 @@ fn the_module_refuses_a_tampered_or_padded_bundle_and_current_stays() {
     ));
     let payload = payload_dir.join(format!("{rb}.tar"));
     let at = middle_of_member(&payload, "model/tiny.gguf");
-    let cases: [(&str, Edit, &str); 2] = [
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "flipped",
-            Box::new(move |p: &Path| flip_byte(p, at)),
+            Box::new(move |p: &Path| {
+                flip_byte(p, at);
+                p.to_path_buf()
+            }),
             "do not match manifest.json",
         ),
         (
@@ -588,8 +646,19 @@ fn the_module_refuses_a_tampered_or_padded_bundle_and_current_stays() {
                 fs::create_dir_all(&extra).unwrap();
                 fs::write(extra.join("notes.txt"), "not in the manifest\n").unwrap();
                 sh(&format!("tar -rf {} -C {} notes.txt", q(p), q(&extra)));
+                p.to_path_buf()
             }),
             "not exactly those manifest.json lists",
+        ),
+        (
+            // An intact bundle under a release id that is not its manifest's.
+            "renamed",
+            Box::new(|p: &Path| {
+                let to = p.with_file_name("tiny-imx93-000000000000.tar");
+                fs::rename(p, &to).unwrap();
+                to
+            }),
+            "does not end with manifest.json's sha256 prefix",
         ),
     ];
     for (what, edit, message) in cases {
@@ -597,7 +666,7 @@ fn the_module_refuses_a_tampered_or_padded_bundle_and_current_stays() {
         fs::create_dir_all(&case_dir).unwrap();
         let file = case_dir.join(format!("{rb}.tar"));
         fs::copy(&payload, &file).unwrap();
-        edit(&file);
+        let file = edit(&file);
         let art = case_dir.join("bad.mender");
         let made = mender_artifact(&[
             &"write",
