@@ -343,8 +343,10 @@ pub fn write_artifact(
 
     // The payload: the bundle as a plain tar, hashed as it is written.
     let file = File::create(&payload_tmp).map_err(io_err(&payload_tmp))?;
+    // Every file verified against the manifest before it goes into the artifact.
+    let dir = b.local_dir()?;
     let w = bundle::write_tar(
-        &b.dir,
+        dir,
         None,
         Hashing::new(BufWriter::new(file)),
         &payload_tmp,
