@@ -345,12 +345,7 @@ pub fn write_artifact(
     let file = File::create(&payload_tmp).map_err(io_err(&payload_tmp))?;
     // Every file verified against the manifest before it goes into the artifact.
     let dir = b.local_dir()?;
-    let w = bundle::write_tar(
-        dir,
-        None,
-        Hashing::new(BufWriter::new(file)),
-        &payload_tmp,
-    )?;
+    let w = bundle::write_tar(dir, None, Hashing::new(BufWriter::new(file)), &payload_tmp)?;
     let (w, payload_sha, payload_size) = w.finish();
     w.into_inner()
         .map_err(|e| MenderError::Io {

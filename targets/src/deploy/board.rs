@@ -227,12 +227,19 @@ for r in $(ls -1td releases/*/ 2>/dev/null); do
   r=${r%/}
   i=$((i+1))
   if [ "$r" = "$cur" ] || [ "$r" = "$prev" ]; then continue; fi
-  if [ "$i" -gt "$keep" ]; then rm -rf "$r"; echo "removed ${r#releases/}"; fi
+  if [ "$i" -gt "$keep" ]; then
+    # Out of releases/ by one rename first: power lost during the removal leaves no
+    # half-deleted release that a later deploy would take files from.
+    mkdir -p .trash
+    t=".trash/${r#releases/}.$$"
+    mv "$r" "$t" && echo "removed ${r#releases/}"
+  fi
 done
 for u in .incoming/*; do
   [ -e "$u" ] || continue
-  [ "${u#.incoming/}" = "$in_keep" ] || rm -rf "$u"
+  [ "${u#.incoming/}" = "$in_keep" ] || { mkdir -p .trash; mv "$u" ".trash/incoming.${u#.incoming/}.$$"; }
 done
+rm -rf .trash
 true
 "#,
         );
@@ -355,6 +362,145 @@ mod tests {
     fn quoting_survives_quotes_and_spaces() {
         assert_eq!(quote("a b"), "'a b'");
         assert_eq!(quote("it's"), "'it'\\''s'");
+    }
+
+    use std::path::Path;
+    use std::process::Command;
+
+    /// The line counts at which `script` ends on a complete statement: where the board's
+    /// power can fail between two steps (each later step never runs).
+    fn cut_points(script: &str) -> Vec<usize> {
+        let lines: Vec<&str> = script.lines().collect();
+        (0..=lines.len())
+            .filter(|&k| {
+                Command::new("sh")
+                    .args(["-n", "-c", &prefix(script, k)])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success()
+            })
+            .collect()
+    }
+
+    fn prefix(script: &str, k: usize) -> String {
+        let lines: Vec<&str> = script.lines().collect();
+        format!("{}\n", lines[..k].join("\n"))
+    }
+
+    fn sh(script: &str, stdin: &str) -> bool {
+        use std::io::Write;
+        let mut c = Command::new("sh")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // A script cut before it reads its input closes the pipe early.
+        let _ = c.stdin.take().unwrap().write_all(stdin.as_bytes());
+        c.wait().unwrap().success()
+    }
+
+    /// A release folder as a commit leaves it: two files and a manifest naming them.
+    fn release(dir: &Path, tag: &str) -> String {
+        std::fs::create_dir_all(dir.join("model")).unwrap();
+        std::fs::write(dir.join("model/m.gguf"), format!("weights {tag}")).unwrap();
+        std::fs::write(dir.join("manifest.json"), format!("{{\"r\":\"{tag}\"}}")).unwrap();
+        ["model/m.gguf", "manifest.json"]
+            .iter()
+            .map(|f| {
+                let out = Command::new("sha256sum").arg(dir.join(f)).output().unwrap();
+                let sum = String::from_utf8_lossy(&out.stdout);
+                format!("{}  {f}\n", &sum[..64])
+            })
+            .collect()
+    }
+
+    /// The release a link points at, which must be a complete release folder.
+    fn complete_target(d: &Path, link: &str) -> Option<String> {
+        let to = std::fs::read_link(d.join(link)).ok()?;
+        let to = to.to_string_lossy().into_owned();
+        let rel = d.join(&to);
+        assert!(
+            rel.join("manifest.json").is_file() && rel.join("model/m.gguf").is_file(),
+            "{link} -> {to}, which is not a complete release"
+        );
+        Some(to)
+    }
+
+    #[test]
+    fn power_lost_between_any_two_steps_of_commit_and_switch_leaves_current_complete() {
+        let t = tempfile::tempdir().unwrap();
+        let steps = |l: &Layout| {
+            format!(
+                "{}{}",
+                l.verify_and_commit("B", true, 2, &[]),
+                l.switch("B")
+            )
+        };
+        let cuts = cut_points(&steps(&Layout::new("/board")));
+        let mut committed_then_cut = 0;
+        for k in cuts {
+            // A board running A, with B fully uploaded to .incoming.
+            let d = t.path().join(format!("cut{k}"));
+            release(&d.join("releases/A"), "A");
+            let sums = release(&d.join(".incoming/B"), "B");
+            std::os::unix::fs::symlink("releases/A", d.join("current")).unwrap();
+            let l = Layout::new(&d.to_string_lossy());
+            // The board's power fails after k lines: whatever ran, `current` is complete.
+            let _ = sh(&prefix(&steps(&l), k), &sums);
+            let cur = complete_target(&d, "current").expect("current exists");
+            assert!(cur == "releases/A" || cur == "releases/B", "{cur}");
+            if let Some(prev) = complete_target(&d, "previous") {
+                assert_eq!(prev, "releases/A");
+            }
+            // A release folder exists only whole; an upload only while it is not one.
+            if d.join("releases/B").exists() {
+                assert!(d.join("releases/B/model/m.gguf").is_file());
+                assert!(d.join("releases/B/manifest.json").is_file());
+                assert!(!d.join(".incoming/B").exists());
+                committed_then_cut += 1;
+            }
+            // The next deploy runs the steps again (commit when B is still incoming).
+            let mut again = String::new();
+            if d.join(".incoming/B").exists() {
+                again.push_str(&l.verify_and_commit("B", true, 2, &[]));
+            }
+            again.push_str(&l.switch("B"));
+            assert!(sh(&again, &sums), "the rerun after cut {k} fails");
+            assert_eq!(
+                complete_target(&d, "current").as_deref(),
+                Some("releases/B")
+            );
+            assert_eq!(
+                complete_target(&d, "previous").as_deref(),
+                Some("releases/A")
+            );
+        }
+        assert!(committed_then_cut > 3, "cuts after the commit were tried");
+    }
+
+    #[test]
+    fn pruning_takes_a_release_out_of_releases_before_deleting_it() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        for r in ["A", "B", "C"] {
+            release(&d.join(format!("releases/{r}")), r);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::os::unix::fs::symlink("releases/C", d.join("current")).unwrap();
+        std::os::unix::fs::symlink("releases/B", d.join("previous")).unwrap();
+        std::fs::create_dir_all(d.join(".incoming/old")).unwrap();
+        let script = Layout::new(&d.to_string_lossy()).prune(2, "C");
+        assert!(script.contains("mv \"$r\" \"$t\""), "{script}");
+        assert!(sh(&script, ""));
+        assert!(!d.join("releases/A").exists());
+        assert!(!d.join(".trash").exists());
+        assert!(!d.join(".incoming/old").exists());
+        for r in ["B", "C"] {
+            assert!(d.join(format!("releases/{r}/model/m.gguf")).is_file());
+        }
     }
 
     #[test]
