@@ -21,6 +21,18 @@ use serde_json::{json, Value};
 use crate::board::{LocalBoard, Wire};
 use crate::util::{cache_dir, cargo, root, run};
 
+/// Boards in the fleet row.
+const FLEET: usize = 8;
+
+/// Stops the runtime a deploy started in `install` (its supervisor leads a process group).
+fn stop_runtime_in(install: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(install.join("runtime.pid")) {
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", pid.trim())])
+            .status();
+    }
+}
+
 pub struct Options {
     pub quant: String,
     pub link_mbit: u64,
@@ -166,6 +178,53 @@ fn measure_link(
     let scp_dir = measure("scp -r (bundle folder)", &mut scp(bundle, "scp-dir"))?;
     let scp_archive = measure("scp (bundle archive)", &mut scp(archive, "scp-archive"))?;
     board.stop_runtime();
+    // A fleet: FLEET boards (install folders and runtime ports behind the same sshd) in one
+    // `deploy --inventory --parallel`, against FLEET scp's of the archive one after another.
+    let fleet = if rate.is_none() {
+        let mut inv = String::new();
+        let mut installs = Vec::new();
+        for i in 0..FLEET {
+            let dir = board.root.join(format!("fleet/b{i}/opt/edgepack"));
+            inv.push_str(&format!(
+                "[[hosts]]\nname = \"b{i}\"\naddress = \"board\"\nssh_config = \"{}\"\ninstall_dir = \"{}\"\nruntime_port = {}\n\n",
+                cfg.display(),
+                dir.display(),
+                crate::board::free_port()?
+            ));
+            installs.push(dir);
+        }
+        let inv_path = work.join("fleet.toml");
+        std::fs::write(&inv_path, inv)?;
+        let mut cmd = Command::new(edgepack);
+        cmd.arg("--json")
+            .arg("deploy")
+            .arg(archive)
+            .arg("--inventory")
+            .arg(&inv_path)
+            .args(["--parallel", &FLEET.to_string()]);
+        let deployed = measure(&format!("edgepack deploy to {FLEET} boards"), &mut cmd);
+        for dir in &installs {
+            stop_runtime_in(dir);
+        }
+        let deployed = deployed?;
+        count.store(0, Ordering::Relaxed);
+        let t = Instant::now();
+        for i in 0..FLEET {
+            let out = scp(archive, &format!("scp-fleet-{i}")).output()?;
+            if !out.status.success() {
+                bail!("scp {i} failed");
+            }
+        }
+        let scps = json!({"seconds": t.elapsed().as_secs_f64(), "wire_bytes": count.load(Ordering::Relaxed)});
+        json!({
+            "boards": FLEET,
+            "edgepack_deploy_parallel": {"seconds": deployed["seconds"], "wire_bytes": deployed["wire_bytes"]},
+            "scp_archive_sequential": scps,
+            "ratio": deployed["seconds"].as_f64().unwrap_or(0.0) / scps["seconds"].as_f64().unwrap_or(1.0),
+        })
+    } else {
+        Value::Null
+    };
     let ratio = |a: &Value, b: &Value| {
         json!(a["seconds"].as_f64().unwrap_or(0.0) / b["seconds"].as_f64().unwrap_or(1.0))
     };
@@ -182,6 +241,7 @@ fn measure_link(
         "first_vs_scp_archive": ratio(&first, &scp_archive),
         "to_switch_vs_scp_folder": to_switch_ratio(&scp_dir),
         "to_switch_vs_scp_archive": to_switch_ratio(&scp_archive),
+        "fleet": fleet,
     }))
 }
 
