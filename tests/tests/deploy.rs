@@ -479,6 +479,44 @@ fn a_failing_health_check_rolls_back_to_the_previous_release() {
             .contains("exited with status 1"),
         "{recorded}"
     );
+    assert!(!board.install_dir().join(".pending").exists());
+
+    // edgepack killed (SIGKILL) once it has switched to the broken release, before its
+    // health check ends: the board is left on an unchecked release, marked pending. The
+    // next deploy checks it and rolls it back as the killed one would have.
+    let id_broken = release_id(&broken);
+    let mut child = deploy(&sshd, &board, &broken, port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while board.current().as_deref() != Some(id_broken.as_str()) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "never switched"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the deploy ended first"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(board.install_dir().join(".pending"))
+            .unwrap()
+            .trim(),
+        id_broken
+    );
+    let (out, err) = run_fail(&mut deploy(&sshd, &board, &broken, port));
+    let r = host_report(&out);
+    assert_eq!(r["outcome"], "rolled-back", "{r}");
+    assert!(err.contains(&format!("rolled back to {id_a}")), "{err}");
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    assert_eq!(health(port), Some(200));
+    assert!(!board.install_dir().join(".pending").exists());
 }
 
 fn status(sshd: &Sshd, board: &Board) -> Command {

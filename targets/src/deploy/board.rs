@@ -82,7 +82,8 @@ true
 
     /// Everything a deploy needs to plan, in one round trip: the [`probe`](Self::probe)
     /// lines, the supervised runtime's [`state`](Self::supervised_state) as `state ...` lines,
-    /// `free <KiB>` available in the install folder's file system,
+    /// `free <KiB>` available in the install folder's file system, `pending <id>` (a release
+    /// switched to and not yet seen healthy; see [`switch`](Self::switch)),
     /// `size <bytes> <path>` for each of `files` already in `.incoming/<id>`, and each
     /// release's manifest as a `manifest <release> <bytes>` line followed by exactly that many
     /// bytes.
@@ -95,6 +96,7 @@ true
             let _ = writeln!(s, "  [ -f {q} ] && echo \"size $(wc -c < {q}) \"{q}");
         }
         s.push_str("fi\ncd \"$D\"\n");
+        s.push_str("echo \"pending $(cat .pending 2>/dev/null || true)\"\n");
         // Free space where releases go, in KiB (POSIX df; busybox's takes -P -k too).
         s.push_str("echo \"free $(df -Pk . 2>/dev/null | awk 'NR==2 {print $4}')\"\n");
         s.push_str(
@@ -181,12 +183,16 @@ true
     }
 
     /// Points `current` at `releases/<id>` with one rename of a new link, and `previous` at
-    /// what `current` was (unless that is the same release).
+    /// what `current` was (unless that is the same release). `.pending` names the release
+    /// until a health check clears it ([`clear_pending`](Self::clear_pending)): a deploy
+    /// interrupted before its check leaves it, and the next deploy checks that release and
+    /// rolls it back if it fails.
     pub fn switch(&self, id: &str) -> String {
         let mut s = self.prelude();
         let _ = writeln!(s, "new={}", quote(&format!("releases/{id}")));
         s.push_str(
-            r#"old=$(readlink current 2>/dev/null || true)
+            r#"printf '%s\n' "${new#releases/}" > .pending.tmp && mv .pending.tmp .pending
+old=$(readlink current 2>/dev/null || true)
 if [ -n "$old" ] && [ "$old" != "$new" ]; then
   ln -sfn "$old" .previous.tmp && mv -T .previous.tmp previous
 fi
@@ -207,10 +213,18 @@ prev=$(readlink previous 2>/dev/null || true)
 if [ -z "$prev" ] || [ ! -d "$prev" ]; then echo "no previous release to roll back to" >&2; exit 4; fi
 ln -sfn "$prev" .current.tmp && mv -T .current.tmp current
 if [ -n "$cur" ]; then ln -sfn "$cur" .previous.tmp && mv -T .previous.tmp previous; fi
+rm -f .pending
 sync
 echo "$prev"
 "#,
         );
+        s
+    }
+
+    /// Marks `current` as seen healthy: no longer pending.
+    pub fn clear_pending(&self) -> String {
+        let mut s = self.prelude();
+        s.push_str("rm -f .pending\n");
         s
     }
 

@@ -398,6 +398,8 @@ struct Survey {
     manifests: Vec<(String, Manifest)>,
     /// Bytes free in the install folder's file system, when `df` told.
     free: Option<u64>,
+    /// A release an interrupted deploy switched to and never saw healthy.
+    pending: Option<String>,
 }
 
 fn parse_survey(out: &[u8]) -> Survey {
@@ -410,7 +412,9 @@ fn parse_survey(out: &[u8]) -> Survey {
         if sv.probe.take(&line) {
             continue;
         }
-        if let Some(kib) = line.strip_prefix("free ") {
+        if let Some(id) = line.strip_prefix("pending ") {
+            sv.pending = Some(id.trim().to_string()).filter(|s| !s.is_empty());
+        } else if let Some(kib) = line.strip_prefix("free ") {
             sv.free = kib
                 .trim()
                 .parse::<u64>()
@@ -809,21 +813,35 @@ async fn deploy_connected(
         }
         progress.stage("health check");
         let checked = check_health(c, h, &l, p, opts.health_timeout).await;
-        record_health(c, &l, id, &checked).await?;
+        // A release still pending is one an interrupted deploy switched to and never saw
+        // healthy: it is checked now, and rolled back like any new release that fails.
+        let pending = survey.pending.as_deref() == Some(id.as_str());
         match checked {
             Ok(hl) => {
+                record_health_with(c, &l, id, &Ok(hl.clone()), None, &l.clear_pending()).await?;
                 r.health = Some(hl);
-                r.outcome = Outcome::Unchanged;
+                r.outcome = if pending {
+                    Outcome::Deployed
+                } else {
+                    Outcome::Unchanged
+                };
                 r.ok = true;
                 return Ok(());
             }
+            Err(reason) if pending => {
+                let prev = p.previous.as_ref();
+                return Err(
+                    roll_back(c, h, &l, p, signed, id, prev, reason, opts, progress, r).await?,
+                );
+            }
             Err(reason) => {
+                record_health(c, &l, id, &Err(reason.clone())).await?;
                 return Err(DeployError::Unhealthy {
                     host: h.name.clone(),
                     release: id.clone(),
                     reason,
                     after: "it was already the current release; nothing was switched".into(),
-                })
+                });
             }
         }
     }
@@ -840,53 +858,79 @@ async fn deploy_connected(
     let checked = check_health(c, h, &l, p, opts.health_timeout).await;
     match checked {
         Ok(hl) => {
-            // The record and the pruning of old releases in one round trip.
-            record_health_with(c, &l, id, &Ok(hl.clone()), None, &l.prune(h.keep, id)).await?;
+            // The record, the end of `pending` and the pruning in one round trip.
+            let then = format!("{}{}", l.clear_pending(), l.prune(h.keep, id));
+            record_health_with(c, &l, id, &Ok(hl.clone()), None, &then).await?;
             r.health = Some(hl);
             r.outcome = Outcome::Deployed;
             r.ok = true;
             Ok(())
         }
         Err(reason) => {
-            record_health(c, &l, id, &Err(reason.clone())).await?;
-            progress.stage("rolling back");
-            let after = match &p.current {
-                Some(prev) => {
-                    c.sh("rolling back", &l.swap_back()).await?;
-                    restart(c, h, &l, p, signed).await?;
-                    r.outcome = Outcome::RolledBack;
-                    r.release = Some(prev.clone());
-                    let again = check_health(c, h, &l, p, opts.health_timeout).await;
-                    record_health_with(c, &l, prev, &again, Some((id, &reason)), "").await?;
-                    match again {
-                        Ok(hl) => {
-                            r.health = Some(hl);
-                            format!("rolled back to {prev}, which is healthy")
-                        }
-                        Err(e) => {
-                            format!("rolled back to {prev}, which is not healthy either: {e}")
-                        }
-                    }
-                }
-                None => {
-                    stop(c, h, &l, p).await?;
-                    c.sh(
-                        "removing the failed release's link",
-                        &format!("rm -f {}", quote(&l.path("current"))),
-                    )
-                    .await?;
-                    r.release = None;
-                    "there was no previous release; the runtime was stopped".into()
-                }
-            };
-            Err(DeployError::Unhealthy {
-                host: h.name.clone(),
-                release: id.clone(),
-                reason,
-                after,
-            })
+            let prev = p.current.as_ref();
+            Err(roll_back(c, h, &l, p, signed, id, prev, reason, opts, progress, r).await?)
         }
     }
+}
+
+/// After `id` failed its health check: back to the previous release (restarted, checked,
+/// and the reason recorded on the board), or, with none, the runtime stopped. Returns the
+/// error that reports it.
+#[allow(clippy::too_many_arguments)]
+async fn roll_back(
+    c: &Conn,
+    h: &HostConfig,
+    l: &Layout,
+    p: &Probe,
+    signed: bool,
+    id: &String,
+    previous: Option<&String>,
+    reason: String,
+    opts: &Options,
+    progress: &dyn HostProgress,
+    r: &mut HostReport,
+) -> Result<DeployError, DeployError> {
+    record_health(c, l, id, &Err(reason.clone())).await?;
+    progress.stage("rolling back");
+    let after = match previous {
+        Some(prev) => {
+            c.sh("rolling back", &l.swap_back()).await?;
+            restart(c, h, l, p, signed).await?;
+            r.outcome = Outcome::RolledBack;
+            r.release = Some(prev.clone());
+            let again = check_health(c, h, l, p, opts.health_timeout).await;
+            record_health_with(c, l, prev, &again, Some((id, &reason)), "").await?;
+            match again {
+                Ok(hl) => {
+                    r.health = Some(hl);
+                    format!("rolled back to {prev}, which is healthy")
+                }
+                Err(e) => {
+                    format!("rolled back to {prev}, which is not healthy either: {e}")
+                }
+            }
+        }
+        None => {
+            stop(c, h, l, p).await?;
+            c.sh(
+                "removing the failed release's link",
+                &format!(
+                    "rm -f {} {}",
+                    quote(&l.path("current")),
+                    quote(&l.path(".pending"))
+                ),
+            )
+            .await?;
+            r.release = None;
+            "there was no previous release; the runtime was stopped".into()
+        }
+    };
+    Ok(DeployError::Unhealthy {
+        host: h.name.clone(),
+        release: id.clone(),
+        reason,
+        after,
+    })
 }
 
 async fn upload(
