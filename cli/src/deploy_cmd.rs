@@ -1,6 +1,6 @@
 //! `deploy`, `status`, `rollback`, `logs`: the board side of edgepack. Argument handling,
-//! bundle selection per host, progress bars and the result table; the work is in
-//! `edgepack_targets::deploy`.
+//! bundle selection per host, progress bars and the result table; the work (the rollout's
+//! waves included) is in `edgepack_targets::deploy`.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -11,8 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use edgepack_targets::bundle;
+use edgepack_targets::deploy::rollout::{self, MaxFailures, RolloutReport};
 use edgepack_targets::deploy::{
-    self, inventory, HostConfig, HostProgress, HostReport, LocalBundle, Options, Quiet,
+    self, inventory, HostConfig, HostProgress, HostReport, LocalBundle, Options, Outcome, Quiet,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -20,6 +21,8 @@ const AFTER_DEPLOY: &str = "Examples:
   edgepack deploy out/smollm2-imx95.tar.zst --host root@10.0.0.12
   edgepack deploy out/smollm2-imx95/ --host cam-01 --key key.pub.pem --accept-new-host-key
   edgepack deploy out/ --inventory fleet.toml --parallel 8 --json
+  edgepack --json deploy out/ --inventory fleet.toml --parallel 16 --canary 1 --max-failures 10% > last.json
+  edgepack deploy out/ --inventory fleet.toml --only-failed last.json
 
 ssh is your own: ~/.ssh/config (Host aliases, User, Port, IdentityFile, ProxyJump), ssh-agent
 and known_hosts apply. An unknown host key is refused unless --accept-new-host-key; a changed
@@ -43,7 +46,17 @@ Inventory (TOML):
   groups = [\"line-a\"]
   # port, install_dir, runtime_port, runner, keep, service, ssh_config, runtime_args
 
-The exit status is non-zero when any host failed.";
+Rollout of a fleet: hosts start in inventory order, --parallel at a time. With --canary N the
+first N deploy first, alone; if any of them fails (failed or rolled back) nothing else starts.
+With --max-failures (a count like 2, or a share of the hosts in the run like 10%), no further
+host starts once the failures are MORE than that (Ansible's max_fail_percentage): 0 stops at
+the first failure, 1 tolerates one. Running hosts finish; the rest are reported `skipped` with
+the reason. Without --max-failures every host is tried (as Ansible and Mender do by default).
+The table (or --json: per host, and a summary with the counts and why the rollout stopped)
+shows each host's release before -> after. --only-failed LAST.json deploys again only to the
+hosts that a previous `--json` run reports failed, rolled-back or skipped.
+
+The exit status is non-zero when any host failed or was skipped.";
 
 #[derive(Subcommand, Debug)]
 pub enum DeployCommand {
@@ -61,6 +74,17 @@ pub enum DeployCommand {
         /// Boards deployed at the same time.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
+        /// Deploy the first N hosts (in inventory order) first; if any fails, stop there.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        canary: usize,
+        /// Start no further host once more than this many fail: a count (2) or a share of
+        /// the hosts in the run (10%). Default: every host is tried.
+        #[arg(long, value_name = "N|P%")]
+        max_failures: Option<MaxFailures>,
+        /// Deploy only to the hosts a previous run's JSON (`edgepack --json deploy ...`)
+        /// reports failed, rolled-back or skipped.
+        #[arg(long, value_name = "LAST.json")]
+        only_failed: Option<PathBuf>,
         /// Seconds the restarted runtime has to load its model and answer the smoke prompt.
         #[arg(long, default_value_t = deploy::DEFAULT_HEALTH_TIMEOUT.as_secs())]
         health_timeout: u64,
@@ -310,8 +334,7 @@ impl HostProgress for Bar {
         self.bar.inc(n);
     }
     fn finish(&self, r: &HostReport) {
-        self.bar
-            .finish_with_message(if r.ok { "done" } else { "failed" });
+        self.bar.finish_with_message(outcome_name(r.outcome));
     }
 }
 
@@ -323,16 +346,32 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
-fn print_table(reports: &[HostReport]) {
-    println!(
-        "{:<20} {:<12} {:<28} {:>11} {:>6} {:>9} {:>7} {:>7}",
-        "HOST", "RESULT", "RELEASE", "SENT", "REUSED", "TTFT", "TOK/S", "TIME"
-    );
-    for r in reports {
-        let outcome = serde_json::to_value(r.outcome)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+fn outcome_name(o: Outcome) -> String {
+    serde_json::to_value(o)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The release a host runs now: the new one when it deployed (or already ran it), the one
+/// from before otherwise.
+fn release_change(r: &HostReport) -> String {
+    let before = r.previous.as_deref().unwrap_or("(none)");
+    match r.outcome {
+        Outcome::Deployed => format!("{before} -> {}", r.release.as_deref().unwrap_or("?")),
+        Outcome::Unchanged => format!("{} (current)", r.release.as_deref().unwrap_or("?")),
+        Outcome::RolledBack => format!("{before} (rolled back)"),
+        Outcome::Failed if r.previous.is_some() => format!("{before} (kept)"),
+        Outcome::Failed | Outcome::Skipped => "-".into(),
+    }
+}
+
+fn print_table(report: &RolloutReport) {
+    let mut rows = vec![[
+        "HOST", "RESULT", "RELEASE", "SENT", "TTFT", "TOK/S", "TIME", "ERROR",
+    ]
+    .map(String::from)];
+    for r in &report.hosts {
         let (ttft, tps) = match &r.health {
             Some(h) => (
                 format!("{:.0} ms", h.ttft_ms),
@@ -340,22 +379,61 @@ fn print_table(reports: &[HostReport]) {
             ),
             None => ("-".into(), "-".into()),
         };
-        println!(
-            "{:<20} {:<12} {:<28} {:>11} {:>6} {:>9} {:>7} {:>6.1}s",
-            r.host,
-            outcome,
-            r.release.as_deref().unwrap_or("-"),
+        // The first line of the error, without the host name it starts with.
+        let error = r.error.as_deref().map_or(String::from("-"), |e| {
+            let e = e.lines().next().unwrap_or_default();
+            let e = e.strip_prefix(&format!("{}: ", r.host)).unwrap_or(e);
+            if e.chars().count() > 90 {
+                format!("{}...", e.chars().take(87).collect::<String>())
+            } else {
+                e.to_string()
+            }
+        });
+        rows.push([
+            r.host.clone(),
+            outcome_name(r.outcome),
+            release_change(r),
             mib(r.bytes_sent),
-            r.files_reused + r.files_present,
             ttft,
             tps,
-            r.seconds
-        );
+            format!("{:.1}s", r.seconds),
+            error,
+        ]);
+    }
+    let mut width = [0usize; 8];
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            // Numbers right-aligned, text left-aligned, the last column unpadded.
+            match i {
+                3..=6 => line.push_str(&format!("{cell:>w$}  ", w = width[i])),
+                7 => line.push_str(cell),
+                _ => line.push_str(&format!("{cell:<w$}  ", w = width[i])),
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+    let s = &report.summary;
+    println!(
+        "\n{} host(s): {} deployed, {} unchanged, {} rolled back, {} failed, {} skipped",
+        s.hosts, s.deployed, s.unchanged, s.rolled_back, s.failed, s.skipped
+    );
+    if let Some(why) = &s.reason {
+        println!("the rollout stopped: {why}");
     }
 }
 
+/// The full errors of the hosts that failed (skipped hosts share the summary's reason).
 fn print_errors(reports: &[HostReport]) {
     for r in reports {
+        if r.outcome == Outcome::Skipped {
+            continue;
+        }
         if let Some(e) = &r.error {
             eprintln!("error: {e}");
         }
@@ -369,16 +447,40 @@ pub fn run(cmd: DeployCommand, json: bool) -> Result<()> {
             hosts,
             key,
             parallel,
+            canary,
+            max_failures,
+            only_failed,
             health_timeout,
             limit_rate,
         } => {
-            let hs = hosts.resolve()?;
+            let mut hs = hosts.resolve()?;
+            if let Some(last) = &only_failed {
+                let names = rollout::unfinished_hosts(last)?;
+                if names.is_empty() {
+                    if json {
+                        let v = serde_json::json!({"ok": true, "summary": rollout::Summary::default(), "hosts": []});
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        println!(
+                            "nothing to deploy: every host in {} was deployed or unchanged",
+                            last.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                hs = rollout::only(hs, &names, last)?;
+            }
             let bundles = load_bundles(&bundle, key.as_deref())?;
             let opts = Options {
                 accept_new_host_key: hosts.accept_new_host_key,
                 trusted_key: key,
                 health_timeout: Duration::from_secs(health_timeout),
                 limit_rate,
+            };
+            let plan = rollout::Plan {
+                parallel,
+                canary,
+                max_failures,
             };
             let multi = show_bars(json)
                 .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
@@ -399,20 +501,24 @@ pub fn run(cmd: DeployCommand, json: bool) -> Result<()> {
                 }
             };
             let list = bundles.list.clone();
-            let reports = deploy::deploy_all(&hs, &|h| pick(&list, h), &opts, parallel, &progress);
-            let failed = reports.iter().filter(|r| !r.ok).count();
+            let report = rollout::deploy_fleet(&hs, &|h| pick(&list, h), &opts, &plan, &progress);
             if json {
-                let v = serde_json::json!({
-                    "ok": failed == 0,
-                    "hosts": reports,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print_table(&reports);
+                print_table(&report);
             }
-            print_errors(&reports);
-            if failed > 0 {
-                bail!("{failed} of {} host(s) failed", reports.len());
+            print_errors(&report.hosts);
+            let s = &report.summary;
+            let failed = s.failed + s.rolled_back;
+            if !report.ok {
+                let mut msg = format!("{failed} of {} host(s) failed", s.hosts);
+                if s.skipped > 0 {
+                    msg.push_str(&format!(", {} skipped", s.skipped));
+                }
+                if let Some(why) = &s.reason {
+                    msg.push_str(&format!(" (the rollout stopped: {why})"));
+                }
+                bail!(msg);
             }
             Ok(())
         }

@@ -727,3 +727,245 @@ fn a_signed_aarch64_bundle_deploys_and_serves_under_qemu_on_an_imx95_board() {
     );
     assert_eq!(health(port), Some(200));
 }
+
+/// Eight boards behind one sshd, as a fleet file: each with its own install folder and
+/// runtime port, `bad` with a runtime argument that makes the runtime exit at once, so its
+/// health check fails. Hosts are written in `order`.
+struct Fleet {
+    sshd: Sshd,
+    boards: Vec<Board>,
+    ports: Vec<u16>,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Fleet {
+        Fleet {
+            sshd: Sshd::start("fleet"),
+            boards: (0..n).map(|_| Board::new()).collect(),
+            ports: (0..n).map(|_| free_port()).collect(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn name(i: usize) -> String {
+        format!("board-{}", i + 1)
+    }
+
+    /// Writes the fleet file with the hosts in `order`; `bad` fails its health check.
+    fn inventory(&self, order: &[usize], bad: Option<usize>) -> PathBuf {
+        let mut t = format!(
+            "[defaults]\nssh_config = \"{}\"\n",
+            self.sshd.config().display()
+        );
+        for &i in order {
+            t.push_str(&format!(
+                "[[hosts]]\nname = \"{}\"\naddress = \"{}\"\ninstall_dir = \"{}\"\nruntime_port = {}\n",
+                Fleet::name(i),
+                self.sshd.alias,
+                self.boards[i].install_dir().display(),
+                self.ports[i]
+            ));
+            if bad == Some(i) {
+                t.push_str("runtime_args = [\"--no-such-flag\"]\n");
+            }
+        }
+        let p = self.dir.path().join("fleet.toml");
+        std::fs::write(&p, t).unwrap();
+        p
+    }
+
+    /// When the board last recorded a health check (None before its first).
+    fn checked_at(&self, i: usize) -> Option<std::time::SystemTime> {
+        std::fs::metadata(self.boards[i].install_dir().join("health.json"))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+}
+
+/// `edgepack --json deploy BUNDLE --inventory FILE ARGS...`: its output and its JSON.
+fn deploy_fleet(bundle: &Path, inventory: &Path, args: &[&str]) -> (Output, Value) {
+    let out = edgepack()
+        .args(["--json", "deploy"])
+        .arg(bundle)
+        .arg("--inventory")
+        .arg(inventory)
+        .args(args)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "deploy --json printed no JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!("deploy {args:?}: {}", v["summary"]);
+    (out, v)
+}
+
+fn outcomes(v: &Value) -> Vec<(String, String)> {
+    v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_fleet_rollout_stops_at_a_failed_canary_or_past_max_failures_and_reruns_only_the_failed() {
+    let a = bundle_a();
+    let f = Fleet::new(8);
+    let bad = 2;
+    let named = |list: &[(usize, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(i, o)| (Fleet::name(*i), o.to_string()))
+            .collect()
+    };
+
+    // (a) The failing board is the canary: nothing else is touched.
+    let order: Vec<usize> = std::iter::once(bad)
+        .chain((0..8).filter(|&i| i != bad))
+        .collect();
+    let inv = f.inventory(&order, Some(bad));
+    let (out, v) = deploy_fleet(&a, &inv, &["--canary", "1", "--parallel", "4"]);
+    assert!(!out.status.success(), "{v}");
+    let mut want = vec![(bad, "failed")];
+    want.extend(order[1..].iter().map(|&i| (i, "skipped")));
+    assert_eq!(outcomes(&v), named(&want), "{v}");
+    assert_eq!(v["summary"]["skipped"], 7, "{v}");
+    assert_eq!(v["summary"]["stopped"], true, "{v}");
+    let reason = v["summary"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("canary") && reason.contains("board-3"),
+        "{v}"
+    );
+    let skipped = &v["hosts"][1];
+    assert!(
+        skipped["error"].as_str().unwrap().contains("not started"),
+        "{v}"
+    );
+    assert_eq!(skipped["bytes_sent"], 0, "{v}");
+    for &i in &order[1..] {
+        assert!(
+            !f.boards[i].install_dir().exists(),
+            "{} was never contacted",
+            Fleet::name(i)
+        );
+    }
+    assert!(v["hosts"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("health check"));
+
+    // (b) The failing board third: 20% of 8 tolerates one failure, so every other board
+    // deploys; the run still fails.
+    let order: Vec<usize> = (0..8).collect();
+    let inv = f.inventory(&order, Some(bad));
+    let (out, v) = deploy_fleet(&a, &inv, &["--max-failures", "20%", "--parallel", "4"]);
+    assert!(!out.status.success(), "{v}");
+    let want: Vec<(usize, &str)> = order
+        .iter()
+        .map(|&i| (i, if i == bad { "failed" } else { "deployed" }))
+        .collect();
+    assert_eq!(outcomes(&v), named(&want), "{v}");
+    assert_eq!(v["summary"]["deployed"], 7, "{v}");
+    assert_eq!(v["summary"]["stopped"], false, "{v}");
+    let id = release_id(&a);
+    for i in (0..8).filter(|&i| i != bad) {
+        assert_eq!(f.boards[i].current().as_deref(), Some(id.as_str()));
+        assert_eq!(health(f.ports[i]), Some(200));
+        let h = &v["hosts"][i];
+        assert_eq!(h["previous"], Value::Null, "{h}");
+        assert!(h["health"]["ttft_ms"].as_f64().unwrap() > 0.0, "{h}");
+    }
+    assert_eq!(f.boards[bad].current(), None);
+
+    // With no failure allowed and one board at a time, the first failure stops the rollout:
+    // the boards before it are checked, the ones after it are not contacted.
+    let before: Vec<_> = (0..8).map(|i| f.checked_at(i)).collect();
+    let (out, v) = deploy_fleet(&a, &inv, &["--max-failures", "0", "--parallel", "1"]);
+    assert!(!out.status.success(), "{v}");
+    let want: Vec<(usize, &str)> = order
+        .iter()
+        .map(|&i| {
+            (
+                i,
+                match i.cmp(&bad) {
+                    std::cmp::Ordering::Less => "unchanged",
+                    std::cmp::Ordering::Equal => "failed",
+                    std::cmp::Ordering::Greater => "skipped",
+                },
+            )
+        })
+        .collect();
+    assert_eq!(outcomes(&v), named(&want), "{v}");
+    let reason = v["summary"]["reason"].as_str().unwrap();
+    assert!(reason.contains("1 of 8 hosts failed (board-3)"), "{reason}");
+    assert!(reason.contains("more than the 0 allowed"), "{reason}");
+    for (i, at) in before.iter().enumerate().skip(bad + 1) {
+        assert_eq!(f.checked_at(i), *at, "{} was contacted", Fleet::name(i));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 of 8 host(s) failed, 5 skipped"),
+        "{stderr}"
+    );
+    let last = f.dir.path().join("last.json");
+    std::fs::write(&last, &out.stdout).unwrap();
+
+    // (c) The board is fixed; --only-failed deploys to it and to the skipped boards only.
+    let inv = f.inventory(&order, None);
+    let before: Vec<_> = (0..8).map(|i| f.checked_at(i)).collect();
+    let only = last.to_str().unwrap();
+    let (out, v) = deploy_fleet(&a, &inv, &["--only-failed", only, "--parallel", "4"]);
+    assert!(out.status.success(), "{v}");
+    let want: Vec<(usize, &str)> = (bad..8)
+        .map(|i| (i, if i == bad { "deployed" } else { "unchanged" }))
+        .collect();
+    assert_eq!(outcomes(&v), named(&want), "{v}");
+    assert_eq!(v["ok"], true);
+    for (i, at) in before.iter().enumerate().take(bad) {
+        assert_eq!(f.checked_at(i), *at, "{} was contacted", Fleet::name(i));
+    }
+    assert_eq!(f.boards[bad].current().as_deref(), Some(id.as_str()));
+    assert_eq!(health(f.ports[bad]), Some(200));
+
+    // A file that is not a deploy report is refused, naming it.
+    let (_, err) = run_fail(
+        edgepack()
+            .arg("deploy")
+            .arg(&a)
+            .arg("--inventory")
+            .arg(&inv)
+            .arg("--only-failed")
+            .arg(&inv),
+    );
+    assert!(
+        err.contains(&format!("{}: not a deploy report", inv.display())),
+        "{err}"
+    );
+
+    // The text table: before -> after per board, and the summary.
+    let out = edgepack()
+        .arg("deploy")
+        .arg(&a)
+        .arg("--inventory")
+        .arg(&inv)
+        .args(["--host", "board-1"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains(&format!("{id} (current)")), "{table}");
+    assert!(
+        table.contains("1 host(s): 0 deployed, 1 unchanged"),
+        "{table}"
+    );
+}

@@ -8,20 +8,21 @@
 //! → switch `current` with one rename → restart the runtime → `/health` and a smoke prompt
 //! through an SSH forward. The old release stays untouched until the switch and returns when
 //! the check fails. [`board`] holds the layout and the scripts, [`ssh`] the transport,
-//! [`health`] the checks, [`inventory`] the fleet file.
+//! [`health`] the checks, [`inventory`] the fleet file, [`rollout`] a fleet's canary wave,
+//! parallel waves and failure threshold.
 
 pub mod board;
 pub mod health;
 mod host;
 pub mod inventory;
+pub mod rollout;
 pub mod ssh;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::{self, FileEntry, Manifest, MANIFEST, SIGNATURE};
@@ -232,7 +233,7 @@ impl LocalBundle {
 }
 
 /// How a deploy ended on one host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     /// The new release runs and passed its health check.
@@ -243,6 +244,8 @@ pub enum Outcome {
     RolledBack,
     /// Nothing was switched (refused, unreachable, corrupted upload, broken connection).
     Failed,
+    /// Not started: the rollout stopped before this host's turn (the error says why).
+    Skipped,
 }
 
 /// Per-host result of a deploy.
@@ -1176,64 +1179,31 @@ async fn verify_on_board(
     }
 }
 
-/// Deploys to every host, at most `parallel` at a time. Each host gets the bundle `pick`
-/// chooses for it (or a refusal).
-pub fn deploy_all(
-    hosts: &[HostConfig],
-    pick: &dyn Fn(&HostConfig) -> Result<Arc<LocalBundle>, String>,
-    opts: &Options,
-    parallel: usize,
-    progress: &dyn Fn(&HostConfig) -> Arc<dyn HostProgress>,
-) -> Vec<HostReport> {
-    let rt = runtime();
-    let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
-    rt.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for (i, h) in hosts.iter().enumerate() {
-            let bundle = pick(h);
-            let prog = progress(h);
-            let (h, opts, sem) = (h.clone(), opts.clone(), sem.clone());
-            set.spawn(async move {
-                let _permit = sem.acquire_owned().await.expect("semaphore open");
-                let report = match bundle {
-                    Ok(b) => deploy_host(&h, &b, &opts, prog.as_ref()).await,
-                    Err(message) => {
-                        let r = HostReport {
-                            host: h.name.clone(),
-                            ok: false,
-                            outcome: Outcome::Failed,
-                            release: None,
-                            previous: None,
-                            bytes_sent: 0,
-                            channel_bytes: 0,
-                            files_sent: 0,
-                            files_resumed: 0,
-                            files_reused: 0,
-                            files_present: 0,
-                            health: None,
-                            error: Some(format!("{}: {message}", h.name)),
-                            seconds: 0.0,
-                            phases: Vec::new(),
-                        };
-                        prog.finish(&r);
-                        r
-                    }
-                };
-                (i, report)
-            });
+impl HostReport {
+    /// The report of a host whose deploy never started: refused before connecting, or
+    /// skipped by the rollout.
+    pub(crate) fn unstarted(host: &str, outcome: Outcome, error: String) -> HostReport {
+        HostReport {
+            host: host.to_string(),
+            ok: false,
+            outcome,
+            release: None,
+            previous: None,
+            bytes_sent: 0,
+            channel_bytes: 0,
+            files_sent: 0,
+            files_resumed: 0,
+            files_reused: 0,
+            files_present: 0,
+            health: None,
+            error: Some(error),
+            seconds: 0.0,
+            phases: Vec::new(),
         }
-        let mut out: Vec<Option<HostReport>> = vec![None; hosts.len()];
-        while let Some(j) = set.join_next().await {
-            let (i, rep) = j.expect("a deploy task panicked");
-            out[i] = Some(rep);
-        }
-        out.into_iter()
-            .map(|r| r.expect("every host reported"))
-            .collect()
-    })
+    }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
