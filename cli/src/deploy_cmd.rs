@@ -1,6 +1,6 @@
-//! `deploy`, `status`, `rollback`, `logs`: the board side of edgepack. Argument handling,
-//! bundle selection per host, progress bars and the result table; the work (the rollout's
-//! waves included) is in `edgepack_targets::deploy`.
+//! `deploy`, `status`, `rollback`, `logs`, `fleet import`: the board side of edgepack.
+//! Argument handling, bundle selection per host, progress bars and the result table; the work
+//! (rollout waves, Ansible import) is in `edgepack_targets::deploy`.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -13,7 +13,8 @@ use clap::{Args, Subcommand};
 use edgepack_targets::bundle;
 use edgepack_targets::deploy::rollout::{self, MaxFailures, RolloutReport};
 use edgepack_targets::deploy::{
-    self, inventory, HostConfig, HostProgress, HostReport, LocalBundle, Options, Outcome, Quiet,
+    self, ansible, inventory, HostConfig, HostProgress, HostReport, LocalBundle, Options, Outcome,
+    Quiet,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -45,6 +46,7 @@ Inventory (TOML):
   address = \"10.0.0.12\"
   groups = [\"line-a\"]
   # port, install_dir, runtime_port, runner, keep, service, ssh_config, runtime_args
+An Ansible inventory becomes one with `edgepack fleet import hosts.ini -o fleet.toml`.
 
 Rollout of a fleet: hosts start in inventory order, --parallel at a time. With --canary N the
 first N deploy first, alone; if any of them fails (failed or rolled back) nothing else starts.
@@ -110,6 +112,9 @@ pub enum DeployCommand {
         #[arg(long, default_value_t = deploy::DEFAULT_HEALTH_TIMEOUT.as_secs())]
         health_timeout: u64,
     },
+    /// Fleet files: import an Ansible inventory.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Print the runtime's log from a board (journal or <install_dir>/logs/runtime.log).
     #[command(
         after_help = "Example:\n  edgepack logs --host root@10.0.0.12 --follow\n  edgepack logs --host cam-01 --lines 200"
@@ -122,6 +127,37 @@ pub enum DeployCommand {
         follow: bool,
         #[arg(short = 'n', long, default_value_t = 100)]
         lines: u32,
+    },
+}
+
+const AFTER_IMPORT: &str = "Examples:
+  edgepack fleet import hosts.ini -o fleet.toml
+  edgepack fleet import inventory/hosts.yml -o fleet.toml --force
+  edgepack deploy out/ --inventory fleet.toml --group cams
+
+Reads Ansible's INI (`[group]`, `[group:children]`, `[group:vars]`, `name key=value ...`,
+ranges like cam[01:08].example, name:port) and YAML (`all: hosts: / children: / vars:`)
+inventories. all's vars become [defaults], each group a [groups.NAME] table, each host a
+[[hosts]] entry listing its groups and their parents (parents first, so a child group's vars
+win, as in Ansible). Variables: ansible_host (address), ansible_user, ansible_port,
+edgepack_target or target, edgepack_install_dir, edgepack_runtime_port, edgepack_runner,
+edgepack_keep, edgepack_service, edgepack_ssh_config. Other variables are ignored and listed
+in a warning; an unknown edgepack_* variable is an error. Errors name the file and line. The
+output is written atomically and an existing file is kept unless --force.";
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Convert an Ansible inventory (INI or YAML) into an edgepack fleet file (TOML).
+    #[command(after_help = AFTER_IMPORT)]
+    Import {
+        /// The Ansible inventory: INI (hosts.ini, hosts) or YAML (hosts.yml).
+        inventory: PathBuf,
+        /// The fleet file to write.
+        #[arg(short, long, value_name = "fleet.toml")]
+        output: PathBuf,
+        /// Replace the output if it exists.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -519,6 +555,39 @@ pub fn run(cmd: DeployCommand, json: bool) -> Result<()> {
                     msg.push_str(&format!(" (the rollout stopped: {why})"));
                 }
                 bail!(msg);
+            }
+            Ok(())
+        }
+        DeployCommand::Fleet(FleetCommand::Import {
+            inventory,
+            output,
+            force,
+        }) => {
+            let imported = ansible::import(&inventory)?;
+            ansible::write_fleet(&output, &imported.toml, force)?;
+            if !imported.ignored.is_empty() {
+                eprintln!(
+                    "warning: {} variable(s) ignored, edgepack has no setting for them: {}",
+                    imported.ignored.len(),
+                    imported.ignored.join(", ")
+                );
+            }
+            if json {
+                let v = serde_json::json!({
+                    "output": output,
+                    "hosts": imported.hosts,
+                    "groups": imported.groups,
+                    "ignored": imported.ignored,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}: {} host(s), {} group(s) from {}",
+                    output.display(),
+                    imported.hosts,
+                    imported.groups,
+                    inventory.display()
+                );
             }
             Ok(())
         }

@@ -643,10 +643,16 @@ fn a_fleet_deploys_in_parallel_refuses_a_wrong_target_and_fails_the_run() {
 
 #[test]
 fn deploy_help_has_examples() {
-    for cmd in ["deploy", "status", "rollback", "logs"] {
-        let out = run_ok(edgepack().args([cmd, "--help"]));
+    for cmd in [
+        &["deploy"][..],
+        &["status"],
+        &["rollback"],
+        &["logs"],
+        &["fleet", "import"],
+    ] {
+        let out = run_ok(edgepack().args(cmd).arg("--help"));
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("Example"), "{cmd}: {text}");
+        assert!(text.contains("Example"), "{cmd:?}: {text}");
     }
 }
 
@@ -967,5 +973,103 @@ fn a_fleet_rollout_stops_at_a_failed_canary_or_past_max_failures_and_reruns_only
     assert!(
         table.contains("1 host(s): 0 deployed, 1 unchanged"),
         "{table}"
+    );
+
+    // An Ansible inventory of the same boards, imported, is what deploy reads.
+    let mut yml = format!(
+        "all:\n  vars:\n    ansible_host: {}\n    edgepack_ssh_config: {}\n    ansible_python_interpreter: /usr/bin/python3\n  children:\n    line:\n      hosts:\n",
+        f.sshd.alias,
+        f.sshd.config().display()
+    );
+    for i in [0, 1] {
+        yml.push_str(&format!(
+            "        board-{}:\n          edgepack_install_dir: {}\n          edgepack_runtime_port: {}\n",
+            i + 1,
+            f.boards[i].install_dir().display(),
+            f.ports[i]
+        ));
+    }
+    let hosts_yml = f.dir.path().join("hosts.yml");
+    std::fs::write(&hosts_yml, yml).unwrap();
+    let imported = f.dir.path().join("imported.toml");
+    let out = run_ok(
+        edgepack()
+            .args(["fleet", "import"])
+            .arg(&hosts_yml)
+            .arg("-o")
+            .arg(&imported),
+    );
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(warn.contains("ansible_python_interpreter"), "{warn}");
+    let (out, v) = deploy_fleet(&a, &imported, &["--group", "line"]);
+    assert!(out.status.success(), "{v}");
+    assert_eq!(outcomes(&v), named(&[(0, "unchanged"), (1, "unchanged")]));
+}
+
+#[test]
+fn an_imported_ansible_inventory_reaches_the_board_and_is_never_overwritten_unasked() {
+    let sshd = Sshd::start("ansible-board");
+    let board = Board::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ini = dir.path().join("hosts.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[boards]\ncam[01:02] ansible_host={alias} ansible_become=true\n\n[boards:vars]\nedgepack_install_dir={dir}\nedgepack_target=generic-x86_64\n\n[site:children]\nboards\n\n[all:vars]\nedgepack_ssh_config={cfg}\n",
+            alias = sshd.alias,
+            dir = board.install_dir().display(),
+            cfg = sshd.config().display(),
+        ),
+    )
+    .unwrap();
+    let fleet = dir.path().join("fleet.toml");
+    let import = || {
+        let mut c = edgepack();
+        c.args(["fleet", "import"]).arg(&ini).arg("-o").arg(&fleet);
+        c
+    };
+    let out = run_ok(&mut import());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("ignored, edgepack has no setting for them: ansible_become"),
+        "{out:?}"
+    );
+    let st: Value = serde_json::from_slice(
+        &run_ok(
+            edgepack()
+                .args(["--json", "status", "--inventory"])
+                .arg(&fleet)
+                .args(["--group", "site"]),
+        )
+        .stdout,
+    )
+    .unwrap();
+    let hosts = st["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{st}");
+    assert_eq!(hosts[0]["host"], "cam01");
+    assert_eq!(hosts[1]["host"], "cam02");
+    assert_eq!(
+        hosts[0]["install_dir"],
+        board.install_dir().display().to_string()
+    );
+    assert_eq!(hosts[0]["current"], Value::Null, "{st}");
+
+    // An existing output is kept unless --force.
+    let before = std::fs::read(&fleet).unwrap();
+    let err = run_err(&mut import());
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    std::fs::write(&ini, "[boards]\ncam01 ansible_port=ssh\n").unwrap();
+    let err = run_err(import().arg("--force"));
+    assert!(
+        err.contains(&format!(
+            "{}:2: ansible_port: `ssh` is not a port number",
+            ini.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&fleet).unwrap(),
+        before,
+        "a bad inventory writes nothing"
     );
 }

@@ -59,6 +59,14 @@ pub enum DeployError {
     },
     #[error("{}: {message}", path.display())]
     Inventory { path: PathBuf, message: String },
+    /// A line of an inventory file (an Ansible inventory being imported); the message names
+    /// the field.
+    #[error("{}:{line}: {message}", path.display())]
+    InventoryLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{}: {message}", path.display())]
     Local { path: PathBuf, message: String },
     #[error(transparent)]
@@ -118,20 +126,30 @@ impl HostConfig {
 }
 
 /// Settings a host may take from `[defaults]`, a group or its own table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub install_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub runner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub keep: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// An ssh_config file passed to ssh with `-F` (replaces ~/.ssh/config for this host).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ssh_config: Option<PathBuf>,
     /// Extra arguments for `edgepack-runtime serve` (for example `--threads 2`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_args: Option<Vec<String>>,
 }
 

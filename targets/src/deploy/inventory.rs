@@ -22,32 +22,66 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::host::{DeployError, HostConfig, Settings};
 
 /// A `[[hosts]]` entry. Its settings are spelled out (not flattened) so that serde can refuse
 /// a misspelled key, which `flatten` would silently drop.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct HostEntry {
-    name: Option<String>,
-    address: String,
-    #[serde(default)]
-    groups: Vec<String>,
-    user: Option<String>,
-    port: Option<u16>,
-    target: Option<String>,
-    install_dir: Option<String>,
-    runtime_port: Option<u16>,
-    runner: Option<String>,
-    keep: Option<usize>,
-    service: Option<String>,
-    ssh_config: Option<PathBuf>,
-    runtime_args: Option<Vec<String>>,
+pub(crate) struct HostEntry {
+    pub(crate) name: Option<String>,
+    pub(crate) address: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) groups: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) install_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) runtime_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) runner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) keep: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ssh_config: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) runtime_args: Option<Vec<String>>,
 }
 
 impl HostEntry {
+    /// An entry with `s` as its own settings.
+    pub(crate) fn with_settings(
+        name: Option<String>,
+        address: String,
+        groups: Vec<String>,
+        s: Settings,
+    ) -> HostEntry {
+        HostEntry {
+            name,
+            address,
+            groups,
+            user: s.user,
+            port: s.port,
+            target: s.target,
+            install_dir: s.install_dir,
+            runtime_port: s.runtime_port,
+            runner: s.runner,
+            keep: s.keep,
+            service: s.service,
+            ssh_config: s.ssh_config,
+            runtime_args: s.runtime_args,
+        }
+    }
+
     fn settings(&self) -> Settings {
         Settings {
             user: self.user.clone(),
@@ -64,15 +98,16 @@ impl HostEntry {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The fleet file; the Ansible import builds one and serializes it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct File {
+pub(crate) struct File {
     #[serde(default)]
-    defaults: Settings,
+    pub(crate) defaults: Settings,
     #[serde(default)]
-    groups: BTreeMap<String, Settings>,
+    pub(crate) groups: BTreeMap<String, Settings>,
     #[serde(default)]
-    hosts: Vec<HostEntry>,
+    pub(crate) hosts: Vec<HostEntry>,
 }
 
 /// Reads an inventory and resolves each host's settings. With `group`, only its members.

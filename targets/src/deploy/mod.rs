@@ -8,9 +8,10 @@
 //! → switch `current` with one rename → restart the runtime → `/health` and a smoke prompt
 //! through an SSH forward. The old release stays untouched until the switch and returns when
 //! the check fails. [`board`] holds the layout and the scripts, [`ssh`] the transport,
-//! [`health`] the checks, [`inventory`] the fleet file, [`rollout`] a fleet's canary wave,
-//! parallel waves and failure threshold.
+//! [`health`] the checks, [`inventory`] the fleet file, [`ansible`] its import from Ansible
+//! inventories, [`rollout`] a fleet's canary wave, parallel waves and failure threshold.
 
+pub mod ansible;
 pub mod board;
 pub mod health;
 mod host;
