@@ -887,7 +887,7 @@ async fn roll_back(
     l: &Layout,
     p: &Probe,
     signed: bool,
-    id: &String,
+    id: &str,
     previous: Option<&String>,
     reason: String,
     opts: &Options,
@@ -931,7 +931,7 @@ async fn roll_back(
     };
     Ok(DeployError::Unhealthy {
         host: h.name.clone(),
-        release: id.clone(),
+        release: id.to_string(),
         reason,
         after,
     })
