@@ -341,6 +341,27 @@ fn a_corrupted_upload_is_refused_before_switching_and_resent_next_time() {
     let id_a = release_id(&a);
     let pid = board.runtime_pid().unwrap();
 
+    // A bundle damaged on the workstation after it was made (one byte of its model): the
+    // deploy hashes each file as it sends it and names the local file, not the link.
+    let copy = tempfile::tempdir().unwrap();
+    let damaged = copy.path().join(BUNDLE);
+    run_ok(Command::new("cp").arg("-r").arg(&b).arg(&damaged));
+    let model = damaged.join("model/smollm2.gguf");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x01;
+    std::fs::write(&model, &bytes).unwrap();
+    let (out, err) = run_fail(&mut deploy(&sshd, &board, &damaged, port));
+    assert!(
+        err.contains("does not match the bundle's manifest"),
+        "{err}"
+    );
+    assert!(err.contains(&model.display().to_string()), "{err}");
+    assert_eq!(host_report(&out)["outcome"], "failed");
+    assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
+    assert_eq!(board.runtime_pid(), Some(pid));
+    drop(copy);
+
     // What a failing disk leaves behind: B's model complete in size, wrong in content.
     let model = b.join("model/smollm2.gguf");
     let bad = board

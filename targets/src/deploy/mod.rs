@@ -88,7 +88,9 @@ pub struct LocalBundle {
     trusted_key: Option<VerifyingKey>,
     /// The bundle's folder; `None` for an archive not unpacked yet.
     folder: Option<PathBuf>,
-    /// The verified folder, once asked for.
+    /// The folder holding the files (an archive unpacked), once asked for.
+    files_at: std::sync::OnceLock<Result<PathBuf, String>>,
+    /// The same folder with every file verified, once asked for.
     local: std::sync::OnceLock<Result<PathBuf, String>>,
     /// Where an archive was unpacked; removed with the bundle.
     unpacked: std::sync::Mutex<Option<tempfile::TempDir>>,
@@ -189,37 +191,49 @@ fn local_bundle(
         trusted_key_pem,
         trusted_key,
         folder,
+        files_at: std::sync::OnceLock::new(),
         local: std::sync::OnceLock::new(),
         unpacked: std::sync::Mutex::new(None),
     }
 }
 
-impl LocalBundle {
-    /// The bundle's folder with every file verified against the manifest (an archive is
-    /// unpacked first), done once; the manifest must still be the one the release id names.
-    pub fn local_dir(&self) -> Result<&Path, DeployError> {
-        let r = self
-            .local
-            .get_or_init(|| self.materialize().map_err(|e| e.to_string()));
-        match r {
-            Ok(p) => Ok(p),
-            Err(message) => Err(DeployError::Local {
-                path: self.source.clone(),
-                message: message.clone(),
-            }),
-        }
+fn cached<'a>(
+    cell: &'a std::sync::OnceLock<Result<PathBuf, String>>,
+    source: &Path,
+    make: impl FnOnce() -> Result<PathBuf, DeployError>,
+) -> Result<&'a Path, DeployError> {
+    match cell.get_or_init(|| make().map_err(|e| e.to_string())) {
+        Ok(p) => Ok(p),
+        Err(message) => Err(DeployError::Local {
+            path: source.to_path_buf(),
+            message: message.clone(),
+        }),
     }
+}
 
-    fn materialize(&self) -> Result<PathBuf, DeployError> {
-        let dir = match &self.folder {
-            Some(d) => d.clone(),
+impl LocalBundle {
+    /// The folder holding the bundle's files: the folder itself, or the archive unpacked
+    /// (once), not hashed. A deploy hashes each file as it sends it.
+    pub fn files_dir(&self) -> Result<&Path, DeployError> {
+        cached(&self.files_at, &self.source, || match &self.folder {
+            Some(d) => Ok(d.clone()),
             None => {
                 let tmp = unpack_dir(&self.source)?;
                 let d = bundle::unpack(&self.source, tmp.path())?;
                 *self.unpacked.lock().expect("unpacked lock") = Some(tmp);
-                d
+                Ok(d)
             }
-        };
+        })
+    }
+
+    /// The bundle's folder with every file verified against the manifest (an archive is
+    /// unpacked first), done once; the manifest must still be the one the release id names.
+    pub fn local_dir(&self) -> Result<&Path, DeployError> {
+        cached(&self.local, &self.source, || self.materialize())
+    }
+
+    fn materialize(&self) -> Result<PathBuf, DeployError> {
+        let dir = self.files_dir()?.to_path_buf();
         bundle::verify_dir(&dir, self.trusted_key.as_ref())?;
         let (_, sha) = bundle::file_digest(&dir.join(MANIFEST))?;
         let want = self.files.iter().find(|f| f.path == MANIFEST);
@@ -962,8 +976,10 @@ async fn upload(
         None => !held.contains_key(f.sha256.as_str()),
     });
     let dir = if needs_local {
-        progress.stage("reading the bundle");
-        tokio::task::block_in_place(|| b.local_dir())?.to_path_buf()
+        if b.folder.is_none() {
+            progress.stage("unpacking the bundle");
+        }
+        tokio::task::block_in_place(|| b.files_dir())?.to_path_buf()
     } else {
         PathBuf::new()
     };
@@ -1069,6 +1085,25 @@ async fn upload(
         let mut out = up.stdout.lines();
         let (sha, size) = (out.next().unwrap_or("").trim(), out.next().unwrap_or(""));
         let size: Option<u64> = size.trim().parse().ok();
+        // The local file was hashed as it was read: one that does not match the (signed)
+        // manifest is the bundle's fault, not the link's.
+        if (offset == 0 && up.sha256 != f.sha256) || up.file_bytes != f.size - offset {
+            c.sh(
+                "removing a bad upload",
+                &format!("rm -f {}", quote(&remote)),
+            )
+            .await?;
+            return Err(DeployError::Local {
+                path: local.clone(),
+                message: format!(
+                    "does not match the bundle's manifest (read {} bytes with sha256 {}; the manifest lists {} bytes with {}); the bundle is damaged or changed, nothing was switched",
+                    up.file_bytes + offset,
+                    up.sha256,
+                    f.size,
+                    f.sha256
+                ),
+            });
+        }
         if size != Some(f.size) || (offset == 0 && sha != f.sha256) {
             c.sh(
                 "removing a damaged upload",

@@ -28,6 +28,8 @@ pub struct Uploaded {
     pub file_bytes: u64,
     /// Bytes written into the channel (after compression).
     pub channel_bytes: u64,
+    /// sha256 of the file bytes read and sent (from the offset on).
+    pub sha256: String,
     pub stdout: String,
 }
 
@@ -266,6 +268,7 @@ impl Conn {
         let started = Instant::now();
         let mut sent = 0u64;
         let mut channel = 0u64;
+        let mut hash = <sha2::Sha256 as sha2::Digest>::new();
         let mut encoder = if compress {
             Some(
                 zstd::stream::write::Encoder::new(Vec::with_capacity(CHUNK), ZSTD_LEVEL)
@@ -287,6 +290,7 @@ impl Conn {
             if n == 0 {
                 break;
             }
+            sha2::Digest::update(&mut hash, &buf[..n]);
             match encoder.as_mut() {
                 Some(enc) => {
                     std::io::Write::write_all(enc, &buf[..n]).map_err(local_err)?;
@@ -333,6 +337,7 @@ impl Conn {
         Ok(Uploaded {
             file_bytes: sent,
             channel_bytes: channel,
+            sha256: hex::encode(sha2::Digest::finalize(hash)),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         })
     }
