@@ -971,6 +971,12 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<PathBuf, BundleError> {
                 }
             }
             let out = staging.join(rel);
+            // Bundles never need these bits; an archive asking for them is not one of ours.
+            if entry.header().mode().unwrap_or(0) & 0o7000 != 0 {
+                return Err(bad(format!(
+                    "`{raw}` asks for setuid, setgid or sticky bits; bundles hold plain files"
+                )));
+            }
             match entry.header().entry_type() {
                 tar::EntryType::Directory => {
                     fs::create_dir_all(&out).map_err(|e| BundleError::io(&out, e))?;

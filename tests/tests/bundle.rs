@@ -673,3 +673,89 @@ fn a_bundle_with_a_lora_holds_the_exporters_merged_gguf_and_the_adapter_hashes()
         .all(|p| p != "manifest.sig"));
     assert_eq!(verify_json(&dir, None)["signature"], "unsigned");
 }
+
+/// Archives an attacker could hand over, each built entry by entry with Python's tarfile
+/// (which writes any entry type and mode): each must be refused by `verify` naming the
+/// entry, and nothing may appear outside the folder it unpacks into.
+#[test]
+fn hostile_archive_entries_are_refused_by_name_and_nothing_lands_outside() {
+    let (w, dir) = copy_of_bundle();
+    let outside = w.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let victim = outside.join("victim.txt");
+    fs::write(&victim, b"untouched").unwrap();
+    // (case, entry the error must name, what the error must say)
+    let cases = [
+        ("symlink_in", "model/link", "Symlink"),
+        ("symlink_out", "model/link", "Symlink"),
+        ("hardlink", "model/hard", "Link"),
+        ("fifo", "model/fifo", "Fifo"),
+        ("chardev", "model/dev", "Char"),
+        ("setuid", "model/smollm2.gguf", "setuid"),
+        ("sticky_dir", "model", "setuid"),
+        ("duplicate", "model/smollm2.gguf", "twice"),
+        ("absolute", "(the victim's path)", "safe"),
+    ];
+    let script = r#"
+import io, sys, tarfile, os
+case, src, out, victim = sys.argv[1:5]
+top = os.path.basename(src)
+t = tarfile.open(out, "w", format=tarfile.GNU_FORMAT)
+def add_file(rel, mode=0o644):
+    data = open(os.path.join(src, rel), "rb").read()
+    i = tarfile.TarInfo(f"{top}/{rel}"); i.size = len(data); i.mode = mode
+    t.addfile(i, io.BytesIO(data))
+def add(name, kind, **kw):
+    i = tarfile.TarInfo(f"{top}/{name}"); i.type = kind
+    for k, v in kw.items(): setattr(i, k, v)
+    t.addfile(i)
+add_file("manifest.json")
+add_file("manifest.sig")
+d = tarfile.TarInfo(f"{top}/model"); d.type = tarfile.DIRTYPE
+d.mode = 0o1755 if case == "sticky_dir" else 0o755
+t.addfile(d)
+if case == "symlink_in": add("model/link", tarfile.SYMTYPE, linkname="../manifest.json")
+if case == "symlink_out": add("model/link", tarfile.SYMTYPE, linkname=victim)
+if case == "hardlink": add("model/hard", tarfile.LNKTYPE, linkname=victim)
+if case == "fifo": add("model/fifo", tarfile.FIFOTYPE)
+if case == "chardev": add("model/dev", tarfile.CHRTYPE, devmajor=1, devminor=3)
+if case == "absolute":
+    i = tarfile.TarInfo(victim); i.size = 4; t.addfile(i, io.BytesIO(b"evil"))
+add_file("model/smollm2.gguf", 0o4755 if case == "setuid" else 0o644)
+if case == "duplicate": add_file("model/smollm2.gguf")
+t.close()
+"#;
+    for (case, entry, says) in cases {
+        let tar_path = w.path().join(format!("{case}.tar"));
+        run_tool(
+            Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(case)
+                .arg(&dir)
+                .arg(&tar_path)
+                .arg(&victim),
+        );
+        run_tool(Command::new("zstd").args(["-q", "-f"]).arg(&tar_path));
+        let tmp = w.path().join(format!("tmp-{case}"));
+        fs::create_dir(&tmp).unwrap();
+        let err = run_err(
+            edgepack()
+                .arg("verify")
+                .arg(w.path().join(format!("{case}.tar.zst")))
+                .env("TMPDIR", &tmp),
+        );
+        let entry = match case {
+            "absolute" => victim.display().to_string(),
+            _ => entry.to_string(),
+        };
+        assert!(err.contains(&entry), "{case}: {err}");
+        assert!(err.contains(says), "{case}: {err}");
+        assert!(
+            fs::read_dir(&tmp).unwrap().next().is_none(),
+            "{case}: left in TMPDIR"
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched", "{case}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{case}");
+    }
+}
