@@ -175,8 +175,8 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
         "the running runtime was kept"
     );
 
-    // A new model, from its archive (unpacked and verified because files must be sent): the
-    // model is sent, the unchanged runtime binary is linked on the board.
+    // A new model, from its archive: the model is sent, the unchanged runtime binary is
+    // linked on the board.
     let b_archive = b.with_file_name(format!(
         "{}.tar.zst",
         b.file_name().unwrap().to_string_lossy()
@@ -184,6 +184,15 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
     let second = host_report(&run_ok(&mut deploy(&sshd, &board, &b_archive, port)));
     assert_eq!(second["outcome"], "deployed", "{second}");
     assert!(second["files_reused"].as_u64().unwrap() >= 1, "{second}");
+    // The archive was streamed as it decompressed, not unpacked on the workstation first.
+    assert!(
+        !second["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["stage"] == "unpacking the bundle"),
+        "{second}"
+    );
     let sent = second["bytes_sent"].as_u64().unwrap();
     assert!(
         sent < size_of(&b.join("model/smollm2.gguf")) + (4 << 20),

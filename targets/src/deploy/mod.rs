@@ -975,7 +975,16 @@ async fn upload(
         Some(n) => *n != f.size,
         None => !held.contains_key(f.sha256.as_str()),
     });
-    let dir = if needs_local {
+    // An archive is streamed as it decompresses, unless a partial upload must be compared
+    // with its file's start (then it is unpacked, as a resume is rare).
+    let partial = b.files.iter().any(|f| {
+        survey
+            .have
+            .get(&f.path)
+            .is_some_and(|n| *n > 0 && *n != f.size)
+    });
+    let stream_archive = b.folder.is_none() && !partial;
+    let dir = if needs_local && !stream_archive {
         if b.folder.is_none() {
             progress.stage("unpacking the bundle");
         }
@@ -1050,20 +1059,86 @@ async fn upload(
     }
     // Files the board hashed as they arrived, whole and matching: no second read needed.
     let mut hashed = BTreeSet::new();
+    let mut sends: Vec<(&FileEntry, PathBuf, u64)> = Vec::new();
     for (f, local, plan) in plans {
+        match plan {
+            Plan::Present => r.files_present += 1,
+            Plan::Reuse(_) => r.files_reused += 1,
+            Plan::Resume(n) => sends.push((f, local, n)),
+            Plan::Send => sends.push((f, local, 0)),
+        }
+    }
+    if stream_archive && !sends.is_empty() {
+        // Each file goes out as the archive is decompressed, in the archive's order.
+        let wanted: BTreeMap<String, &FileEntry> =
+            sends.iter().map(|(f, _, _)| (f.path.clone(), *f)).collect();
+        let names: BTreeSet<String> = wanted.keys().cloned().collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let archive = b.source.clone();
+        let reader = tokio::task::spawn_blocking(move || read_archive_files(&archive, &names, tx));
+        let mut done = 0;
+        while let Some(msg) = rx.recv().await {
+            let path = match msg {
+                ssh::Chunk::Start(p) => p,
+                ssh::Chunk::Failed(message) => {
+                    return Err(DeployError::Local {
+                        path: b.source.clone(),
+                        message,
+                    })
+                }
+                _ => continue,
+            };
+            let Some(f) = wanted.get(&path).copied() else {
+                continue;
+            };
+            let first = match rx.recv().await {
+                Some(ssh::Chunk::Data(d)) => d,
+                Some(ssh::Chunk::Failed(message)) => {
+                    return Err(DeployError::Local {
+                        path: b.source.clone(),
+                        message,
+                    })
+                }
+                _ => Vec::new(),
+            };
+            let zstd = survey.probe.zstd && sample_compresses(&first);
+            let remote = format!("{incoming}/{}", f.path);
+            let name = b.source.join(&f.path);
+            let up = c
+                .upload_chunks(
+                    &name,
+                    &mut rx,
+                    first,
+                    &l.append(&remote, zstd),
+                    zstd,
+                    opts.limit_rate,
+                    &advance,
+                )
+                .await?;
+            if check_upload(c, r, f, &remote, &name, 0, up).await? {
+                hashed.insert(f.path.clone());
+            }
+            done += 1;
+        }
+        if let Ok(Err(message)) = reader.await {
+            return Err(DeployError::Local {
+                path: b.source.clone(),
+                message,
+            });
+        }
+        if done != wanted.len() {
+            return Err(DeployError::Local {
+                path: b.source.clone(),
+                message: format!(
+                    "holds {done} of the {} files its manifest lists and the board lacks",
+                    wanted.len()
+                ),
+            });
+        }
+        return Ok(hashed);
+    }
+    for (f, local, offset) in sends {
         let remote = format!("{incoming}/{}", f.path);
-        let offset = match plan {
-            Plan::Present => {
-                r.files_present += 1;
-                continue;
-            }
-            Plan::Reuse(_) => {
-                r.files_reused += 1;
-                continue;
-            }
-            Plan::Resume(n) => n,
-            Plan::Send => 0,
-        };
         let zstd = survey.probe.zstd && compressible(&local)?;
         let up = c
             .upload(
@@ -1075,58 +1150,149 @@ async fn upload(
                 &advance,
             )
             .await?;
-        r.bytes_sent += up.file_bytes;
-        r.channel_bytes += up.channel_bytes;
-        if offset > 0 {
-            r.files_resumed += 1;
-        } else {
-            r.files_sent += 1;
-        }
-        let mut out = up.stdout.lines();
-        let (sha, size) = (out.next().unwrap_or("").trim(), out.next().unwrap_or(""));
-        let size: Option<u64> = size.trim().parse().ok();
-        // The local file was hashed as it was read: one that does not match the (signed)
-        // manifest is the bundle's fault, not the link's.
-        if (offset == 0 && up.sha256 != f.sha256) || up.file_bytes != f.size - offset {
-            c.sh(
-                "removing a bad upload",
-                &format!("rm -f {}", quote(&remote)),
-            )
-            .await?;
-            return Err(DeployError::Local {
-                path: local.clone(),
-                message: format!(
-                    "does not match the bundle's manifest (read {} bytes with sha256 {}; the manifest lists {} bytes with {}); the bundle is damaged or changed, nothing was switched",
-                    up.file_bytes + offset,
-                    up.sha256,
-                    f.size,
-                    f.sha256
-                ),
-            });
-        }
-        if size != Some(f.size) || (offset == 0 && sha != f.sha256) {
-            c.sh(
-                "removing a damaged upload",
-                &format!("rm -f {}", quote(&remote)),
-            )
-            .await?;
-            return Err(DeployError::Corrupted {
-                host: r.host.clone(),
-                kept: r.previous.clone().unwrap_or_else(|| "no release".to_string()),
-                detail: format!(
-                    "{}: FAILED (the board wrote {} bytes with sha256 {sha}; the bundle has {} bytes with {})",
-                    f.path,
-                    size.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string()),
-                    f.size,
-                    f.sha256
-                ),
-            });
-        }
-        if offset == 0 {
+        if check_upload(c, r, f, &remote, &local, offset, up).await? {
             hashed.insert(f.path.clone());
         }
     }
     Ok(hashed)
+}
+
+/// Checks one upload: the bytes read locally against the manifest (a mismatch is the
+/// bundle's fault), then what the board wrote (a mismatch is the link's or the board's).
+/// Either removes the file on the board and fails. True when the board hashed the whole
+/// file as it arrived.
+async fn check_upload(
+    c: &Conn,
+    r: &mut HostReport,
+    f: &FileEntry,
+    remote: &str,
+    local: &Path,
+    offset: u64,
+    up: ssh::Uploaded,
+) -> Result<bool, DeployError> {
+    r.bytes_sent += up.file_bytes;
+    r.channel_bytes += up.channel_bytes;
+    if offset > 0 {
+        r.files_resumed += 1;
+    } else {
+        r.files_sent += 1;
+    }
+    let mut out = up.stdout.lines();
+    let (sha, size) = (out.next().unwrap_or("").trim(), out.next().unwrap_or(""));
+    let size: Option<u64> = size.trim().parse().ok();
+    // The local file was hashed as it was read: one that does not match the (signed)
+    // manifest is the bundle's fault, not the link's.
+    if (offset == 0 && up.sha256 != f.sha256) || up.file_bytes != f.size - offset {
+        c.sh("removing a bad upload", &format!("rm -f {}", quote(remote)))
+            .await?;
+        return Err(DeployError::Local {
+            path: local.to_path_buf(),
+            message: format!(
+                "does not match the bundle's manifest (read {} bytes with sha256 {}; the manifest lists {} bytes with {}); the bundle is damaged or changed, nothing was switched",
+                up.file_bytes + offset,
+                up.sha256,
+                f.size,
+                f.sha256
+            ),
+        });
+    }
+    if size != Some(f.size) || (offset == 0 && sha != f.sha256) {
+        c.sh(
+            "removing a damaged upload",
+            &format!("rm -f {}", quote(remote)),
+        )
+        .await?;
+        return Err(DeployError::Corrupted {
+            host: r.host.clone(),
+            kept: r.previous.clone().unwrap_or_else(|| "no release".to_string()),
+            detail: format!(
+                "{}: FAILED (the board wrote {} bytes with sha256 {sha}; the bundle has {} bytes with {})",
+                f.path,
+                size.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string()),
+                f.size,
+                f.sha256
+            ),
+        });
+    }
+    Ok(offset == 0)
+}
+
+/// Bytes of each message when a file is read out of an archive.
+const ARCHIVE_CHUNK: usize = 1 << 20;
+
+/// Reads the files `wanted` (paths inside the bundle) out of a bundle archive in its order
+/// and sends each as Start, Data..., End; other entries are skipped. Stops when the
+/// receiver is gone. Errors come back as the result and as a `Failed` message.
+fn read_archive_files(
+    archive: &Path,
+    wanted: &BTreeSet<String>,
+    tx: tokio::sync::mpsc::Sender<ssh::Chunk>,
+) -> Result<(), String> {
+    use std::io::Read;
+    let res = (|| -> Result<(), String> {
+        let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
+        let dec = zstd::Decoder::new(file).map_err(|e| e.to_string())?;
+        let mut tar = tar::Archive::new(dec);
+        for entry in tar
+            .entries()
+            .map_err(|e| format!("not a tar.zst archive: {e}"))?
+        {
+            let mut entry = entry.map_err(|e| format!("not a tar.zst archive: {e}"))?;
+            let raw = entry
+                .path()
+                .map_err(|e| format!("entry path: {e}"))?
+                .to_string_lossy()
+                .into_owned();
+            let Some((_, inner)) = raw.split_once('/') else {
+                continue;
+            };
+            if !wanted.contains(inner) || entry.header().entry_type() != tar::EntryType::Regular {
+                continue;
+            }
+            if tx
+                .blocking_send(ssh::Chunk::Start(inner.to_string()))
+                .is_err()
+            {
+                return Ok(());
+            }
+            loop {
+                let mut buf = vec![0u8; ARCHIVE_CHUNK];
+                let mut n = 0;
+                while n < buf.len() {
+                    let k = entry
+                        .read(&mut buf[n..])
+                        .map_err(|e| format!("`{raw}`: {e}"))?;
+                    if k == 0 {
+                        break;
+                    }
+                    n += k;
+                }
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                if tx.blocking_send(ssh::Chunk::Data(buf)).is_err() {
+                    return Ok(());
+                }
+            }
+            if tx.blocking_send(ssh::Chunk::End).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    })();
+    if let Err(m) = &res {
+        let _ = tx.blocking_send(ssh::Chunk::Failed(m.clone()));
+    }
+    res
+}
+
+/// True when zstd shrinks `sample` by more than 15% (see [`compressible`]).
+fn sample_compresses(sample: &[u8]) -> bool {
+    sample.len() >= 64 * 1024
+        && zstd::bulk::compress(sample, 1)
+            .map(|p| (p.len() as f64) < 0.85 * sample.len() as f64)
+            .unwrap_or(false)
 }
 
 /// Bytes sampled to decide whether a file is worth compressing on the wire.
@@ -1141,18 +1307,13 @@ fn compressible(path: &Path) -> Result<bool, DeployError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let mut f = std::fs::File::open(path).map_err(err)?;
-    let len = f.metadata().map_err(err)?.len();
-    if len < 64 * 1024 {
-        return Ok(false);
-    }
     let mut sample = Vec::with_capacity(SAMPLE);
-    (&mut f)
+    std::fs::File::open(path)
+        .map_err(err)?
         .take(SAMPLE as u64)
         .read_to_end(&mut sample)
         .map_err(err)?;
-    let packed = zstd::bulk::compress(&sample, 1).map_err(err)?;
-    Ok((packed.len() as f64) < 0.85 * sample.len() as f64)
+    Ok(sample_compresses(&sample))
 }
 
 /// `sha256sum -c` on the board of every file of the incoming release that was not hashed as

@@ -22,6 +22,25 @@ const CHUNK: usize = 256 * 1024;
 /// zstd level of compressed uploads: level 1 compresses faster than a gigabit link carries.
 const ZSTD_LEVEL: i32 = 1;
 
+/// One message of an archive read for upload: a file's start (its path in the bundle), its
+/// bytes, its end, or why reading failed.
+pub enum Chunk {
+    Start(String),
+    Data(Vec<u8>),
+    End,
+    Failed(String),
+}
+
+/// Where an upload's bytes come from.
+enum Source<'a> {
+    File(tokio::fs::File, Vec<u8>),
+    Chunks {
+        rx: &'a mut tokio::sync::mpsc::Receiver<Chunk>,
+        pending: Option<Vec<u8>>,
+        current: Vec<u8>,
+    },
+}
+
 /// What one upload sent and what the board's script printed.
 pub struct Uploaded {
     /// Bytes of the file sent (from the offset on).
@@ -252,6 +271,47 @@ impl Conn {
         f.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(local_err)?;
+        let source = Source::File(f, vec![0u8; CHUNK]);
+        self.send(local, source, script, compress, limit, advance)
+            .await
+    }
+
+    /// Streams one file's chunks from `rx` (until [`Chunk::End`]) into `script`, as
+    /// [`upload`](Self::upload) does from a file: a file read out of an archive as it is
+    /// decompressed, never written to the workstation's disk.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_chunks(
+        &self,
+        name: &Path,
+        rx: &mut tokio::sync::mpsc::Receiver<Chunk>,
+        first: Vec<u8>,
+        script: &str,
+        compress: bool,
+        limit: Option<u64>,
+        advance: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Uploaded, DeployError> {
+        let source = Source::Chunks {
+            rx,
+            pending: Some(first),
+            current: Vec::new(),
+        };
+        self.send(name, source, script, compress, limit, advance)
+            .await
+    }
+
+    async fn send(
+        &self,
+        local: &Path,
+        mut source: Source<'_>,
+        script: &str,
+        compress: bool,
+        limit: Option<u64>,
+        advance: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Uploaded, DeployError> {
+        let local_err = |e: std::io::Error| DeployError::Local {
+            path: local.to_path_buf(),
+            message: e.to_string(),
+        };
         let mut child = self
             .session
             .command("sh")
@@ -264,7 +324,6 @@ impl Conn {
             .await
             .map_err(|e| self.ssh_error("upload", e))?;
         let mut stdin = child.stdin().take().expect("stdin was piped");
-        let mut buf = vec![0u8; CHUNK];
         let started = Instant::now();
         let mut sent = 0u64;
         let mut channel = 0u64;
@@ -286,7 +345,45 @@ impl Conn {
             ),
         };
         loop {
-            let n = f.read(&mut buf).await.map_err(local_err)?;
+            let buf: &[u8] = match &mut source {
+                Source::File(f, buf) => {
+                    let n = f.read(buf).await.map_err(local_err)?;
+                    &buf[..n]
+                }
+                Source::Chunks {
+                    rx,
+                    pending,
+                    current,
+                } => {
+                    *current = match pending.take() {
+                        Some(b) => b,
+                        None => match rx.recv().await {
+                            Some(Chunk::Data(b)) => b,
+                            Some(Chunk::End) => Vec::new(),
+                            Some(Chunk::Failed(message)) => {
+                                return Err(DeployError::Local {
+                                    path: local.to_path_buf(),
+                                    message,
+                                })
+                            }
+                            Some(Chunk::Start(p)) => {
+                                return Err(DeployError::Local {
+                                    path: local.to_path_buf(),
+                                    message: format!("the archive went on to {p} mid-file"),
+                                })
+                            }
+                            None => {
+                                return Err(DeployError::Local {
+                                    path: local.to_path_buf(),
+                                    message: "the archive reader stopped".into(),
+                                })
+                            }
+                        },
+                    };
+                    current
+                }
+            };
+            let n = buf.len();
             if n == 0 {
                 break;
             }
