@@ -232,15 +232,20 @@ impl Forward for LlamaForward<'_> {
     }
 
     fn forward(&mut self, tokens: &[i32]) -> Result<&[f32], EngineError> {
-        self.batch.clear();
-        for (i, &tok) in tokens.iter().enumerate() {
-            let last = i + 1 == tokens.len();
-            self.batch
-                .add(LlamaToken(tok), self.pos + i as i32, &[0], last)
-                .map_err(decode_err)?;
+        // The context's batch can be smaller than the prompt batch (a context under 512
+        // tokens): calls of at most its size, logits of the last token only.
+        let cap = (self.ctx.n_batch() as usize).max(1);
+        for chunk in tokens.chunks(cap) {
+            self.batch.clear();
+            for (i, &tok) in chunk.iter().enumerate() {
+                let last = i + 1 == chunk.len();
+                self.batch
+                    .add(LlamaToken(tok), self.pos + i as i32, &[0], last)
+                    .map_err(decode_err)?;
+            }
+            self.ctx.decode(&mut self.batch).map_err(decode_err)?;
+            self.pos += chunk.len() as i32;
         }
-        self.ctx.decode(&mut self.batch).map_err(decode_err)?;
-        self.pos += tokens.len() as i32;
         Ok(self.ctx.get_logits_ith(self.batch.n_tokens() - 1))
     }
 }
