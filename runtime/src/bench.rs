@@ -63,6 +63,7 @@ fn request(tokens: Vec<i32>, gen_tokens: u32) -> GenRequest {
         top_p: 1.0,
         seed: 0,
         stop: vec![],
+        truncate: false,
         ignore_eos: true,
         stream: false,
     }

@@ -4,6 +4,7 @@
 //! `edgepack-targets`, the model runs in llama.cpp (`llama-cpp-2`, linked in) or ONNX Runtime
 //! (`ort`, loaded at run time), and the HTTP API is axum.
 
+pub mod auth;
 pub mod bench;
 pub mod bundle;
 pub mod engine;

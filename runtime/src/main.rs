@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use edgepack_runtime::auth::ApiKey;
 use edgepack_runtime::bench::{self, BenchConfig};
 use edgepack_runtime::bundle::{self, DelegateChoice};
 use edgepack_runtime::engine::{Engine, EngineConfig};
@@ -23,7 +24,7 @@ const DEFAULT_CTX_SIZE: u32 = 2048;
     name = "edgepack-runtime",
     version,
     about = "Serve or bench an edgepack bundle: verify it, load the model with llama.cpp (GGUF), ONNX Runtime (ONNX) or LiteRT (TFLite), answer an OpenAI-compatible HTTP API",
-    after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --host 0.0.0.0 --port 8080\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --json"
+    after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --host 0.0.0.0 --port 8080 --api-key-file /etc/edgepack/api-key\n  edgepack-runtime bench --bundle /opt/edgepack/current --prompt-sizes 32,128,512 --json"
 )]
 struct Cli {
     /// Print machine-readable JSON on stdout.
@@ -38,7 +39,7 @@ enum Command {
     /// Verify the bundle, load its model, and serve /v1/chat/completions, /v1/completions,
     /// /v1/models, /health and /metrics.
     #[command(
-        after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080\n  curl -s localhost:8080/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'"
+        after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080 --api-key-file /etc/edgepack/api-key --queue-depth 8\n  curl -s localhost:8080/v1/chat/completions -H \"Authorization: Bearer $(cat /etc/edgepack/api-key)\" -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'\n\nThe API key file holds one token (no whitespace inside) and must not be readable by every user (chmod 600). Without --api-key-file anyone who reaches the port may use it: keep the default loopback --host, or set a key before serving 0.0.0.0."
     )]
     Serve {
         #[command(flatten)]
@@ -84,6 +85,14 @@ struct ServeLimits {
     /// Largest request body in bytes; larger ones are answered 413 unread.
     #[arg(long, default_value_t = 256 * 1024)]
     max_body: usize,
+    /// Generation requests that may wait while the engine answers one; more are answered
+    /// 503 with Retry-After and counted in /metrics (requests_rejected_total{reason="queue_full"}).
+    #[arg(long, default_value_t = server::DEFAULT_QUEUE_DEPTH)]
+    queue_depth: usize,
+    /// A file holding a bearer token: every endpoint but /health then answers 401 without
+    /// `Authorization: Bearer <token>`. The file must not be readable by every user.
+    #[arg(long, value_name = "FILE", env = "EDGEPACK_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -284,6 +293,12 @@ fn serve(model: &ModelArgs, host: &str, port: u16, limits: &ServeLimits, json: b
     if limits.max_connections == Some(0) {
         bail!("--max-connections must be at least 1");
     }
+    let api_key = match &limits.api_key_file {
+        Some(path) => {
+            Some(ApiKey::from_file(path).map_err(|e| anyhow::anyhow!("--api-key-file {e}"))?)
+        }
+        None => None,
+    };
     let fd_limit = listen::raise_fd_limit();
     let conn_limits = listen::Limits {
         max_connections: limits
@@ -314,7 +329,10 @@ fn serve(model: &ModelArgs, host: &str, port: u16, limits: &ServeLimits, json: b
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
-        let state = Arc::new(AppState::new(model_id.clone()));
+        let mut state = AppState::new(model_id.clone());
+        state.queue_depth = limits.queue_depth;
+        state.api_key = api_key;
+        let state = Arc::new(state);
         if json {
             println!(
                 "{}",
@@ -367,6 +385,8 @@ fn serve(model: &ModelArgs, host: &str, port: u16, limits: &ServeLimits, json: b
             }
         };
         tracing::info!(
+            queue_depth = limits.queue_depth,
+            api_key = limits.api_key_file.is_some(),
             max_connections = conn_limits.max_connections,
             header_timeout_s = conn_limits.header_timeout.as_secs(),
             fd_limit = ?fd_limit,

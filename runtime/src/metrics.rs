@@ -1,12 +1,13 @@
 //! Request metrics in the Prometheus text exposition format (version 0.0.4).
 //!
-//! Counters for requests and tokens, a histogram of time to first token, and the decode speed
-//! of the last request: what an operator watches on a board.
+//! Counters for requests and tokens, a histogram of time to first token, the decode speed of
+//! the last request, the queue (waiting, running, refused, cancelled): what an operator
+//! watches on a board.
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-use crate::engine::{GenStats, ModelInfo};
+use crate::engine::{GenStats, LoadCounts, ModelInfo};
 
 /// Upper bounds (seconds) of the time-to-first-token histogram: a small model on a fast core
 /// answers in tens of milliseconds, a long prompt on a Cortex-A53 takes seconds.
@@ -27,6 +28,8 @@ struct Inner {
     last_decode_tps: f64,
     guarded: u64,
     answered_with_kb: u64,
+    rejected_queue_full: u64,
+    rejected_unauthorized: u64,
     retrieval: Histogram<{ RETRIEVAL_BUCKETS.len() }>,
 }
 
@@ -85,6 +88,15 @@ pub enum Retrieved {
     Answered,
 }
 
+/// Why a request was answered without reaching the engine.
+#[derive(Debug, Clone, Copy)]
+pub enum Rejected {
+    /// 503: the queue held `--queue-depth` waiting requests.
+    QueueFull,
+    /// 401: no API key or the wrong one.
+    Unauthorized,
+}
+
 /// Shared between the HTTP handlers.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -121,6 +133,14 @@ impl Metrics {
             .observe(latency.as_secs_f64(), &RETRIEVAL_BUCKETS);
     }
 
+    pub fn record_rejection(&self, why: Rejected) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Rejected::QueueFull => m.rejected_queue_full += 1,
+            Rejected::Unauthorized => m.rejected_unauthorized += 1,
+        }
+    }
+
     pub fn record_failure(&self) {
         self.inner
             .lock()
@@ -128,10 +148,17 @@ impl Metrics {
             .requests_failed += 1;
     }
 
-    /// The exposition text; `info` (once the model is loaded) adds which engine, library
-    /// version and delegate run it; `retrieval` (a bundle with a knowledge base) adds the
-    /// guard's counts and the retrieval latency.
-    pub fn render(&self, model: &str, info: Option<&ModelInfo>, retrieval: bool) -> String {
+    /// The exposition text; `engine` (once the model is loaded) adds which engine, library
+    /// version and delegate run it and its queue; `retrieval` (a bundle with a knowledge
+    /// base) adds the guard's counts and the retrieval latency.
+    pub fn render(
+        &self,
+        model: &str,
+        engine: Option<(&ModelInfo, LoadCounts)>,
+        retrieval: bool,
+    ) -> String {
+        let info = engine.map(|(i, _)| i);
+        let load = engine.map(|(_, l)| l);
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let label = format!("model=\"{}\"", escape(model));
         let mut out = String::new();
@@ -184,6 +211,47 @@ impl Metrics {
                 ),
             ],
         );
+        metric(
+            "edgepack_requests_rejected_total",
+            "counter",
+            "Requests answered without reaching the engine: queue_full (503, the queue held --queue-depth waiting requests), unauthorized (401, no or a wrong API key).",
+            &[
+                (
+                    format!("{{{label},reason=\"queue_full\"}}"),
+                    m.rejected_queue_full.to_string(),
+                ),
+                (
+                    format!("{{{label},reason=\"unauthorized\"}}"),
+                    m.rejected_unauthorized.to_string(),
+                ),
+            ],
+        );
+        if let Some(l) = load {
+            metric(
+                "edgepack_requests_cancelled_total",
+                "counter",
+                "Generations stopped because their client went away (at the next token, or before they started).",
+                &[(format!("{{{label}}}"), l.cancelled.to_string())],
+            );
+            metric(
+                "edgepack_cancelled_completion_tokens_total",
+                "counter",
+                "Tokens generated for requests whose client went away before the end.",
+                &[(format!("{{{label}}}"), l.cancelled_tokens.to_string())],
+            );
+            metric(
+                "edgepack_requests_waiting",
+                "gauge",
+                "Generation requests queued for the engine.",
+                &[(format!("{{{label}}}"), l.waiting.to_string())],
+            );
+            metric(
+                "edgepack_requests_running",
+                "gauge",
+                "Generation requests the engine is working on.",
+                &[(format!("{{{label}}}"), l.running.to_string())],
+            );
+        }
         metric(
             "edgepack_connections_refused_total",
             "counter",

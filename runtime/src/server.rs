@@ -2,7 +2,11 @@
 //! streaming), `/v1/models`, `/health` and `/metrics`.
 //!
 //! `/health` follows llama-server: 503 while the model loads, 200 once it answers, so a
-//! deploy's health check waits for readiness rather than liveness.
+//! deploy's health check waits for readiness rather than liveness. It never needs the API
+//! key and never queues.
+//!
+//! Generation requests queue for the engine up to the queue depth; beyond it they are
+//! answered 503 with `Retry-After` at once, before their prompt is tokenized.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,8 +14,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,8 +25,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::engine::{ChatMessage, Engine, EngineError, GenEvent, GenRequest, GenStats, Prompt};
-use crate::metrics::{Metrics, Retrieved};
+use crate::auth::ApiKey;
+use crate::engine::{
+    ChatMessage, Engine, EngineError, GenEvent, GenRequest, GenStats, Prompt, QueueFull,
+};
+use crate::metrics::{Metrics, Rejected, Retrieved};
 use crate::rag::{Decision, Retrieval};
 
 /// OpenAI's default `max_tokens` is "until the context is full"; on a board that can mean
@@ -30,6 +38,13 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// OpenAI's documented defaults for sampling.
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
 pub const DEFAULT_TOP_P: f32 = 1.0;
+/// Requests that may wait for the engine while it generates, when none is asked for: a
+/// board answers one at a time, and a client at the back of a queue of 16 short answers
+/// still hears back within a couple of minutes on a Cortex-A53.
+pub const DEFAULT_QUEUE_DEPTH: usize = 16;
+/// `Retry-After` seconds before any request has finished, and the most ever suggested.
+const RETRY_AFTER_MIN_S: u64 = 1;
+const RETRY_AFTER_MAX_S: u64 = 60;
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -41,6 +56,10 @@ pub struct AppState {
     /// The bundle's knowledge base, set before the engine when the bundle has one.
     pub retrieval: OnceLock<Arc<Retrieval>>,
     pub metrics: Metrics,
+    /// Generation requests that may wait while the engine runs one; more are answered 503.
+    pub queue_depth: usize,
+    /// The bearer token every endpoint but `/health` requires, when one is set.
+    pub api_key: Option<ApiKey>,
     next_id: AtomicU64,
 }
 
@@ -51,6 +70,8 @@ impl AppState {
             engine: OnceLock::new(),
             retrieval: OnceLock::new(),
             metrics: Metrics::default(),
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            api_key: None,
             next_id: AtomicU64::new(1),
         }
     }
@@ -67,7 +88,57 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
+}
+
+/// Refuses requests without the API key (when one is set) before their body is read; only
+/// `/health` answers anyone.
+async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let open = matches!(req.uri().path(), "/health" | "/v1/health");
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if !open && !key.accepts(given) {
+            st.metrics.record_rejection(Rejected::Unauthorized);
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "this server needs an API key: send Authorization: Bearer <key>",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+/// The answer to a request the queue has no room for: 503 with a `Retry-After` of about
+/// one request's time on the engine (when the one running now should be done).
+fn queue_full(st: &AppState, engine: &Engine, full: QueueFull) -> Response {
+    st.metrics.record_rejection(Rejected::QueueFull);
+    let retry = engine
+        .load_counts()
+        .mean_request_time()
+        .map_or(RETRY_AFTER_MIN_S, |d| d.as_secs_f64().ceil() as u64)
+        .clamp(RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S);
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable_error",
+        format!(
+            "the server is busy: {} requests already wait (--queue-depth {}); retry after {retry} s",
+            full.waiting, st.queue_depth
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    r
 }
 
 fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
@@ -136,7 +207,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(
             &st.model_id,
-            st.engine.get().map(|e| &e.info),
+            st.engine.get().map(|e| (&e.info, e.load_counts())),
             st.retrieval.get().is_some(),
         ),
     )
@@ -199,13 +270,15 @@ struct Sampling {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Drop the prompt's oldest part when it leaves too little room in the context.
+    #[serde(default)]
+    truncate: bool,
 }
 
+/// A chat request's own field; the sampling fields are read from the same body.
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
     messages: Vec<Message>,
-    #[serde(flatten)]
-    sampling: Sampling,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,11 +288,10 @@ enum PromptField {
     Many(Vec<String>),
 }
 
+/// A completion request's own field; the sampling fields are read from the same body.
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: PromptField,
-    #[serde(flatten)]
-    sampling: Sampling,
 }
 
 impl Sampling {
@@ -252,6 +324,7 @@ impl Sampling {
                 Some(Stop::One(s)) => vec![s.clone()],
                 Some(Stop::Many(v)) => v.clone(),
             },
+            truncate: self.truncate,
             ignore_eos: false,
             stream: self.stream,
         })
@@ -264,8 +337,26 @@ impl Sampling {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+/// A request body: `T` (the endpoint's own fields) and the sampling fields, each error naming
+/// the field it is about (`max_tokens: invalid type: string "8", expected u32`).
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Sampling), String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
+    if !value.is_object() {
+        return Err("invalid request body: not a JSON object".into());
+    }
+    let field = |e: serde_path_to_error::Error<serde_json::Error>| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("invalid request body: {inner}")
+        } else {
+            format!("{path}: {inner}")
+        }
+    };
+    let own = serde_path_to_error::deserialize(&value).map_err(field)?;
+    let sampling = serde_path_to_error::deserialize(&value).map_err(field)?;
+    Ok((own, sampling))
 }
 
 fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, String> {
@@ -379,7 +470,7 @@ impl Api {
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let req: ChatRequest = match parse(&body) {
+    let (req, sampling): (ChatRequest, Sampling) = match parse(&body) {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
@@ -390,19 +481,19 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Bytes) -> Respo
     if st.engine.get().is_none() {
         return loading();
     }
-    if let Err(msg) = req.sampling.checked() {
+    if let Err(msg) = sampling.checked() {
         return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg);
     }
     let mut extra = None;
     if let Some(r) = st.retrieval.get() {
         match ground(&st, r.clone(), &mut messages).await {
             Ok(Grounded::Answer(fields)) => extra = Some(fields),
-            Ok(Grounded::Refuse(fields)) => return refuse(&st, r, fields, &req.sampling),
+            Ok(Grounded::Refuse(fields)) => return refuse(&st, r, fields, &sampling),
             Ok(Grounded::NoQuestion) => {}
             Err(resp) => return resp,
         }
     }
-    generate(st, Api::Chat, Prompt::Chat(messages), req.sampling, extra).await
+    generate(st, Api::Chat, Prompt::Chat(messages), sampling, extra).await
 }
 
 /// What retrieval made of a chat request.
@@ -527,7 +618,7 @@ fn extend(v: &mut Value, fields: serde_json::Map<String, Value>) {
 }
 
 async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let req: CompletionRequest = match parse(&body) {
+    let (req, sampling): (CompletionRequest, Sampling) = match parse(&body) {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
@@ -545,14 +636,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
             )
         }
     };
-    generate(
-        st,
-        Api::Completion,
-        Prompt::Text(prompt),
-        req.sampling,
-        None,
-    )
-    .await
+    generate(st, Api::Completion, Prompt::Text(prompt), sampling, None).await
 }
 
 /// Runs a generation and answers it; `extra` fields (retrieval's sources) join the full
@@ -576,8 +660,11 @@ async fn generate(
         api.id_prefix(),
         st.next_id.fetch_add(1, Ordering::Relaxed)
     );
+    let mut events = match engine.try_submit(request, st.queue_depth) {
+        Ok(events) => events,
+        Err(full) => return queue_full(&st, engine, full),
+    };
     let created = now_secs();
-    let mut events = engine.submit(request);
 
     if !sampling.stream {
         let mut text = String::new();
@@ -680,7 +767,12 @@ async fn generate(
                 }
             }
             if !end {
-                next = events.recv().await;
+                // A client that hangs up between tokens is noticed here, not only when its
+                // next token cannot be written: dropping `events` stops the generation.
+                next = tokio::select! {
+                    ev = events.recv() => ev,
+                    () = tx.closed() => return,
+                };
             }
         }
     });

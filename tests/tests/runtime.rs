@@ -619,7 +619,7 @@ fn native_runtime_serves_models_completions_and_metrics() {
         port,
         "POST",
         "/v1/completions",
-        Some(&json!({"prompt": "hi", "max_tokens": 5000})),
+        Some(&json!({"prompt": "hi ".repeat(1100), "max_tokens": 5})),
         REQUEST_TIMEOUT,
     );
     assert_eq!(too_long.status, 400);
@@ -642,6 +642,443 @@ fn native_runtime_serves_models_completions_and_metrics() {
     assert!(metric("edgepack_time_to_first_token_seconds_sum") > 0.0);
     assert!(metric("edgepack_completion_tokens_total") >= 12.0 * 3.0);
     assert!(metric("edgepack_decode_tokens_per_second") > 0.0);
+}
+
+/// The value of a sample in Prometheus text: `name` and, for labelled series, one label
+/// (`name|label="v"`) that picks the line.
+fn sample(metrics: &str, name: &str) -> f64 {
+    let (name, label) = name.split_once('|').unwrap_or((name, ""));
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} {label} missing from\n{metrics}"))
+}
+
+/// Polls `/metrics` until `done` holds for it (the server's own order of events), for at
+/// most `within`; returns the text it held.
+fn metrics_until(
+    port: u16,
+    headers: &[&str],
+    within: Duration,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let t0 = Instant::now();
+    loop {
+        let m = http::try_request_with(port, "GET", "/metrics", None, headers, REQUEST_TIMEOUT)
+            .expect("/metrics answers")
+            .body;
+        if done(&m) {
+            return m;
+        }
+        assert!(t0.elapsed() < within, "not reached within {within:?}:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A completion that counts on and on under greedy decoding (no end-of-text for thousands
+/// of tokens): a slow stream to hold the engine with.
+fn counting(max_tokens: u32) -> Value {
+    json!({"prompt": "1, 2, 3, 4, 5,", "max_tokens": max_tokens, "temperature": 0,
+           "stream": true})
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_counts_it_and_health_stays_up() {
+    let server = serve(
+        Command::new(runtime_bin()),
+        &native_bundle(),
+        &["--threads", THREADS, "--queue-depth", "2"],
+        NATIVE_READY,
+    );
+    let port = server.port;
+    // One stream runs and two wait: the queue is full.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(http::send(port, "POST", "/v1/completions", Some(&counting(2000)), &[]).unwrap());
+    }
+    metrics_until(port, &[], REQUEST_TIMEOUT, |m| {
+        sample(m, "edgepack_requests_running") == 1.0
+            && sample(m, "edgepack_requests_waiting") == 2.0
+    });
+    let r = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&counting(4)),
+        REQUEST_TIMEOUT,
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After seconds: {r:?}"));
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--queue-depth 2"),
+        "{}",
+        r.body
+    );
+    // Non-streamed requests meet the same bound.
+    let mut plain = counting(4);
+    plain["stream"] = json!(false);
+    let r = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&plain),
+        REQUEST_TIMEOUT,
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    let h = http::request(port, "GET", "/health", None, REQUEST_TIMEOUT);
+    assert_eq!(h.status, 200, "{}", h.body);
+    let m = http::request(port, "GET", "/metrics", None, REQUEST_TIMEOUT).body;
+    assert_eq!(
+        sample(&m, "edgepack_requests_rejected_total|reason=\"queue_full\""),
+        2.0
+    );
+    assert_eq!(sample(&m, "edgepack_requests_running"), 1.0, "{m}");
+    assert_eq!(sample(&m, "edgepack_requests_waiting"), 2.0, "{m}");
+
+    // The three clients hang up: the running stream stops at its next token and the two
+    // waiting ones are dropped unrun, so the engine is idle again and takes a new request.
+    drop(held);
+    let m = metrics_until(port, &[], REQUEST_TIMEOUT, |m| {
+        sample(m, "edgepack_requests_cancelled_total") == 3.0
+            && sample(m, "edgepack_requests_running") == 0.0
+            && sample(m, "edgepack_requests_waiting") == 0.0
+    });
+    assert_eq!(
+        sample(&m, "edgepack_requests_total|outcome=\"ok\""),
+        0.0,
+        "{m}"
+    );
+    let mut short = counting(3);
+    short["stream"] = json!(false);
+    let r = http::request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&short),
+        REQUEST_TIMEOUT,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_stream_frees_the_engine_for_the_next_request_at_once() {
+    let server = serve(
+        Command::new(runtime_bin()),
+        &native_bundle(),
+        &["--threads", THREADS],
+        NATIVE_READY,
+    );
+    let port = server.port;
+    let long = 2000;
+    let mut first =
+        http::send(port, "POST", "/v1/completions", Some(&counting(long)), &[]).unwrap();
+    let (status, event) = http::first_text_event(&mut first, REQUEST_TIMEOUT);
+    assert_eq!(status, 200, "{event}");
+    drop(first);
+    // The next client is served next: its first token comes while the hung-up stream would
+    // still have had most of its 2000 tokens to go.
+    let t0 = Instant::now();
+    let mut second = http::send(port, "POST", "/v1/completions", Some(&counting(8)), &[]).unwrap();
+    let (status, event) = http::first_text_event(&mut second, REQUEST_TIMEOUT);
+    assert_eq!(status, 200, "{event}");
+    let ttft = t0.elapsed();
+    eprintln!(
+        "the next request's first token after {:.2} s",
+        ttft.as_secs_f64()
+    );
+    assert!(ttft < Duration::from_secs(120), "sanity bound: {ttft:?}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut second, &mut rest).unwrap();
+    assert!(rest.contains("[DONE]"), "{rest}");
+    let m = metrics_until(port, &[], REQUEST_TIMEOUT, |m| {
+        sample(m, "edgepack_requests_total|outcome=\"ok\"") == 1.0
+    });
+    // The engine counted the hang-up, and stopped long before the 2000 tokens it was asked
+    // for: only the tokens in flight when the connection closed were generated past it.
+    assert_eq!(sample(&m, "edgepack_requests_cancelled_total"), 1.0, "{m}");
+    let wasted = sample(&m, "edgepack_cancelled_completion_tokens_total");
+    eprintln!("{wasted} tokens generated for the client that hung up");
+    assert!(
+        wasted >= 1.0 && wasted < f64::from(long) / 4.0,
+        "{wasted} tokens\n{m}"
+    );
+    assert_eq!(
+        sample(&m, "edgepack_requests_total|outcome=\"error\""),
+        0.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn max_tokens_is_cut_to_the_context_and_an_overlong_prompt_is_refused_unless_truncated() {
+    let server = serve(
+        Command::new(runtime_bin()),
+        &native_bundle(),
+        &["--threads", THREADS, "--ctx-size", "128"],
+        NATIVE_READY,
+    );
+    let port = server.port;
+    // llama.cpp pads the context it makes (to 256 tokens here); the API reports its size.
+    let models = http::request(port, "GET", "/v1/models", None, REQUEST_TIMEOUT).json();
+    let n_ctx = models["data"][0]["meta"]["n_ctx"].as_u64().expect("n_ctx");
+    assert!((128..=512).contains(&n_ctx), "{models}");
+    let post =
+        |path: &str, body: Value| http::request(port, "POST", path, Some(&body), REQUEST_TIMEOUT);
+
+    // More than the context leaves: cut to what it leaves, finishing on length.
+    let mut body = counting(5000);
+    body["stream"] = json!(false);
+    let r = post("/v1/completions", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let (p, c) = (
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(p + c, n_ctx, "{v}");
+
+    // A prompt that fills the context: 400 with both numbers and the way out.
+    let long = "one two three four five six seven eight nine ten ".repeat(80);
+    let r = post(
+        "/v1/completions",
+        json!({"prompt": long, "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    let tokens: u64 = msg
+        .split("prompt has ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no prompt token count in {msg:?}"));
+    assert!(tokens > n_ctx, "{msg}");
+    assert!(
+        msg.contains(&format!("context holds {n_ctx}")) && msg.contains("\"truncate\": true"),
+        "{msg}"
+    );
+
+    // The same prompt with truncation: its end is kept, with room for max_tokens.
+    let r = post(
+        "/v1/completions",
+        json!({"prompt": long, "max_tokens": 8, "temperature": 0, "truncate": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["usage"]["prompt_tokens"], n_ctx - 8, "{v}");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() <= 8,
+        "{v}"
+    );
+
+    // A chat whose old turns fill the context: with truncation they go, the question stays.
+    let chat = json!({"messages": [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": "Counting."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ], "max_tokens": 8, "temperature": 0});
+    let r = post("/v1/chat/completions", chat.clone());
+    assert_eq!(r.status, 400, "{}", r.body);
+    let mut truncated = chat;
+    truncated["truncate"] = json!(true);
+    let r = post("/v1/chat/completions", truncated);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() < 64,
+        "whole turns dropped: {v}"
+    );
+
+    // Wrong JSON types: 400 naming the field.
+    for (path, body, field) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": "8"}),
+            "max_tokens:",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": -1}),
+            "max_tokens:",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": "hot"}),
+            "temperature:",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stream": "yes"}),
+            "stream:",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "truncate": 1}),
+            "truncate:",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "stop": 3}),
+            "stop:",
+        ),
+        ("/v1/completions", json!({"prompt": 7}), "prompt:"),
+        (
+            "/v1/completions",
+            json!({"max_tokens": 2}),
+            "missing field `prompt`",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": "hi"}),
+            "messages:",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content:",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": 1, "content": "x"}]}),
+            "messages[0].role:",
+        ),
+        ("/v1/chat/completions", json!([1, 2]), "not a JSON object"),
+    ] {
+        let r = post(path, body.clone());
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains(field),
+            "{body}: {msg:?} does not name {field:?}"
+        );
+    }
+}
+
+#[test]
+fn an_api_key_guards_every_endpoint_but_health_and_the_default_bind_is_loopback() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    let write_key = |text: &str, mode: u32| {
+        std::fs::write(&key_file, text).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let bundle = native_bundle();
+    let key_arg = key_file.to_str().unwrap();
+
+    // Refused before listening: an empty key, and a key every user can read.
+    write_key("\n", 0o600);
+    let err = refused(
+        Command::new(runtime_bin()),
+        &bundle,
+        &["--api-key-file", key_arg],
+    );
+    assert!(err.contains("empty"), "{err}");
+    write_key("k3y-0f-the-b0ard\n", 0o644);
+    let err = refused(
+        Command::new(runtime_bin()),
+        &bundle,
+        &["--api-key-file", key_arg],
+    );
+    assert!(err.contains("chmod o-rw"), "{err}");
+
+    write_key("k3y-0f-the-b0ard\n", 0o600);
+    let server = serve(
+        Command::new(runtime_bin()),
+        &bundle,
+        &["--threads", THREADS, "--api-key-file", key_arg],
+        NATIVE_READY,
+    );
+    let port = server.port;
+    let good = "Authorization: Bearer k3y-0f-the-b0ard";
+    let completion =
+        json!({"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0});
+    let call = |method: &str, path: &str, auth: &[&str]| {
+        let body = (method == "POST").then_some(&completion);
+        http::try_request_with(port, method, path, body, auth, REQUEST_TIMEOUT).expect("an answer")
+    };
+    let mut refusals = 0;
+    for (method, path) in [
+        ("GET", "/v1/models"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/no/such/path"),
+    ] {
+        for auth in [
+            &[][..],
+            &["Authorization: Bearer k3y-0f-the-b0arD"],
+            &["Authorization: Basic k3y-0f-the-b0ard"],
+            &["Authorization: Bearer"],
+        ] {
+            let r = call(method, path, auth);
+            assert_eq!(r.status, 401, "{method} {path} {auth:?}: {}", r.body);
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{r:?}");
+            refusals += 1;
+        }
+    }
+    assert_eq!(call("GET", "/health", &[]).status, 200);
+    assert_eq!(call("GET", "/v1/health", &[]).status, 200);
+    assert_eq!(call("GET", "/v1/models", &[good]).status, 200);
+    let r = call("POST", "/v1/completions", &[good]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call("GET", "/metrics", &[good]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        sample(
+            &r.body,
+            "edgepack_requests_rejected_total|reason=\"unauthorized\""
+        ),
+        refusals as f64
+    );
+    assert_eq!(
+        sample(&r.body, "edgepack_requests_total|outcome=\"ok\""),
+        1.0
+    );
+
+    // Without --host the runtime listens on loopback only; the help says so and shows the
+    // key in its example.
+    let mut child = Command::new(runtime_bin())
+        .args(["--json", "serve", "--bundle"])
+        .arg(&bundle)
+        .args(["--port", "0", "--threads", THREADS])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert!(
+        event["addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{event}"
+    );
+    let help = run_ok(Command::new(runtime_bin()).args(["serve", "--help"]));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("[default: 127.0.0.1]"), "{help}");
+    assert!(
+        help.contains("--host 0.0.0.0") && help.contains("--api-key-file /etc/"),
+        "{help}"
+    );
+    assert!(
+        help.contains("--queue-depth <QUEUE_DEPTH>") && help.contains("[default: 16]"),
+        "{help}"
+    );
 }
 
 /// `edgepack bundle` of SmolLM2 Q8_0 for `target` with the Tern knowledge base in chunks of
@@ -1107,15 +1544,31 @@ fn native_runtime_serves_tflite_bundles_with_litert_pythons_greedy_tokens() {
             REQUEST_TIMEOUT,
         );
         assert_eq!(r.status, 200, "{}", r.body);
+        // max_tokens past the cache is cut to what it leaves.
         let r = http::request(
             server.port,
             "POST",
             "/v1/completions",
-            Some(&json!({"prompt": long, "max_tokens": 100})),
+            Some(&json!({"prompt": long, "max_tokens": 100, "temperature": 0})),
+            REQUEST_TIMEOUT,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let used = v["usage"]["total_tokens"].as_u64().unwrap();
+        assert!(used <= 128, "{v}");
+        if v["choices"][0]["finish_reason"] == "length" {
+            assert_eq!(used, 128, "{v}");
+        }
+        // A prompt past the cache is refused with both numbers.
+        let r = http::request(
+            server.port,
+            "POST",
+            "/v1/completions",
+            Some(&json!({"prompt": long.repeat(3), "max_tokens": 4})),
             REQUEST_TIMEOUT,
         );
         assert_eq!(r.status, 400, "{}", r.body);
-        assert!(r.body.contains("128"), "{}", r.body);
+        assert!(r.body.contains("context holds 128"), "{}", r.body);
     }
 }
 
@@ -1412,18 +1865,84 @@ mod http {
         body: Option<&serde_json::Value>,
         timeout: Duration,
     ) -> Option<Response> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        try_request_with(port, method, path, body, &[], timeout)
+    }
+
+    /// One request with extra headers (`Name: value` lines).
+    pub fn try_request_with(
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        headers: &[&str],
+        timeout: Duration,
+    ) -> Option<Response> {
+        let mut stream = send(port, method, path, body, headers).ok()?;
         stream.set_read_timeout(Some(timeout)).ok()?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(req.as_bytes()).ok()?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).ok()?;
         parse(&raw)
+    }
+
+    /// Sends a request and returns the connection unread (a client that streams, stalls or
+    /// hangs up as it likes).
+    pub fn send(
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        headers: &[&str],
+    ) -> std::io::Result<TcpStream> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+             {extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes())?;
+        Ok(stream)
+    }
+
+    /// Reads a streamed response until its first SSE event whose JSON carries generated
+    /// text; returns the status line's code and that event.
+    pub fn first_text_event(stream: &mut TcpStream, timeout: Duration) -> (u16, String) {
+        stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).expect("read the stream");
+            assert!(
+                n > 0,
+                "the stream ended before any text: {}",
+                String::from_utf8_lossy(&raw)
+            );
+            raw.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&raw);
+            let status = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            if status != 200 && text.contains("\r\n\r\n") {
+                return (status, text.into_owned());
+            }
+            let carries_text = |d: &&str| {
+                let v: serde_json::Value = serde_json::from_str(d.trim()).unwrap_or_default();
+                let c = &v["choices"][0];
+                [&c["text"], &c["delta"]["content"]]
+                    .iter()
+                    .any(|t| t.as_str().is_some_and(|t| !t.is_empty()))
+            };
+            if let Some(event) = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .find(carries_text)
+            {
+                return (status, event.trim().to_string());
+            }
+        }
     }
 
     pub fn request(

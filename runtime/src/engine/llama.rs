@@ -13,6 +13,7 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use super::generate::{self, Job, PROMPT_BATCH};
+use super::load::Load;
 use super::types::{Detokenizer, EngineConfig, EngineError, Forward, ModelInfo, Prompt, Vocab};
 use edgepack_text::pieces::{render_pieces, Piece};
 
@@ -42,6 +43,7 @@ pub fn run(
     config: EngineConfig,
     jobs: mpsc::Receiver<Job>,
     ready: mpsc::Sender<Result<ModelInfo, EngineError>>,
+    tally: &Load,
 ) {
     let path = &config.model_path;
     let loaded = LlamaBackend::init()
@@ -102,7 +104,7 @@ pub fn run(
         ctx,
         pos: 0,
     };
-    generate::serve(&vocab, &mut fwd, info, jobs, ready);
+    generate::serve(&vocab, &mut fwd, info, jobs, ready, tally);
 }
 
 /// ggml's version and commit, as the linked library reports them.

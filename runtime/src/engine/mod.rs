@@ -6,20 +6,23 @@
 //!
 //! An engine is not thread-safe and a board has too few cores to serve two generations at
 //! once without both getting slower, so requests queue on a channel to one engine thread and
-//! run one at a time. Each request gets a channel of [`GenEvent`]s back; dropping that
-//! receiver (a client that hung up) stops the generation at the next token.
+//! run one at a time; [`Engine::try_submit`] bounds how many may wait. Each request gets a
+//! channel of [`GenEvent`]s back; dropping that receiver (a client that hung up) stops the
+//! generation at the next token, or skips it if it has not started, and is counted.
 
 mod generate;
 mod handle;
 mod hf;
 mod litert;
 mod llama;
+mod load;
 mod onnx;
 mod sample;
 mod types;
 
 pub use generate::PROMPT_BATCH;
-pub use handle::Engine;
+pub use handle::{Engine, QueueFull};
+pub use load::LoadCounts;
 pub use types::{
     ChatMessage, DelegatePlan, Detokenizer, EngineConfig, EngineError, FinishReason, Format,
     Forward, GenEvent, GenRequest, GenStats, ModelInfo, Prompt, Vocab,

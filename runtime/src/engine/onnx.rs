@@ -20,6 +20,7 @@ use serde_json::Value as Json;
 
 use super::generate::{self, Job};
 use super::hf::HfVocab;
+use super::load::Load;
 use super::types::{EngineConfig, EngineError, Forward, ModelInfo};
 
 const ENGINE: &str = "onnxruntime";
@@ -154,9 +155,10 @@ pub fn run(
     config: EngineConfig,
     jobs: mpsc::Receiver<Job>,
     ready: mpsc::Sender<Result<ModelInfo, EngineError>>,
+    tally: &Load,
 ) {
     match load(&config) {
-        Ok((vocab, mut fwd, info)) => generate::serve(&vocab, &mut fwd, info, jobs, ready),
+        Ok((vocab, mut fwd, info)) => generate::serve(&vocab, &mut fwd, info, jobs, ready, tally),
         Err(e) => {
             let _ = ready.send(Err(e));
         }

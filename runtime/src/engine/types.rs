@@ -27,12 +27,8 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("token id {id} is outside the vocabulary of {n_vocab}")]
     BadToken { id: i32, n_vocab: usize },
-    #[error("the prompt has {prompt} tokens and max_tokens asks for {max_tokens} more, but the context holds {n_ctx}")]
-    TooLong {
-        prompt: usize,
-        max_tokens: u32,
-        n_ctx: u32,
-    },
+    #[error("the prompt has {prompt} tokens and the context holds {n_ctx}, which leaves no room for an answer; shorten it, or send \"truncate\": true to drop its oldest part")]
+    TooLong { prompt: usize, n_ctx: u32 },
     #[error("{engine} decode failed: {reason}")]
     Decode {
         engine: &'static str,
@@ -40,6 +36,9 @@ pub enum EngineError {
     },
     #[error("the engine thread has stopped")]
     Stopped,
+    /// The client went away (its receiver was dropped) after `generated` tokens.
+    #[error("the client went away after {generated} generated tokens")]
+    Cancelled { generated: usize },
 }
 
 impl EngineError {
@@ -131,6 +130,10 @@ pub struct GenRequest {
     pub top_p: f32,
     pub seed: u32,
     pub stop: Vec<String>,
+    /// Drop the prompt's oldest part (whole chat turns first, after any system message) when
+    /// it leaves fewer than `max_tokens` free in the context (at most half the context is
+    /// kept free); otherwise a prompt that fills the context is refused.
+    pub truncate: bool,
     /// Keep generating past end-of-generation tokens (benchmarks need fixed lengths).
     pub ignore_eos: bool,
     /// Send text as it is generated; otherwise once, before `Done` (no wake-up of the
