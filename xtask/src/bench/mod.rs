@@ -8,6 +8,7 @@ mod common;
 mod convert;
 mod deploy;
 mod finetune;
+mod load;
 mod onnx;
 mod quality;
 mod rag;
@@ -126,6 +127,33 @@ pub enum Bench {
         engines: Vec<String>,
         /// Where to write the JSON.
         #[arg(short, long, default_value = "target/bench/runtime.json")]
+        output: PathBuf,
+    },
+    /// `edgepack-runtime serve` under 1, 4, 8 and 32 concurrent streaming clients for a bounded
+    /// time each, against llama.cpp's `llama-server --parallel N` on the same Q8_0 SmolLM2
+    /// GGUF and threads, on loopback: aggregate decode tokens/s, p50/p99 time to first token,
+    /// requests rejected, peak RSS and whether /health answered 200 throughout.
+    #[command(
+        after_help = "Example:\n  cargo xtask bench load -o target/bench/load.json\n  cargo xtask bench load --clients 1,4 --seconds 5 --threads 2"
+    )]
+    Load {
+        /// Concurrent clients, one level each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,32")]
+        clients: Vec<usize>,
+        /// Seconds each level runs, per server.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Tokens each request asks for.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// Context per sequence in tokens (llama-server gets this times the clients).
+        #[arg(long, default_value_t = 512)]
+        ctx: u32,
+        /// Threads for both servers (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where to write the JSON.
+        #[arg(short, long, default_value = "target/bench/load.json")]
         output: PathBuf,
     },
     /// `edgepack deploy` (first deploy and redeploy of one bundle) against plain `scp` of the
@@ -253,6 +281,21 @@ pub fn bench(b: Bench) -> Result<()> {
             threads,
             flash_attn,
             engines,
+            output,
+        }),
+        Bench::Load {
+            clients,
+            seconds,
+            max_tokens,
+            ctx,
+            threads,
+            output,
+        } => load::bench(load::Options {
+            clients,
+            seconds,
+            max_tokens,
+            threads,
+            ctx,
             output,
         }),
         Bench::Deploy {

@@ -18,12 +18,9 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::common::{output_of, release_runtime};
+use super::common::{llama_cpp_tool, output_of, release_runtime, smollm2_bundle, LLAMA_CPP_PYTHON};
 use crate::setup;
 use crate::util::{cache_dir, cargo, root, run};
-
-/// The llama-cpp-python sdist whose llama.cpp tree `setup::llama_cpp_source` unpacks.
-const LLAMA_CPP_PYTHON: &str = "0.3.36";
 
 pub struct Options {
     pub prompt_sizes: Vec<usize>,
@@ -69,76 +66,6 @@ fn locked_version(lock: &str, name: &str) -> Option<String> {
     None
 }
 
-/// Builds `llama-bench` into the cache (never into the repository), once per source version.
-fn llama_bench(src: &Path) -> Result<PathBuf> {
-    let build = cache_dir().join(format!(
-        "build/llama-bench-llama-cpp-python-{LLAMA_CPP_PYTHON}"
-    ));
-    let bin = build.join("bin/llama-bench");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    run(Command::new("cmake")
-        .arg("-S")
-        .arg(src)
-        .arg("-B")
-        .arg(&build)
-        .args([
-            "-DCMAKE_BUILD_TYPE=Release",
-            // What llama-cpp-sys-2 passes when no target-cpu is given.
-            "-DGGML_NATIVE=OFF",
-            "-DGGML_OPENMP=OFF",
-            "-DLLAMA_CURL=OFF",
-            "-DLLAMA_OPENSSL=OFF",
-            "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF",
-            // Only llama-bench and what it links.
-            "-DLLAMA_BUILD_APP=OFF",
-            "-DBUILD_SHARED_LIBS=OFF",
-        ]))
-    .context("configuring llama-bench")?;
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    run(Command::new("cmake").arg("--build").arg(&build).args([
-        "--target",
-        "llama-bench",
-        "-j",
-        &jobs.to_string(),
-    ]))
-    .context("building llama-bench")?;
-    if !bin.is_file() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
-}
-
-/// A Q8_0 SmolLM2 bundle for this machine, made by `edgepack bundle`.
-fn bundle(work: &Path) -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "edgepack"]))?;
-    let ep = root().join("target/release/edgepack");
-    let out = work.join("bundle");
-    if out.exists() {
-        std::fs::remove_dir_all(&out)?;
-    }
-    run(Command::new(&ep)
-        .arg("bundle")
-        .arg(setup::smollm2_gguf())
-        .args([
-            "--target",
-            "generic-x86_64",
-            "--format",
-            "gguf",
-            "--quant",
-            "Q8_0",
-        ])
-        .args(["--name", "smollm2", "-o"])
-        .arg(&out)
-        .env("CI", "1"))?;
-    Ok(out.join("smollm2-generic-x86_64"))
-}
-
 /// The GGUF engine (llama.cpp, linked in) against llama-bench on the same file.
 fn gguf_report(o: &Options, threads: usize, runtime: &Path) -> Result<Value> {
     let sizes = o
@@ -151,8 +78,8 @@ fn gguf_report(o: &Options, threads: usize, runtime: &Path) -> Result<Value> {
     std::fs::create_dir_all(&work)?;
     let src = setup::llama_cpp_source()?;
     let version = llama_sys_version()?;
-    let llama_bench = llama_bench(&src)?;
-    let bundle = bundle(&work)?;
+    let llama_bench = llama_cpp_tool(&src, "llama-bench")?;
+    let bundle = smollm2_bundle(&work)?;
     let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
     let gguf = bundle.join(
         manifest["model"]["file"]
