@@ -45,7 +45,8 @@ Inventory (TOML):
   name = \"cam-01\"
   address = \"10.0.0.12\"
   groups = [\"line-a\"]
-  # port, install_dir, runtime_port, runner, keep, service, ssh_config, runtime_args
+  # port, install_dir, runtime_port, runner, keep, service, ssh_config, runtime_args,
+  # api_key_file (this machine's copy of the token the runtime serves with --api-key-file)
 An Ansible inventory becomes one with `edgepack fleet import hosts.ini -o fleet.toml`.
 
 Rollout of a fleet: hosts start in inventory order, --parallel at a time. With --canary N the

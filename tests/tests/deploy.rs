@@ -1103,3 +1103,52 @@ fn an_imported_ansible_inventory_reaches_the_board_and_is_never_overwritten_unas
         "a bad inventory writes nothing"
     );
 }
+
+#[test]
+fn a_runtime_serving_with_an_api_key_passes_the_health_check_with_the_inventorys_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = bundle_a();
+    let sshd = Sshd::start("board-key");
+    let board = Board::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The board and this machine are one here: the runtime's key file serves both sides.
+    let key = dir.path().join("api.key");
+    std::fs::write(&key, "s3cret-token\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let inv = dir.path().join("fleet.toml");
+    let write_inventory = |with_key: bool| {
+        std::fs::write(
+            &inv,
+            format!(
+                "[[hosts]]\nname = \"guarded\"\naddress = \"board-key\"\nssh_config = \"{}\"\ninstall_dir = \"{}\"\nruntime_port = {}\nruntime_args = [\"--api-key-file\", \"{k}\"]\n{}",
+                sshd.config().display(),
+                board.install_dir().display(),
+                free_port(),
+                if with_key { format!("api_key_file = \"{}\"\n", key.display()) } else { String::new() },
+                k = key.display(),
+            ),
+        )
+        .unwrap();
+    };
+    let deploy_inv = || {
+        let mut c = edgepack();
+        c.args(["--json", "deploy"])
+            .arg(&a)
+            .arg("--inventory")
+            .arg(&inv);
+        c
+    };
+    // Without the key the smoke prompt is refused (401) and the first release is not kept.
+    write_inventory(false);
+    let (_, err) = run_fail(&mut deploy_inv());
+    assert!(err.contains("401"), "{err}");
+    // With it, the same release passes.
+    write_inventory(true);
+    let v: Value = serde_json::from_slice(&run_ok(&mut deploy_inv()).stdout).unwrap();
+    let r = &v["hosts"][0];
+    assert_eq!(r["outcome"], "deployed", "{r}");
+    assert!(
+        r["health"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
+}

@@ -81,7 +81,12 @@ fn parse(raw: &[u8]) -> std::io::Result<Answer> {
 }
 
 /// Sends the smoke prompt as a streamed chat completion and times it.
-pub(crate) async fn smoke(sock: &Path, timeout: Duration) -> Result<Health, String> {
+/// `api_key` is the runtime's bearer token when it serves with `--api-key-file`.
+pub(crate) async fn smoke(
+    sock: &Path,
+    timeout: Duration,
+    api_key: Option<&str>,
+) -> Result<Health, String> {
     let body = serde_json::json!({
         "messages": [{"role": "user", "content": SMOKE_PROMPT}],
         "max_tokens": SMOKE_MAX_TOKENS,
@@ -94,8 +99,11 @@ pub(crate) async fn smoke(sock: &Path, timeout: Duration) -> Result<Health, Stri
         let mut s = UnixStream::connect(sock)
             .await
             .map_err(|e| format!("connecting to the runtime: {e}"))?;
+        let auth = api_key
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
         let req = format!(
-            "POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         let sent = Instant::now();

@@ -93,6 +93,9 @@ pub struct HostConfig {
     pub service: String,
     pub ssh_config: Option<PathBuf>,
     pub runtime_args: Vec<String>,
+    /// A file on this machine holding the bearer token the runtime serves with
+    /// (`--api-key-file` in `runtime_args`): the health check's prompt sends it.
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl HostConfig {
@@ -121,6 +124,7 @@ impl HostConfig {
             service: s.service.unwrap_or_else(|| DEFAULT_SERVICE.to_string()),
             ssh_config: s.ssh_config,
             runtime_args: s.runtime_args.unwrap_or_default(),
+            api_key_file: s.api_key_file,
         }
     }
 }
@@ -151,6 +155,9 @@ pub struct Settings {
     /// Extra arguments for `edgepack-runtime serve` (for example `--threads 2`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_args: Option<Vec<String>>,
+    /// A file on the workstation with the runtime's bearer token, for the health check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -168,7 +175,8 @@ impl Settings {
             keep,
             service,
             ssh_config,
-            runtime_args
+            runtime_args,
+            api_key_file
         );
     }
 }

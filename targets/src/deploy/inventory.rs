@@ -55,6 +55,8 @@ pub(crate) struct HostEntry {
     pub(crate) ssh_config: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) runtime_args: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) api_key_file: Option<PathBuf>,
 }
 
 impl HostEntry {
@@ -79,6 +81,7 @@ impl HostEntry {
             service: s.service,
             ssh_config: s.ssh_config,
             runtime_args: s.runtime_args,
+            api_key_file: s.api_key_file,
         }
     }
 
@@ -94,6 +97,7 @@ impl HostEntry {
             service: self.service.clone(),
             ssh_config: self.ssh_config.clone(),
             runtime_args: self.runtime_args.clone(),
+            api_key_file: self.api_key_file.clone(),
         }
     }
 }

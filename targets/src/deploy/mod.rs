@@ -598,7 +598,15 @@ async fn check_health(
     let left = timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_secs(30));
-    let mut health = health::smoke(&sock, left).await?;
+    let key = match &h.api_key_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map(|k| k.trim().to_string())
+                .map_err(|e| format!("{}: reading the runtime's API key: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut health = health::smoke(&sock, left, key.as_deref()).await?;
     health.ready_s = ready_s;
     Ok(health)
 }
