@@ -339,7 +339,7 @@ impl Sampling {
 
 /// A request body: `T` (the endpoint's own fields) and the sampling fields, each error naming
 /// the field it is about (`max_tokens: invalid type: string "8", expected u32`).
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Sampling), String> {
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, Sampling), String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
     if !value.is_object() {
@@ -357,6 +357,33 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<(T, Sampling), 
     let own = serde_path_to_error::deserialize(&value).map_err(field)?;
     let sampling = serde_path_to_error::deserialize(&value).map_err(field)?;
     Ok((own, sampling))
+}
+
+/// A `/v1/chat/completions` body as the handler reads it before any engine or knowledge base
+/// sees it: JSON, messages, sampling checks. The message is the 400 answer's.
+pub fn parse_chat_request(body: &[u8]) -> Result<GenRequest, String> {
+    let (req, sampling): (ChatRequest, Sampling) = parse(body)?;
+    let messages = chat_messages(req.messages)?;
+    sampling.request(Prompt::Chat(messages))
+}
+
+/// A `/v1/completions` body as the handler reads it: JSON, the one prompt, sampling checks.
+pub fn parse_completion_request(body: &[u8]) -> Result<GenRequest, String> {
+    let (req, sampling): (CompletionRequest, Sampling) = parse(body)?;
+    let prompt = one_prompt(req.prompt)?;
+    sampling.request(Prompt::Text(prompt))
+}
+
+/// The single prompt a completion request may carry.
+fn one_prompt(p: PromptField) -> Result<String, String> {
+    match p {
+        PromptField::One(p) => Ok(p),
+        PromptField::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+        PromptField::Many(v) => Err(format!(
+            "prompt: {} prompts given, one per request is supported",
+            v.len()
+        )),
+    }
 }
 
 fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, String> {
@@ -622,19 +649,9 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
-    let prompt = match req.prompt {
-        PromptField::One(p) => p,
-        PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptField::Many(v) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!(
-                    "prompt: {} prompts given, one per request is supported",
-                    v.len()
-                ),
-            )
-        }
+    let prompt = match one_prompt(req.prompt) {
+        Ok(p) => p,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
     };
     generate(st, Api::Completion, Prompt::Text(prompt), sampling, None).await
 }
