@@ -1,14 +1,15 @@
 //! `cargo xtask`: everything that is not building the product: installing the test peers,
-//! running the whole suite, and benchmarks against the peer tools.
+//! running the whole suite, fuzzing the parsers, and benchmarks against the peer tools.
 //!
 //! This file only parses the command line and dispatches; layers, lowest first: `util`;
-//! `setup`; `dist`, `suite`, `demo`; `release`; `bench` (`bench::common` below the benchmarks,
-//! below the dispatch in `bench/mod.rs`).
+//! `setup`; `dist`, `suite`, `demo`, `fuzz`; `release`; `bench` (`bench::common` below the
+//! benchmarks, below the dispatch in `bench/mod.rs`).
 
 mod bench;
 mod board;
 mod demo;
 mod dist;
+mod fuzz;
 mod release;
 mod setup;
 mod suite;
@@ -63,6 +64,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Coverage-guided fuzzing of every parser of outside input (tests/fuzz/, libFuzzer on
+    /// the stable toolchain): builds the instrumented targets, runs each for --seconds with a
+    /// 2048 MB memory limit and a 10 s limit per input, and prints executions, exec/s, corpus
+    /// size and findings per target; fails when something is found.
+    #[command(
+        after_help = "Example:\n  cargo xtask fuzz --seconds 60\n  cargo xtask fuzz gguf --seconds 600 --json\n  cargo xtask fuzz --seed-corpus"
+    )]
+    Fuzz {
+        /// One target (gguf, safetensors, hf_config, tokenizer_config, adapter_config,
+        /// manifest, unpack, recipe, stats, runtime_request); every target when absent.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Print the results as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Instead of fuzzing, rewrite the checked-in seed corpora (tests/fuzz/corpus/) from
+        /// real files: the SmolLM2 GGUF of `cargo xtask setup`, the shipped recipes, and files
+        /// edgepack writes.
+        #[arg(long, conflicts_with_all = ["target", "json"])]
+        seed_corpus: bool,
+    },
     /// The CI job of a recipe: build it with the release binary, verify every bundle, enforce
     /// the gates (exit 3 when one fails, 1 on an error), print the report, and optionally
     /// deploy the bundles to an inventory.
@@ -96,6 +120,15 @@ fn main() -> Result<()> {
         Cmd::Test { args } => suite::test(&args),
         Cmd::Bench(b) => bench::bench(b),
         Cmd::Demo => demo::demo(),
+        Cmd::Fuzz {
+            seed_corpus: true, ..
+        } => fuzz::seed_corpus(),
+        Cmd::Fuzz {
+            target,
+            seconds,
+            json,
+            ..
+        } => fuzz::fuzz(target.as_deref(), seconds, json),
         Cmd::Dist {
             target,
             engine_libs,
