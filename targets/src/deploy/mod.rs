@@ -699,23 +699,8 @@ pub async fn deploy_host(
     progress: &dyn HostProgress,
 ) -> HostReport {
     let started = Instant::now();
-    let mut r = HostReport {
-        host: h.name.clone(),
-        ok: false,
-        outcome: Outcome::Failed,
-        release: Some(b.release_id.clone()),
-        previous: None,
-        bytes_sent: 0,
-        channel_bytes: 0,
-        files_sent: 0,
-        files_resumed: 0,
-        files_reused: 0,
-        files_present: 0,
-        health: None,
-        error: None,
-        seconds: 0.0,
-        phases: Vec::new(),
-    };
+    let mut r = HostReport::failed(&h.name, Outcome::Failed, None);
+    r.release = Some(b.release_id.clone());
     let timed = Timed {
         inner: progress,
         marks: Default::default(),
@@ -1389,6 +1374,11 @@ impl HostReport {
     /// The report of a host whose deploy never started: refused before connecting, or
     /// skipped by the rollout.
     pub(crate) fn unstarted(host: &str, outcome: Outcome, error: String) -> HostReport {
+        HostReport::failed(host, outcome, Some(error))
+    }
+
+    /// A report of nothing done yet: not ok, nothing sent.
+    fn failed(host: &str, outcome: Outcome, error: Option<String>) -> HostReport {
         HostReport {
             host: host.to_string(),
             ok: false,
@@ -1402,7 +1392,7 @@ impl HostReport {
             files_reused: 0,
             files_present: 0,
             health: None,
-            error: Some(error),
+            error,
             seconds: 0.0,
             phases: Vec::new(),
         }

@@ -184,16 +184,13 @@ impl Conn {
         Ok(out.stdout)
     }
 
-    /// Runs `script` with `input` on its stdin: file contents and sha256 lists travel as data,
-    /// never spliced into shell text.
-    pub async fn sh_in(
+    /// Starts `sh -c script` with stdin, stdout and stderr piped.
+    async fn spawn_piped(
         &self,
         step: &str,
         script: &str,
-        input: &[u8],
-    ) -> Result<String, DeployError> {
-        let mut child = self
-            .session
+    ) -> Result<openssh::Child<&Session>, DeployError> {
+        self.session
             .command("sh")
             .arg("-c")
             .arg(script)
@@ -202,7 +199,18 @@ impl Conn {
             .stderr(Stdio::piped())
             .spawn()
             .await
-            .map_err(|e| self.ssh_error(step, e))?;
+            .map_err(|e| self.ssh_error(step, e))
+    }
+
+    /// Runs `script` with `input` on its stdin: file contents and sha256 lists travel as data,
+    /// never spliced into shell text.
+    pub async fn sh_in(
+        &self,
+        step: &str,
+        script: &str,
+        input: &[u8],
+    ) -> Result<String, DeployError> {
+        let mut child = self.spawn_piped(step, script).await?;
         let mut stdin = child.stdin().take().expect("stdin was piped");
         let write_err = |e: std::io::Error| DeployError::Ssh {
             host: self.host.clone(),
@@ -312,17 +320,7 @@ impl Conn {
             path: local.to_path_buf(),
             message: e.to_string(),
         };
-        let mut child = self
-            .session
-            .command("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-            .map_err(|e| self.ssh_error("upload", e))?;
+        let mut child = self.spawn_piped("upload", script).await?;
         let mut stdin = child.stdin().take().expect("stdin was piped");
         let started = Instant::now();
         let mut sent = 0u64;
