@@ -173,6 +173,11 @@ impl Conn {
             .output()
             .await
             .map_err(|e| self.ssh_error(step, e))?;
+        self.succeeded(step, out)
+    }
+
+    /// A finished remote command's stdout; a non-zero exit is an error carrying its stderr.
+    fn succeeded(&self, step: &str, out: std::process::Output) -> Result<Vec<u8>, DeployError> {
         if !out.status.success() {
             return Err(DeployError::Remote {
                 host: self.host.clone(),
@@ -224,15 +229,8 @@ impl Conn {
             .wait_with_output()
             .await
             .map_err(|e| self.ssh_error(step, e))?;
-        if !out.status.success() {
-            return Err(DeployError::Remote {
-                host: self.host.clone(),
-                step: step.into(),
-                code: out.status.code(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let stdout = self.succeeded(step, out)?;
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
     }
 
     /// Runs `script` with its output passed through to ours (for `logs --follow`).
@@ -421,19 +419,12 @@ impl Conn {
             .wait_with_output()
             .await
             .map_err(|e| self.ssh_error("upload", e))?;
-        if !out.status.success() {
-            return Err(DeployError::Remote {
-                host: self.host.clone(),
-                step: format!("upload of {}", local.display()),
-                code: out.status.code(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        let stdout = self.succeeded(&format!("upload of {}", local.display()), out)?;
         Ok(Uploaded {
             file_bytes: sent,
             channel_bytes: channel,
             sha256: hex::encode(sha2::Digest::finalize(hash)),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
         })
     }
 
