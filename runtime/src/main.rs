@@ -18,6 +18,8 @@ use edgepack_targets::bundle::RetrievalInfo;
 /// Context size when none is asked for: room for a chat turn and its answer without a
 /// board-sized model's KV cache growing past a few tens of MiB.
 const DEFAULT_CTX_SIZE: u32 = 2048;
+/// llama-server's own default number of slots.
+const DEFAULT_PARALLEL: u32 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -108,9 +110,15 @@ struct ModelArgs {
     /// Threads for the engine (default: every available core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Context size in tokens (capped at the model's training context).
+    /// Context size in tokens of each request (capped at the model's training context).
     #[arg(long, default_value_t = DEFAULT_CTX_SIZE)]
     ctx_size: u32,
+    /// Requests generated together (GGUF bundles; ONNX and TFLite run one at a time), as
+    /// llama-server's parallel slots: one batched decode a step serves them all, so the
+    /// tokens per second of all clients together grow with their number. Each holds
+    /// --ctx-size tokens of cache (SmolLM2-135M: 45 MiB per 2048); 1 takes the least memory.
+    #[arg(long, default_value_t = DEFAULT_PARALLEL, value_parser = clap::value_parser!(u32).range(1..=64))]
+    parallel: u32,
     /// Use llama.cpp's flash attention (off by default).
     #[arg(long)]
     flash_attn: bool,
@@ -167,6 +175,7 @@ impl ModelArgs {
                 library: verified.library,
                 threads,
                 ctx_size: self.ctx_size,
+                parallel: self.parallel,
                 flash_attn: self.flash_attn,
                 delegate: verified.delegate,
             },
@@ -370,6 +379,7 @@ fn serve(model: &ModelArgs, host: &str, port: u16, limits: &ServeLimits, json: b
                     model = %model_path.display(),
                     threads = engine.info.threads,
                     n_ctx = engine.info.n_ctx,
+                    slots = engine.info.slots,
                     "model loaded"
                 );
                 let _ = loader_state.engine.set(engine);

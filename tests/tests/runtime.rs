@@ -689,11 +689,18 @@ fn a_full_queue_answers_503_with_retry_after_counts_it_and_health_stays_up() {
     let server = serve(
         Command::new(runtime_bin()),
         &native_bundle(),
-        &["--threads", THREADS, "--queue-depth", "2"],
+        &[
+            "--threads",
+            THREADS,
+            "--queue-depth",
+            "2",
+            "--parallel",
+            "1",
+        ],
         NATIVE_READY,
     );
     let port = server.port;
-    // One stream runs and two wait: the queue is full.
+    // One stream runs (the engine's one sequence) and two wait: the queue is full.
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(http::send(port, "POST", "/v1/completions", Some(&counting(2000)), &[]).unwrap());
@@ -768,6 +775,70 @@ fn a_full_queue_answers_503_with_retry_after_counts_it_and_health_stays_up() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn parallel_requests_run_together_and_answer_as_they_do_alone() {
+    let server = serve(
+        Command::new(runtime_bin()),
+        &native_bundle(),
+        &[
+            "--threads",
+            THREADS,
+            "--parallel",
+            "3",
+            "--queue-depth",
+            "4",
+        ],
+        NATIVE_READY,
+    );
+    let port = server.port;
+    let m = http::request(port, "GET", "/v1/models", None, REQUEST_TIMEOUT).json();
+    assert_eq!(m["data"][0]["meta"]["slots"], 3, "{m}");
+    let questions = [
+        "What is the capital of France?",
+        "Name three colors.",
+        "What is 2+2?",
+    ];
+    let answer = |q: &str| {
+        let r = chat(port, q, json!({"max_tokens": 24}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let alone: Vec<String> = questions.iter().map(|q| answer(q)).collect();
+
+    // Two long streams hold two of the three sequences...
+    let held: Vec<_> = (0..2)
+        .map(|_| http::send(port, "POST", "/v1/completions", Some(&counting(2000)), &[]).unwrap())
+        .collect();
+    metrics_until(port, &[], REQUEST_TIMEOUT, |m| {
+        sample(m, "edgepack_requests_running") == 2.0
+    });
+    // ...and the questions come at once: each is read and answered in the same batches as
+    // the streams' tokens (and one another's), one waiting for a free sequence, and each
+    // answer is the one it got alone.
+    let together: Vec<String> = std::thread::scope(|s| {
+        let runs: Vec<_> = questions.iter().map(|q| s.spawn(|| answer(q))).collect();
+        // All three sequences are in use at once while the streams go on.
+        metrics_until(port, &[], REQUEST_TIMEOUT, |m| {
+            sample(m, "edgepack_requests_running") == 3.0
+        });
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    drop(held);
+    let m = metrics_until(port, &[], REQUEST_TIMEOUT, |m| {
+        sample(m, "edgepack_requests_running") == 0.0
+    });
+    assert_eq!(sample(&m, "edgepack_requests_cancelled_total"), 2.0, "{m}");
+    assert_eq!(
+        sample(&m, "edgepack_requests_total|outcome=\"ok\""),
+        6.0,
+        "{m}"
+    );
 }
 
 #[test]

@@ -9,7 +9,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::load::{Load, Ticket};
 use super::sample::Sampler;
 use super::types::{
-    EngineError, FinishReason, Forward, GenEvent, GenRequest, GenStats, ModelInfo, Prompt, Vocab,
+    Detokenizer, EngineError, FinishReason, Forward, GenEvent, GenRequest, GenStats, ModelInfo,
+    Prompt, Vocab,
 };
 use crate::stop::StopFilter;
 
@@ -23,6 +24,154 @@ pub struct Job {
     pub events: UnboundedSender<GenEvent>,
     /// The job's place in the queue, given back when the job is done.
     pub(super) _ticket: Ticket,
+}
+
+/// A generation the engine has taken on: sampling, text, stop strings and counts from the
+/// first generated token to the last. Engines feed it the logits after each token they run;
+/// it says which token to run next, or that the generation is over.
+pub(super) struct Stream<'v> {
+    vocab: &'v dyn Vocab,
+    sampler: Sampler,
+    detok: Box<dyn Detokenizer + 'v>,
+    filter: StopFilter,
+    /// Text held back until the end (requests that do not stream).
+    held: String,
+    stream: bool,
+    ignore_eos: bool,
+    prompt_tokens: usize,
+    max_tokens: usize,
+    generated: usize,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    finish: FinishReason,
+}
+
+impl<'v> Stream<'v> {
+    /// Fits the request's prompt into a context of `n_ctx` tokens and checks its ids; the
+    /// prompt to run and the generation that follows it. `started` is when the engine took
+    /// the request (time to first token counts from there).
+    pub(super) fn begin(
+        vocab: &'v dyn Vocab,
+        req: &GenRequest,
+        n_ctx: usize,
+        started: Instant,
+    ) -> Result<(Vec<i32>, Stream<'v>), EngineError> {
+        let (prompt, max_tokens) = fit(vocab, req, n_ctx)?;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let n_vocab = vocab.n_vocab();
+        if let Some(&id) = prompt.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
+            return Err(EngineError::BadToken { id, n_vocab });
+        }
+        let stream = Stream {
+            vocab,
+            sampler: Sampler::new(req.temperature, req.top_p, req.seed),
+            detok: vocab.detokenizer(),
+            filter: StopFilter::new(req.stop.clone()),
+            held: String::new(),
+            stream: req.stream,
+            ignore_eos: req.ignore_eos,
+            prompt_tokens: prompt.len(),
+            max_tokens,
+            generated: 0,
+            started,
+            first_token_at: None,
+            finish: FinishReason::Length,
+        };
+        Ok((prompt, stream))
+    }
+
+    /// Whether any token may follow the prompt (not when `max_tokens` is 0).
+    pub(super) fn wants_tokens(&self) -> bool {
+        self.generated < self.max_tokens
+    }
+
+    /// Picks a token from the logits after the last token run and hands its text on; the
+    /// token to run next, or `None` when the generation is over (end of generation, a stop
+    /// string, the length limit). A client that went away stops it.
+    pub(super) fn step(
+        &mut self,
+        logits: &[f32],
+        events: &UnboundedSender<GenEvent>,
+    ) -> Result<Option<i32>, EngineError> {
+        let id = self.sampler.sample(logits) as i32;
+        self.generated += 1;
+        self.first_token_at.get_or_insert_with(Instant::now);
+        if !self.ignore_eos && self.vocab.is_eog(id) {
+            self.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        let text = self.detok.push(id)?;
+        let (emit, stopped) = self.filter.push(&text);
+        if self.stream {
+            if !emit.is_empty() && events.send(GenEvent::Text(emit)).is_err() {
+                // The client went away: nobody reads the rest.
+                return Err(EngineError::Cancelled {
+                    generated: self.generated,
+                });
+            }
+        } else {
+            self.held.push_str(&emit);
+        }
+        if stopped {
+            self.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        if self.generated == self.max_tokens {
+            return Ok(None);
+        }
+        if events.is_closed() {
+            return Err(EngineError::Cancelled {
+                generated: self.generated,
+            });
+        }
+        Ok(Some(id))
+    }
+
+    /// Sends what was held back and returns the generation's statistics.
+    pub(super) fn end(mut self, events: &UnboundedSender<GenEvent>) -> GenStats {
+        let mut rest = std::mem::take(&mut self.held);
+        if self.finish == FinishReason::Length {
+            let (emit, _) = self.filter.push(&self.detok.finish());
+            rest.push_str(&emit);
+        }
+        rest.push_str(&self.filter.finish());
+        if !rest.is_empty() {
+            let _ = events.send(GenEvent::Text(rest));
+        }
+        let now = Instant::now();
+        let first = self.first_token_at.unwrap_or(now);
+        GenStats {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.generated,
+            finish_reason: self.finish,
+            ttft: first - self.started,
+            decode: now - first,
+        }
+    }
+}
+
+/// Ends a job the engine took at `started`: counts it, gives its place in the queue back,
+/// then tells the client (so a client that sends its next request at once finds room).
+pub(super) fn conclude(
+    job: Job,
+    result: Result<GenStats, EngineError>,
+    started: Instant,
+    tally: &Load,
+) {
+    if let Err(EngineError::Cancelled { generated }) = result {
+        tally.cancel(generated);
+    }
+    tally.finish(started.elapsed());
+    let Job {
+        events, _ticket, ..
+    } = job;
+    drop(_ticket);
+    let _ = events.send(match result {
+        Ok(stats) => GenEvent::Done(stats),
+        Err(e) => GenEvent::Error(e),
+    });
 }
 
 /// Reports the loaded model, then runs jobs one at a time until every handle is dropped.
@@ -47,20 +196,7 @@ pub fn serve(
         } else {
             run(vocab, model, &job, started)
         };
-        if let Err(EngineError::Cancelled { generated }) = result {
-            tally.cancel(generated);
-        }
-        tally.finish(started.elapsed());
-        // The queue place is free before the client hears the end, so a client that sends
-        // its next request at once finds it free.
-        let Job {
-            events, _ticket, ..
-        } = job;
-        drop(_ticket);
-        let _ = events.send(match result {
-            Ok(stats) => GenEvent::Done(stats),
-            Err(e) => GenEvent::Error(e),
-        });
+        conclude(job, result, started, tally);
     }
 }
 
@@ -116,83 +252,23 @@ fn run(
     job: &Job,
     started: Instant,
 ) -> Result<GenStats, EngineError> {
-    let req = &job.request;
-    let (prompt, max_tokens) = fit(vocab, req, model.n_ctx() as usize)?;
-    if prompt.is_empty() {
-        return Err(EngineError::EmptyPrompt);
-    }
-    let n_vocab = vocab.n_vocab();
-    if let Some(&id) = prompt.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
-        return Err(EngineError::BadToken { id, n_vocab });
-    }
+    let (prompt, mut stream) = Stream::begin(vocab, &job.request, model.n_ctx() as usize, started)?;
     model.reset()?;
-    let mut sampler = Sampler::new(req.temperature, req.top_p, req.seed);
-    let mut token = 0u32;
     let n_chunks = prompt.len().div_ceil(PROMPT_BATCH);
+    let mut next = None;
     for (i, chunk) in prompt.chunks(PROMPT_BATCH).enumerate() {
         if job.events.is_closed() {
             return Err(EngineError::Cancelled { generated: 0 });
         }
         let logits = model.forward(chunk)?;
-        if i + 1 == n_chunks {
-            token = sampler.sample(logits);
+        if i + 1 == n_chunks && stream.wants_tokens() {
+            next = stream.step(logits, &job.events)?;
         }
     }
-
-    let mut detok = vocab.detokenizer();
-    let mut filter = StopFilter::new(req.stop.clone());
-    let mut held = String::new();
-    let mut generated = 0usize;
-    let mut first_token_at: Option<Instant> = None;
-    let mut finish = FinishReason::Length;
-    while generated < max_tokens {
-        generated += 1;
-        first_token_at.get_or_insert_with(Instant::now);
-        let id = token as i32;
-        if !req.ignore_eos && vocab.is_eog(id) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        let text = detok.push(id)?;
-        let (emit, stopped) = filter.push(&text);
-        if req.stream {
-            if !emit.is_empty() && job.events.send(GenEvent::Text(emit)).is_err() {
-                // The client went away: nobody reads the rest.
-                return Err(EngineError::Cancelled { generated });
-            }
-        } else {
-            held.push_str(&emit);
-        }
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if generated == max_tokens {
-            break;
-        }
-        if job.events.is_closed() {
-            return Err(EngineError::Cancelled { generated });
-        }
-        token = sampler.sample(model.forward(&[id])?);
+    while let Some(id) = next {
+        next = stream.step(model.forward(&[id])?, &job.events)?;
     }
-    let mut rest = held;
-    if finish == FinishReason::Length {
-        let (emit, _) = filter.push(&detok.finish());
-        rest.push_str(&emit);
-    }
-    rest.push_str(&filter.finish());
-    if !rest.is_empty() {
-        let _ = job.events.send(GenEvent::Text(rest));
-    }
-    let now = Instant::now();
-    let first = first_token_at.unwrap_or(now);
-    Ok(GenStats {
-        prompt_tokens: prompt.len(),
-        completion_tokens: generated,
-        finish_reason: finish,
-        ttft: first - started,
-        decode: now - first,
-    })
+    Ok(stream.end(&job.events))
 }
 
 #[cfg(test)]

@@ -57,8 +57,8 @@ impl Engine {
         max_waiting: usize,
     ) -> Result<UnboundedReceiver<GenEvent>, QueueFull> {
         let running = self.load.running.load(Ordering::Relaxed);
-        // One more than the engine runs at once may be pending for each place in the queue.
-        let cap = max_waiting.saturating_add(1);
+        // Pending counts the requests running too: one per sequence the engine serves.
+        let cap = max_waiting.saturating_add(self.info.slots.max(1) as usize);
         self.load
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {

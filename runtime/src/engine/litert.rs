@@ -1082,6 +1082,7 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, LiteRtForward, ModelInfo), En
         threads: config.threads,
         delegate,
         delegate_fallback,
+        slots: 1,
     };
     let vocab = HfVocab {
         prompter,

@@ -1,8 +1,13 @@
-//! The llama.cpp engine for GGUF bundles: one model and context on the engine thread.
+//! The llama.cpp engine for GGUF bundles: one model and context on the engine thread,
+//! serving several requests at once as llama-server's parallel slots do. Each request has a
+//! sequence of its own in the context's cache; every step runs one batch holding the next
+//! token of each generating sequence and as much of the waiting prompts as fits, so the
+//! weights are read once per step for all of them.
 
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, TryRecvError};
+use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -12,9 +17,9 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
-use super::generate::{self, Job, PROMPT_BATCH};
+use super::generate::{conclude, Job, Stream, PROMPT_BATCH};
 use super::load::Load;
-use super::types::{Detokenizer, EngineConfig, EngineError, Forward, ModelInfo, Prompt, Vocab};
+use super::types::{Detokenizer, EngineConfig, EngineError, ModelInfo, Prompt, Vocab};
 use edgepack_text::pieces::{render_pieces, Piece};
 
 const ENGINE: &str = "llama.cpp";
@@ -60,10 +65,16 @@ pub fn run(
             return;
         }
     };
+    // One sequence of n_ctx tokens per slot, each its own part of the cache (not one cache
+    // shared by all, which a long request could fill for the others).
     let n_ctx = config.ctx_size.min(model.n_ctx_train()).max(1);
+    let slots = config.parallel.clamp(1, MAX_SLOTS);
+    let total = n_ctx.saturating_mul(slots);
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch((PROMPT_BATCH as u32).min(n_ctx))
+        .with_n_ctx(NonZeroU32::new(total))
+        .with_n_seq_max(slots)
+        .with_kv_unified(false)
+        .with_n_batch((PROMPT_BATCH as u32).min(total).max(slots))
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads)
         .with_flash_attention_policy(if config.flash_attn {
@@ -75,7 +86,7 @@ pub fn run(
         Ok(c) => c,
         Err(e) => {
             let _ = ready.send(Err(EngineError::Context {
-                n_ctx,
+                n_ctx: total,
                 reason: e.to_string(),
             }));
             return;
@@ -89,8 +100,9 @@ pub fn run(
         engine: ENGINE,
         engine_version: ggml_version(),
         library: None,
-        n_ctx: ctx.n_ctx(),
+        n_ctx: ctx.n_ctx() / slots,
         n_ctx_train: model.n_ctx_train(),
+        slots,
         n_params: Some(model.n_params()),
         size_bytes: model.size(),
         n_vocab: model.n_vocab(),
@@ -99,12 +111,222 @@ pub fn run(
         delegate: None,
         delegate_fallback: None,
     };
-    let mut fwd = LlamaForward {
-        batch: LlamaBatch::new(ctx.n_batch() as usize, 1),
-        ctx,
-        pos: 0,
-    };
-    generate::serve(&vocab, &mut fwd, info, jobs, ready, tally);
+    if ready.send(Ok(info)).is_err() {
+        return;
+    }
+    serve_slots(&vocab, ctx, slots as usize, jobs, tally);
+}
+
+/// Sequences one context serves at most (llama.cpp's own limit is 256).
+const MAX_SLOTS: u32 = 64;
+
+/// A request the engine generates for, in its own sequence of the cache.
+struct Slot<'v> {
+    job: Job,
+    started: Instant,
+    seq: i32,
+    stream: Stream<'v>,
+    prompt: Vec<i32>,
+    /// Tokens of this sequence in the cache: where the next one goes.
+    pos: i32,
+    /// The token to run next once the prompt is in: the last one sampled.
+    next: Option<i32>,
+    /// The row of this sequence's logits in the batch just run.
+    logits_at: Option<i32>,
+}
+
+impl Slot<'_> {
+    /// Prompt tokens not yet in the cache (while the prompt is read).
+    fn prompt_left(&self) -> usize {
+        self.prompt.len().saturating_sub(self.pos as usize)
+    }
+
+    /// Ends the job, with the generation's own end or with `failed`, and frees its sequence
+    /// (the cache's part for it emptied for the next request).
+    fn close(
+        self,
+        ctx: &mut LlamaContext,
+        free: &mut Vec<i32>,
+        failed: Option<EngineError>,
+        tally: &Load,
+    ) {
+        let Slot {
+            job,
+            started,
+            seq,
+            stream,
+            ..
+        } = self;
+        let result = match failed {
+            None => Ok(stream.end(&job.events)),
+            Some(e) => Err(e),
+        };
+        let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+        free.push(seq);
+        conclude(job, result, started, tally);
+    }
+}
+
+/// Runs jobs until every handle is dropped: takes waiting jobs into free sequences, then
+/// runs one batch a step for every sequence that has work (the next token of each
+/// generating one first, then prompt tokens in the room left), and hands each its logits.
+fn serve_slots(
+    vocab: &LlamaVocab,
+    mut ctx: LlamaContext,
+    n_slots: usize,
+    jobs: mpsc::Receiver<Job>,
+    tally: &Load,
+) {
+    let n_ctx_seq = (ctx.n_ctx() as usize / n_slots).max(1);
+    let room = (ctx.n_batch() as usize).max(n_slots);
+    let mut batch = LlamaBatch::new(room, 1);
+    let mut slots: Vec<Slot> = Vec::with_capacity(n_slots);
+    let mut free: Vec<i32> = (0..n_slots as i32).rev().collect();
+    let mut open = true;
+    loop {
+        // Take jobs while a sequence is free; wait for one only when there is nothing to run.
+        while open && !free.is_empty() {
+            let job = if slots.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            let started = Instant::now();
+            tally.start();
+            if job.events.is_closed() {
+                conclude(
+                    job,
+                    Err(EngineError::Cancelled { generated: 0 }),
+                    started,
+                    tally,
+                );
+                continue;
+            }
+            match Stream::begin(vocab, &job.request, n_ctx_seq, started) {
+                Err(e) => conclude(job, Err(e), started, tally),
+                Ok((prompt, stream)) => {
+                    let seq = free.pop().expect("a free sequence");
+                    slots.push(Slot {
+                        job,
+                        started,
+                        seq,
+                        stream,
+                        prompt,
+                        pos: 0,
+                        next: None,
+                        logits_at: None,
+                    });
+                }
+            }
+        }
+        if slots.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+
+        // A client that went away while its prompt waits is dropped before it costs a step.
+        let mut i = 0;
+        while i < slots.len() {
+            if slots[i].next.is_none() && slots[i].job.events.is_closed() {
+                let gone = EngineError::Cancelled { generated: 0 };
+                slots
+                    .swap_remove(i)
+                    .close(&mut ctx, &mut free, Some(gone), tally);
+            } else {
+                i += 1;
+            }
+        }
+        if slots.is_empty() {
+            continue;
+        }
+
+        batch.clear();
+        let built = fill_batch(&mut batch, &mut slots, room);
+        let ran = built.and_then(|()| ctx.decode(&mut batch).map_err(decode_err));
+        if let Err(e) = ran {
+            // A failed step leaves every sequence in it unknown: end them all.
+            let reason = match e {
+                EngineError::Decode { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            for slot in std::mem::take(&mut slots) {
+                let failed = decode_err(&reason);
+                slot.close(&mut ctx, &mut free, Some(failed), tally);
+            }
+            continue;
+        }
+
+        let mut i = 0;
+        while i < slots.len() {
+            let slot = &mut slots[i];
+            let outcome = match slot.logits_at.take() {
+                // A prompt still being read, or one after which nothing may be generated.
+                None => Ok(slot.next.is_some() || slot.prompt_left() > 0),
+                Some(row) => {
+                    let logits = ctx.get_logits_ith(row);
+                    slot.stream.step(logits, &slot.job.events).map(|next| {
+                        slot.next = next;
+                        next.is_some()
+                    })
+                }
+            };
+            match outcome {
+                Ok(true) => i += 1,
+                Ok(false) => slots.swap_remove(i).close(&mut ctx, &mut free, None, tally),
+                Err(e) => slots
+                    .swap_remove(i)
+                    .close(&mut ctx, &mut free, Some(e), tally),
+            }
+        }
+    }
+}
+
+/// Puts one step's work into `batch`: the next token of every generating sequence, then the
+/// prompts in order in the room left. Marks where each sequence's logits will be.
+fn fill_batch(batch: &mut LlamaBatch, slots: &mut [Slot], room: usize) -> Result<(), EngineError> {
+    let mut used = 0;
+    for slot in slots.iter_mut() {
+        if let Some(tok) = slot.next {
+            batch
+                .add(LlamaToken(tok), slot.pos, &[slot.seq], true)
+                .map_err(decode_err)?;
+            slot.logits_at = Some(used as i32);
+            slot.pos += 1;
+            used += 1;
+        }
+    }
+    for slot in slots.iter_mut() {
+        if slot.next.is_some() || used >= room {
+            continue;
+        }
+        let take = slot.prompt_left().min(room - used);
+        let from = slot.pos as usize;
+        for (k, &tok) in slot.prompt[from..from + take].iter().enumerate() {
+            let last_of_prompt = from + k + 1 == slot.prompt.len();
+            let wanted = last_of_prompt && slot.stream.wants_tokens();
+            batch
+                .add(LlamaToken(tok), slot.pos, &[slot.seq], wanted)
+                .map_err(decode_err)?;
+            if wanted {
+                slot.logits_at = Some(used as i32);
+            }
+            slot.pos += 1;
+            used += 1;
+        }
+    }
+    Ok(())
 }
 
 /// ggml's version and commit, as the linked library reports them.
@@ -213,42 +435,6 @@ impl Detokenizer for LlamaDetok<'_> {
         let s = String::from_utf8_lossy(&self.utf8).into_owned();
         self.utf8.clear();
         s
-    }
-}
-
-struct LlamaForward<'m> {
-    ctx: LlamaContext<'m>,
-    batch: LlamaBatch<'static>,
-    pos: i32,
-}
-
-impl Forward for LlamaForward<'_> {
-    fn n_ctx(&self) -> u32 {
-        self.ctx.n_ctx()
-    }
-
-    fn reset(&mut self) -> Result<(), EngineError> {
-        self.ctx.clear_kv_cache();
-        self.pos = 0;
-        Ok(())
-    }
-
-    fn forward(&mut self, tokens: &[i32]) -> Result<&[f32], EngineError> {
-        // The context's batch can be smaller than the prompt batch (a context under 512
-        // tokens): calls of at most its size, logits of the last token only.
-        let cap = (self.ctx.n_batch() as usize).max(1);
-        for chunk in tokens.chunks(cap) {
-            self.batch.clear();
-            for (i, &tok) in chunk.iter().enumerate() {
-                let last = i + 1 == chunk.len();
-                self.batch
-                    .add(LlamaToken(tok), self.pos + i as i32, &[0], last)
-                    .map_err(decode_err)?;
-            }
-            self.ctx.decode(&mut self.batch).map_err(decode_err)?;
-            self.pos += chunk.len() as i32;
-        }
-        Ok(self.ctx.get_logits_ith(self.batch.n_tokens() - 1))
     }
 }
 

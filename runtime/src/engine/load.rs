@@ -10,12 +10,12 @@ use std::time::Duration;
 pub struct Load {
     /// Requests handed to the engine and not yet finished: waiting or running.
     pub(super) pending: AtomicUsize,
-    /// 1 while the engine thread runs a request.
+    /// Requests the engine generates for now (at most its number of sequences).
     pub(super) running: AtomicUsize,
     /// Requests stopped because their client went away, and the tokens generated for them.
     pub(super) cancelled: AtomicU64,
     pub(super) cancelled_tokens: AtomicU64,
-    /// Requests run to an end, and the wall time they took on the engine thread.
+    /// Requests run to an end, and the wall time each took on the engine thread, summed.
     pub(super) finished: AtomicU64,
     pub(super) busy_ms: AtomicU64,
 }
@@ -23,12 +23,12 @@ pub struct Load {
 impl Load {
     /// The engine thread took a job off the queue.
     pub(super) fn start(&self) {
-        self.running.store(1, Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The engine thread is done with a job that ran for `took`.
     pub(super) fn finish(&self, took: Duration) {
-        self.running.store(0, Ordering::Relaxed);
+        self.running.fetch_sub(1, Ordering::Relaxed);
         self.finished.fetch_add(1, Ordering::Relaxed);
         self.busy_ms.fetch_add(
             u64::try_from(took.as_millis()).unwrap_or(u64::MAX),

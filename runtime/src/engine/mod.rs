@@ -4,9 +4,11 @@
 //! (sampling, stop strings, streaming, statistics) over either, so the server, metrics and
 //! bench never name an engine.
 //!
-//! An engine is not thread-safe and a board has too few cores to serve two generations at
-//! once without both getting slower, so requests queue on a channel to one engine thread and
-//! run one at a time; [`Engine::try_submit`] bounds how many may wait. Each request gets a
+//! An engine is not thread-safe, so requests queue on a channel to one engine thread.
+//! llama.cpp's runs several at once, each in its own cache sequence, in one batched decode
+//! a step (a board's cores are no faster for two threads' generations, but a batch reads the
+//! weights once for all); ONNX Runtime's and LiteRT's run one at a time.
+//! [`Engine::try_submit`] bounds how many may wait. Each request gets a
 //! channel of [`GenEvent`]s back; dropping that receiver (a client that hung up) stops the
 //! generation at the next token, or skips it if it has not started, and is counted.
 

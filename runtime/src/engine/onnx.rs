@@ -290,6 +290,7 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, OrtForward, ModelInfo), Engin
         threads: config.threads,
         delegate: None,
         delegate_fallback: None,
+        slots: 1,
     };
     let vocab = HfVocab {
         prompter,

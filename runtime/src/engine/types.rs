@@ -72,6 +72,9 @@ pub struct EngineConfig {
     pub flash_attn: bool,
     /// The accelerator delegate the bundle asks for (LiteRT only).
     pub delegate: Option<DelegatePlan>,
+    /// Requests generated together, each in its own sequence of `ctx_size` tokens (llama.cpp
+    /// only: one batched decode a step for all of them; the other engines run one).
+    pub parallel: u32,
 }
 
 /// What the loaded model and engine report about themselves.
@@ -84,8 +87,11 @@ pub struct ModelInfo {
     /// The shared library the engine was loaded from (engines loaded at run time).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub library: Option<PathBuf>,
+    /// Context of one request, in tokens.
     pub n_ctx: u32,
     pub n_ctx_train: u32,
+    /// Requests the engine generates for at once.
+    pub slots: u32,
     /// Parameters, where the format records them (GGUF).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_params: Option<u64>,

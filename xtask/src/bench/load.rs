@@ -349,12 +349,21 @@ fn level(server: &Server, clients: usize, o: &Options, extra: &Value) -> Result<
     }))
 }
 
-fn runtime_cmd(runtime: &Path, bundle: &Path, port: u16, threads: usize, o: &Options) -> Command {
+fn runtime_cmd(
+    runtime: &Path,
+    bundle: &Path,
+    port: u16,
+    threads: usize,
+    n: usize,
+    o: &Options,
+) -> Command {
     let mut c = Command::new(runtime);
     c.args(["serve", "--bundle"])
         .arg(bundle)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--threads", &threads.to_string()])
+        // One sequence per client, as llama-server's slots below.
+        .args(["--parallel", &n.to_string()])
         .args(["--ctx-size", &o.ctx.to_string()]);
     c
 }
@@ -412,7 +421,7 @@ pub fn bench(o: Options) -> Result<()> {
     for &n in &o.clients {
         eprintln!("{n} clients, {} s each", o.seconds);
         let port = free_port()?;
-        let server = start(runtime_cmd(&runtime, &bundle, port, threads, &o), port)?;
+        let server = start(runtime_cmd(&runtime, &bundle, port, threads, n, &o), port)?;
         let ours = level(&server, n, &o, &json!({}))?;
         drop(server);
         let peer = match &llama_server {
@@ -445,7 +454,7 @@ pub fn bench(o: Options) -> Result<()> {
         "ctx_per_sequence": o.ctx,
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
         "edgepack_runtime": {"binary": runtime.display().to_string(),
-            "setup": "one generation at a time, default --queue-depth; a 503 is retried after its Retry-After"},
+            "setup": "--parallel N (one sequence per client), --ctx-size ctx, default --queue-depth; a 503 is retried after its Retry-After"},
         "llama_server": llama_server.as_ref().map(|b| json!({
             "binary": b.display().to_string(),
             "llama_cpp_python": LLAMA_CPP_PYTHON,
