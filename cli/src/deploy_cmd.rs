@@ -199,6 +199,10 @@ pub struct HostArgs {
     /// Releases kept on the board besides current and previous.
     #[arg(long)]
     keep: Option<usize>,
+    /// An argument for `edgepack-runtime serve` on the board, repeated for each (replaces
+    /// the inventory's runtime_args), e.g. --runtime-arg=--threads --runtime-arg=2.
+    #[arg(long = "runtime-arg", value_name = "ARG", allow_hyphen_values = true)]
+    runtime_args: Vec<String>,
     /// Trust and record the key of a host not yet in known_hosts (a changed key is still refused).
     #[arg(long)]
     accept_new_host_key: bool,
@@ -252,6 +256,9 @@ impl HostArgs {
             }
             if let Some(k) = self.keep {
                 h.keep = k;
+            }
+            if !self.runtime_args.is_empty() {
+                h.runtime_args = self.runtime_args.clone();
             }
         }
         Ok(hosts)

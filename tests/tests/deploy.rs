@@ -732,6 +732,9 @@ fn a_signed_aarch64_bundle_deploys_and_serves_under_qemu_on_an_imx95_board() {
             .arg("--install-dir")
             .arg(board.install_dir())
             .args(["--runtime-port", &port.to_string(), "--target", "imx95"])
+            // One emulated thread: ggml's spinning pool crawls when the test machine's
+            // cores are shared.
+            .args(["--runtime-arg=--threads", "--runtime-arg=1"])
             .args(["--health-timeout", "900"]);
         c
     };
