@@ -326,6 +326,21 @@ pub fn llama_convert(hf: &Path, outtype: &str, out: &Path) {
     run_ok(&mut cmd);
 }
 
+/// [`llama_convert`] for several `(model, outtype, out)` jobs in one Python process (the
+/// converter's imports take most of a single run's time).
+pub fn llama_convert_many(jobs: &[(PathBuf, &str, PathBuf)]) {
+    let list = tempfile::NamedTempFile::new().unwrap();
+    let jobs: Vec<(&Path, &str, &Path)> = jobs
+        .iter()
+        .map(|(m, t, o)| (m.as_path(), *t, o.as_path()))
+        .collect();
+    std::fs::write(list.path(), serde_json::to_vec(&jobs).unwrap()).unwrap();
+    oracle(
+        "llama_convert_many.py",
+        &[&llama_cpp_src().join("convert_hf_to_gguf.py"), &list.path()],
+    );
+}
+
 /// SmolLM2 as an HF folder (F32, lossless from the Q4_1 GGUF), built once per test run by
 /// `edgepack export hf`.
 pub fn smollm2_hf() -> PathBuf {
