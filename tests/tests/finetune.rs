@@ -173,14 +173,15 @@ fn domain_adapter_learns_the_manual_and_loads_in_peft_with_equal_logits() {
                 "--ctx",
                 "64",
                 "--max-new-tokens",
-                "48",
+                "32",
                 "--json",
             ]),
     );
     let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
     let m = qa_means(&ev);
     // One epoch of a 135M model: measured 0.35 -> 0.41 over all 64 held-out questions,
-    // 0.34 -> 0.42 over this half.
+    // 0.34 -> 0.42 over this half, with answers of 48 tokens or of 32 (the base model's run
+    // to the limit; the tuned model's end sooner).
     assert!(
         m[1] > m[0] + 0.04,
         "held-out answer similarity base {} -> tuned {}",
