@@ -5,6 +5,11 @@
 //! needs `/run/sshd`; the host's `/run` is left alone). The client side is an ssh_config in
 //! the same temp folder (alias, port, key, a private known_hosts), passed with `-F`, so the
 //! user's own ~/.ssh is never read or written.
+//!
+//! Every command the server runs passes through a small board-side script (sshd's
+//! `ForceCommand`) that runs it unchanged unless a [`Fault`] is armed for it: a command whose
+//! text holds the armed marker then has its connection cut before or after it runs, or is
+//! held so the test can kill the client at that step, or meets a full disk.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -79,6 +84,52 @@ impl Sshd {
         self.dir.path().join(name)
     }
 
+    /// Arms `fault` for the next command whose text contains `marker` (once).
+    pub fn arm(&self, marker: &str, fault: Fault) {
+        let _ = std::fs::remove_file(self.path("fault.hit"));
+        std::fs::write(self.path("fault.action"), fault.word()).unwrap();
+        std::fs::write(self.path("fault.marker"), marker).unwrap();
+    }
+
+    /// Waits until the armed fault has struck; the exit status of the command it ran, if it
+    /// ran one.
+    pub fn wait_struck(&self, within: Duration) -> Option<i32> {
+        let t = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.path("fault.hit")) {
+                if text.ends_with('\n') {
+                    return text.trim().parse().ok();
+                }
+            }
+            assert!(
+                t.elapsed() < within,
+                "the armed fault ({}) never struck within {within:?}",
+                std::fs::read_to_string(self.path("fault.marker")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the armed fault has struck.
+    pub fn struck(&self) -> bool {
+        self.path("fault.hit").exists()
+    }
+
+    /// Runs `script` on the board as root (through the same server), for a test's own look
+    /// at what the board's processes see; its stdout.
+    pub fn board_sh(&self, script: &str) -> String {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(self.config())
+            .arg(&self.alias)
+            .arg(script)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ssh");
+        assert!(out.status.success(), "{script} on the board: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The client's ssh_config (for `--ssh-config`).
     pub fn config(&self) -> PathBuf {
         self.path("ssh_config")
@@ -109,9 +160,10 @@ impl Sshd {
     fn spawn(&mut self) {
         let d = self.dir.path().display();
         let cfg = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nAuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nMaxSessions 64\nSubsystem sftp {SFTP_SERVER}\n",
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nAuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nMaxSessions 64\nSubsystem sftp {SFTP_SERVER}\nForceCommand /bin/sh {d}/board-command\n",
             port = self.port
         );
+        std::fs::write(self.path("board-command"), board_command(self.dir.path())).unwrap();
         std::fs::write(self.path("sshd_config"), cfg).unwrap();
         let log = std::fs::File::create(self.path("sshd.log")).unwrap();
         let script = format!(
@@ -163,6 +215,67 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         self.cut();
     }
+}
+
+/// What an armed fault does to the command it strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The connection is cut (its sshd process killed) before the command runs.
+    CutBefore,
+    /// The command runs to its end, then the connection is cut before its answer is sent:
+    /// the client cannot know whether the step happened.
+    CutAfter,
+    /// The command runs to its end, then its answer is held back (for the test to kill the
+    /// client at that step).
+    HoldAfter,
+    /// The board's file system is filled (a file of all its free space beside the install
+    /// folder's `.incoming`) before the command runs.
+    FillDisk,
+}
+
+impl Fault {
+    fn word(self) -> &'static str {
+        match self {
+            Fault::CutBefore => "cut-before",
+            Fault::CutAfter => "cut-after",
+            Fault::HoldAfter => "hold-after",
+            Fault::FillDisk => "fill-disk",
+        }
+    }
+}
+
+/// The board-side script every command passes through (sshd's ForceCommand): the command
+/// runs as sshd would have run it, unless the armed marker is in its text. `fault.hit` gets
+/// a line when a fault strikes (the command's exit status when it ran one).
+fn board_command(dir: &Path) -> String {
+    format!(
+        r#"d='{d}'
+cmd=$SSH_ORIGINAL_COMMAND
+marker=$(cat "$d/fault.marker" 2>/dev/null || true)
+if [ -z "$marker" ]; then exec /bin/sh -c "$cmd"; fi
+case $cmd in *"$marker"*) ;; *) exec /bin/sh -c "$cmd" ;; esac
+action=$(cat "$d/fault.action")
+rm -f "$d/fault.marker" "$d/fault.action"
+# This connection's sshd process: the first sshd up the parent chain.
+conn=$PPID
+while [ "$conn" -gt 1 ]; do
+  case $(cat /proc/$conn/comm) in sshd|sshd-session) break ;; esac
+  conn=$(sed 's/.*) //' /proc/$conn/stat | cut -d' ' -f2)
+done
+case $action in
+  cut-before) echo > "$d/fault.hit"; kill -9 "$conn"; exit 255 ;;
+  cut-after) /bin/sh -c "$cmd" >/dev/null 2>&1; echo $? > "$d/fault.hit"; kill -9 "$conn"; exit 255 ;;
+  hold-after) /bin/sh -c "$cmd" >/dev/null 2>&1; echo $? > "$d/fault.hit"; exec sleep 600 ;;
+  fill-disk)
+    target=$(printf '%s' "$cmd" | grep -o "/[^' ]*/\.incoming" | head -n 1)
+    dd if=/dev/zero of="${{target%/.incoming}}/.filler" bs=1M 2>/dev/null
+    echo > "$d/fault.hit"
+    exec /bin/sh -c "$cmd" ;;
+esac
+exec /bin/sh -c "$cmd"
+"#,
+        d = dir.display()
+    )
 }
 
 /// Field `n` (0-based) after the parenthesised command name of /proc/<pid>/stat (which may

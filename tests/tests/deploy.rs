@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use edgepack_tests::sshd::{free_port, Board, Sshd};
+use edgepack_tests::sshd::{free_port, Board, Fault, Sshd};
 use edgepack_tests::{
     edgepack, fixtures, onnxruntime_lib, root, run_err, run_ok, runtime_bin, shared_work_dir,
     smollm2_gguf,
@@ -338,6 +338,177 @@ fn a_connection_cut_mid_upload_keeps_the_old_release_running_and_the_next_deploy
         board.serving_release().as_deref(),
         Some(release_id(&b).as_str())
     );
+}
+
+/// What a faulted deploy left the board running.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Left {
+    /// The release it ran before, untouched (same process), nothing pending.
+    Before,
+    /// The new release, switched to and started, but marked pending: never seen healthy.
+    NewPending,
+}
+
+/// The board's pending mark: the release switched to and not yet seen healthy.
+fn pending(board: &Board) -> Option<String> {
+    std::fs::read_to_string(board.install_dir().join(".pending"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Deploys `b` over `a` with `fault` armed for the first board command holding `marker`:
+/// a cut fault fails the deploy; a held one is ended by SIGKILL to `edgepack` once the board
+/// has run the step. Checks what the board runs then, and that the next deploy of `b`
+/// finishes the job.
+#[allow(clippy::too_many_arguments)]
+fn fault_case(
+    sshd: &Sshd,
+    board: &Board,
+    port: u16,
+    (a, b): (&Path, &Path),
+    step: &str,
+    marker: &str,
+    fault: Fault,
+    left: Left,
+) {
+    let (id_a, id_b) = (release_id(a), release_id(b));
+    let r = host_report(&run_ok(&mut deploy(sshd, board, a, port)));
+    assert!(
+        r["ok"] == true && board.current() == Some(id_a.clone()),
+        "{r}"
+    );
+    let pid = board.runtime_pid();
+    sshd.arm(marker, fault);
+    if fault == Fault::HoldAfter {
+        let mut child = deploy(sshd, board, b, port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        sshd.wait_struck(Duration::from_secs(120));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    } else {
+        let (out, err) = run_fail(&mut deploy(sshd, board, b, port));
+        assert!(sshd.struck(), "{step}: the fault never struck: {err}");
+        assert_eq!(
+            host_report(&out)["outcome"],
+            "failed",
+            "{step} {fault:?}: {err}"
+        );
+    }
+    let case = format!("{fault:?} at {step}");
+    match left {
+        Left::Before => {
+            assert_eq!(board.current(), Some(id_a.clone()), "{case}");
+            assert_eq!(
+                board.runtime_pid(),
+                pid,
+                "{case}: the old runtime was touched"
+            );
+            assert_eq!(board.serving_release(), Some(id_a.clone()), "{case}");
+            assert_eq!(pending(board), None, "{case}");
+        }
+        Left::NewPending => {
+            assert_eq!(board.current(), Some(id_b.clone()), "{case}");
+            assert_eq!(pending(board), Some(id_b.clone()), "{case}");
+            assert!(
+                board.install_dir().join("previous").exists(),
+                "{case}: no previous release to roll back to"
+            );
+        }
+    }
+    // `current` always names a complete release.
+    let cur = board.install_dir().join("current");
+    assert!(cur.join("manifest.json").is_file(), "{case}");
+    assert!(cur.join("bin/edgepack-runtime").is_file(), "{case}");
+    assert_eq!(health(port), Some(200), "{case}: nothing serves");
+
+    let r = host_report(&run_ok(&mut deploy(sshd, board, b, port)));
+    assert_eq!(r["outcome"], "deployed", "{case}, then again: {r}");
+    assert_eq!(board.current(), Some(id_b.clone()), "{case}");
+    assert_eq!(board.serving_release(), Some(id_b), "{case}");
+    assert_eq!(pending(board), None, "{case}");
+}
+
+#[test]
+fn the_fault_matrix_leaves_a_complete_release_serving_and_the_next_deploy_finishes() {
+    // Cuts and kills at each step of a deploy of B over A; the rows of docs/reliability.md.
+    let (a, b) = (bundle_a(), bundle_b());
+    let sshd = Sshd::start("matrix");
+    let port = free_port();
+    let ab = (a.as_path(), b.as_path());
+    // Steps that need B not on the board yet, each on a fresh board.
+    for (step, marker, fault) in [
+        ("upload", "tee -a", Fault::HoldAfter),
+        ("verification", r#"mv "$I" "$R""#, Fault::CutAfter),
+    ] {
+        let board = Board::new();
+        fault_case(&sshd, &board, port, ab, step, marker, fault, Left::Before);
+    }
+    // The switch (with the runtime's restart, one script) and the record after the health
+    // check, on one board that holds both releases.
+    let board = Board::new();
+    for (step, marker, fault, left) in [
+        ("switch", ".pending.tmp", Fault::CutBefore, Left::Before),
+        ("switch", ".pending.tmp", Fault::CutAfter, Left::NewPending),
+        ("switch", ".pending.tmp", Fault::HoldAfter, Left::NewPending),
+        (
+            "health record",
+            "health.json",
+            Fault::CutBefore,
+            Left::NewPending,
+        ),
+    ] {
+        fault_case(&sshd, &board, port, ab, step, marker, fault, left);
+    }
+}
+
+#[test]
+fn a_disk_that_fills_during_the_upload_keeps_the_old_release_and_the_next_deploy_resumes() {
+    let (a, b) = (bundle_a(), bundle_b());
+    let board = Board::new();
+    // The install folder is a file system of its own, seen only by the board's processes:
+    // room for A, then B, when the upload starts; full once it has begun.
+    let dir = board.install_dir();
+    let sshd = Sshd::start_with(
+        "board-filling",
+        &format!(
+            "mkdir -p '{d}' && mount -t tmpfs -o size=640m tmpfs '{d}'",
+            d = dir.display()
+        ),
+    );
+    let port = free_port();
+    let id_a = release_id(&a);
+    run_ok(&mut deploy(&sshd, &board, &a, port));
+    let on_board = |what: &str| sshd.board_sh(&format!("cd '{}' && {what}", dir.display()));
+    assert_eq!(
+        on_board("readlink current").trim(),
+        format!("releases/{id_a}")
+    );
+
+    sshd.arm("tee -a", Fault::FillDisk);
+    let (out, err) = run_fail(&mut deploy(&sshd, &board, &b, port));
+    assert!(sshd.struck());
+    let r = host_report(&out);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(
+        on_board("readlink current").trim(),
+        format!("releases/{id_a}")
+    );
+    assert_eq!(on_board("cat .pending 2>/dev/null || true").trim(), "");
+    assert_eq!(health(port), Some(200));
+
+    // Room again: the next deploy finishes, keeping what arrived.
+    on_board("rm .filler");
+    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    assert_eq!(r["outcome"], "deployed", "{r}");
+    assert_eq!(
+        on_board("readlink current").trim(),
+        format!("releases/{}", release_id(&b))
+    );
+    assert_eq!(health(port), Some(200));
 }
 
 #[test]

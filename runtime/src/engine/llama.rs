@@ -65,15 +65,17 @@ pub fn run(
             return;
         }
     };
-    // One sequence of n_ctx tokens per slot, each its own part of the cache (not one cache
-    // shared by all, which a long request could fill for the others).
+    // One cache of slots x n_ctx cells that every sequence shares (llama.cpp's unified KV,
+    // llama-server's default): a step's next tokens and prompt tokens of different
+    // sequences run as one pass over the weights, where separate caches split the batch by
+    // sequence. Each request is held to n_ctx tokens, so together they never fill it.
     let n_ctx = config.ctx_size.min(model.n_ctx_train()).max(1);
     let slots = config.parallel.clamp(1, MAX_SLOTS);
     let total = n_ctx.saturating_mul(slots);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(total))
         .with_n_seq_max(slots)
-        .with_kv_unified(false)
+        .with_kv_unified(true)
         .with_n_batch((PROMPT_BATCH as u32).min(total).max(slots))
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads)
