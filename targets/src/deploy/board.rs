@@ -123,12 +123,15 @@ true
     /// Appends stdin (zstd-compressed when `zstd`) to `file`, creating its folder, and prints
     /// the sha256 of the bytes appended and then the file's size: the board hashes what it
     /// receives as it writes it, so a file sent whole needs no second read to be verified.
+    /// A write that fails (a full disk) fails the script with tee's own message: `tee` still
+    /// passes what it could not write on to `sha256sum`, so only its exit status tells.
     pub fn append(&self, file: &str, zstd: bool) -> String {
         let dir = file.rsplit_once('/').map_or(".", |(d, _)| d);
         let q = quote(file);
         let source = if zstd { "zstd -dcq | " } else { "" };
+        // POSIX sh has no pipefail: tee's status leaves the pipeline on fd 3, the hash on 4.
         format!(
-            "set -e\nmkdir -p {}\n{source}tee -a {q} | sha256sum | cut -d' ' -f1\nwc -c < {q}\n",
+            "set -e\nmkdir -p {}\nexec 4>&1\nst=$( {{ {{ {source}tee -a {q}; echo $? >&3; }} | sha256sum | cut -d' ' -f1 >&4; }} 3>&1 )\n[ \"$st\" = 0 ] || exit 5\nwc -c < {q}\n",
             quote(dir)
         )
     }
