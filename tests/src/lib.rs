@@ -375,6 +375,21 @@ pub fn tiny(name: &str, spec: fixtures::Tiny) -> PathBuf {
     fixtures::build_once(&dir, |tmp| fixtures::write_tiny(tmp, &spec, &tok, 7))
 }
 
+/// `gguf_kv_diff.py` of two GGUF files (the gguf package reading both): the metadata lines
+/// that differ beyond provenance ([`is_provenance`]), and the whole report (tensor_diff...).
+pub fn gguf_diff(ours: &Path, theirs: &Path) -> (Vec<String>, serde_json::Value) {
+    let d = oracle("gguf_kv_diff.py", &[&ours, &theirs]);
+    let kv = d["kv_diff"]
+        .as_array()
+        .expect("kv_diff")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .filter(|l| !is_provenance(l))
+        .map(str::to_owned)
+        .collect();
+    (kv, d)
+}
+
 /// Whether a line of `gguf_kv_diff.py` output is about model-card provenance (`general.*` keys
 /// other than the ones llama.cpp reads), which tools legitimately write differently.
 pub fn is_provenance(diff_line: &str) -> bool {

@@ -425,7 +425,10 @@ fn fault_case(
     // A runtime restarted by the step comes up on its own.
     let t = Instant::now();
     while health(port) != Some(200) {
-        assert!(t.elapsed() < Duration::from_secs(120), "{case}: nothing serves");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "{case}: nothing serves"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

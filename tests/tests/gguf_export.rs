@@ -64,14 +64,7 @@ fn float_exports_are_byte_identical_to_llama_cpp_convert_hf_to_gguf() {
     // The peer converts every file in one process.
     llama_convert_many(&peer_jobs);
     for (what, ours, theirs) in &pairs {
-        let d = oracle("gguf_kv_diff.py", &[ours, theirs]);
-        let kv: Vec<&str> = d["kv_diff"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|v| v.as_str())
-            .filter(|l| !is_provenance(l))
-            .collect();
+        let (kv, d) = gguf_diff(ours, theirs);
         assert!(
             kv.is_empty(),
             "{what}: metadata differs from llama.cpp: {kv:#?}"
