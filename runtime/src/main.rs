@@ -41,7 +41,7 @@ enum Command {
     /// Verify the bundle, load its model, and serve /v1/chat/completions, /v1/completions,
     /// /v1/models, /health and /metrics.
     #[command(
-        after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080 --api-key-file /etc/edgepack/api-key --queue-depth 8\n  curl -s localhost:8080/v1/chat/completions -H \"Authorization: Bearer $(cat /etc/edgepack/api-key)\" -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'\n\nThe API key file holds one token (no whitespace inside) and must not be readable by every user (chmod 600). Without --api-key-file anyone who reaches the port may use it: keep the default loopback --host, or set a key before serving 0.0.0.0."
+        after_help = "Example:\n  edgepack-runtime serve --bundle /opt/edgepack/current --trusted-key /etc/edgepack/key.pub.pem --host 0.0.0.0 --port 8080 --api-key-file /etc/edgepack/api-key --parallel 4 --queue-depth 8\n  curl -s localhost:8080/v1/chat/completions -H \"Authorization: Bearer $(cat /etc/edgepack/api-key)\" -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"temperature\":0}'\n\nThe API key file holds one token (no whitespace inside) and must not be readable by every user (chmod 600). Without --api-key-file anyone who reaches the port may use it: keep the default loopback --host, or set a key before serving 0.0.0.0."
     )]
     Serve {
         #[command(flatten)]
