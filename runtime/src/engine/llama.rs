@@ -65,17 +65,18 @@ pub fn run(
             return;
         }
     };
-    // One cache of slots x n_ctx cells that every sequence shares (llama.cpp's unified KV,
-    // llama-server's default): a step's next tokens and prompt tokens of different
-    // sequences run as one pass over the weights, where separate caches split the batch by
-    // sequence. Each request is held to n_ctx tokens, so together they never fill it.
+    // Up to SHARED_CACHE_MAX_SLOTS sequences share one cache of slots x n_ctx cells
+    // (llama.cpp's unified KV): a step's next tokens and prompt tokens of different sequences
+    // run as one pass over the weights, where separate caches split the batch by sequence.
+    // Each request is held to n_ctx tokens, so together they never fill it. Beyond that, a
+    // cache each: in a shared one every token's attention spans all sequences' cells.
     let n_ctx = config.ctx_size.min(model.n_ctx_train()).max(1);
     let slots = config.parallel.clamp(1, MAX_SLOTS);
     let total = n_ctx.saturating_mul(slots);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(total))
         .with_n_seq_max(slots)
-        .with_kv_unified(true)
+        .with_kv_unified(slots <= SHARED_CACHE_MAX_SLOTS)
         .with_n_batch((PROMPT_BATCH as u32).min(total).max(slots))
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads)
@@ -121,6 +122,12 @@ pub fn run(
 
 /// Sequences one context serves at most (llama.cpp's own limit is 256).
 const MAX_SLOTS: u32 = 64;
+
+/// Sequences that share one KV cache; more get one each. `cargo xtask bench load` on two
+/// cores (SmolLM2, 512 tokens a sequence), shared against separate in back-to-back runs:
+/// 177 against 164 tok/s at 16 clients, 148 against 198 at 32; at 4 and 8 clients separate
+/// caches were 0.6-0.7x of shared ones.
+const SHARED_CACHE_MAX_SLOTS: u32 = 16;
 
 /// A request the engine generates for, in its own sequence of the cache.
 struct Slot<'v> {
