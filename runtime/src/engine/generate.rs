@@ -174,6 +174,23 @@ pub(super) fn conclude(
     });
 }
 
+/// Takes a job off the queue: counts it as running and returns it with the time it was
+/// taken, unless its client already went away (then it is ended unrun and counted).
+pub(super) fn accept(job: Job, tally: &Load) -> Option<(Job, Instant)> {
+    let started = Instant::now();
+    tally.start();
+    if job.events.is_closed() {
+        conclude(
+            job,
+            Err(EngineError::Cancelled { generated: 0 }),
+            started,
+            tally,
+        );
+        return None;
+    }
+    Some((job, started))
+}
+
 /// Reports the loaded model, then runs jobs one at a time until every handle is dropped.
 /// A job whose client went away (its receiver dropped) is skipped if it is still waiting
 /// and stopped at its next token if it runs; `tally` counts both.
@@ -189,14 +206,10 @@ pub fn serve(
         return;
     }
     while let Ok(job) = jobs.recv() {
-        let started = Instant::now();
-        tally.start();
-        let result = if job.events.is_closed() {
-            Err(EngineError::Cancelled { generated: 0 })
-        } else {
-            run(vocab, model, &job, started)
-        };
-        conclude(job, result, started, tally);
+        if let Some((job, started)) = accept(job, tally) {
+            let result = run(vocab, model, &job, started);
+            conclude(job, result, started, tally);
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
-use super::generate::{conclude, Job, Stream, PROMPT_BATCH};
+use super::generate::{accept, conclude, Job, Stream, PROMPT_BATCH};
 use super::load::Load;
 use super::types::{Detokenizer, EngineConfig, EngineError, ModelInfo, Prompt, Vocab};
 use edgepack_text::pieces::{render_pieces, Piece};
@@ -210,17 +210,9 @@ fn serve_slots(
                     }
                 }
             };
-            let started = Instant::now();
-            tally.start();
-            if job.events.is_closed() {
-                conclude(
-                    job,
-                    Err(EngineError::Cancelled { generated: 0 }),
-                    started,
-                    tally,
-                );
+            let Some((job, started)) = accept(job, tally) else {
                 continue;
-            }
+            };
             match Stream::begin(vocab, &job.request, n_ctx_seq, started) {
                 Err(e) => conclude(job, Err(e), started, tally),
                 Ok((prompt, stream)) => {
