@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use edgepack_converters::calib::eval;
 use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::import;
 use edgepack_tests::fixtures::Tiny;
@@ -67,6 +68,81 @@ fn kv_cache_decoding_equals_full_prompt_logits() {
         // A full cache refuses more positions rather than growing past its limit.
         let err = fwd.forward(&ids[..1], &mut cache).unwrap_err().to_string();
         assert!(err.contains("exceed the cache"), "{err}");
+    }
+}
+
+#[test]
+fn sequences_run_together_give_the_logits_and_answers_they_give_alone() {
+    for (name, spec) in [
+        ("llama-tied-f32", Tiny::llama()),
+        ("qwen2-untied-f32", Tiny::qwen2()),
+        ("phi3-untied-spm-f32", Tiny::phi3()),
+    ] {
+        let model = import::open(&tiny(name, spec)).unwrap();
+        let fwd = Forward::new(&model).unwrap();
+        let vocab = model.config.vocab_size;
+        let ids = token_ids(40, 520);
+        // Three sequences of different lengths, at different depths of their caches.
+        let (a, b, c) = (&ids[..7], &ids[7..10], &ids[10..22]);
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for s in [a, b, c] {
+            let mut cache = fwd.cache(32);
+            let l = fwd.forward(s, &mut cache).unwrap();
+            alone.extend_from_slice(&l[l.len() - vocab..]);
+            caches.push(cache);
+        }
+        let mut fresh: Vec<_> = (0..3).map(|_| fwd.cache(32)).collect();
+        let mut refs: Vec<_> = fresh.iter_mut().collect();
+        let together = fwd.forward_last(&[a, b, c], &mut refs).unwrap();
+        assert_eq!(together.len(), 3 * vocab);
+        let d = max_abs_diff(&together, &alone);
+        assert!(d < 1e-4, "{name}: prompts together vs alone: {d}");
+        assert_eq!(
+            fresh.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [7, 3, 12]
+        );
+
+        // One more token each, mixed with a prompt that starts now.
+        let (na, nb, d_prompt) = (&ids[22..23], &ids[23..24], &ids[24..29]);
+        let mut want = Vec::new();
+        for (s, cache) in [na, nb].into_iter().zip(caches.iter_mut()) {
+            want.extend(fwd.forward(s, cache).unwrap());
+        }
+        let l = fwd.forward(d_prompt, &mut fwd.cache(32)).unwrap();
+        want.extend_from_slice(&l[l.len() - vocab..]);
+        let mut fourth = fwd.cache(32);
+        let [fa, fb, fc] = &mut fresh[..] else {
+            unreachable!()
+        };
+        let mut refs = vec![fa, fb, &mut fourth];
+        let got = fwd.forward_last(&[na, nb, d_prompt], &mut refs).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "{name}: decode steps with a new prompt: {d}");
+        assert_eq!(fc.len(), 12, "an unlisted cache is untouched");
+
+        // Bad input changes no cache: a sequence past its cache's room.
+        let mut small = fwd.cache(4);
+        let mut refs = vec![&mut fourth, &mut small];
+        let err = fwd
+            .forward_last(&[na, &ids[..5]], &mut refs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceed the cache"), "{err}");
+        assert_eq!((fourth.len(), small.len()), (5, 0));
+
+        // Greedy generation of several prompts at once answers as each does alone.
+        let prompts: Vec<Vec<u32>> = [&ids[..3], &ids[3..11], &ids[11..12], &ids[12..30]]
+            .iter()
+            .map(|p| p.to_vec())
+            .collect();
+        let stop = [ids[35]];
+        let many = eval::generate_many(&fwd, &prompts, 12, &stop, 3).unwrap();
+        for (p, got) in prompts.iter().zip(&many) {
+            let (want, _) = eval::generate(&fwd, p, 12, &stop).unwrap();
+            assert_eq!(got, &want, "{name}: prompt of {} tokens", p.len());
+        }
+        assert!(many.iter().any(|a| a.len() == 12), "{name}: {many:?}");
     }
 }
 

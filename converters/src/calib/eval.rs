@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::calib::embed::Embedder;
-use crate::calib::forward::Forward;
+use crate::calib::forward::{Forward, KvCache};
 use crate::error::{Error, Result};
 use crate::model::chat::{Message, Prompter};
 use crate::progress::Progress;
@@ -236,6 +236,81 @@ pub fn generate(
     ))
 }
 
+/// How many questions [`answer_qa`] has the model answer at once. Measured on SmolLM2-135M,
+/// 64 questions, 40 tokens each, 2 cores: 199 s one at a time, 72 s 16 at once, 60 s 32 at
+/// once (100 MB more), 56 s 64 at once.
+pub const QA_BATCH: usize = 32;
+
+/// Greedy answers to several prompts, up to `width` of them decoded together: each step runs
+/// the next token of every answer in progress (and the prompt of any that starts) as one pass
+/// of [`Forward::forward_last`], so the weights are read once for all of them. A finished
+/// answer makes room for the next prompt. Each answer is the one [`generate`] gives alone, up
+/// to the rounding of the batched products (a near tie can go the other way). Answers come
+/// back in the order of `prompts`, without the stop token.
+pub fn generate_many(
+    f: &Forward,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    stop: &[u32],
+    width: usize,
+) -> Result<Vec<Vec<u32>>> {
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::Invalid(format!(
+            "generation needs a non-empty prompt (prompt {i} is empty)"
+        )));
+    }
+    let vocab = f.config().vocab_size;
+    let mut done: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
+    if max_new == 0 {
+        return Ok(vec![Vec::new(); prompts.len()]);
+    }
+    struct Running {
+        at: usize,
+        cache: KvCache,
+        feed: Vec<u32>,
+        out: Vec<u32>,
+    }
+    let mut waiting = prompts.iter().enumerate();
+    let mut running: Vec<Running> = Vec::new();
+    loop {
+        while running.len() < width.max(1) {
+            let Some((at, p)) = waiting.next() else { break };
+            running.push(Running {
+                at,
+                cache: f.cache(p.len() + max_new),
+                feed: p.clone(),
+                out: Vec::new(),
+            });
+        }
+        if running.is_empty() {
+            break;
+        }
+        let feeds: Vec<Vec<u32>> = running
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.feed))
+            .collect();
+        let seqs: Vec<&[u32]> = feeds.iter().map(Vec::as_slice).collect();
+        let mut caches: Vec<&mut KvCache> = running.iter_mut().map(|r| &mut r.cache).collect();
+        let logits = f.forward_last(&seqs, &mut caches)?;
+        let mut i = 0;
+        running.retain_mut(|r| {
+            let next = argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
+            i += 1;
+            let finished = stop.contains(&next) || {
+                r.out.push(next);
+                r.out.len() == max_new
+            };
+            if finished {
+                done[r.at] = Some(std::mem::take(&mut r.out));
+            } else {
+                r.feed = vec![next];
+            }
+            !finished
+        });
+    }
+    Ok(done.into_iter().map(Option::unwrap_or_default).collect())
+}
+
 /// One model's answers to a question set, scored against the reference answers.
 #[derive(Debug, Clone, Serialize)]
 pub struct QaScore {
@@ -279,8 +354,8 @@ pub fn read_qa(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 /// Lets the model `f` answer every question greedily through its chat template (at most
-/// `max_new` tokens) and scores each answer by its embedding's cosine similarity to the
-/// reference answer.
+/// `max_new` tokens, [`QA_BATCH`] questions decoded together) and scores each answer by its
+/// embedding's cosine similarity to the reference answer.
 pub fn answer_qa(
     name: &str,
     f: &Forward,
@@ -289,10 +364,13 @@ pub fn answer_qa(
     items: &[(String, String)],
     max_new: usize,
 ) -> Result<QaScore> {
-    let mut answers = Vec::new();
-    for (q, reference) in items {
-        let ids = p.chat(&[Message::user(q)])?;
-        let (out, _) = generate(f, &ids, max_new, p.stop_ids())?;
+    let prompts = items
+        .iter()
+        .map(|(q, _)| p.chat(&[Message::user(q)]))
+        .collect::<Result<Vec<_>>>()?;
+    let outs = generate_many(f, &prompts, max_new, p.stop_ids(), QA_BATCH)?;
+    let mut answers = Vec::with_capacity(items.len());
+    for ((q, reference), out) in items.iter().zip(outs) {
         let answer = p.decode(&out)?;
         let similarity = e.similarity(&answer, reference)?;
         answers.push(QaAnswer {

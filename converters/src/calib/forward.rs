@@ -3,8 +3,9 @@
 //!
 //! It owns: loading every weight of a [`Model`] into memory, RMSNorm, rotary embeddings (plain,
 //! linear and llama3 scaling) in the HF `rotate_half` layout on HF-ordered Q/K rows,
-//! grouped-query causal attention, the SiLU-gated MLP, and the hook that shows a calibration
-//! observer the input activations of every linear layer. It is the numeric reference the
+//! grouped-query causal attention, the SiLU-gated MLP, several sequences in one pass (each with
+//! its own cache, for packed training and batched generation), and the hook that shows a
+//! calibration observer the input activations of every linear layer. It is the numeric reference the
 //! exporters and quantizers are judged against, so it follows transformers' float32 eager path
 //! rather than any fused or approximate kernel.
 
@@ -647,7 +648,7 @@ impl Forward {
     /// positions a loss is taken on).
     pub fn logits_graph(&self, tokens: &[u32], rows: Option<&[u32]>) -> Result<CTensor> {
         let mut cache = self.cache(tokens.len());
-        self.run_tensor(tokens, &mut cache, None, None, rows, None)
+        self.run_tensor(tokens, &mut [&mut cache], &[tokens.len()], None, None, rows)
     }
 
     /// As [`Forward::logits_graph`] over several sequences packed one after another in
@@ -659,8 +660,38 @@ impl Forward {
         lengths: &[usize],
         rows: Option<&[u32]>,
     ) -> Result<CTensor> {
-        let mut cache = self.cache(tokens.len());
-        self.run_tensor(tokens, &mut cache, None, None, rows, Some(lengths))
+        let mut caches: Vec<KvCache> = lengths.iter().map(|&len| self.cache(len)).collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        self.run_tensor(tokens, &mut refs, lengths, None, None, rows)
+    }
+
+    /// Runs several sequences in one pass, each continuing its own cache: `seqs[i]` is
+    /// appended after what `caches[i]` holds (a prompt, or the one token sampled last).
+    /// Every linear runs once over all their rows, so `k` sequences cost about what one does
+    /// while the weights dominate; positions and attention stay within each sequence.
+    /// Returns the logits of each sequence's last token, `[seqs.len(), vocab]` row-major.
+    /// Bad input is refused before any cache changes.
+    pub fn forward_last(&self, seqs: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Vec<f32>> {
+        if seqs.len() != caches.len() {
+            return Err(Error::Invalid(format!(
+                "forward pass: {} sequences with {} caches",
+                seqs.len(),
+                caches.len()
+            )));
+        }
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut end = 0u32;
+        for &len in &lengths {
+            end += len as u32;
+            rows.push(end.saturating_sub(1));
+        }
+        let tokens: Vec<u32> = seqs.concat();
+        self.run_tensor(&tokens, caches, &lengths, None, None, Some(&rows))?
+            .flatten_all()
+            .map_err(ce)?
+            .to_vec1::<f32>()
+            .map_err(ce)
     }
 
     /// A fresh KV cache for up to `max_len` positions.
@@ -717,42 +748,54 @@ impl Forward {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        self.run_tensor(tokens, cache, observer, pr, None, None)?
+        self.run_tensor(tokens, &mut [cache], &[tokens.len()], observer, pr, None)?
             .flatten_all()
             .map_err(ce)?
             .to_vec1::<f32>()
             .map_err(ce)
     }
 
-    /// The logits `[tokens.len(), vocab]` as a tensor, which keeps the autograd graph of any
-    /// LoRA attached.
+    /// The logits `[tokens.len(), vocab]` (or of `rows` only) as a tensor, which keeps the
+    /// autograd graph of any LoRA attached. `tokens` holds one run of `lengths[i]` tokens per
+    /// sequence, each appended after what `caches[i]` holds.
     fn run_tensor(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
+        lengths: &[usize],
         mut observer: Observer<'_>,
         mut pr: Probe<'_>,
         rows: Option<&[u32]>,
-        segments: Option<&[usize]>,
     ) -> Result<CTensor> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
             return Err(Error::Invalid("forward pass: no tokens".into()));
         }
-        if cache.layers.len() != self.layers.len() {
+        if lengths.len() != caches.len()
+            || lengths.iter().sum::<usize>() != n
+            || lengths.contains(&0)
+        {
             return Err(Error::Invalid(format!(
-                "forward pass: the KV cache has {} layers, {} has {}",
-                cache.layers.len(),
-                self.source.display(),
-                self.layers.len()
+                "forward pass: sequence lengths {lengths:?} do not split {n} tokens over {} caches",
+                caches.len()
             )));
         }
-        if cache.len + n > cache.max_len {
-            return Err(Error::Invalid(format!(
-                "forward pass: {} positions held + {n} new exceed the cache's {}",
-                cache.len, cache.max_len
-            )));
+        for (cache, &len) in caches.iter().zip(lengths) {
+            if cache.layers.len() != self.layers.len() {
+                return Err(Error::Invalid(format!(
+                    "forward pass: the KV cache has {} layers, {} has {}",
+                    cache.layers.len(),
+                    self.source.display(),
+                    self.layers.len()
+                )));
+            }
+            if cache.len + len > cache.max_len {
+                return Err(Error::Invalid(format!(
+                    "forward pass: {} positions held + {len} new exceed the cache's {}",
+                    cache.len, cache.max_len
+                )));
+            }
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::Invalid(format!(
@@ -761,36 +804,37 @@ impl Forward {
                 c.vocab_size
             )));
         }
-        let past = cache.len;
-        let total = past + n;
+        if let Some(&bad) = rows.and_then(|r| r.iter().find(|&&r| r as usize >= n)) {
+            return Err(Error::Invalid(format!(
+                "forward pass: row {bad} of {n} positions asked for"
+            )));
+        }
         let ids = CTensor::from_slice(tokens, n, &Device::Cpu).map_err(ce)?;
         let mut x = self.embed.index_select(&ids, 0).map_err(ce)?;
-        let (positions, parts): (Vec<usize>, Vec<(usize, CTensor)>) = match segments {
-            None => ((past..total).collect(), vec![(0, causal_mask(past, n)?)]),
-            Some(lengths) => {
-                if past != 0 || lengths.iter().sum::<usize>() != n || lengths.contains(&0) {
-                    return Err(Error::Invalid(format!(
-                        "forward pass: packed lengths {lengths:?} do not cover {n} new tokens from an empty cache"
-                    )));
-                }
-                let mut parts = Vec::with_capacity(lengths.len());
-                let mut start = 0;
-                for &len in lengths {
-                    parts.push((start, causal_mask(0, len)?));
-                    start += len;
-                }
-                (lengths.iter().flat_map(|&len| 0..len).collect(), parts)
-            }
-        };
+        // Each sequence's rows: where they start, and what they may attend to.
+        let mut positions = Vec::with_capacity(n);
+        let mut parts = Vec::with_capacity(lengths.len());
+        let mut start = 0;
+        for (cache, &len) in caches.iter().zip(lengths) {
+            positions.extend(cache.len..cache.len + len);
+            parts.push((start, causal_mask(cache.len, len)?));
+            start += len;
+        }
+        // Probes see one sequence's tensors only.
+        if parts.len() > 1 {
+            pr = None;
+        }
         let (cos, sin) = self.rope_tables(&positions)?;
-        for (l, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (l, layer) in self.layers.iter().enumerate() {
             probe(&mut pr, Some(l), "attn_in", &x);
             let xn = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
             probe(&mut pr, Some(l), "attn_norm", &xn);
+            let mut slots: Vec<&mut Option<(CTensor, CTensor)>> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
             let a = self.attention(
                 layer,
                 &xn,
-                slot,
+                &mut slots,
                 &cos,
                 &sin,
                 &parts,
@@ -805,13 +849,10 @@ impl Forward {
             let m = mlp(layer, &xn, c.intermediate_size, &mut observer, &mut pr, l)?;
             x = (x + m).map_err(ce)?;
         }
-        cache.len = total;
+        for (cache, &len) in caches.iter_mut().zip(lengths) {
+            cache.len += len;
+        }
         if let Some(rows) = rows {
-            if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
-                return Err(Error::Invalid(format!(
-                    "forward pass: row {bad} of {n} positions asked for"
-                )));
-            }
             let idx = CTensor::from_slice(rows, rows.len(), &Device::Cpu).map_err(ce)?;
             x = x.index_select(&idx, 0).map_err(ce)?;
         }
@@ -853,7 +894,7 @@ impl Forward {
         &self,
         layer: &Layer,
         x: &CTensor,
-        slot: &mut Option<(CTensor, CTensor)>,
+        slots: &mut [&mut Option<(CTensor, CTensor)>],
         cos: &CTensor,
         sin: &CTensor,
         parts: &[(usize, CTensor)],
@@ -895,30 +936,33 @@ impl Forward {
         let v = heads(v, nkv)?;
         probe(pr, Some(l), "q_rot", &q);
         probe(pr, Some(l), "k_rot", &k);
-        let (k, v) = match slot.take() {
-            Some((pk, pv)) => (
-                CTensor::cat(&[&pk, &k], 1).map_err(ce)?,
-                CTensor::cat(&[&pv, &v], 1).map_err(ce)?,
-            ),
-            None => (k, v),
-        };
-        let out = if parts.len() == 1 {
-            self.attend(&q, &k, &v, &parts[0].1, pr, l)?
+        // Each sequence attends to its own cache and new rows only.
+        let mut outs = Vec::with_capacity(parts.len());
+        for ((start, mask), slot) in parts.iter().zip(slots.iter_mut()) {
+            let len = mask.dim(0).map_err(ce)?;
+            let part = |t: &CTensor| -> Result<CTensor> {
+                if parts.len() == 1 {
+                    return Ok(t.clone());
+                }
+                t.narrow(1, *start, len)
+                    .and_then(|t| t.contiguous())
+                    .map_err(ce)
+            };
+            let (k, v) = match slot.take() {
+                Some((pk, pv)) => (
+                    CTensor::cat(&[&pk, &part(&k)?], 1).map_err(ce)?,
+                    CTensor::cat(&[&pv, &part(&v)?], 1).map_err(ce)?,
+                ),
+                None => (part(&k)?, part(&v)?),
+            };
+            outs.push(self.attend(&part(&q)?, &k, &v, mask, pr, l)?);
+            **slot = Some((k, v));
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one part")
         } else {
-            // Packed sequences: each attends only to itself.
-            let mut outs = Vec::with_capacity(parts.len());
-            for (start, mask) in parts {
-                let len = mask.dim(0).map_err(ce)?;
-                let part = |t: &CTensor| {
-                    t.narrow(1, *start, len)
-                        .and_then(|t| t.contiguous())
-                        .map_err(ce)
-                };
-                outs.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, mask, &mut None, l)?);
-            }
             CTensor::cat(&outs, 0).map_err(ce)?
         };
-        *slot = Some((k, v));
         probe(pr, Some(l), "attn", &out);
         let o = layer.o.apply(&out, observer)?;
         probe(pr, Some(l), "o", &o);
