@@ -241,6 +241,10 @@ pub fn generate(
 /// once (100 MB more), 56 s 64 at once.
 pub const QA_BATCH: usize = 32;
 
+/// At most this many rows (prompt tokens, and one per answer in progress) go into one step of
+/// [`generate_many`].
+const STEP_ROWS: usize = 2048;
+
 /// Greedy answers to several prompts, up to `width` of them decoded together: each step runs
 /// the next token of every answer in progress (and the prompt of any that starts) as one pass
 /// of [`Forward::forward_last`], so the weights are read once for all of them. A finished
@@ -270,11 +274,19 @@ pub fn generate_many(
         feed: Vec<u32>,
         out: Vec<u32>,
     }
-    let mut waiting = prompts.iter().enumerate();
+    let mut waiting = prompts.iter().enumerate().peekable();
     let mut running: Vec<Running> = Vec::new();
     loop {
+        // Prompts start while the step stays within STEP_ROWS rows (one always does), which
+        // bounds the activations a step holds.
+        let mut rows: usize = running.iter().map(|r| r.feed.len()).sum();
         while running.len() < width.max(1) {
+            let Some(&(_, p)) = waiting.peek() else { break };
+            if !running.is_empty() && rows + p.len() > STEP_ROWS {
+                break;
+            }
             let Some((at, p)) = waiting.next() else { break };
+            rows += p.len();
             running.push(Running {
                 at,
                 cache: f.cache(p.len() + max_new),
