@@ -137,14 +137,17 @@ const AFTER_IMPORT: &str = "Examples:
   edgepack deploy out/ --inventory fleet.toml --group cams
 
 Reads Ansible's INI (`[group]`, `[group:children]`, `[group:vars]`, `name key=value ...`,
-ranges like cam[01:08].example, name:port) and YAML (`all: hosts: / children: / vars:`)
-inventories. all's vars become [defaults], each group a [groups.NAME] table, each host a
+ranges like cam[01:08].example, name:port, IPv6 as [2001:db8::1]:2222) and YAML (`all: hosts:
+/ children: / vars:`) inventories. all's vars become [defaults], each group a [groups.NAME] table, each host a
 [[hosts]] entry listing its groups and their parents (parents first, so a child group's vars
 win, as in Ansible). Variables: ansible_host (address), ansible_user, ansible_port,
 edgepack_target or target, edgepack_install_dir, edgepack_runtime_port, edgepack_runner,
 edgepack_keep, edgepack_service, edgepack_ssh_config. Other variables are ignored and listed
-in a warning; an unknown edgepack_* variable is an error. Errors name the file and line. The
-output is written atomically and an existing file is kept unless --force.";
+in a warning; an unknown edgepack_* variable is an error. A setting's {{ variable }}
+references are rendered per host with the variables it sees (and inventory_hostname); other
+Jinja (filters, expressions, blocks) is refused. Errors name the file and line. The output is
+written atomically and an existing file is kept unless --force. With --json, each host's
+resolved settings are listed.";
 
 #[derive(Subcommand, Debug)]
 pub enum FleetCommand {
@@ -581,11 +584,27 @@ pub fn run(cmd: DeployCommand, json: bool) -> Result<()> {
                 );
             }
             if json {
+                let resolved: Vec<_> = imported
+                    .resolved
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+                            "name": h.name,
+                            "address": h.address,
+                            "user": h.user,
+                            "port": h.port,
+                            "target": h.target,
+                            "install_dir": h.install_dir,
+                            "runtime_port": h.runtime_port,
+                        })
+                    })
+                    .collect();
                 let v = serde_json::json!({
                     "output": output,
                     "hosts": imported.hosts,
                     "groups": imported.groups,
                     "ignored": imported.ignored,
+                    "resolved": resolved,
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

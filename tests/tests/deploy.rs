@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use edgepack_tests::sshd::{free_port, Board, Fault, Sshd};
 use edgepack_tests::{
-    edgepack, fixtures, onnxruntime_lib, root, run_err, run_ok, runtime_bin, shared_work_dir,
-    smollm2_gguf,
+    edgepack, fixtures, onnxruntime_lib, python, root, run_err, run_ok, runtime_bin,
+    shared_work_dir, smollm2_gguf,
 };
 use serde_json::Value;
 
@@ -1216,6 +1216,146 @@ fn a_fleet_rollout_stops_at_a_failed_canary_or_past_max_failures_and_reruns_only
     let (out, v) = deploy_fleet(&a, &imported, &["--group", "line"]);
     assert!(out.status.success(), "{v}");
     assert_eq!(outcomes(&v), named(&[(0, "unchanged"), (1, "unchanged")]));
+}
+
+/// Each host's settings as Ansible itself renders them (`ansible all -m debug`, which runs
+/// on this machine without connecting), by inventory name.
+fn ansible_view(inventory: &Path, work: &Path) -> std::collections::BTreeMap<String, Value> {
+    let msg = "{{ {'address': ansible_host | default(inventory_hostname), \
+               'port': ansible_port | default(none), 'user': ansible_user | default(none), \
+               'target': edgepack_target | default(target | default(none)), \
+               'install_dir': edgepack_install_dir, \
+               'runtime_port': edgepack_runtime_port | int} | to_json }}";
+    let ansible = python().with_file_name("ansible");
+    let out = run_ok(
+        Command::new(&ansible)
+            .arg("all")
+            .arg("-i")
+            .arg(inventory)
+            .args(["-m", "debug", "-a"])
+            .arg(format!("msg=\"{msg}\""))
+            .arg("-o")
+            .env("ANSIBLE_HOME", work.join("ansible-home"))
+            .env("ANSIBLE_LOCAL_TEMP", work.join("ansible-tmp"))
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_INVENTORY_ENABLED", "ini,yaml"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut hosts = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.contains(" | SUCCESS => ")) {
+        let (name, rest) = line.split_once(" | SUCCESS => ").unwrap();
+        let v: Value = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let msg: Value = serde_json::from_str(v["msg"].as_str().unwrap()).unwrap();
+        hosts.insert(name.trim().to_string(), msg);
+    }
+    hosts
+}
+
+#[test]
+fn fleet_import_resolves_each_host_as_ansible_renders_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ini = dir.path().join("hosts.ini");
+    std::fs::write(
+        &ini,
+        "\
+gateway ansible_host=10.0.0.1 site=hq target=rpi5
+
+[cams]
+cam[01:03].north site=north ansible_user=pi
+cam04.south:2222 site=south ansible_host='{{ inventory_hostname_short }}.{{ site }}.lan'
+[2001:db8::12]:2200 site=v6
+
+[cams:vars]
+edgepack_target=imx95
+edgepack_install_dir=/opt/{{ site }}/edgepack
+ansible_port=22
+
+[sensors]
+sensor-[a:b] edgepack_target=rpi5 site=field edgepack_runtime_port='{{ sensor_port }}'
+
+[sensors:vars]
+sensor_port=9191
+
+[line_a:children]
+cams
+sensors
+
+[line_a:vars]
+edgepack_target=generic-x86_64
+edgepack_runtime_port=9090
+
+[all:vars]
+ansible_user=root
+edgepack_install_dir=/srv/{{ site }}
+edgepack_runtime_port=8080
+",
+    )
+    .unwrap();
+    let yml = dir.path().join("hosts.yml");
+    std::fs::write(
+        &yml,
+        "\
+all:
+  vars:
+    ansible_user: root
+    root: /data
+    edgepack_install_dir: '{{ root }}/{{ inventory_hostname_short }}'
+    edgepack_runtime_port: 8080
+  children:
+    boards:
+      vars:
+        edgepack_target: imx93
+      hosts:
+        b[1:2].lab:
+          ansible_port: 2022
+        '[fe80::7]:2023':
+        b3.lab:
+          ansible_host: '{{ inventory_hostname }}.example'
+          edgepack_target: imx95
+",
+    )
+    .unwrap();
+    for inventory in [&ini, &yml] {
+        let fleet = dir.path().join("fleet.toml");
+        let _ = std::fs::remove_file(&fleet);
+        let out = run_ok(
+            edgepack()
+                .args(["--json", "fleet", "import"])
+                .arg(inventory)
+                .arg("-o")
+                .arg(&fleet),
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ours = v["resolved"].as_array().unwrap();
+        let theirs = ansible_view(inventory, dir.path());
+        assert_eq!(ours.len(), theirs.len(), "{v}\n{theirs:?}");
+        for h in ours {
+            let name = h["name"].as_str().unwrap();
+            let want = &theirs
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not in Ansible's view {theirs:?}"));
+            for key in [
+                "address",
+                "port",
+                "user",
+                "target",
+                "install_dir",
+                "runtime_port",
+            ] {
+                // Ansible keeps an INI value as text, and a YAML number as a number.
+                let norm = |x: &Value| match x {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                assert_eq!(
+                    norm(&h[key]),
+                    norm(&want[key]),
+                    "{}: host {name}: {key}",
+                    inventory.display()
+                );
+            }
+        }
+    }
 }
 
 #[test]

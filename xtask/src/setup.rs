@@ -36,6 +36,8 @@ const REQUIREMENTS: &[&str] = &[
     "ai-edge-litert==2.3.0",
     // Arm's compiler for the i.MX 93's Ethos-U65; `edgepack bundle` runs it.
     "ethos-u-vela==5.2.0",
+    // `ansible`, which renders inventories for the fleet import's check.
+    "ansible-core==2.19.14",
 ];
 
 /// The registry package that ships SmolLM2-135M-Instruct as a Q4_1 GGUF.

@@ -34,6 +34,8 @@ pub struct Imported {
     pub groups: usize,
     /// Variables edgepack has no setting for, sorted.
     pub ignored: Vec<String>,
+    /// Each host as deploy reads the fleet file: every setting resolved.
+    pub resolved: Vec<super::HostConfig>,
 }
 
 /// Which syntax an inventory file is in.
@@ -299,8 +301,35 @@ impl Inventory {
                 .filter(|n| keep(n, &self.groups[*n]))
                 .collect();
             ordered.sort_by_key(|n| (depth[*n], *n));
+            // Every variable the host sees, the nearest layer winning: `all`, its groups
+            // parents first, then its own.
+            let mut merged: BTreeMap<&str, &Var> = BTreeMap::new();
+            let layers = std::iter::once(&self.groups[ALL].vars)
+                .chain(ordered.iter().map(|n| &self.groups[*n].vars))
+                .chain(std::iter::once(&h.vars));
+            for vars in layers {
+                for (k, v) in vars {
+                    merged.insert(k, v);
+                }
+            }
+            // Templated settings become the host's own, rendered with its variables.
+            let mut own_vars = h.vars.clone();
+            for (k, v) in &merged {
+                let address = matches!(*k, "ansible_host" | "ansible_ssh_host");
+                if is_setting(k) && !address && v.value.as_deref().is_some_and(templated) {
+                    let value = self.render(k, v, &merged, &h.name, 0)?;
+                    own_vars.insert(
+                        k.to_string(),
+                        Var {
+                            value: Some(value),
+                            line: v.line,
+                        },
+                    );
+                }
+            }
             // The address: the host's own ansible_host, else the nearest group's, else the
-            // inventory name.
+            // inventory name; a bracketed IPv6 address loses its brackets, which ssh does not
+            // take.
             let mut address = h.name.clone();
             let layers = std::iter::once(&self.groups[ALL].vars)
                 .chain(ordered.iter().map(|n| &self.groups[*n].vars))
@@ -310,10 +339,18 @@ impl Inventory {
                     .get("ansible_host")
                     .or_else(|| vars.get("ansible_ssh_host"))
                 {
-                    address = self.scalar("ansible_host", v)?.to_string();
+                    address = match v.value.as_deref() {
+                        Some(t) if templated(t) => {
+                            self.render("ansible_host", v, &merged, &h.name, 0)?
+                        }
+                        _ => self.scalar("ansible_host", v)?.to_string(),
+                    };
                 }
             }
-            let own = self.settings(&h.vars, &mut ignored)?;
+            if let Some((ip, None)) = bracketed_ipv6(&address) {
+                address = ip.to_string();
+            }
+            let own = self.settings(&own_vars, &mut ignored)?;
             hosts.push(HostEntry::with_settings(
                 Some(h.name.clone()),
                 address,
@@ -344,12 +381,13 @@ impl Inventory {
                 .unwrap_or_default()
         );
         // What deploy will read: the same loader, so the output is known to load.
-        inventory::parse(&text, &self.path, None)?;
+        let resolved = inventory::parse(&text, &self.path, None)?;
         Ok(Imported {
             toml: text,
             hosts: file.hosts.len(),
             groups: file.groups.len(),
             ignored: ignored.into_iter().collect(),
+            resolved,
         })
     }
 
@@ -460,6 +498,11 @@ impl Inventory {
         let mut ordered: Vec<(&String, &Var)> = vars.iter().collect();
         ordered.sort_by_key(|(k, _)| !k.starts_with("ansible_ssh_"));
         for (k, v) in ordered {
+            // A template is rendered for each host that uses it (see `render`), as Ansible
+            // renders it in each host's context.
+            if is_setting(k) && v.value.as_deref().is_some_and(templated) {
+                continue;
+            }
             match k.as_str() {
                 "ansible_host" | "ansible_ssh_host" => {}
                 "ansible_user" | "ansible_ssh_user" => s.user = Some(text(k, v)?),
@@ -483,6 +526,102 @@ impl Inventory {
             }
         }
         Ok(s)
+    }
+}
+
+/// Variables that become fleet settings (and the address); only these are rendered.
+fn is_setting(k: &str) -> bool {
+    matches!(
+        k,
+        "ansible_host"
+            | "ansible_ssh_host"
+            | "ansible_user"
+            | "ansible_ssh_user"
+            | "ansible_port"
+            | "ansible_ssh_port"
+            | "target"
+    ) || k.starts_with("edgepack_")
+}
+
+/// Whether a value holds Jinja, which Ansible renders when it uses the variable.
+fn templated(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%") || s.contains("{#")
+}
+
+/// How deep one variable's template may refer to others.
+const MAX_TEMPLATE_DEPTH: usize = 16;
+
+impl Inventory {
+    /// Renders `{{ name }}` references in `v` (variable `field`) with the variables host
+    /// `host` sees, `inventory_hostname` and `inventory_hostname_short` as Ansible sets them.
+    /// Filters, tests, expressions and `{% %}` blocks are refused by line: edgepack does not
+    /// evaluate Jinja, and a value taken literally would reach ssh as a host name.
+    fn render(
+        &self,
+        field: &str,
+        v: &Var,
+        vars: &BTreeMap<&str, &Var>,
+        host: &str,
+        depth: usize,
+    ) -> Result<String, DeployError> {
+        let text = self.scalar(field, v)?;
+        if depth > MAX_TEMPLATE_DEPTH {
+            return Err(self.err(
+                v.line,
+                format!("{field}: its template refers to itself (through {MAX_TEMPLATE_DEPTH} variables or more)"),
+            ));
+        }
+        if text.contains("{%") || text.contains("{#") {
+            return Err(self.err(
+                v.line,
+                format!("{field}: `{text}`: Jinja blocks and comments are not evaluated; only {{{{ variable }}}} references are\nhint: write the value itself"),
+            ));
+        }
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(open) = rest.find("{{") {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 2..];
+            let close = after.find("}}").ok_or_else(|| {
+                self.err(
+                    v.line,
+                    format!("{field}: `{text}`: a {{{{ without its }}}}"),
+                )
+            })?;
+            let name = after[..close].trim();
+            let plain = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !plain {
+                return Err(self.err(
+                    v.line,
+                    format!("{field}: `{{{{{}}}}}` is a Jinja expression; only {{{{ variable }}}} references are evaluated\nhint: write the value itself", &after[..close]),
+                ));
+            }
+            let value = match name {
+                "inventory_hostname" => host.to_string(),
+                "inventory_hostname_short" => host.split('.').next().unwrap_or(host).to_string(),
+                _ => {
+                    let r = vars.get(name).ok_or_else(|| {
+                        self.err(
+                            v.line,
+                            format!("{field}: `{{{{ {name} }}}}`: host `{host}` has no variable `{name}`"),
+                        )
+                    })?;
+                    if r.value.as_deref().is_some_and(templated) {
+                        self.render(name, r, vars, host, depth + 1)?
+                    } else {
+                        self.scalar(name, r)?.to_string()
+                    }
+                }
+            };
+            out.push_str(&value);
+            rest = &after[close + 2..];
+        }
+        out.push_str(rest);
+        Ok(out)
     }
 }
 
@@ -581,13 +720,32 @@ fn split_port(pattern: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// A bracketed IPv6 address, `[2001:db8::1]` or `[2001:db8::1]:2222`, as Ansible writes one
+/// with a port: the address and the port.
+fn bracketed_ipv6(pattern: &str) -> Option<(&str, Option<&str>)> {
+    let rest = pattern.strip_prefix('[')?;
+    let (addr, tail) = rest.split_once(']')?;
+    addr.parse::<std::net::Ipv6Addr>().ok()?;
+    match tail {
+        "" => Some((addr, None)),
+        _ => Some((addr, Some(tail.strip_prefix(':')?))),
+    }
+}
+
 /// The hosts a pattern names, with the port it sets as a variable.
 fn hosts_of(
     inv: &Inventory,
     pattern: &str,
     line: usize,
 ) -> Result<(Vec<String>, Option<Var>), DeployError> {
-    let (names, port) = split_port(pattern);
+    let (names, port) = match bracketed_ipv6(pattern) {
+        Some((addr, port)) => (vec![addr.to_string()], port),
+        None => {
+            let (names, port) = split_port(pattern);
+            let names = expand(names).map_err(|m| inv.err(line, format!("host: {m}")))?;
+            (names, port)
+        }
+    };
     let port = match port {
         Some(p) => {
             let v = Var {
@@ -599,7 +757,6 @@ fn hosts_of(
         }
         None => None,
     };
-    let names = expand(names).map_err(|m| inv.err(line, format!("host: {m}")))?;
     Ok((names, port))
 }
 
@@ -668,8 +825,10 @@ fn parse_ini(text: &str, path: &Path) -> Result<Inventory, DeployError> {
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        if line.starts_with('[') {
-            let head = line.split(['#', ';']).next().unwrap_or(line).trim();
+        let head = line.split(['#', ';']).next().unwrap_or(line).trim();
+        // A bracketed line is a section header; one that goes on past its `]` is a host, as
+        // an IPv6 address with a port (`[2001:db8::1]:2222`) is.
+        if line.starts_with('[') && head.ends_with(']') {
             let inner = head
                 .strip_prefix('[')
                 .and_then(|h| h.strip_suffix(']'))
@@ -1253,6 +1412,95 @@ all:
         assert_eq!(hs[4].address, "10.0.1.1");
         assert_eq!(hs[4].port, Some(2200));
         assert_eq!(hs[4].target.as_deref(), Some("generic-x86_64"));
+    }
+
+    #[test]
+    fn ipv6_hosts_with_and_without_a_port_keep_their_address() {
+        let i = ini("[boards]\n[2001:db8::12]:2222\n2001:db8::13\nb14 ansible_host=[2001:db8::14]\n[::1] ansible_port=2200\n").unwrap();
+        let hs = fleet(&i);
+        let got: Vec<(&str, &str, Option<u16>)> = hs
+            .iter()
+            .map(|h| (h.name.as_str(), h.address.as_str(), h.port))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("2001:db8::12", "2001:db8::12", Some(2222)),
+                ("2001:db8::13", "2001:db8::13", None),
+                ("b14", "2001:db8::14", None),
+                ("::1", "::1", Some(2200)),
+            ]
+        );
+        let y = yaml("all:\n  hosts:\n    '[fe80::7]:2022':\n").unwrap();
+        let hs = fleet(&y);
+        assert_eq!(
+            (hs[0].address.as_str(), hs[0].port),
+            ("fe80::7", Some(2022))
+        );
+        // A bracket that holds no IPv6 address is still a range, and a bad one says so.
+        let (line, m) = line_of(ini("[b]\n[2001:db8::zz]:22\n").unwrap_err());
+        assert_eq!(line, 2, "{m}");
+        assert!(m.contains("host range"), "{m}");
+        let (line, m) = line_of(ini("[b]\n[::1]:ssh\n").unwrap_err());
+        assert_eq!(line, 2, "{m}");
+        assert!(m.contains("`ssh` is not a port number"), "{m}");
+    }
+
+    #[test]
+    fn jinja_variable_references_render_per_host_and_expressions_are_refused() {
+        let text = "\
+[cams]
+cam01 site=north ansible_host='{{ inventory_hostname }}.{{ site }}.example'
+cam02.lab site=south
+
+[cams:vars]
+edgepack_install_dir=/opt/{{ site }}/edgepack
+base_port=9000
+edgepack_runtime_port={{ base_port }}
+ansible_host={{ inventory_hostname_short }}.{{ site }}.example
+";
+        let hs = fleet(&ini(text).unwrap());
+        assert_eq!(hs[0].address, "cam01.north.example");
+        assert_eq!(hs[0].install_dir, "/opt/north/edgepack");
+        assert_eq!(hs[0].runtime_port, 9000);
+        assert_eq!(hs[1].address, "cam02.south.example");
+        assert_eq!(hs[1].install_dir, "/opt/south/edgepack");
+        // The same in YAML, through a chain of references.
+        let y = "all:\n  vars:\n    root: /srv\n    dir: '{{ root }}/edge'\n    edgepack_install_dir: '{{ dir }}'\n  hosts:\n    b1:\n";
+        assert_eq!(fleet(&yaml(y).unwrap())[0].install_dir, "/srv/edge");
+
+        for (text, line, want) in [
+            (
+                "[b]\nb1 edgepack_install_dir='{{ dir | default(\"/opt\") }}'\n",
+                2,
+                "is a Jinja expression",
+            ),
+            (
+                "[b]\nb1 ansible_host='{{ addr }}'\n",
+                2,
+                "host `b1` has no variable `addr`",
+            ),
+            (
+                "[b]\nb1\n[b:vars]\nedgepack_keep={% if x %}3{% endif %}\n",
+                4,
+                "Jinja blocks",
+            ),
+            ("[b]\nb1 'edgepack_runner={{ runner'\n", 2, "without its"),
+            (
+                "[b]\nb1 'a={{ b }}' 'edgepack_service={{ a }}'\n[b:vars]\nb={{ a }}\n",
+                2,
+                "refers to itself",
+            ),
+            (
+                "[b]\nb1 p=ssh 'ansible_port={{ p }}'\n",
+                2,
+                "`ssh` is not a port number",
+            ),
+        ] {
+            let (l, m) = line_of(ini(text).unwrap_err());
+            assert_eq!(l, line, "{text}: {m}");
+            assert!(m.contains(want), "{text}: {m}");
+        }
     }
 
     #[test]
