@@ -73,6 +73,19 @@ pub fn runtime_bin() -> &'static Path {
     BIN.get_or_init(|| workspace_bin("edgepack-runtime", "edgepack-runtime"))
 }
 
+/// The status of `GET /health` on 127.0.0.1:`port`, or `None` when nothing answers.
+pub fn health(port: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// A command running the real binary with a clean environment for CI-like output.
 pub fn edgepack() -> Command {
     let mut c = Command::new(edgepack_bin());

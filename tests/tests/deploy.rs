@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use edgepack_tests::sshd::{free_port, Board, Fault, Sshd};
 use edgepack_tests::{
-    edgepack, fixtures, onnxruntime_lib, python, root, run_err, run_ok, runtime_bin,
+    edgepack, fixtures, health, onnxruntime_lib, python, root, run_err, run_ok, runtime_bin,
     shared_work_dir, smollm2_gguf,
 };
 use serde_json::Value;
@@ -90,16 +90,6 @@ fn run_fail(cmd: &mut Command) -> (Output, String) {
 }
 
 /// GET /health on the board's runtime (the test machine is the board, so its loopback port).
-fn health(port: u16) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn size_of(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }

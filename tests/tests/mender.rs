@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use edgepack_targets::deploy::board::Layout;
-use edgepack_tests::{edgepack, fixtures, run_err, run_ok, shared_work_dir, tiny};
+use edgepack_tests::sshd::free_port;
+use edgepack_tests::{
+    edgepack, fixtures, health, run_err, run_ok, runtime_bin, shared_work_dir, tiny,
+};
 use serde_json::Value;
 
 const BUNDLE: &str = "tiny-imx93";
@@ -217,7 +220,7 @@ impl Board {
             fs::write(
                 &wrapper,
                 format!(
-                    "#!/bin/sh\nexec env -i PATH={bin} EDGEPACK_INSTALL_DIR=\"$EDGEPACK_INSTALL_DIR\" {busybox} sh {module} \"$@\"\n",
+                    "#!/bin/sh\nexec env -i PATH={bin} EDGEPACK_INSTALL_DIR=\"$EDGEPACK_INSTALL_DIR\" EDGEPACK_MENDER_CONF=\"$EDGEPACK_MENDER_CONF\" {busybox} sh {module} \"$@\"\n",
                     bin = q(&bin),
                     module = q(&written.join("edgepack-bundle")),
                 ),
@@ -711,43 +714,135 @@ impl Drop for Supervised {
     }
 }
 
+/// A toy bundle for imx93 at `quant`, signed with `key`, in `dir`.
+fn signed_bundle(quant: &str, key: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join(quant);
+    run_ok(
+        edgepack()
+            .arg("bundle")
+            .arg(tiny("mender-toy", toy()))
+            .args(["--target", "imx93", "--format", "gguf", "--quant", quant])
+            .args(["--name", "tiny", "--sign"])
+            .arg(key)
+            .arg("-o")
+            .arg(&out),
+    );
+    out.join(BUNDLE)
+}
+
 #[test]
-fn a_switch_restarts_the_runtime_under_deploys_supervisor() {
-    let a = bundle_a();
+fn a_switch_restarts_the_runtime_checks_its_health_rolls_back_a_sick_release_and_commit_prunes() {
+    health_check_and_prune(Shell::System);
+}
+
+/// The same with busybox alone: its `wget` makes the check's requests.
+#[test]
+fn the_health_check_and_prune_work_with_busybox_alone() {
+    health_check_and_prune(Shell::Busybox);
+}
+
+fn health_check_and_prune(shell: Shell) {
     let work = tempfile::tempdir().unwrap();
-    let (art, va) = artifact_of(&a, &[], work.path(), "a.mender");
-    let board = Board::new("imx93");
-    // The supervisor `edgepack deploy` starts where no systemd runs, here over a stand-in
-    // runtime that runs until it is stopped.
+    let keys = work.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    for name in ["ours", "stranger"] {
+        run_ok(edgepack().args(["keygen", "-o"]).arg(keys.join(name)));
+    }
+    let ours = keys.join("ours.pem");
+    let ours_pub = keys.join("ours.pub.pem");
+    let mut releases = Vec::new();
+    for quant in ["Q8_0", "Q4_0", "Q5_0"] {
+        let b = signed_bundle(quant, &ours, work.path());
+        let key = ["--key", ours_pub.to_str().unwrap()];
+        let (art, v) = artifact_of(&b, &key, work.path(), &format!("{quant}.mender"));
+        releases.push((art, v["release"].as_str().unwrap().to_string()));
+    }
+    // Signed with a key the board does not trust: the runtime refuses to start on it.
+    let sick = signed_bundle("Q4_1", &keys.join("stranger.pem"), work.path());
+    let stranger_pub = keys.join("stranger.pub.pem");
+    let key = ["--key", stranger_pub.to_str().unwrap()];
+    let (sick_art, sick_v) = artifact_of(&sick, &key, work.path(), "sick.mender");
+    let sick_id = sick_v["release"].as_str().unwrap();
+
+    let board = Board::with_shell("imx93", shell);
+    let port = free_port();
+    fs::write(
+        board.path("edgepack-mender.conf"),
+        format!("runtime_port={port}\nhealth_timeout=15\nkeep=1\n"),
+    )
+    .unwrap();
+    let current = || board.link("current");
+    let at = |i: usize| Some(format!("releases/{}", releases[i].1));
+
+    // The first release lands before any runtime runs: nothing to restart or check.
+    board.mender_ok(&["install", releases[0].0.to_str().unwrap()]);
+    board.mender_ok(&["commit"]);
+    assert_eq!(current(), at(0));
+
+    // The supervisor `edgepack deploy` starts where no systemd runs, over the real runtime
+    // serving `current` and trusting our key only.
     let layout = Layout::new(board.install_dir().to_str().unwrap());
-    run_ok(Command::new("sh").args(["-c", &layout.start_supervised("sleep 600")]));
+    let command = format!(
+        "{} serve --bundle current --port {port} --threads 1 --ctx-size 256 --trusted-key {}",
+        q(runtime_bin()),
+        q(&ours_pub)
+    );
+    run_ok(Command::new("sh").args(["-c", &layout.start_supervised(&command)]));
     let _stop = Supervised(layout);
+    let t = std::time::Instant::now();
+    while health(port) != Some(200) {
+        assert!(t.elapsed().as_secs() < 60, "the runtime never answered");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let log = board.install_dir().join("logs/runtime.log");
-    let started = |n: usize| {
+    let restarts = || {
         fs::read_to_string(&log)
             .unwrap_or_default()
-            .matches("edgepack: starting")
+            .matches("runtime exited with")
             .count()
-            >= n
     };
-    assert!(started(1));
 
-    board.mender_ok(&["install", art.to_str().unwrap()]);
-    let release = va["release"].as_str().unwrap();
-    assert_eq!(board.link("current"), Some(format!("releases/{release}")));
-    // The old runtime was stopped; the supervisor's loop starts the one of `current`.
-    let t = std::time::Instant::now();
-    let exited = loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("runtime exited with 143") {
-            break text;
-        }
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(20),
-            "the runtime was not restarted:\n{text}"
+    // Each install restarts the runtime on the new release and waits for it to answer a
+    // prompt; with keep=1, commit removes every release but current and previous.
+    for i in [1, 2] {
+        let before = restarts();
+        board.mender_ok(&["install", releases[i].0.to_str().unwrap()]);
+        assert_eq!(current(), at(i));
+        assert!(restarts() > before, "the runtime was not restarted");
+        assert_eq!(
+            health(port),
+            Some(200),
+            "checked healthy before install returned"
         );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    assert!(exited.contains("restarting"), "{exited}");
-    board.mender_ok(&["commit"]);
+        board.mender_ok(&["commit"]);
+    }
+    let mut kept = vec![releases[1].1.clone(), releases[2].1.clone()];
+    kept.sort();
+    assert_eq!(board.releases(), kept, "release 0 is pruned at commit");
+    assert_eq!(board.link("previous"), at(1));
+
+    // A release its runtime refuses fails the check: the client rolls it back, and the old
+    // release serves again.
+    let o = board.mender(&["install", sick_art.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("did not answer /health"),
+        "the client shows why: {}",
+        text(&o)
+    );
+    assert_eq!(current(), at(2), "{}", text(&o));
+    assert_eq!(board.link("previous"), at(1));
+    assert!(!board.releases().contains(&sick_id.to_string()));
+    let log_text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text.contains("signature"), "{log_text}");
+    let t = std::time::Instant::now();
+    while health(port) != Some(200) {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "the old release does not serve again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let shown = board.mender_ok(&["show-artifact"]);
+    assert!(shown.contains(&releases[2].1), "{shown}");
 }
