@@ -11,9 +11,8 @@ use edgepack_runtime::bench::{self, BenchConfig};
 use edgepack_runtime::bundle::{self, DelegateChoice};
 use edgepack_runtime::engine::{Engine, EngineConfig};
 use edgepack_runtime::listen;
-use edgepack_runtime::rag::Retrieval;
+use edgepack_runtime::rag::{self, Retrieval};
 use edgepack_runtime::server::{self, AppState};
-use edgepack_targets::bundle::RetrievalInfo;
 
 /// Context size when none is asked for: room for a chat turn and its answer without a
 /// board-sized model's KV cache growing past a few tens of MiB.
@@ -148,7 +147,7 @@ impl ModelArgs {
 
     /// Verifies the bundle and returns the engine config, the model id and the retrieval
     /// section when the bundle carries a knowledge base.
-    fn open(&self) -> Result<(EngineConfig, String, Option<RetrievalInfo>)> {
+    fn open(&self) -> Result<(EngineConfig, String, Option<rag::Spec>)> {
         let threads = self.threads()?;
         if self.bundle.is_file() {
             bail!(
@@ -180,7 +179,7 @@ impl ModelArgs {
                 delegate: verified.delegate,
             },
             verified.model_id,
-            verified.manifest.retrieval,
+            rag::Spec::of(&verified.manifest),
         ))
     }
 }

@@ -8,8 +8,30 @@ use std::time::{Duration, Instant};
 
 use edgepack_encoder::kb::{Hit, Kb};
 use edgepack_encoder::{ground, Embedder, EncoderError};
-use edgepack_targets::bundle::RetrievalInfo;
+use edgepack_targets::bundle::{Manifest, RetrievalInfo};
 use serde::Serialize;
+
+/// A verified bundle's retrieval section, and the SHA-256 its manifest lists for the
+/// encoder's weights (checked by the verification, so the encoder need not hash them again).
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub info: RetrievalInfo,
+    pub encoder_weights_sha256: Option<String>,
+}
+
+impl Spec {
+    /// The retrieval a verified manifest describes, if any.
+    pub fn of(manifest: &Manifest) -> Option<Spec> {
+        let info = manifest.retrieval.clone()?;
+        let encoder_weights_sha256 = manifest
+            .file(&format!("{}/model.safetensors", info.encoder))
+            .map(|f| f.sha256.clone());
+        Some(Spec {
+            info,
+            encoder_weights_sha256,
+        })
+    }
+}
 
 /// Why the bundle's retrieval could not be loaded or a question not searched.
 #[derive(Debug, thiserror::Error)]
@@ -78,9 +100,14 @@ impl std::fmt::Debug for Retrieval {
 impl Retrieval {
     /// Loads the knowledge base and encoder a verified bundle at `dir` names, and checks
     /// that the encoder is the one that built the knowledge base.
-    pub fn open(dir: &Path, info: &RetrievalInfo) -> Result<Retrieval, RagError> {
+    pub fn open(dir: &Path, spec: &Spec) -> Result<Retrieval, RagError> {
+        let info = &spec.info;
         let kb_path = dir.join(&info.kb);
-        let encoder = Embedder::open(&dir.join(&info.encoder))?;
+        let encoder_dir = dir.join(&info.encoder);
+        let encoder = match &spec.encoder_weights_sha256 {
+            Some(sha) => Embedder::open_verified(&encoder_dir, sha)?,
+            None => Embedder::open(&encoder_dir)?,
+        };
         let kb = Kb::read(&kb_path)?;
         kb.check_embedder(encoder.identity())
             .map_err(|e| RagError::Mismatch {

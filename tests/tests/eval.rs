@@ -242,6 +242,11 @@ fn sentence_embedder_matches_transformers_mean_pooling() {
     }
     let cos = edgepack_converters::calib::embed::cosine;
     assert!(cos(&ours[0], &ours[1]) > cos(&ours[0], &ours[2]) + 0.3);
+    // Opened with the weights' hash a verified bundle lists, it is the same encoder.
+    let sha = e.identity().weights_sha256.clone();
+    let v = Embedder::open_verified(&dir, &sha).unwrap();
+    assert_eq!(v.identity(), e.identity());
+    assert_eq!(v.embed(sentences[0]).unwrap(), ours[0]);
 }
 
 #[test]

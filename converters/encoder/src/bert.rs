@@ -83,6 +83,17 @@ pub struct Embedder {
 impl Embedder {
     /// Loads a sentence-transformers BERT folder.
     pub fn open(dir: &Path) -> Result<Embedder> {
+        Embedder::load(dir, None)
+    }
+
+    /// As [`Embedder::open`] for a folder whose `model.safetensors` is already known to have
+    /// SHA-256 `weights_sha256` (a verified bundle's): its identity takes that hash instead of
+    /// reading the weights a second time.
+    pub fn open_verified(dir: &Path, weights_sha256: &str) -> Result<Embedder> {
+        Embedder::load(dir, Some(weights_sha256.to_string()))
+    }
+
+    fn load(dir: &Path, weights_sha256: Option<String>) -> Result<Embedder> {
         let read_json = |name: &str| -> Result<Json> {
             let p = dir.join(name);
             let s = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
@@ -168,11 +179,14 @@ impl Embedder {
         .map_err(|e| Error::format(&tok_path, "truncation", e.to_string()))?;
         // Streamed: the weights are already loaded once; a second whole copy in memory to
         // hash them would double the encoder's start-up footprint on a board.
-        let weights_sha256 = {
-            let mut f = std::fs::File::open(&ws.path).map_err(|e| Error::io(&ws.path, e))?;
-            let mut h = Sha256::new();
-            std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&ws.path, e))?;
-            format!("{:x}", h.finalize())
+        let weights_sha256 = match weights_sha256 {
+            Some(known) => known,
+            None => {
+                let mut f = std::fs::File::open(&ws.path).map_err(|e| Error::io(&ws.path, e))?;
+                let mut h = Sha256::new();
+                std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&ws.path, e))?;
+                format!("{:x}", h.finalize())
+            }
         };
         let word = ws.take("embeddings.word_embeddings.weight")?;
         let identity = Identity {
