@@ -462,6 +462,96 @@ fn the_fault_matrix_leaves_a_complete_release_serving_and_the_next_deploy_finish
     }
 }
 
+/// A power cut: every process of the board's supervised runtime dies at once.
+fn power_cut(board: &Board, port: u16) {
+    let pgid = board.runtime_pid().expect("a supervised runtime");
+    run_ok(Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]));
+    // Dead, or a zombie nobody reaps (a container's pid 1 may never).
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pgid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true)
+    };
+    let t = Instant::now();
+    while !gone() || health(port).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the runtime survived"
+        );
+    }
+}
+
+/// The board's init running `boot.sh`, then waiting for the runtime it starts.
+fn boot(board: &Board, port: u16) {
+    let script = board.install_dir().join("boot.sh");
+    let out = run_ok(&mut Command::new(&script));
+    assert!(out.stderr.is_empty(), "{out:?}");
+    let t = Instant::now();
+    while health(port) != Some(200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "nothing serves after boot"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn after_a_power_cut_boot_sh_serves_the_last_release_seen_healthy() {
+    let (a, b) = (bundle_a(), bundle_b());
+    let (id_a, id_b) = (release_id(&a), release_id(&b));
+    let sshd = Sshd::start("power");
+    let board = Board::new();
+    let port = free_port();
+    run_ok(&mut deploy(&sshd, &board, &a, port));
+    let log = || std::fs::read_to_string(board.install_dir().join("logs/runtime.log")).unwrap();
+
+    // Power lost after the switch to B and before its health check: B was never seen
+    // healthy, so the board comes back on A.
+    sshd.arm(".pending.tmp", Fault::CutAfter);
+    run_fail(&mut deploy(&sshd, &board, &b, port));
+    assert!(sshd.struck());
+    assert_eq!(pending(&board), Some(id_b.clone()));
+    power_cut(&board, port);
+    assert_eq!(health(port), None);
+    boot(&board, port);
+    assert_eq!(board.current(), Some(id_a.clone()));
+    assert_eq!(board.serving_release(), Some(id_a.clone()));
+    assert_eq!(pending(&board), None);
+    assert!(
+        log().contains(&format!(
+            "boot: {id_b} was never seen healthy; rolled back to {id_a}"
+        )),
+        "{}",
+        log()
+    );
+    // The next deploy switches to B again and checks it.
+    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    assert_eq!(r["outcome"], "deployed", "{r}");
+
+    // Power lost on a release seen healthy: it is the one that starts.
+    power_cut(&board, port);
+    boot(&board, port);
+    assert_eq!(board.current(), Some(id_b.clone()));
+    assert_eq!(board.serving_release(), Some(id_b));
+    // Booted twice without a power cut between: one supervisor, as deploy leaves it.
+    let pid = board.runtime_pid();
+    boot(&board, port);
+    assert_ne!(board.runtime_pid(), pid, "the old supervisor was replaced");
+    let supervisors = String::from_utf8(
+        run_ok(Command::new("sh").args([
+            "-c",
+            &format!(
+                "ps -eo pid,args | grep -F 'while :' | grep -F '{}' | grep -vc grep || true",
+                board.install_dir().display()
+            ),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(supervisors.trim(), "1");
+}
+
 #[test]
 fn a_disk_that_fills_during_the_upload_keeps_the_old_release_and_the_next_deploy_resumes() {
     let (a, b) = (bundle_a(), bundle_b());

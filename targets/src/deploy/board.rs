@@ -21,6 +21,8 @@ use std::fmt::Write as _;
 const RESTART_DELAY_S: u32 = 2;
 /// How long a stopped runtime gets to exit on SIGTERM before SIGKILL, in 0.2 s steps (10 s).
 const STOP_STEPS: u32 = 50;
+/// The script in the install folder that starts the supervised runtime at boot.
+pub const BOOT_SCRIPT: &str = "boot.sh";
 
 /// Quotes `s` for a POSIX shell: single quotes, with each `'` written as `'\''`.
 pub fn quote(s: &str) -> String {
@@ -312,6 +314,48 @@ fi
             s,
             "rm -f runtime.exit\necho \"edgepack: starting $(readlink current) at $(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> logs/runtime.log\nD=\"$D\" setsid sh -c {} < /dev/null > /dev/null 2>&1 &\necho $! > runtime.pid\n",
             quote(&format!("D=\"$D\"; {inner}"))
+        );
+        s
+    }
+
+    /// What `boot.sh` holds: the start of the supervised runtime at boot, for boards
+    /// without systemd (the operator hooks it into the board's init). A release still
+    /// `.pending` was switched to and never seen healthy before the board went down, so it is
+    /// rolled back first, as an update engine rolls back an update not committed before a
+    /// reboot; then the runtime of `current` starts under the supervisor, as deploy starts
+    /// it.
+    pub fn boot_script(&self, command: &str) -> String {
+        let mut s = format!(
+            "#!/bin/sh\n# Written by `edgepack deploy` at every start of the runtime: starts it at boot.\n# Run it from the board's init, e.g. `@reboot {}` in root's crontab.\n",
+            self.path(BOOT_SCRIPT)
+        );
+        s.push_str(&self.prelude());
+        s.push_str(
+            r#"if [ -f .pending ]; then
+  p=$(cat .pending)
+  prev=$(readlink previous 2>/dev/null || true)
+  cur=$(readlink current 2>/dev/null || true)
+  if [ -n "$prev" ] && [ -d "$prev" ] && [ "$cur" = "releases/$p" ]; then
+    ln -sfn "$prev" .current.tmp && mv -T .current.tmp current
+    ln -sfn "$cur" .previous.tmp && mv -T .previous.tmp previous
+    rm -f .pending
+    sync
+    echo "edgepack: boot: $p was never seen healthy; rolled back to ${prev#releases/}" >> logs/runtime.log
+  fi
+fi
+"#,
+        );
+        s.push_str(&self.start_supervised(command));
+        s
+    }
+
+    /// Writes `boot.sh` ([`boot_script`](Self::boot_script)) by one rename.
+    pub fn write_boot_script(&self, command: &str) -> String {
+        let mut s = self.prelude();
+        let _ = write!(
+            s,
+            "cat > {BOOT_SCRIPT}.tmp <<'EDGEPACK_BOOT'\n{}EDGEPACK_BOOT\nchmod 0755 {BOOT_SCRIPT}.tmp\nmv {BOOT_SCRIPT}.tmp {BOOT_SCRIPT}\n",
+            self.boot_script(command)
         );
         s
     }

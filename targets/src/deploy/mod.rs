@@ -511,7 +511,10 @@ fn restart_script(h: &HostConfig, l: &Layout, p: &Probe, signed: bool) -> String
     if p.systemd {
         l.start_systemd(&h.service, &cmd)
     } else {
-        l.start_supervised(&cmd)
+        // The boot script first, so it always starts what runs now.
+        let mut s = l.write_boot_script(&cmd);
+        s.push_str(&l.start_supervised(&cmd));
+        s
     }
 }
 
