@@ -371,11 +371,56 @@ fn a_failed_gate_exits_3_naming_the_target_and_a_passing_recipe_exits_0() {
         "{report}"
     );
 
+    // The CI job on the same recipe and cache: it stops at the gate with exit 3.
+    let key = work.path().join("release");
+    run_ok(edgepack().arg("keygen").arg("-o").arg(&key));
+    let release = || {
+        let mut c =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(root())
+            .args(["xtask", "release"])
+            .arg(&recipe)
+            .arg("--out")
+            .arg(work.path().join("out"))
+            .arg("--cache")
+            .arg(work.path().join("cache"))
+            .arg("--sign")
+            .arg(key.with_extension("pem"))
+            .arg("--edgepack")
+            .arg(edgepack_bin())
+            .env("EDGEPACK_PYTHON", python());
+        c.output().expect("spawn cargo xtask release")
+    };
+    let out = release();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("release stopped: a quality gate failed"),
+        "{err}"
+    );
+
     // A limit the output keeps: the same (cached) build passes.
     write(&recipe, &text("100.0"));
     let v = build_ok(&recipe, work.path(), &[]);
     assert_eq!(v["passed"], true);
     assert_eq!(v["counts"]["ran"], 0, "gates are read from the cached eval");
+
+    // And the release goes through: every signed bundle verified again from its archive
+    // with the key's public half, and the report printed.
+    let out = release();
+    let (text_out, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{text_out}\n{err}");
+    assert!(
+        err.contains("verify") && err.contains("gated-imx93.tar.zst") && err.contains("--key"),
+        "{err}"
+    );
+    assert!(
+        text_out.contains("| imx93 | gguf-Q4_0 | max_kl | 100 |"),
+        "{text_out}"
+    );
 }
 
 /// The SmolLM2 export of the interrupted-build test: a Q8_0 GGUF bundle straight from the

@@ -111,6 +111,13 @@ enum Cmd {
         /// Stages that may run at once.
         #[arg(long, default_value_t = 2)]
         jobs: usize,
+        /// The stage cache (default: `edgepack build`'s).
+        #[arg(long)]
+        cache: Option<std::path::PathBuf>,
+        /// Run this edgepack binary instead of building the release one (a pipeline that has
+        /// built it already).
+        #[arg(long, value_name = "BIN")]
+        edgepack: Option<std::path::PathBuf>,
     },
 }
 
@@ -141,6 +148,8 @@ fn main() -> Result<()> {
             dist,
             deploy,
             jobs,
+            cache,
+            edgepack,
         } => {
             let code = release::release(&release::Release {
                 recipe,
@@ -149,6 +158,8 @@ fn main() -> Result<()> {
                 dist,
                 deploy,
                 jobs,
+                cache,
+                edgepack,
             })?;
             if code != 0 {
                 std::process::exit(code);

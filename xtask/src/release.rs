@@ -22,19 +22,19 @@ pub struct Release {
     pub dist: bool,
     pub deploy: Option<PathBuf>,
     pub jobs: usize,
+    /// The stage cache (`edgepack build --cache`).
+    pub cache: Option<PathBuf>,
+    /// An edgepack binary to run instead of building the release one.
+    pub edgepack: Option<PathBuf>,
 }
 
 /// The exit status of a release whose gates failed.
 pub const GATE_FAILED: i32 = 3;
 
-fn edgepack() -> PathBuf {
-    root().join("target/release/edgepack")
-}
-
 /// Runs `edgepack build --json` and returns its status code and parsed output.
-fn build_json(args: &[String]) -> Result<(i32, Value)> {
+fn build_json(edgepack: &Path, args: &[String]) -> Result<(i32, Value)> {
     eprintln!("$ edgepack {}", args.join(" "));
-    let out = Command::new(edgepack())
+    let out = Command::new(edgepack)
         .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -46,7 +46,18 @@ fn build_json(args: &[String]) -> Result<(i32, Value)> {
 
 /// Runs the release; returns the process exit status.
 pub fn release(r: &Release) -> Result<i32> {
-    run(cargo().args(["build", "--release", "-p", "edgepack"]))?;
+    let edgepack = match &r.edgepack {
+        Some(bin) => {
+            if !bin.is_file() {
+                bail!("--edgepack {}: no such file", bin.display());
+            }
+            bin.clone()
+        }
+        None => {
+            run(cargo().args(["build", "--release", "-p", "edgepack"]))?;
+            root().join("target/release/edgepack")
+        }
+    };
     let recipe = r
         .recipe
         .canonicalize()
@@ -64,10 +75,13 @@ pub fn release(r: &Release) -> Result<i32> {
     if let Some(k) = &r.sign {
         args.extend(["--sign".into(), k.display().to_string()]);
     }
+    if let Some(c) = &r.cache {
+        args.extend(["--cache".into(), c.display().to_string()]);
+    }
     if r.dist {
         let mut dry = args.clone();
         dry.push("--dry-run".into());
-        let (code, plan) = build_json(&dry)?;
+        let (code, plan) = build_json(&edgepack, &dry)?;
         if code != 0 {
             bail!(
                 "{}: the recipe does not plan (exit {code})",
@@ -85,7 +99,7 @@ pub fn release(r: &Release) -> Result<i32> {
             ]);
         }
     }
-    let (code, v) = build_json(&args)?;
+    let (code, v) = build_json(&edgepack, &args)?;
     if code != 0 && code != GATE_FAILED {
         bail!("edgepack build failed (exit {code})");
     }
@@ -97,7 +111,7 @@ pub fn release(r: &Release) -> Result<i32> {
         let Some(archive) = o["bundle"]["archive"].as_str() else {
             continue;
         };
-        let mut cmd = Command::new(edgepack());
+        let mut cmd = Command::new(&edgepack);
         cmd.arg("verify")
             .arg(out_dir.join(archive))
             .args(["--target", o["board"].as_str().unwrap_or_default()]);
@@ -116,13 +130,13 @@ pub fn release(r: &Release) -> Result<i32> {
         return Ok(GATE_FAILED);
     }
     if let Some(inv) = &r.deploy {
-        deploy(&out_dir, inv, pubkey.as_deref())?;
+        deploy(&edgepack, &out_dir, inv, pubkey.as_deref())?;
     }
     Ok(0)
 }
 
-fn deploy(out_dir: &Path, inventory: &Path, key: Option<&Path>) -> Result<()> {
-    let mut cmd = Command::new(edgepack());
+fn deploy(edgepack: &Path, out_dir: &Path, inventory: &Path, key: Option<&Path>) -> Result<()> {
+    let mut cmd = Command::new(edgepack);
     cmd.arg("deploy")
         .arg(out_dir)
         .arg("--inventory")
