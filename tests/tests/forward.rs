@@ -18,14 +18,20 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
-    let ids = token_ids(12, 520);
-    for (name, spec) in [
+/// A tiny model of each architecture: tied Llama, untied Qwen2, Phi-3 with a SentencePiece
+/// tokenizer.
+fn three_architectures() -> [(&'static str, Tiny); 3] {
+    [
         ("llama-tied-f32", Tiny::llama()),
         ("qwen2-untied-f32", Tiny::qwen2()),
         ("phi3-untied-spm-f32", Tiny::phi3()),
-    ] {
+    ]
+}
+
+#[test]
+fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
+    let ids = token_ids(12, 520);
+    for (name, spec) in three_architectures() {
         let dir = tiny(name, spec);
         let want = hf_logits(&dir, &ids);
         let got = our_logits(&dir, &ids);
@@ -40,11 +46,7 @@ fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
 fn kv_cache_decoding_equals_full_prompt_logits() {
     let n = 16;
     let prefill = 5;
-    for (name, spec) in [
-        ("llama-tied-f32", Tiny::llama()),
-        ("qwen2-untied-f32", Tiny::qwen2()),
-        ("phi3-untied-spm-f32", Tiny::phi3()),
-    ] {
+    for (name, spec) in three_architectures() {
         let model = import::open(&tiny(name, spec)).unwrap();
         let fwd = Forward::new(&model).unwrap();
         let vocab = model.config.vocab_size;
@@ -73,11 +75,7 @@ fn kv_cache_decoding_equals_full_prompt_logits() {
 
 #[test]
 fn sequences_run_together_give_the_logits_and_answers_they_give_alone() {
-    for (name, spec) in [
-        ("llama-tied-f32", Tiny::llama()),
-        ("qwen2-untied-f32", Tiny::qwen2()),
-        ("phi3-untied-spm-f32", Tiny::phi3()),
-    ] {
+    for (name, spec) in three_architectures() {
         let model = import::open(&tiny(name, spec)).unwrap();
         let fwd = Forward::new(&model).unwrap();
         let vocab = model.config.vocab_size;
