@@ -86,6 +86,19 @@ pub fn health(port: u16) -> Option<u16> {
     buf.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Waits until `GET /health` on 127.0.0.1:`port` answers 200; panics with `what` after
+/// `within`.
+pub fn wait_healthy(port: u16, within: std::time::Duration, what: &str) {
+    let t = std::time::Instant::now();
+    while health(port) != Some(200) {
+        assert!(
+            t.elapsed() < within,
+            "{what} (no /health 200 within {within:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A command running the real binary with a clean environment for CI-like output.
 pub fn edgepack() -> Command {
     let mut c = Command::new(edgepack_bin());

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use edgepack_tests::sshd::{free_port, Board, Fault, Sshd};
 use edgepack_tests::{
     edgepack, fixtures, health, onnxruntime_lib, python, root, run_err, run_ok, runtime_bin,
-    shared_work_dir, smollm2_gguf,
+    shared_work_dir, smollm2_gguf, wait_healthy,
 };
 use serde_json::Value;
 
@@ -413,14 +413,11 @@ fn fault_case(
     assert!(cur.join("manifest.json").is_file(), "{case}");
     assert!(cur.join("bin/edgepack-runtime").is_file(), "{case}");
     // A runtime restarted by the step comes up on its own.
-    let t = Instant::now();
-    while health(port) != Some(200) {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "{case}: nothing serves"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_healthy(
+        port,
+        Duration::from_secs(120),
+        &format!("{case}: nothing serves"),
+    );
 
     let r = host_report(&run_ok(&mut deploy(sshd, board, b, port)));
     assert_eq!(r["outcome"], "deployed", "{case}, then again: {r}");
@@ -486,14 +483,7 @@ fn boot(board: &Board, port: u16) {
     let script = board.install_dir().join("boot.sh");
     let out = run_ok(&mut Command::new(&script));
     assert!(out.stderr.is_empty(), "{out:?}");
-    let t = Instant::now();
-    while health(port) != Some(200) {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "nothing serves after boot"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_healthy(port, Duration::from_secs(60), "nothing serves after boot");
 }
 
 #[test]

@@ -15,11 +15,12 @@ use std::process::{Command, Output};
 use edgepack_targets::deploy::board::Layout;
 use edgepack_tests::sshd::free_port;
 use edgepack_tests::{
-    edgepack, fixtures, health, run_err, run_ok, runtime_bin, shared_work_dir, tiny,
+    edgepack, fixtures, health, run_err, run_ok, runtime_bin, shared_work_dir, tiny, wait_healthy,
 };
 use serde_json::Value;
 
 const BUNDLE: &str = "tiny-imx93";
+const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
 const MODULES_DIR: &str = "/usr/share/mender/modules/v3";
 const MENDER_ETC: &str = "/etc/mender";
 
@@ -789,11 +790,7 @@ fn health_check_and_prune(shell: Shell) {
     );
     run_ok(Command::new("sh").args(["-c", &layout.start_supervised(&command)]));
     let _stop = Supervised(layout);
-    let t = std::time::Instant::now();
-    while health(port) != Some(200) {
-        assert!(t.elapsed().as_secs() < 60, "the runtime never answered");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_healthy(port, MINUTE, "the runtime never answered");
     let log = board.install_dir().join("logs/runtime.log");
     let restarts = || {
         fs::read_to_string(&log)
@@ -835,14 +832,7 @@ fn health_check_and_prune(shell: Shell) {
     assert!(!board.releases().contains(&sick_id.to_string()));
     let log_text = fs::read_to_string(&log).unwrap_or_default();
     assert!(log_text.contains("signature"), "{log_text}");
-    let t = std::time::Instant::now();
-    while health(port) != Some(200) {
-        assert!(
-            t.elapsed().as_secs() < 60,
-            "the old release does not serve again"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_healthy(port, MINUTE, "the old release does not serve again");
     let shown = board.mender_ok(&["show-artifact"]);
     assert!(shown.contains(&releases[2].1), "{shown}");
 }
