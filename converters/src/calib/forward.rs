@@ -14,9 +14,12 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor as CTensor, Var, D};
 use serde_json::Value as Json;
 
+use rayon::prelude::*;
+
 use crate::calib::w8a8::{self, W8A8};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model, ModelConfig};
+use crate::quant::blockwise;
 
 /// Candle errors inside the forward pass are shape bugs or allocation failures, not input
 /// problems; they carry no file, so they become [`Error::Invalid`].
@@ -551,6 +554,39 @@ impl Forward {
                 "W8A8 scales name weights that are not decoder linears of {}: {missing:?}",
                 self.source.display()
             )));
+        }
+        Ok(())
+    }
+
+    /// Turns every linear, the head too, into what a weight-only blockwise engine computes
+    /// (onnxruntime's MatMulNBits, as the ONNX exporter's int4 writes it): each weight row
+    /// replaced by its `bits`-bit round trip in blocks of `block` values along the input
+    /// ([`crate::quant::blockwise::round_trip`]). Activations and the embedding lookup stay
+    /// f32, as they do in that engine.
+    pub fn simulate_blockwise(&mut self, bits: u32, block: usize, symmetric: bool) -> Result<()> {
+        if !(2..=8).contains(&bits) || block == 0 {
+            return Err(Error::Invalid(format!(
+                "blockwise weights of {bits} bits in blocks of {block}: bits must be 2 to 8, blocks at least 1"
+            )));
+        }
+        let linears = self
+            .layers
+            .iter_mut()
+            .flat_map(Layer::linears_mut)
+            .chain(std::iter::once(&mut self.lm_head));
+        for lin in linears {
+            let (out, inn) = lin.w.dims2().map_err(ce)?;
+            let w = lin
+                .w
+                .flatten_all()
+                .map_err(ce)?
+                .to_vec1::<f32>()
+                .map_err(ce)?;
+            let q: Vec<f32> = w
+                .par_chunks(inn)
+                .flat_map_iter(|row| blockwise::round_trip(row, block, bits, symmetric))
+                .collect();
+            lin.w = CTensor::from_vec(q, (out, inn), &Device::Cpu).map_err(ce)?;
         }
         Ok(())
     }

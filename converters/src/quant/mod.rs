@@ -1,9 +1,11 @@
 //! Quantization: the ggml block formats, bit-faithful ports of llama.cpp's quantizers, and the
-//! per-tensor type plans of llama-quantize's presets.
+//! per-tensor type plans of llama-quantize's presets; and onnxruntime's blockwise integer
+//! weights (`blockwise`).
 //!
 //! Every quantizer works on one row (ne0 elements) at a time, as `ggml_quantize_chunk` does;
 //! [`quantize`] spreads the rows of a tensor over all cores.
 
+pub mod blockwise;
 #[cfg(test)]
 mod golden;
 pub mod kquants;

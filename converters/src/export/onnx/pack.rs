@@ -4,6 +4,8 @@
 
 use half::f16;
 
+pub use crate::quant::blockwise::block_codes;
+
 /// MatMulNBits blocks along K for one output row: quantized bytes (`k_blocks · block · bits/8`,
 /// K index `2j` in the low nibble of byte `j` for 4 bits), one scale per block, and one zero
 /// point per block (asymmetric only; unpacked here, packed by [`pack_zero_points`]).
@@ -35,39 +37,6 @@ pub fn nbits_row(
             zps.push(zp);
         }
     }
-}
-
-/// Quantizes one block (`vals`, at most `codes.len()` values; the rest of `codes` is padding
-/// at the zero point) to unsigned codes `0..2^bits`; returns (scale, zero point). Symmetric
-/// codes carry the implicit zero point `2^(bits-1)`. Rounding and tie-breaking follow MLAS's
-/// blockwise quantizer (`q4_dq.cpp`: `range2scale`, `range2scalezp`, `roundf(v / s + zp)`), so
-/// the codes are the ones onnxruntime's own MatMulNBits quantizer produces.
-pub fn block_codes(vals: &[f32], bits: u32, symmetric: bool, codes: &mut [u8]) -> (f32, u8) {
-    let levels = ((1u32 << bits) - 1) as f32;
-    let mid = (1u32 << (bits - 1)) as f32;
-    let lo = vals.iter().copied().fold(f32::MAX, f32::min);
-    let hi = vals.iter().copied().fold(-f32::MAX, f32::max);
-    let (scale, zp) = if symmetric {
-        // The value of largest magnitude, the negative one on a tie, lands on code 0 (-mid).
-        let big = if hi.abs() > lo.abs() { hi } else { lo };
-        (big / -mid, mid)
-    } else {
-        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-        let s = (hi - lo) / levels;
-        let zp = if s == 0.0 { lo } else { 0.0 - lo / s };
-        (s, zp.clamp(0.0, levels).round())
-    };
-    let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-    // Past the values, MLAS leaves the buffer's zeros, except the partner of an odd last
-    // value, which it sets to the zero point.
-    codes.iter_mut().for_each(|c| *c = 0);
-    if let Some(c) = codes.get_mut(vals.len()).filter(|_| vals.len() % 2 == 1) {
-        *c = zp as u8;
-    }
-    for (c, &v) in codes.iter_mut().zip(vals) {
-        *c = (v * inv + zp).round().clamp(0.0, levels) as u8;
-    }
-    (scale, zp as u8)
 }
 
 /// Packs per-block zero points of one row as MatMulNBits wants them: `ceil(k_blocks·bits/8)`
