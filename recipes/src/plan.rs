@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use crate::cache::{sha256_str, Cache};
 use crate::error::{RecipeError, Result};
 use crate::recipe::{AlphaSpec, Eval, Format, ModelSource, Output, Rag, Recipe, Transform};
+use edgepack_converters::export::onnx::OnnxOptions;
 use edgepack_converters::train::TrainConfig;
 
 /// The version every key includes: a new edgepack may compute differently.
@@ -109,6 +110,8 @@ pub enum Job {
     Eval {
         reference: ModelIn,
         candidate: usize,
+        /// How the candidate's weights are had.
+        weights: CandidateWeights,
         eval: Eval,
         /// The sentence embedder for answer similarity.
         embedder: Option<ModelIn>,
@@ -162,6 +165,20 @@ impl Job {
     pub fn exclusive(&self) -> bool {
         matches!(self, Job::Finetune { .. })
     }
+}
+
+/// Where an evaluated output's weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateWeights {
+    /// Read back from the export (a GGUF file).
+    Export,
+    /// The reference's weights through onnxruntime's blockwise quantizer (an int4 ONNX
+    /// export's MatMulNBits), which onnxruntime dequantizes to the same values.
+    Blockwise {
+        bits: u32,
+        block: usize,
+        symmetric: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -699,22 +716,44 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     _ => None,
                 };
                 reference_answers = reference_answers.or(answers);
+                let weights = match o.format {
+                    Format::Onnx => {
+                        // The exporter's own int4 layout (the recipe takes its defaults).
+                        let d = OnnxOptions::default();
+                        CandidateWeights::Blockwise {
+                            bits: 4,
+                            block: d.block_size,
+                            symmetric: d.symmetric,
+                        }
+                    }
+                    _ => CandidateWeights::Export,
+                };
+                let mut params = json!({
+                    "ctx": e.ctx,
+                    "chunks": e.chunks,
+                    "max_new_tokens": e.max_new_tokens,
+                    "text": e.text.is_some(),
+                    "qa": e.qa.is_some(),
+                });
+                if let CandidateWeights::Blockwise {
+                    bits,
+                    block,
+                    symmetric,
+                } = weights
+                {
+                    params["weights"] = json!({"blockwise": {"bits": bits, "block": block, "symmetric": symmetric}});
+                }
                 planned.eval = Some(b.add(
                     format!("eval:{oid}"),
                     Job::Eval {
                         reference: merged.clone(),
                         candidate: export,
+                        weights,
                         eval: e.clone(),
                         embedder: embedder.clone(),
                         answers,
                     },
-                    json!({
-                        "ctx": e.ctx,
-                        "chunks": e.chunks,
-                        "max_new_tokens": e.max_new_tokens,
-                        "text": e.text.is_some(),
-                        "qa": e.qa.is_some(),
-                    }),
+                    params,
                     files,
                     fwd * 2,
                     Some(t.name.clone()),

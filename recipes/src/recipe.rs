@@ -198,6 +198,7 @@ struct RawOutput {
     prefill: Option<Spanned<usize>>,
     smooth: Option<Spanned<RawAlpha>>,
     bundle: Option<Spanned<bool>>,
+    gates: Option<RawGates>,
 }
 
 // ---- the checked recipe ------------------------------------------------------------------
@@ -408,6 +409,8 @@ pub struct Output {
     pub smooth: Option<AlphaSpec>,
     /// Make a bundle of this output (default for GGUF; ONNX and TFLite when asked).
     pub bundle: bool,
+    /// The limits this output is held to: the recipe's, the target's, then its own.
+    pub gates: Gates,
 }
 
 impl Output {
@@ -424,9 +427,15 @@ impl Output {
         )
     }
 
-    /// Whether edgepack's evaluation can score this output against the float model.
+    /// Whether edgepack's evaluation can score this output against the float model: a GGUF
+    /// (its weights read back), or an int4 ONNX model (the host forward pass over the
+    /// blockwise weights onnxruntime's MatMulNBits computes with).
     pub fn evaluable(&self) -> bool {
-        self.format == Format::Gguf
+        match self.format {
+            Format::Gguf => true,
+            Format::Onnx => self.quant == "int4",
+            Format::Tflite => false,
+        }
     }
 }
 
@@ -976,10 +985,46 @@ impl Recipe {
                         span,
                         &gkey,
                         format!(
-                            "no output of `{tname}` can be scored: edgepack evaluates GGUF outputs against the float model"
+                            "no output of `{tname}` can be scored: edgepack evaluates GGUF and ONNX int4 outputs against the float model"
                         ),
                     ));
                 }
+            }
+            // Each output's own limits go over the target's.
+            for (i, o) in outputs.iter_mut().enumerate() {
+                let own_raw = tr
+                    .outputs
+                    .get(i)
+                    .and_then(|r| r.get_ref().gates.clone())
+                    .unwrap_or_default();
+                for (gname, span) in set_gates(&own_raw) {
+                    let gkey = format!("{key}.outputs[{i}].gates.{gname}");
+                    if gname == "min_similarity" && eval.qa.is_none() {
+                        return Err(cx.err(
+                            span,
+                            &gkey,
+                            "answer similarity needs `eval.qa` (and `eval.embedder`)",
+                        ));
+                    }
+                    if gname != "min_similarity" && eval.text.is_none() {
+                        return Err(cx.err(
+                            span,
+                            &gkey,
+                            "this metric needs evaluation text: set `eval.text`",
+                        ));
+                    }
+                    if !o.evaluable() {
+                        return Err(cx.err(
+                            span,
+                            &gkey,
+                            format!(
+                                "{} is not scored: edgepack evaluates GGUF and ONNX int4 outputs against the float model",
+                                o.label()
+                            ),
+                        ));
+                    }
+                }
+                o.gates = gates.overlay(&o.gates);
             }
             targets.push(Target {
                 name: tname.clone(),
@@ -1365,6 +1410,7 @@ fn output(
         prefill: None,
         smooth: None,
         bundle: None,
+        gates: None,
     };
     let (r, span) = match o {
         Some(o) => (o.get_ref(), o.span()),
@@ -1479,6 +1525,7 @@ fn output(
         prefill,
         smooth: None,
         bundle: false,
+        gates: Gates::default(),
     };
     let smooth = match &r.smooth {
         None => None,
@@ -1504,9 +1551,15 @@ fn output(
         None => format == Format::Gguf,
         Some(b) => *b.get_ref(),
     };
+    // Its own limits for now; the target's are put under them once they are read.
+    let gates = cx.gates(
+        r.gates.as_ref().unwrap_or(&RawGates::default()),
+        &format!("{key}.gates."),
+    )?;
     Ok(Output {
         smooth,
         bundle,
+        gates,
         ..out
     })
 }
@@ -1548,6 +1601,53 @@ mod tests {
             .collect();
         assert_eq!(outs, ["imx93:gguf-Q4_0", "rpi5:gguf-Q4_K_M"]);
         assert!(r.targets[0].outputs[0].bundle);
+    }
+
+    #[test]
+    fn an_outputs_own_gates_go_over_its_targets_and_only_a_scored_output_takes_them() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("m")).unwrap();
+        std::fs::write(d.path().join("e.txt"), "text").unwrap();
+        let head = "[model]\npath = \"m\"\n[eval]\ntext = \"e.txt\"\n[gates]\nmax_kl = 0.3\nmin_top1 = 0.6\n\
+                    [targets.imx95]\n[targets.imx95.gates]\nmax_kl = 0.15\n";
+        let p = write(
+            d.path(),
+            &format!(
+                "{head}[[targets.imx95.outputs]]\nquant = \"Q4_K_M\"\n\
+                 [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int4\"\n\
+                 [targets.imx95.outputs.gates]\nmax_kl = 0.6\n\
+                 [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"fp16\"\n"
+            ),
+        );
+        let r = Recipe::load(&p).unwrap();
+        let outs = &r.targets[0].outputs;
+        let g = |i: usize| (outs[i].gates.max_kl, outs[i].gates.min_top1);
+        assert_eq!(
+            g(0),
+            (Some(0.15), Some(0.6)),
+            "the target's over the recipe's"
+        );
+        assert_eq!(
+            g(1),
+            (Some(0.6), Some(0.6)),
+            "the output's over the target's"
+        );
+        assert!(outs[0].evaluable() && outs[1].evaluable() && !outs[2].evaluable());
+        let p = write(
+            d.path(),
+            &format!(
+                "{head}[[targets.imx95.outputs]]\nquant = \"Q4_K_M\"\n\
+                 [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"fp16\"\n\
+                 [targets.imx95.outputs.gates]\nmin_top1 = 0.9\n"
+            ),
+        );
+        let e = Recipe::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "r.toml:17:12: `targets.imx95.outputs[1].gates.min_top1`: onnx-fp16 is not scored"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

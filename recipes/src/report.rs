@@ -138,7 +138,7 @@ pub fn build_report(recipe: &Recipe, plan: &Plan, status: &[StageStatus], second
                 _ => (Value::Null, None, None),
             };
             let m = ev.map(|e| e.result.clone()).unwrap_or(Value::Null);
-            let g: &Gates = &t.gates;
+            let g: &Gates = &o.gates;
             if o.evaluable() {
                 gate(
                     &mut gates,

@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 
 use crate::bundle::{tensor_types, write_bundle, BundleSpec, RetrievalSpec};
 use crate::cache::sha256_file;
-use crate::plan::{AdapterIn, Job, ModelIn, Plan, Stage};
+use crate::plan::{AdapterIn, CandidateWeights, Job, ModelIn, Plan, Stage};
 use crate::recipe::{AlphaSpec, Format};
 use crate::vela;
 
@@ -676,15 +676,29 @@ pub fn run(
         Job::Eval {
             reference,
             candidate,
+            weights,
             eval: e,
             embedder,
             answers,
         } => {
             let ref_model = open(&model_path(reference, done)?)?;
-            let cand_path = model_path(&ModelIn::Stage(*candidate), done)?;
-            let cand_model = open(&cand_path)?;
             let ref_fwd = Forward::new(&ref_model).map_err(|e| e.to_string())?;
-            let cand_fwd = Forward::new(&cand_model).map_err(|e| e.to_string())?;
+            let cand_fwd = match weights {
+                CandidateWeights::Export => {
+                    let cand_path = model_path(&ModelIn::Stage(*candidate), done)?;
+                    Forward::new(&open(&cand_path)?).map_err(|e| e.to_string())?
+                }
+                CandidateWeights::Blockwise {
+                    bits,
+                    block,
+                    symmetric,
+                } => {
+                    let mut f = Forward::new(&ref_model).map_err(|e| e.to_string())?;
+                    f.simulate_blockwise(*bits, *block, *symmetric)
+                        .map_err(|e| e.to_string())?;
+                    f
+                }
+            };
             let mut v = json!({});
             if let Some(text) = &e.text {
                 let texts = data::read_texts(text, &ref_model).map_err(|e| e.to_string())?;
@@ -706,10 +720,11 @@ pub fn run(
                 v["kl_mean"] = json!(d.kl_mean);
                 v["kl_p99"] = json!(d.kl_p99);
                 v["top1"] = json!(d.top1_agreement);
-                // Host speed of the candidate's weights on the reference engine.
+                // Host speed of the candidate's weights on the reference engine (simulated
+                // weights run at the float model's speed: nothing to report).
                 let ids: Vec<u32> = chunks.chunks.concat();
                 let n = ids.len().min(32);
-                if n > 0 {
+                if n > 0 && *weights == CandidateWeights::Export {
                     let (_, t) =
                         eval::generate(&cand_fwd, &ids[..n], 16, &[]).map_err(|e| e.to_string())?;
                     v["host_ttft_s"] = json!(t.ttft_s);

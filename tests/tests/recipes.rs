@@ -423,6 +423,50 @@ fn a_failed_gate_exits_3_naming_the_target_and_a_passing_recipe_exits_0() {
     );
 }
 
+#[test]
+fn an_int4_onnx_output_is_scored_and_held_to_its_own_gates() {
+    let work = tempfile::tempdir().unwrap();
+    let model = tiny("llama", Tiny::llama());
+    let eval = eval_text(work.path());
+    let recipe = work.path().join("onnx.toml");
+    let text = |limit: &str| {
+        format!(
+            "[model]\npath = \"{}\"\n[eval]\ntext = \"{}\"\nctx = 64\nchunks = 2\n\
+             [targets.imx95]\n[targets.imx95.gates]\nmax_kl = 100.0\n\
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int4\"\n\
+             [targets.imx95.outputs.gates]\nmax_kl = {limit}\n",
+            model.display(),
+            eval.display()
+        )
+    };
+    write(&recipe, &text("0.0"));
+    let out = build(&recipe, work.path(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("imx95 onnx-int4 max_kl: limit 0, measured"),
+        "the output's own limit, not the target's: {err}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["report"]["outputs"][0]["metrics"];
+    for k in ["kl_mean", "top1", "ppl_ratio"] {
+        assert!(m[k].as_f64().is_some_and(f64::is_finite), "{k}: {m:#}");
+    }
+    assert!(
+        m["kl_mean"].as_f64().unwrap() > 0.0,
+        "int4 weights change the logits: {m:#}"
+    );
+    assert!(
+        m["host_tokens_per_s"].is_null(),
+        "simulated weights have no speed of their own: {m:#}"
+    );
+
+    write(&recipe, &text("100.0"));
+    let v = build_ok(&recipe, work.path(), &[]);
+    assert_eq!(v["passed"], true);
+    assert_eq!(v["counts"]["ran"], 0, "gates are read from the cached eval");
+}
+
 /// The SmolLM2 export of the interrupted-build test: a Q8_0 GGUF bundle straight from the
 /// registry model's file.
 /// Starts `edgepack build` of `recipe` in `work` (no `--json`) and kills it with SIGKILL as
@@ -654,7 +698,13 @@ fn the_shipped_smollm2_recipe_builds_every_board_and_its_bundles_verify() {
         1,
         "{ids:?}"
     );
-    for o in outs.iter().filter(|o| o["format"] == "gguf") {
+    // Every GGUF output is scored, and the int4 ONNX one (on the host, over the weights
+    // onnxruntime computes with).
+    let scored = outs
+        .iter()
+        .filter(|o| o["format"] == "gguf" || o["output"] == "onnx-int4");
+    assert_eq!(scored.clone().count(), 5);
+    for o in scored {
         let m = &o["metrics"];
         for k in ["kl_mean", "top1", "ppl_ratio", "similarity"] {
             assert!(
