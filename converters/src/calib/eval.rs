@@ -263,11 +263,11 @@ pub fn generate_many(
             "generation needs a non-empty prompt (prompt {i} is empty)"
         )));
     }
-    let vocab = f.config().vocab_size;
-    let mut done: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
     if max_new == 0 {
         return Ok(vec![Vec::new(); prompts.len()]);
     }
+    let vocab = f.config().vocab_size;
+    let mut done: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
     struct Running {
         at: usize,
         cache: KvCache,

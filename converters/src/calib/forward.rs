@@ -3,11 +3,11 @@
 //!
 //! It owns: loading every weight of a [`Model`] into memory, RMSNorm, rotary embeddings (plain,
 //! linear and llama3 scaling) in the HF `rotate_half` layout on HF-ordered Q/K rows,
-//! grouped-query causal attention, the SiLU-gated MLP, several sequences in one pass (each with
-//! its own cache, for packed training and batched generation), and the hook that shows a
-//! calibration observer the input activations of every linear layer. It is the numeric reference the
-//! exporters and quantizers are judged against, so it follows transformers' float32 eager path
-//! rather than any fused or approximate kernel.
+//! grouped-query causal attention, the SiLU-gated MLP, several sequences in one pass (each
+//! with its own cache, for packed training and batched generation), and the hook that shows
+//! a calibration observer the input activations of every linear layer. It is the numeric
+//! reference the exporters and quantizers are judged against, so it follows transformers'
+//! float32 eager path rather than any fused or approximate kernel.
 
 use std::path::PathBuf;
 

@@ -349,13 +349,14 @@ fi
         s
     }
 
-    /// Writes `boot.sh` ([`boot_script`](Self::boot_script)) by one rename.
+    /// Writes `boot.sh` ([`boot_script`](Self::boot_script)) by one rename. The text travels
+    /// as one quoted word, so nothing in the command line can end it early.
     pub fn write_boot_script(&self, command: &str) -> String {
         let mut s = self.prelude();
         let _ = write!(
             s,
-            "cat > {BOOT_SCRIPT}.tmp <<'EDGEPACK_BOOT'\n{}EDGEPACK_BOOT\nchmod 0755 {BOOT_SCRIPT}.tmp\nmv {BOOT_SCRIPT}.tmp {BOOT_SCRIPT}\n",
-            self.boot_script(command)
+            "printf '%s' {} > {BOOT_SCRIPT}.tmp\nchmod 0755 {BOOT_SCRIPT}.tmp\nmv {BOOT_SCRIPT}.tmp {BOOT_SCRIPT}\n",
+            quote(&self.boot_script(command))
         );
         s
     }
@@ -427,6 +428,32 @@ mod tests {
 
     use std::path::Path;
     use std::process::Command;
+
+    #[test]
+    fn the_boot_script_is_written_whole_whatever_the_command_line_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(&d.path().display().to_string());
+        // A runtime argument with a newline, a quote and a line that ends a here-document.
+        let cmd = format!("run --arg {}", quote("a\nEDGEPACK_BOOT\nit's"));
+        let out = Command::new("sh")
+            .args(["-c", &l.write_boot_script(&cmd)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let written = std::fs::read_to_string(d.path().join(BOOT_SCRIPT)).unwrap();
+        assert_eq!(written, l.boot_script(&cmd));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.path().join(BOOT_SCRIPT))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert!(Command::new("sh")
+            .args(["-n", &d.path().join(BOOT_SCRIPT).display().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
 
     /// The line counts at which `script` ends on a complete statement: where the board's
     /// power can fail between two steps (each later step never runs).
