@@ -588,6 +588,32 @@ impl Ctx<'_> {
     }
 }
 
+/// A quality gate needs the data its metric is measured on: evaluation text for KL, top-1 and
+/// PPL, a question set for answer similarity.
+fn gate_has_data(
+    cx: &Ctx<'_>,
+    eval: &Eval,
+    gname: &str,
+    span: std::ops::Range<usize>,
+    gkey: &str,
+) -> Result<()> {
+    if gname == "min_similarity" && eval.qa.is_none() {
+        return Err(cx.err(
+            span,
+            gkey,
+            "answer similarity needs `eval.qa` (and `eval.embedder`)",
+        ));
+    }
+    if gname != "min_similarity" && eval.text.is_none() {
+        return Err(cx.err(
+            span,
+            gkey,
+            "this metric needs evaluation text: set `eval.text`",
+        ));
+    }
+    Ok(())
+}
+
 /// A gate key that was set, with its span, for errors about gates without data.
 fn set_gates(g: &RawGates) -> Vec<(&'static str, std::ops::Range<usize>)> {
     let mut v = Vec::new();
@@ -966,20 +992,7 @@ impl Recipe {
                 )
             {
                 let gkey = format!("{prefix}{gname}");
-                if gname == "min_similarity" && eval.qa.is_none() {
-                    return Err(cx.err(
-                        span,
-                        &gkey,
-                        "answer similarity needs `eval.qa` (and `eval.embedder`)",
-                    ));
-                }
-                if gname != "min_similarity" && eval.text.is_none() {
-                    return Err(cx.err(
-                        span,
-                        &gkey,
-                        "this metric needs evaluation text: set `eval.text`",
-                    ));
-                }
+                gate_has_data(&cx, &eval, gname, span.clone(), &gkey)?;
                 if !outputs.iter().any(Output::evaluable) {
                     return Err(cx.err(
                         span,
@@ -999,20 +1012,7 @@ impl Recipe {
                     .unwrap_or_default();
                 for (gname, span) in set_gates(&own_raw) {
                     let gkey = format!("{key}.outputs[{i}].gates.{gname}");
-                    if gname == "min_similarity" && eval.qa.is_none() {
-                        return Err(cx.err(
-                            span,
-                            &gkey,
-                            "answer similarity needs `eval.qa` (and `eval.embedder`)",
-                        ));
-                    }
-                    if gname != "min_similarity" && eval.text.is_none() {
-                        return Err(cx.err(
-                            span,
-                            &gkey,
-                            "this metric needs evaluation text: set `eval.text`",
-                        ));
-                    }
+                    gate_has_data(&cx, &eval, gname, span.clone(), &gkey)?;
                     if !o.evaluable() {
                         return Err(cx.err(
                             span,
