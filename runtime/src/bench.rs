@@ -69,7 +69,8 @@ fn request(tokens: Vec<i32>, gen_tokens: u32) -> GenRequest {
     }
 }
 
-/// Runs a warm-up request, then every size `repetitions` times; `progress` hears each size.
+/// Runs a warm-up request, then every size once uncounted and `repetitions` times counted;
+/// `progress` hears each size.
 pub fn run(
     engine: &Engine,
     cfg: &BenchConfig,
@@ -80,6 +81,10 @@ pub fn run(
     engine.generate_blocking(request(prompt_tokens(8, n_vocab), 2))?;
     let mut rows = Vec::new();
     for &size in &cfg.prompt_sizes {
+        // A first prompt of a new length plans and allocates for its shapes (ONNX Runtime's
+        // arenas, LiteRT's resized tensors); llama-bench and the Python peers warm up at
+        // each size too, so every size gets one uncounted run.
+        engine.generate_blocking(request(prompt_tokens(size, n_vocab), 2))?;
         let mut ttft = Vec::new();
         let mut decode = Vec::new();
         let mut generated = 0;
