@@ -124,30 +124,142 @@ impl Linear {
             }
             None => x,
         };
-        let y = if x.track_op() {
+        let y = if let Some(l) = &self.lora {
+            // Base product, dropout and the low-rank update as one op: backward recomputes
+            // the dropped input and `x Aᵀ` from `x` (kept anyway) instead of keeping the
+            // mask, the dropped input, the base product and the update for every adapted
+            // linear, which were most of a training step's memory.
+            let op = LoraLinear {
+                w: self.w.clone(),
+                scale: l.scale,
+                dropout: l.dropout,
+                stream: DROPOUT_SEED
+                    .with(|c| c.get())
+                    .filter(|_| l.dropout > 0.0)
+                    .map(|seed| seed ^ l.id.wrapping_mul(0xA24B_AED4_963E_E407)),
+            };
+            x.apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)
+                .map_err(ce)?
+        } else if x.track_op() {
             // Training: the weight is frozen, so backward needs only `dy W`, never `dW`.
             x.apply_op1(Frozen(self.w.clone())).map_err(ce)?
         } else {
             // candle's gemm reads the transposed view through strides; no copy of W.
             x.matmul(&self.w.t().map_err(ce)?).map_err(ce)?
         };
-        let y = match &self.b {
-            Some(b) => y.broadcast_add(b).map_err(ce)?,
-            None => y,
-        };
-        match &self.lora {
-            Some(l) => {
-                let xd = l.drop(x)?;
-                // The scale goes on B (`[out, r]`), not on the `[n, out]` product: one
-                // activation less kept for backward per adapted linear.
-                let u = xd
-                    .matmul(&l.a.as_tensor().t().map_err(ce)?)
-                    .and_then(|u| u.matmul(&l.b.as_tensor().affine(l.scale, 0.0)?.t()?))
-                    .map_err(ce)?;
-                (y + u).map_err(ce)
-            }
+        match &self.b {
+            Some(b) => y.broadcast_add(b).map_err(ce),
             None => Ok(y),
         }
+    }
+}
+
+/// A contiguous f32 copy of an op's input, as a tensor the op can compute with.
+fn op_input(
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<CTensor> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => CTensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu),
+        None => candle_core::bail!("{op}: inputs must be contiguous"),
+    }
+}
+
+fn op_output(y: CTensor) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let shape = y.shape().clone();
+    let v = y.flatten_all()?.to_vec1::<f32>()?;
+    Ok((candle_core::CpuStorage::F32(v), shape))
+}
+
+/// `x Wᵀ + scale · (drop(x) Aᵀ) Bᵀ` over rows `x` `[n, in]`, with `W` frozen and `A`, `B`
+/// the op's other two inputs (LoRA). Inverted dropout draws its mask from `stream`, so
+/// backward draws the same mask again rather than keeping it.
+struct LoraLinear {
+    w: CTensor,
+    scale: f64,
+    dropout: f32,
+    /// The mask's random stream: the step's dropout seed mixed with the pair's place; `None`
+    /// when dropout is off.
+    stream: Option<u64>,
+}
+
+impl LoraLinear {
+    /// The inverted dropout mask (`0` or `1 / (1 - p)`) of `shape`, or `None` without dropout.
+    fn mask(&self, shape: &candle_core::Shape) -> candle_core::Result<Option<CTensor>> {
+        let Some(mut state) = self.stream else {
+            return Ok(None);
+        };
+        let keep = 1.0 - self.dropout;
+        let mask: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                if uniform(&mut state) < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        CTensor::from_vec(mask, shape, &Device::Cpu).map(Some)
+    }
+
+    fn dropped(&self, x: &CTensor) -> candle_core::Result<(CTensor, Option<CTensor>)> {
+        match self.mask(x.shape())? {
+            Some(m) => Ok((x.mul(&m)?, Some(m))),
+            None => Ok((x.clone(), None)),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = op_input(s1, l1, self.name())?;
+        let a = op_input(s2, l2, self.name())?;
+        let b = op_input(s3, l3, self.name())?;
+        let y = x.matmul(&self.w.t()?)?;
+        let (xd, _) = self.dropped(&x)?;
+        let u = xd
+            .matmul(&a.t()?)?
+            .matmul(&b.affine(self.scale, 0.0)?.t()?)?;
+        op_output((y + u)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &CTensor,
+        a: &CTensor,
+        b: &CTensor,
+        _res: &CTensor,
+        dy: &CTensor,
+    ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let (xd, mask) = self.dropped(&x)?;
+        let xa = xd.matmul(&a.t()?)?;
+        let dxa = dy.matmul(&b.affine(self.scale, 0.0)?)?;
+        let db = dy.t()?.matmul(&xa)?.affine(self.scale, 0.0)?;
+        let da = dxa.t()?.matmul(&xd)?;
+        let dxd = dxa.matmul(&a)?;
+        let dx_lora = match mask {
+            Some(m) => dxd.mul(&m)?,
+            None => dxd,
+        };
+        let dx = (dy.matmul(&self.w)? + dx_lora)?;
+        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
@@ -166,19 +278,8 @@ impl candle_core::CustomOp1 for Frozen {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("frozen-linear: f32 activations only")
-        };
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => {
-                CTensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?
-            }
-            None => candle_core::bail!("frozen-linear: activations must be contiguous"),
-        };
-        let y = x.matmul(&self.0.t()?)?;
-        let shape = y.shape().clone();
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), shape))
+        let x = op_input(storage, layout, self.name())?;
+        op_output(x.matmul(&self.0.t()?)?)
     }
 
     fn bwd(
@@ -188,33 +289,6 @@ impl candle_core::CustomOp1 for Frozen {
         grad: &CTensor,
     ) -> candle_core::Result<Option<CTensor>> {
         Ok(Some(grad.matmul(&self.0)?))
-    }
-}
-
-impl Lora {
-    /// Inverted dropout of `x` while a training step is on (the mask scaled by `1 / (1 - p)`),
-    /// `x` itself otherwise.
-    fn drop(&self, x: &CTensor) -> Result<CTensor> {
-        let Some(seed) = DROPOUT_SEED.with(|c| c.get()) else {
-            return Ok(x.clone());
-        };
-        if self.dropout <= 0.0 {
-            return Ok(x.clone());
-        }
-        let mut state = seed ^ self.id.wrapping_mul(0xA24B_AED4_963E_E407);
-        let keep = 1.0 - self.dropout;
-        let n = x.elem_count();
-        let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                if uniform(&mut state) < keep {
-                    1.0 / keep
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = CTensor::from_vec(mask, x.shape(), &Device::Cpu).map_err(ce)?;
-        x.mul(&mask).map_err(ce)
     }
 }
 
@@ -1140,6 +1214,72 @@ mod tests {
     use super::*;
     use serde_json::json;
     use std::path::Path;
+
+    /// `rows x cols` values in [-1, 1) from `seed`.
+    fn values(seed: u64, rows: usize, cols: usize) -> CTensor {
+        let mut state = seed;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| uniform(&mut state) * 2.0 - 1.0)
+            .collect();
+        CTensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn lora_linear_gives_the_values_and_gradients_of_its_parts_with_the_mask_drawn_again() {
+        let (n, inn, out, r) = (5, 12, 7, 3);
+        let w = values(1, out, inn);
+        let g = values(5, n, out);
+        let close = |a: &CTensor, b: &CTensor, what: &str| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "{what}: differs by {d}");
+        };
+        for stream in [Some(42), None] {
+            let x = Var::from_tensor(&values(2, n, inn)).unwrap();
+            let a = Var::from_tensor(&values(3, r, inn)).unwrap();
+            let b = Var::from_tensor(&values(4, out, r)).unwrap();
+            let op = LoraLinear {
+                w: w.clone(),
+                scale: 2.0,
+                dropout: 0.3,
+                stream,
+            };
+            let mask = op.mask(&(n, inn).into()).unwrap();
+            assert_eq!(mask.is_some(), stream.is_some());
+            let y = x.apply_op3(a.as_tensor(), b.as_tensor(), op).unwrap();
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+
+            // The same product written out as separate ops, differentiated by candle.
+            let xd = match &mask {
+                Some(m) => {
+                    let kept = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert!(kept.contains(&0.0) && kept.iter().any(|&k| k > 1.0));
+                    x.as_tensor().mul(m).unwrap()
+                }
+                None => x.as_tensor().clone(),
+            };
+            let u = xd
+                .matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .matmul(&b.as_tensor().affine(2.0, 0.0).unwrap().t().unwrap())
+                .unwrap();
+            let y_ref = (x.as_tensor().matmul(&w.t().unwrap()).unwrap() + u).unwrap();
+            let refs = (&y_ref * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close(&y, &y_ref, "output");
+            for (v, name) in [(&x, "x"), (&a, "A"), (&b, "B")] {
+                close(
+                    grads.get(v.as_tensor()).unwrap(),
+                    refs.get(v.as_tensor()).unwrap(),
+                    name,
+                );
+            }
+        }
+    }
 
     fn config(extra: Json) -> ModelConfig {
         let mut cfg = json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,

@@ -510,8 +510,8 @@ impl Params {
 /// (a longer one runs alone), and each thread takes the next pack when it is free. Small packs
 /// balance the threads and bound the activations kept for backward (several MB per token for
 /// a 135M model with every linear adapted). Measured on SmolLM2-135M, Tern T3 data, batch 8,
-/// 2 threads: 64 tokens 155 tokens/s at 2.28 GB peak RSS, 128 tokens 118 tokens/s at
-/// 3.07 GB; 48 tokens is no better than 64 (most samples then run alone either way).
+/// 2 threads, release build: 32 tokens 186 tokens/s at 1.49 GB peak RSS, 64 tokens 179 at
+/// 1.49 GB, 128 tokens 179 at 1.88 GB (most samples of 64 tokens or more run alone).
 pub const PACK_TOKENS: usize = 64;
 
 /// Consecutive groups of `examples` of at most [`PACK_TOKENS`] input tokens each.
