@@ -88,6 +88,10 @@ pub struct FinetuneArgs {
     /// usefulness when scoring; 0 keeps the K hardest samples.
     #[arg(long, default_value_t = 1.0)]
     pub select_diversity: f64,
+    /// How the frozen base weights are held in memory: `f32`, or `bf16` to halve them
+    /// (products still run in f32; the weights are rounded to bf16 once).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub base_dtype: String,
     /// Start from this PEFT adapter's A/B instead of a fresh initialisation.
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -212,6 +216,7 @@ fn config(a: &FinetuneArgs) -> TrainConfig {
         select: a.select,
         select_by: a.select_by.clone(),
         select_diversity: a.select_diversity,
+        base_dtype: a.base_dtype.clone(),
         ..TrainConfig::default()
     }
 }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use edgepack_converters::calib::forward::BaseDtype;
 use edgepack_converters::quant::preset::Preset;
 use edgepack_converters::train::data::TrainOn;
 use edgepack_converters::train::optim::Schedule;
@@ -99,6 +100,7 @@ struct RawFinetune {
     select: Option<Spanned<usize>>,
     select_by: Option<Spanned<String>>,
     select_diversity: Option<Spanned<f64>>,
+    base_dtype: Option<Spanned<String>>,
     weight: Option<Spanned<f64>>,
     save_steps: Option<Spanned<usize>>,
 }
@@ -1380,6 +1382,9 @@ fn finetune(cx: &Ctx<'_>, f: &Spanned<RawFinetune>) -> Result<Finetune> {
             |v| v >= 0.0,
             "must be 0 or more",
         )?,
+        base_dtype: word(&r.base_dtype, "base_dtype", &d.base_dtype, &|s| {
+            s.parse::<BaseDtype>().map(|_| ())
+        })?,
         ..d
     };
     config

@@ -284,6 +284,9 @@ pub fn commands(r: &Recipe) -> Vec<String> {
             " --batch {} --grad-accum {} --seq-len {} --warmup-steps {} --schedule {} --weight-decay {} --max-grad-norm {} --seed {} --train-on {}",
             c.batch, c.grad_accum, c.seq_len, c.warmup_steps, c.schedule, c.weight_decay, c.max_grad_norm, c.seed, c.train_on
         );
+        if c.base_dtype != "f32" {
+            opts += &format!(" --base-dtype {}", c.base_dtype);
+        }
         if let Some(k) = c.select {
             opts += &format!(
                 " --select {k} --select-by {} --select-diversity {}",

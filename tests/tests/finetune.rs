@@ -323,6 +323,15 @@ fn resume_from_a_checkpoint_reproduces_the_uninterrupted_adapter_bytes() {
         err.contains("trainer_state.json") && err.contains("config.dropout"),
         "{err}"
     );
+    let mut cmd = tiny_run(
+        &base,
+        &data,
+        &cut,
+        &[&opts[..], &["--base-dtype", "bf16"]].concat(),
+    );
+    cmd.arg("--resume").arg(&ck);
+    let err = run_err(&mut cmd);
+    assert!(err.contains("config.base_dtype"), "{err}");
     let other = work.path().join("other.jsonl");
     let text = std::fs::read_to_string(&data).unwrap();
     std::fs::write(&other, text.lines().take(6).collect::<Vec<_>>().join("\n")).unwrap();
@@ -342,6 +351,53 @@ fn resume_from_a_checkpoint_reproduces_the_uninterrupted_adapter_bytes() {
     cmd.arg("--resume").arg(&ck);
     let err = run_err(&mut cmd);
     assert!(err.contains("base_identity"), "{err}");
+}
+
+#[test]
+fn bf16_base_weights_train_to_the_f32_runs_losses_within_bf16_rounding() {
+    let work = tempfile::tempdir().unwrap();
+    let base = tiny_base();
+    let data = tern("qa.jsonl");
+    let opts = ["--epochs", "1", "--dropout", "0.1", "--lr", "1e-3"];
+    let (f32_dir, bf16_dir) = (work.path().join("f32"), work.path().join("bf16"));
+    run_ok(&mut tiny_run(&base, &data, &f32_dir, &opts));
+    run_ok(&mut tiny_run(
+        &base,
+        &data,
+        &bf16_dir,
+        &[&opts[..], &["--base-dtype", "bf16"]].concat(),
+    ));
+    let (a, b) = (report(&f32_dir), report(&bf16_dir));
+    assert_eq!(b["config"]["base_dtype"], "bf16");
+    assert!(
+        a["config"].get("base_dtype").is_none(),
+        "an f32 run's config reads as before the option existed"
+    );
+    let (sa, sb) = (
+        a["steps"].as_array().unwrap(),
+        b["steps"].as_array().unwrap(),
+    );
+    assert_eq!(sa.len(), sb.len());
+    assert!(sa.len() >= 4);
+    let mut worst = 0f64;
+    for (x, y) in sa.iter().zip(sb) {
+        let (x, y) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        worst = worst.max((x - y).abs() / x);
+    }
+    // bf16 keeps 8 bits of mantissa: weights move by up to 0.4%, the losses by far less.
+    assert!(worst < 0.01, "losses differ by {worst} relative");
+    assert!(
+        worst > 0.0,
+        "the bf16 run computed exactly the f32 run's losses"
+    );
+    let err = run_err(&mut tiny_run(
+        &base,
+        &data,
+        &work.path().join("bad"),
+        &[&opts[..], &["--base-dtype", "f16"]].concat(),
+    ));
+    assert!(err.contains("--base-dtype") && err.contains("f16"), "{err}");
+    assert!(!work.path().join("bad").exists());
 }
 
 /// The kept samples of a `--select` run: (data line, pick order, usefulness), in pick order.

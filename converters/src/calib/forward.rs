@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor as CTensor, Var, D};
+use candle_core::{DType, Device, Tensor as CTensor, Var, D};
 use serde_json::Value as Json;
 
 use rayon::prelude::*;
@@ -144,8 +144,7 @@ impl Linear {
             // Training: the weight is frozen, so backward needs only `dy W`, never `dW`.
             x.apply_op1(Frozen(self.w.clone())).map_err(ce)?
         } else {
-            // candle's gemm reads the transposed view through strides; no copy of W.
-            x.matmul(&self.w.t().map_err(ce)?).map_err(ce)?
+            frozen_xwt(x, &self.w).map_err(ce)?
         };
         match &self.b {
             Some(b) => y.broadcast_add(b).map_err(ce),
@@ -173,6 +172,50 @@ fn op_output(y: CTensor) -> candle_core::Result<(candle_core::CpuStorage, candle
     let shape = y.shape().clone();
     let v = y.flatten_all()?.to_vec1::<f32>()?;
     Ok((candle_core::CpuStorage::F32(v), shape))
+}
+
+/// Rows of a bf16 weight widened to f32 at a time by [`frozen_xwt`] and [`frozen_dyw`]:
+/// 4.5 MiB of f32 at SmolLM2's width, so no whole weight is ever held in f32.
+const WIDEN_ROWS: usize = 2048;
+
+/// `x Wᵀ` for a frozen weight `[out, in]`: f32 as it is (gemm reads the transposed view
+/// through strides), bf16 widened [`WIDEN_ROWS`] output rows at a time.
+fn frozen_xwt(x: &CTensor, w: &CTensor) -> candle_core::Result<CTensor> {
+    if w.dtype() == DType::F32 {
+        return x.matmul(&w.t()?);
+    }
+    let out = w.dim(0)?;
+    let mut parts = Vec::with_capacity(out.div_ceil(WIDEN_ROWS));
+    for start in (0..out).step_by(WIDEN_ROWS) {
+        let rows = w.narrow(0, start, WIDEN_ROWS.min(out - start))?;
+        parts.push(x.matmul(&rows.to_dtype(DType::F32)?.t()?)?);
+    }
+    if parts.len() == 1 {
+        return Ok(parts.pop().expect("one part"));
+    }
+    CTensor::cat(&parts, D::Minus1)
+}
+
+/// `dy W` (the input gradient of `x Wᵀ`), with a bf16 `W` widened as in [`frozen_xwt`].
+fn frozen_dyw(dy: &CTensor, w: &CTensor) -> candle_core::Result<CTensor> {
+    if w.dtype() == DType::F32 {
+        return dy.matmul(w);
+    }
+    let out = w.dim(0)?;
+    let mut sum: Option<CTensor> = None;
+    for start in (0..out).step_by(WIDEN_ROWS) {
+        let n = WIDEN_ROWS.min(out - start);
+        let rows = w.narrow(0, start, n)?.to_dtype(DType::F32)?;
+        let part = dy
+            .narrow(D::Minus1, start, n)?
+            .contiguous()?
+            .matmul(&rows)?;
+        sum = Some(match sum {
+            Some(s) => (s + part)?,
+            None => part,
+        });
+    }
+    sum.ok_or_else(|| candle_core::Error::Msg("frozen weight with no rows".into()))
 }
 
 /// `x Wᵀ + scale · (drop(x) Aᵀ) Bᵀ` over rows `x` `[n, in]`, with `W` frozen and `A`, `B`
@@ -231,7 +274,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         let x = op_input(s1, l1, self.name())?;
         let a = op_input(s2, l2, self.name())?;
         let b = op_input(s3, l3, self.name())?;
-        let y = x.matmul(&self.w.t()?)?;
+        let y = frozen_xwt(&x, &self.w)?;
         let (xd, _) = self.dropped(&x)?;
         let u = xd
             .matmul(&a.t()?)?
@@ -258,7 +301,7 @@ impl candle_core::CustomOp3 for LoraLinear {
             Some(m) => dxd.mul(&m)?,
             None => dxd,
         };
-        let dx = (dy.matmul(&self.w)? + dx_lora)?;
+        let dx = (frozen_dyw(dy, &self.w)? + dx_lora)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -279,7 +322,7 @@ impl candle_core::CustomOp1 for Frozen {
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let x = op_input(storage, layout, self.name())?;
-        op_output(x.matmul(&self.0.t()?)?)
+        op_output(frozen_xwt(&x, &self.0)?)
     }
 
     fn bwd(
@@ -288,7 +331,7 @@ impl candle_core::CustomOp1 for Frozen {
         _res: &CTensor,
         grad: &CTensor,
     ) -> candle_core::Result<Option<CTensor>> {
-        Ok(Some(grad.matmul(&self.0)?))
+        Ok(Some(frozen_dyw(grad, &self.0)?))
     }
 }
 
@@ -484,13 +527,55 @@ fn llama3_inv_freq(base: &[f64], factor: f64, low: f64, high: f64, old_ctx: f64)
         .collect()
 }
 
+/// How the frozen matrices (every linear's weight and the embedding) are held: f32, or bf16
+/// to halve their memory while training, widened to f32 a block at a time for each product
+/// (activations, norms, biases and LoRA pairs stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl BaseDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseDtype::F32 => "f32",
+            BaseDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for BaseDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(BaseDtype::F32),
+            "bf16" => Ok(BaseDtype::Bf16),
+            _ => Err(format!("base dtype `{s}`: use f32 or bf16")),
+        }
+    }
+}
+
 impl Forward {
     /// Loads every weight of `model` into memory as f32 (the forward pass is the one place
     /// that holds the whole model).
     pub fn new(model: &Model) -> Result<Forward> {
+        Forward::with_base(model, BaseDtype::F32)
+    }
+
+    /// As [`Forward::new`], with the frozen matrices held as `base` (one tensor at a time is
+    /// ever in f32 while loading).
+    pub fn with_base(model: &Model, base: BaseDtype) -> Result<Forward> {
         let c = &model.config;
         let src = &model.source;
         let dev = Device::Cpu;
+        let frozen = |t: CTensor| -> Result<CTensor> {
+            match base {
+                BaseDtype::F32 => Ok(t),
+                BaseDtype::Bf16 => t.to_dtype(DType::BF16).map_err(ce),
+            }
+        };
         let load = |name: &str, shape: &[usize]| -> Result<CTensor> {
             let t = model
                 .tensor(name)
@@ -505,7 +590,7 @@ impl Forward {
             CTensor::from_vec(t.to_f32()?, shape, &dev).map_err(ce)
         };
         let linear = |name: &str, out: usize, inn: usize| -> Result<Linear> {
-            let w = load(name, &[out, inn])?;
+            let w = frozen(load(name, &[out, inn])?)?;
             // Any linear may carry a bias (Qwen2's q/k/v; Llama's optional attention_bias).
             let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
             let b = match model.tensor(&bias_name) {
@@ -523,7 +608,7 @@ impl Forward {
         };
         let h = c.hidden_size;
         let (q_dim, kv_dim, ff) = (c.n_embd_q(), c.n_embd_kv(), c.intermediate_size);
-        let embed = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = frozen(load("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
@@ -607,7 +692,8 @@ impl Forward {
             let (out, inn) = lin.w.dims2().map_err(ce)?;
             let mut w = lin
                 .w
-                .flatten_all()
+                .to_dtype(DType::F32)
+                .and_then(|w| w.flatten_all())
                 .map_err(ce)?
                 .to_vec1::<f32>()
                 .map_err(ce)?;
@@ -652,9 +738,9 @@ impl Forward {
             let (out, inn) = lin.w.dims2().map_err(ce)?;
             let w = lin
                 .w
-                .flatten_all()
-                .map_err(ce)?
-                .to_vec1::<f32>()
+                .to_dtype(DType::F32)
+                .and_then(|w| w.flatten_all())
+                .and_then(|w| w.to_vec1::<f32>())
                 .map_err(ce)?;
             let q: Vec<f32> = w
                 .par_chunks(inn)
@@ -920,7 +1006,11 @@ impl Forward {
             )));
         }
         let ids = CTensor::from_slice(tokens, n, &Device::Cpu).map_err(ce)?;
-        let mut x = self.embed.index_select(&ids, 0).map_err(ce)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)
+            .and_then(|x| x.to_dtype(DType::F32))
+            .map_err(ce)?;
         // Each sequence's rows: where they start, and what they may attend to.
         let mut positions = Vec::with_capacity(n);
         let mut parts = Vec::with_capacity(lengths.len());

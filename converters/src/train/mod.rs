@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor as CTensor, D};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::calib::forward::{with_dropout, Forward};
+use crate::calib::forward::{with_dropout, BaseDtype, Forward};
 use crate::error::{Error, Result};
 use crate::io::{AtomicDir, AtomicFile};
 use crate::model::stats::ModelIdentity;
@@ -64,6 +64,19 @@ pub struct TrainConfig {
     /// Weight of the diversity term against usefulness when scoring.
     #[serde(default = "default_select_diversity")]
     pub select_diversity: f64,
+    /// How the frozen base weights are held: `f32`, or `bf16` for half their memory. Left
+    /// out of the serialized config at `f32`, so configs (and recipe cache keys) from before
+    /// it existed read the same.
+    #[serde(default = "default_base_dtype", skip_serializing_if = "is_f32")]
+    pub base_dtype: String,
+}
+
+fn default_base_dtype() -> String {
+    BaseDtype::F32.as_str().into()
+}
+
+fn is_f32(s: &str) -> bool {
+    s == BaseDtype::F32.as_str()
 }
 
 fn default_select_by() -> String {
@@ -105,6 +118,7 @@ impl Default for TrainConfig {
             select: None,
             select_by: default_select_by(),
             select_diversity: default_select_diversity(),
+            base_dtype: default_base_dtype(),
         }
     }
 }
@@ -127,6 +141,12 @@ impl TrainConfig {
 
     fn train_on(&self) -> Result<TrainOn> {
         self.train_on.parse().map_err(Error::Invalid)
+    }
+
+    pub fn base_dtype(&self) -> Result<BaseDtype> {
+        self.base_dtype
+            .parse()
+            .map_err(|e| Error::Invalid(format!("--base-dtype: {e}")))
     }
 
     fn select_by(&self) -> Result<SelectBy> {
@@ -192,6 +212,7 @@ impl TrainConfig {
         self.schedule()?;
         self.train_on()?;
         self.select_by()?;
+        self.base_dtype()?;
         Ok(())
     }
 }
@@ -618,7 +639,7 @@ pub fn train(
     let mut train_set: Vec<&Example> = train_idx.iter().map(|&i| &ds.examples[i]).collect();
     let eval_set: Vec<&Example> = eval_idx.iter().map(|&i| &ds.examples[i]).collect();
 
-    let mut fwd = Forward::new(model)?;
+    let mut fwd = Forward::with_base(model, cfg.base_dtype()?)?;
     // Selection scores with the base model, before any LoRA pair exists; the held-out
     // samples stay as they are, so eval losses compare across selections.
     let selection = match cfg.select {
@@ -896,17 +917,27 @@ fn read_resume(
         serde_json::to_value(&state.report.config).expect("serializes"),
         serde_json::to_value(cfg).expect("serializes"),
     );
-    for (k, v) in a.as_object().expect("an object") {
+    // Keys either side may leave out at their default (`base_dtype`) count from both sides.
+    let (a, b) = (
+        a.as_object().expect("an object"),
+        b.as_object().expect("an object"),
+    );
+    for k in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
         if matches!(k.as_str(), "epochs" | "max_steps") {
             continue;
         }
-        if b.get(k) != Some(v) {
+        if a.get(k) != b.get(k) {
+            let shown = |v: Option<&serde_json::Value>| match v {
+                Some(v) => v.to_string(),
+                None => "the default".into(),
+            };
             return Err(Error::mismatch(
                 &p,
                 format!("config.{k}"),
                 format!(
-                    "the checkpoint was trained with {v}, this run asks for {}\nhint: resume with the same options",
-                    b.get(k).cloned().unwrap_or_default()
+                    "the checkpoint was trained with {}, this run asks for {}\nhint: resume with the same options",
+                    shown(a.get(k)),
+                    shown(b.get(k))
                 ),
             ));
         }

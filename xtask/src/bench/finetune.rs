@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use super::common::{edgepack_release, fresh_work_dir, measure, model_or_smollm2, py};
+use super::common::{edgepack_release, fresh_work_dir, measure, model_or_smollm2, py, Measured};
 use crate::util::{root, run};
 
 pub struct Options {
@@ -33,26 +33,38 @@ pub fn bench(o: Options) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let alpha = 2 * o.rank;
 
-    let ours_dir = work.join("edgepack-adapter");
-    let m_ours = measure(
-        Command::new(&ep)
-            .arg("finetune")
-            .arg(&model)
-            .arg("--data")
-            .arg(&data)
-            .args(["--eval-split", "0", "--epochs", "0", "--lr", "2e-4"])
-            .args(["--max-steps", &o.steps.to_string()])
-            .args(["--batch", &o.batch.to_string()])
-            .args(["--rank", &o.rank.to_string(), "--alpha", &alpha.to_string()])
-            .args(["--seq-len", &o.seq_len.to_string(), "-o"])
-            .arg(&ours_dir)
-            .env("CI", "1")
-            .env("RAYON_NUM_THREADS", threads.to_string()),
-    )?;
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(ours_dir.join("training_report.json"))
-            .context("reading edgepack's training_report.json")?,
-    )?;
+    // edgepack with the base in f32 (as PEFT's), then in bf16 (`--base-dtype`).
+    let ours = |dtype: &str| -> Result<(Measured, Value)> {
+        let dir = work.join(format!("edgepack-adapter-{dtype}"));
+        let m = measure(
+            Command::new(&ep)
+                .arg("finetune")
+                .arg(&model)
+                .arg("--data")
+                .arg(&data)
+                .args(["--eval-split", "0", "--epochs", "0", "--lr", "2e-4"])
+                .args(["--max-steps", &o.steps.to_string()])
+                .args(["--batch", &o.batch.to_string()])
+                .args(["--rank", &o.rank.to_string(), "--alpha", &alpha.to_string()])
+                .args([
+                    "--seq-len",
+                    &o.seq_len.to_string(),
+                    "--base-dtype",
+                    dtype,
+                    "-o",
+                ])
+                .arg(&dir)
+                .env("CI", "1")
+                .env("RAYON_NUM_THREADS", threads.to_string()),
+        )?;
+        let report: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("training_report.json"))
+                .context("reading edgepack's training_report.json")?,
+        )?;
+        Ok((m, report))
+    };
+    let (m_ours, report) = ours("f32")?;
+    let (m_bf16, report_bf16) = ours("bf16")?;
 
     let peer_dir = work.join("peft-adapter");
     let script = root().join("tests/python/peft_train.py");
@@ -98,6 +110,13 @@ pub fn bench(o: Options) -> Result<()> {
         },
         "speedup": if peer_tps > 0.0 { ours_tps / peer_tps } else { 0.0 },
         "memory_ratio": m_ours.max_rss_mib / m_peer.max_rss_mib.max(1.0),
+        // No PEFT row in bf16: torch's CPU bf16 training computes in bf16, not the same work.
+        "edgepack_bf16_base": {
+            "tokens": report_bf16["tokens_seen"], "train_seconds": report_bf16["train_seconds"],
+            "tokens_per_second": report_bf16["tokens_per_second"], "wall_seconds": m_bf16.seconds,
+            "max_rss_mib": m_bf16.max_rss_mib,
+            "last_loss": report_bf16["steps"].as_array().and_then(|s| s.last()).map(|s| s["loss"].clone()),
+        },
     });
     let mut result = result;
     if o.quality > 0 {
