@@ -11,7 +11,8 @@
 //! - The guard in the runtime: SmolLM2 (Q8_0) bundled with the first size's knowledge base and
 //!   a threshold every question falls below, served by the release runtime; each chat question
 //!   is refused before the model runs, so its round trip is the guard's question-to-decision
-//!   latency.
+//!   latency. The same for the i.MX 93's aarch64 runtime (`cargo xtask dist`) under
+//!   qemu-aarch64, fewer questions: an emulated figure, slower than the board's own cores.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,8 +66,9 @@ impl Drop for Server {
     }
 }
 
-fn serve(runtime: &Path, bundle: &Path) -> Result<Server> {
-    let mut child = Command::new(runtime)
+/// Serves `bundle` with the runtime `cmd` runs (the host binary, or the board's under qemu).
+fn serve(mut cmd: Command, bundle: &Path, ready_within: Duration) -> Result<Server> {
+    let mut child = cmd
         .args(["--json", "serve", "--bundle"])
         .arg(bundle)
         .args(["--port", "0", "--threads", "1"])
@@ -87,13 +89,13 @@ fn serve(runtime: &Path, bundle: &Path) -> Result<Server> {
         .context("no port")?;
     let server = Server(child, port);
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(120) {
+    while t0.elapsed() < ready_within {
         if http(port, "GET", "/health", "").is_ok_and(|(s, _)| s == 200) {
             return Ok(server);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    bail!("the runtime was not healthy after 120 s")
+    bail!("the runtime was not healthy after {ready_within:?}")
 }
 
 fn http(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
@@ -221,32 +223,115 @@ pub fn bench(o: &Options) -> Result<()> {
         first_kb.get_or_insert(dir);
     }
 
-    // The guard in the runtime, over the first size's knowledge base.
+    // The guard in the runtime, over the first size's knowledge base: the host runtime, then
+    // the board's aarch64 runtime under qemu-aarch64 (every instruction emulated, so an upper
+    // bound of what a board's cores take).
     let kb_dir = first_kb.context("no size")?;
-    let out = work.join("bundle");
-    run(Command::new(&ep)
-        .arg("bundle")
+    let host_bundle = guard_bundle(
+        &ep,
+        &kb_dir,
+        &minilm,
+        &work.join("bundle"),
+        "generic-x86_64",
+        None,
+    )?;
+    let guard = guard_latency(
+        Command::new(&runtime),
+        &host_bundle,
+        &general,
+        o.questions,
+        o.sizes[0],
+        Duration::from_secs(120),
+    )?;
+    let board_runtime = crate::dist::dist(QEMU_BOARD, false)?.binary;
+    let board_bundle = guard_bundle(
+        &ep,
+        &kb_dir,
+        &minilm,
+        &work.join("bundle-board"),
+        QEMU_BOARD,
+        Some(&board_runtime),
+    )?;
+    let mut qemu = Command::new("qemu-aarch64");
+    qemu.args(["-L", QEMU_SYSROOT])
+        .arg(board_bundle.join("bin/edgepack-runtime"));
+    let mut guard_qemu = guard_latency(
+        qemu,
+        &board_bundle,
+        &general,
+        o.questions.min(QEMU_QUESTIONS),
+        o.sizes[0],
+        Duration::from_secs(600),
+    )?;
+    guard_qemu["board"] = json!(QEMU_BOARD);
+    guard_qemu["emulator"] = json!("qemu-aarch64 (user mode, on this machine)");
+
+    let report = json!({
+        "machine_threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "embedding": embedding,
+        "search": search,
+        "runtime_guard": guard,
+        "runtime_guard_qemu": guard_qemu,
+    });
+    if let Some(p) = o.output.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&o.output, serde_json::to_string_pretty(&report)? + "\n")?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!("wrote {}", o.output.display());
+    Ok(())
+}
+
+/// The board whose runtime the emulated guard runs (the demo's).
+const QEMU_BOARD: &str = "imx93";
+/// qemu's sysroot for the aarch64 loader and libraries (Debian's libc6-arm64-cross).
+const QEMU_SYSROOT: &str = "/usr/aarch64-linux-gnu";
+/// Questions timed under emulation.
+const QEMU_QUESTIONS: usize = 10;
+
+/// SmolLM2 (Q8_0) bundled for `target` with the knowledge base in `kb` and a threshold every
+/// question falls below: each chat question is refused before the model runs, so its round
+/// trip is embedding, search and decision.
+fn guard_bundle(
+    ep: &Path,
+    kb: &Path,
+    minilm: &Path,
+    out: &Path,
+    target: &str,
+    runtime: Option<&Path>,
+) -> Result<PathBuf> {
+    let mut cmd = Command::new(ep);
+    cmd.arg("bundle")
         .arg(setup::smollm2_gguf())
-        .args([
-            "--target",
-            "generic-x86_64",
-            "--format",
-            "gguf",
-            "--quant",
-            "Q8_0",
-        ])
+        .args(["--target", target, "--format", "gguf", "--quant", "Q8_0"])
         .args(["--name", "smollm2", "--kb"])
-        .arg(&kb_dir)
+        .arg(kb)
         .arg("--embedder")
-        .arg(&minilm)
-        // Every question is refused, so each round trip is embedding, search and decision.
+        .arg(minilm)
         .args(["--kb-threshold", "0.99"])
         .arg("-o")
-        .arg(&out)
-        .env("CI", "1"))?;
-    let server = serve(&runtime, &out.join("smollm2-generic-x86_64"))?;
+        .arg(out)
+        .env("CI", "1");
+    if let Some(r) = runtime {
+        cmd.arg("--runtime").arg(r);
+    }
+    run(&mut cmd)?;
+    Ok(out.join(format!("smollm2-{target}")))
+}
+
+/// Serves `bundle` with `runtime` and asks up to `questions` of `general`: the median round
+/// trip and the runtime's own decision time of the refused ones.
+fn guard_latency(
+    runtime: Command,
+    bundle: &Path,
+    general: &[String],
+    questions: usize,
+    chunks: usize,
+    ready_within: Duration,
+) -> Result<Value> {
+    let server = serve(runtime, bundle, ready_within)?;
     let (mut wall, mut decided, mut refused) = (Vec::new(), Vec::new(), 0);
-    for q in general.iter().take(o.questions) {
+    for q in general.iter().take(questions) {
         let body = json!({"messages": [{"role": "user", "content": q}], "temperature": 0,
                           "max_tokens": 8})
         .to_string();
@@ -264,26 +349,12 @@ pub fn bench(o: &Options) -> Result<()> {
         }
     }
     drop(server);
-    let guard = json!({
-        "chunks": o.sizes[0],
-        "questions": general.len().min(o.questions),
+    Ok(json!({
+        "chunks": chunks,
+        "questions": general.len().min(questions),
         "refused": refused,
         "request_ms_median": median(wall),
         "decision_ms_median": median(decided),
         "goal_ms": 100,
-    });
-
-    let report = json!({
-        "machine_threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "embedding": embedding,
-        "search": search,
-        "runtime_guard": guard,
-    });
-    if let Some(p) = o.output.parent() {
-        std::fs::create_dir_all(p)?;
-    }
-    std::fs::write(&o.output, serde_json::to_string_pretty(&report)? + "\n")?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    eprintln!("wrote {}", o.output.display());
-    Ok(())
+    }))
 }
