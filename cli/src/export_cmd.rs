@@ -14,9 +14,11 @@ use edgepack_converters::export::tflite::{self as tflite, Precision, TfliteOptio
 use edgepack_converters::import;
 use edgepack_converters::io::ensure_not_input;
 use edgepack_converters::model::stats::CalibStats;
+use edgepack_converters::model::Model;
 use edgepack_converters::quant::preset::Preset;
 use edgepack_converters::quant::GgmlType;
 use edgepack_converters::transform::lora::load_adapter;
+use edgepack_converters::transform::smooth;
 use serde_json::json;
 
 use edgepack_recipes::stages::npu_support;
@@ -94,7 +96,8 @@ pub enum Export {
         /// Activation statistics (from `edgepack calibrate`) for --precision int8 / int8-a16.
         #[arg(long, value_name = "FILE")]
         stats: Option<PathBuf>,
-        /// SmoothQuant strength applied before int8 quantization (0..1, or one per layer: 0.5,0.8,...).
+        /// SmoothQuant strength applied before int8 quantization (0..1, or one per layer: 0.5,0.8,...,
+        /// or `auto`: searched per layer on the built-in calibration text at the prefill length).
         #[arg(long, value_name = "ALPHA")]
         smooth: Option<String>,
         /// Output .tflite path.
@@ -405,19 +408,16 @@ fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
     if smooth.is_some() && stats.is_none() {
         bail!("--smooth needs --stats (the activation statistics SmoothQuant scales come from)");
     }
+    let (m, _) = load(model, lora)?;
+    let prefill_len = prefill_len.unwrap_or(seq_len);
     let calibration = match stats {
-        Some(p) => Some(tflite::Calibration {
-            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
-            path: p.to_path_buf(),
-            alpha: smooth.map(parse_alpha).transpose()?,
-        }),
+        Some(p) => Some(tflite_calibration(&m, p, smooth, prefill_len, json_out)?),
         None => None,
     };
-    let (m, _) = load(model, lora)?;
     let opts = TfliteOptions {
         precision,
         seq_len,
-        prefill_len: prefill_len.unwrap_or(seq_len),
+        prefill_len,
         target,
         calibration,
     };
@@ -436,11 +436,18 @@ fn run_export_tflite(a: TfliteArgs<'_>) -> Result<()> {
             );
         }
     }
+    let alpha = match opts.calibration.as_ref().and_then(|c| c.alpha.as_ref()) {
+        Some(smooth::Alpha::Global(a)) => json!(a),
+        Some(smooth::Alpha::PerLayer(v)) => json!(v),
+        None => serde_json::Value::Null,
+    };
     let r = tflite::write(prepared, output, &Bars::new(json_out))
         .with_context(|| format!("writing {}", output.display()))?;
     if json_out {
         let mut v = serde_json::to_value(&r)?;
         v["seconds"] = json!(started.elapsed().as_secs_f64());
+        // The SmoothQuant strength used, one per layer when given or searched so.
+        v["smooth_alpha"] = alpha;
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let sigs: Vec<&str> = r.signatures.iter().map(|s| s.key.as_str()).collect();
@@ -520,4 +527,29 @@ fn run_export_onnx(
         );
     }
     Ok(())
+}
+
+/// The statistics and SmoothQuant α of a full-integer TFLite export: `smooth` as numbers, or
+/// `auto` searched as a recipe's `smooth = "auto"` is.
+pub(crate) fn tflite_calibration(
+    m: &Model,
+    stats: &Path,
+    smooth: Option<&str>,
+    prefill_len: usize,
+    json_out: bool,
+) -> Result<tflite::Calibration> {
+    let st = CalibStats::read(stats).with_context(|| format!("reading {}", stats.display()))?;
+    let alpha = match smooth.map(str::trim) {
+        Some("auto") => Some(
+            smooth::search_alpha_for_export(m, &st, stats, prefill_len, &Bars::new(json_out))
+                .with_context(|| format!("searching alpha for {}", stats.display()))?,
+        ),
+        Some(a) => Some(parse_alpha(a)?),
+        None => None,
+    };
+    Ok(tflite::Calibration {
+        stats: st,
+        path: stats.to_path_buf(),
+        alpha,
+    })
 }

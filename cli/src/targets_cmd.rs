@@ -857,8 +857,7 @@ fn export_tflite_file(
     bars: &Bars,
     json_out: bool,
 ) -> Result<QuantInfo> {
-    use edgepack_converters::export::tflite::{self, Calibration, Precision, TfliteOptions};
-    use edgepack_converters::model::stats::CalibStats;
+    use edgepack_converters::export::tflite::{self, Precision, TfliteOptions};
     let a = r.tflite;
     let prec = Precision::parse(precision)
         .with_context(|| format!("--precision {precision}: TFLite takes {}", Precision::ALL))?;
@@ -869,15 +868,13 @@ fn export_tflite_file(
         bail!("--smooth needs --stats (the activation statistics SmoothQuant scales come from)");
     }
     let calibration = match &a.stats {
-        Some(p) => Some(Calibration {
-            stats: CalibStats::read(p).with_context(|| format!("reading {}", p.display()))?,
-            path: p.clone(),
-            alpha: a
-                .smooth
-                .as_deref()
-                .map(crate::args::parse_alpha)
-                .transpose()?,
-        }),
+        Some(p) => Some(crate::export_cmd::tflite_calibration(
+            m,
+            p,
+            a.smooth.as_deref(),
+            a.prefill_len,
+            json_out,
+        )?),
         None => None,
     };
     let opts = TfliteOptions {

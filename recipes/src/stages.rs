@@ -547,20 +547,16 @@ pub fn run(
                         Some((st, p)) => {
                             let a = match &output.smooth {
                                 None => None,
-                                Some(AlphaSpec::Auto) => {
-                                    let texts = [data::DEFAULT_CORPUS.to_string()];
-                                    let (a, _) = smooth::search_alpha(
+                                Some(AlphaSpec::Auto) => Some(
+                                    smooth::search_alpha_for_export(
                                         &m,
                                         &st,
                                         &p,
-                                        &texts,
-                                        output.prefill.min(256),
-                                        Scope::All,
+                                        output.prefill,
                                         &silent,
                                     )
-                                    .map_err(|e| format!("searching alpha: {e}"))?;
-                                    Some(a)
-                                }
+                                    .map_err(|e| format!("searching alpha: {e}"))?,
+                                ),
                                 Some(spec) => Some(alpha(spec)),
                             };
                             Some(tflite::Calibration {

@@ -95,12 +95,17 @@ fn stats_for(name: &str, model: &Path, samples: usize, seq: usize) -> PathBuf {
     )
 }
 
-/// Extra arguments of a precision: int8 takes statistics and SmoothQuant.
+/// Extra arguments of a precision: int8 takes statistics and SmoothQuant (α 0.5, or the
+/// per-layer search for `int8-auto`).
 fn precision_args(precision: &str, stats: &Path) -> Vec<String> {
+    let (precision, alpha) = match precision {
+        "int8-auto" => ("int8", "auto"),
+        p => (p, "0.5"),
+    };
     let mut v = vec!["--precision".to_string(), precision.to_string()];
     if precision.starts_with("int8") {
         v.extend(["--stats".into(), stats.display().to_string()]);
-        v.extend(["--smooth".into(), "0.5".into()]);
+        v.extend(["--smooth".into(), alpha.into()]);
     }
     v
 }
@@ -220,6 +225,49 @@ fn every_precision_loads_in_litert_with_generative_signatures_names_and_static_s
 }
 
 #[test]
+fn smooth_auto_searches_one_alpha_per_layer_and_exports_what_those_alphas_give() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = tiny("llama-tied-f32", Tiny::llama());
+    let auto = work.path().join("auto.tflite");
+    let r = export(&dir, "int8-auto", 32, 8, &auto);
+    let alphas: Vec<String> = r["smooth_alpha"]
+        .as_array()
+        .expect("auto reports one alpha per layer")
+        .iter()
+        .map(|a| {
+            let a = a.as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&a), "alpha {a}");
+            a.to_string()
+        })
+        .collect();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        alphas.len() as u64,
+        config["num_hidden_layers"].as_u64().unwrap()
+    );
+    // The same alphas given by hand write the same bytes.
+    let stats = stats_for("tiny-llama", &dir, 2, 32);
+    let given = work.path().join("given.tflite");
+    let o = run_ok(
+        edgepack()
+            .args(["--json", "export", "tflite"])
+            .arg(&dir)
+            .args(["--precision", "int8", "--stats"])
+            .arg(&stats)
+            .args(["--smooth", &alphas.join(",")])
+            .args(["--seq-len", "32", "--prefill-len", "8", "-o"])
+            .arg(&given),
+    );
+    let r2: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r2["smooth_alpha"], r["smooth_alpha"]);
+    assert!(
+        std::fs::read(&auto).unwrap() == std::fs::read(&given).unwrap(),
+        "--smooth auto and its own alphas given by hand wrote different files"
+    );
+}
+
+#[test]
 fn fp32_matches_the_reference_forward_pass_on_tiny_llama_qwen2_and_phi3() {
     let work = tempfile::tempdir().unwrap();
     for (name, spec) in [
@@ -314,6 +362,7 @@ fn smollm2_fp16_dynamic_int8_and_static_int8_report_kl_against_float() {
         ("fp16", FP16_MAX_MEAN_KL),
         ("dynamic-int8", INT8_MAX_MEAN_KL),
         ("int8", INT8_A8_MAX_MEAN_KL),
+        ("int8-auto", INT8_A8_MAX_MEAN_KL),
         ("int8-a16", INT8_A16_MAX_MEAN_KL),
     ] {
         let got = litert_logits(&smollm2_tflite(precision), &ids, prompt);

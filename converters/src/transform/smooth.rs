@@ -464,6 +464,32 @@ pub struct LayerSearch {
     pub error_unsmoothed: f64,
 }
 
+/// The α an int8 export smooths with when asked for `auto` (`export tflite --smooth auto`,
+/// `bundle`, and a recipe output's `smooth = "auto"` alike): [`search_alpha`] over the
+/// built-in calibration corpus in samples of the export's prefill length (kept within 16 to
+/// 256 tokens), the length the exported graph sees its prompts in, over the norm-fed groups the
+/// exports smooth (`Scope::Norms`).
+pub fn search_alpha_for_export(
+    model: &Model,
+    stats: &CalibStats,
+    stats_path: &Path,
+    prefill_len: usize,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Alpha> {
+    let texts = [crate::calib::data::DEFAULT_CORPUS.to_string()];
+    let seq_len = prefill_len.clamp(16, 256);
+    let (alpha, _) = search_alpha(
+        model,
+        stats,
+        stats_path,
+        &texts,
+        seq_len,
+        Scope::Norms,
+        progress,
+    )?;
+    Ok(alpha)
+}
+
 /// Chooses α per layer by minimizing the W8A8 output error of each layer's linears on
 /// calibration activations: for every group and α on the grid, the consumers' outputs with
 /// int8 per-tensor activations (scale from the statistics, after smoothing) and int8 per-row
