@@ -179,6 +179,9 @@ pub enum CandidateWeights {
         block: usize,
         symmetric: bool,
     },
+    /// The reference's weights through the per-row int8 quantizer of an int8 ONNX export
+    /// (MatMulInteger), with inputs rounded as its DynamicQuantizeLinear rounds them.
+    DynamicInt8,
 }
 
 #[derive(Debug, Clone)]
@@ -718,6 +721,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                 };
                 reference_answers = reference_answers.or(answers);
                 let weights = match o.format {
+                    Format::Onnx if o.quant == "int8" => CandidateWeights::DynamicInt8,
                     Format::Onnx => {
                         // The exporter's own int4 layout (the recipe takes its defaults).
                         let d = OnnxOptions::default();
@@ -736,13 +740,18 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     "text": e.text.is_some(),
                     "qa": e.qa.is_some(),
                 });
-                if let CandidateWeights::Blockwise {
-                    bits,
-                    block,
-                    symmetric,
-                } = weights
-                {
-                    params["weights"] = json!({"blockwise": {"bits": bits, "block": block, "symmetric": symmetric}});
+                match weights {
+                    CandidateWeights::Blockwise {
+                        bits,
+                        block,
+                        symmetric,
+                    } => {
+                        params["weights"] = json!({"blockwise": {"bits": bits, "block": block, "symmetric": symmetric}});
+                    }
+                    CandidateWeights::DynamicInt8 => {
+                        params["weights"] = json!("dynamic_int8");
+                    }
+                    CandidateWeights::Export => {}
                 }
                 planned.eval = Some(b.add(
                     format!("eval:{oid}"),

@@ -430,12 +430,13 @@ impl Output {
     }
 
     /// Whether edgepack's evaluation can score this output against the float model: a GGUF
-    /// (its weights read back), or an int4 ONNX model (the host forward pass over the
-    /// blockwise weights onnxruntime's MatMulNBits computes with).
+    /// (its weights read back), or an int4 or int8 ONNX model (the host forward pass over
+    /// the weights onnxruntime's MatMulNBits or MatMulInteger computes with, and for int8 the
+    /// inputs its DynamicQuantizeLinear rounds).
     pub fn evaluable(&self) -> bool {
         match self.format {
             Format::Gguf => true,
-            Format::Onnx => self.quant == "int4",
+            Format::Onnx => matches!(self.quant.as_str(), "int4" | "int8"),
             Format::Tflite => false,
         }
     }
@@ -1000,7 +1001,7 @@ impl Recipe {
                         span,
                         &gkey,
                         format!(
-                            "no output of `{tname}` can be scored: edgepack evaluates GGUF and ONNX int4 outputs against the float model"
+                            "no output of `{tname}` can be scored: edgepack evaluates GGUF and ONNX int4 and int8 outputs against the float model"
                         ),
                     ));
                 }
@@ -1020,7 +1021,7 @@ impl Recipe {
                             span,
                             &gkey,
                             format!(
-                                "{} is not scored: edgepack evaluates GGUF and ONNX int4 outputs against the float model",
+                                "{} is not scored: edgepack evaluates GGUF and ONNX int4 and int8 outputs against the float model",
                                 o.label()
                             ),
                         ));

@@ -694,6 +694,11 @@ pub fn run(
                         .map_err(|e| e.to_string())?;
                     f
                 }
+                CandidateWeights::DynamicInt8 => {
+                    let mut f = Forward::new(&ref_model).map_err(|e| e.to_string())?;
+                    f.simulate_dynamic_int8().map_err(|e| e.to_string())?;
+                    f
+                }
             };
             let mut v = json!({});
             if let Some(text) = &e.text {

@@ -424,7 +424,7 @@ fn a_failed_gate_exits_3_naming_the_target_and_a_passing_recipe_exits_0() {
 }
 
 #[test]
-fn an_int4_onnx_output_is_scored_and_held_to_its_own_gates() {
+fn int4_and_int8_onnx_outputs_are_scored_and_held_to_their_own_gates() {
     let work = tempfile::tempdir().unwrap();
     let model = tiny("llama", Tiny::llama());
     let eval = eval_text(work.path());
@@ -434,7 +434,8 @@ fn an_int4_onnx_output_is_scored_and_held_to_its_own_gates() {
             "[model]\npath = \"{}\"\n[eval]\ntext = \"{}\"\nctx = 64\nchunks = 2\n\
              [targets.imx95]\n[targets.imx95.gates]\nmax_kl = 100.0\n\
              [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int4\"\n\
-             [targets.imx95.outputs.gates]\nmax_kl = {limit}\n",
+             [targets.imx95.outputs.gates]\nmax_kl = {limit}\n\
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8\"\n",
             model.display(),
             eval.display()
         )
@@ -447,19 +448,28 @@ fn an_int4_onnx_output_is_scored_and_held_to_its_own_gates() {
         err.contains("imx95 onnx-int4 max_kl: limit 0, measured"),
         "the output's own limit, not the target's: {err}"
     );
+    assert!(
+        !err.contains("onnx-int8 max_kl"),
+        "int8 passes its target's limit: {err}"
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let m = &v["report"]["outputs"][0]["metrics"];
-    for k in ["kl_mean", "top1", "ppl_ratio"] {
-        assert!(m[k].as_f64().is_some_and(f64::is_finite), "{k}: {m:#}");
+    for (i, name) in [(0, "int4"), (1, "int8")] {
+        let m = &v["report"]["outputs"][i]["metrics"];
+        for k in ["kl_mean", "top1", "ppl_ratio"] {
+            assert!(
+                m[k].as_f64().is_some_and(f64::is_finite),
+                "{name} {k}: {m:#}"
+            );
+        }
+        assert!(
+            m["kl_mean"].as_f64().unwrap() > 0.0,
+            "{name} weights change the logits: {m:#}"
+        );
+        assert!(
+            m["host_tokens_per_s"].is_null(),
+            "simulated weights have no speed of their own: {m:#}"
+        );
     }
-    assert!(
-        m["kl_mean"].as_f64().unwrap() > 0.0,
-        "int4 weights change the logits: {m:#}"
-    );
-    assert!(
-        m["host_tokens_per_s"].is_null(),
-        "simulated weights have no speed of their own: {m:#}"
-    );
 
     write(&recipe, &text("100.0"));
     let v = build_ok(&recipe, work.path(), &[]);

@@ -20,6 +20,7 @@ use crate::calib::w8a8::{self, W8A8};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model, ModelConfig};
 use crate::quant::blockwise;
+use crate::quant::int8::{self, DynamicU8};
 
 /// Candle errors inside the forward pass are shape bugs or allocation failures, not input
 /// problems; they carry no file, so they become [`Error::Invalid`].
@@ -34,11 +35,21 @@ struct Linear {
     w: CTensor,
     b: Option<CTensor>,
     in_features: usize,
-    /// Static int8 activation scale: when set, the input is rounded to int8 codes of this step
-    /// before the product (W8A8 simulation).
-    act_scale: Option<f32>,
+    /// How the input is rounded before the product, if at all.
+    act: ActQuant,
     /// A trainable low-rank update `scale · B A x` (LoRA), when one is attached.
     lora: Option<Lora>,
+}
+
+/// Rounding of a linear's input that an integer engine applies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ActQuant {
+    None,
+    /// Int8 codes of this static step (W8A8 simulation).
+    Static(f32),
+    /// Uint8 as onnxruntime's `DynamicQuantizeLinear` rounds, with one range per sequence of
+    /// the call (the int8 ONNX export's activations).
+    DynamicU8,
 }
 
 /// One LoRA pair on a linear: `A` `[r, in]` and `B` `[out, r]`, the only tensors that take
@@ -57,6 +68,55 @@ pub struct Lora {
 thread_local! {
     /// The dropout seed of the forward pass running on this thread (`None`: no dropout).
     static DROPOUT_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// The row count of each sequence in the pass running on this thread, in row order.
+    static SEQUENCE_ROWS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows `[n, k]` rounded through `DynamicQuantizeLinear`, each group of consecutive rows with
+/// its own parameters (`(rows, parameters)` in row order).
+fn dynamic_u8_rows(x: &CTensor, groups: &[(usize, DynamicU8)]) -> Result<CTensor> {
+    let (n, k) = x.dims2().map_err(ce)?;
+    let mut v = x
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(ce)?;
+    let mut start = 0;
+    for &(rows, p) in groups {
+        let end = (start + rows).min(n);
+        for val in &mut v[start * k..end * k] {
+            *val = p.round_trip(*val);
+        }
+        start = end;
+    }
+    if start != n {
+        return Err(Error::Invalid(format!(
+            "forward pass: quantization groups cover {start} of {n} rows"
+        )));
+    }
+    CTensor::from_vec(v, (n, k), &Device::Cpu).map_err(ce)
+}
+
+/// `DynamicQuantizeLinear`'s parameters over each group of `lengths` consecutive rows of `x`.
+fn dynamic_u8_ranges(x: &CTensor, lengths: &[usize]) -> Result<Vec<(usize, DynamicU8)>> {
+    let (n, k) = x.dims2().map_err(ce)?;
+    if lengths.iter().sum::<usize>() != n {
+        return Err(Error::Invalid(format!(
+            "forward pass: sequences of {lengths:?} rows against {n} rows"
+        )));
+    }
+    let v = x
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(ce)?;
+    let mut start = 0;
+    Ok(lengths
+        .iter()
+        .map(|&rows| {
+            let part = &v[start * k..(start + rows) * k];
+            start += rows;
+            (rows, DynamicU8::of_values(part))
+        })
+        .collect())
 }
 
 /// Runs `f` with LoRA dropout on (`Some(seed)`: every pair draws its masks from the seed and
@@ -106,13 +166,25 @@ impl Linear {
     }
 
     fn apply(&self, x: &CTensor, observer: &mut Observer<'_>) -> Result<CTensor> {
+        self.apply_grouped(x, observer, None)
+    }
+
+    /// [`Linear::apply`], with the dynamic int8 ranges of the input's rows given (the LM head
+    /// over rows picked from longer sequences) instead of taken per sequence of the pass.
+    fn apply_grouped(
+        &self,
+        x: &CTensor,
+        observer: &mut Observer<'_>,
+        groups: Option<&[(usize, DynamicU8)]>,
+    ) -> Result<CTensor> {
         if let Some(obs) = observer.as_mut() {
             let vals = x.flatten_all().map_err(ce)?.to_vec1::<f32>().map_err(ce)?;
             obs(&self.name, &vals, self.in_features);
         }
         let q;
-        let x = match self.act_scale {
-            Some(scale) => {
+        let x = match self.act {
+            ActQuant::None => x,
+            ActQuant::Static(scale) => {
                 let qmax = w8a8::QMAX as f64;
                 q = x
                     .affine(1.0 / scale as f64, 0.0)
@@ -122,7 +194,16 @@ impl Linear {
                     .map_err(ce)?;
                 &q
             }
-            None => x,
+            ActQuant::DynamicU8 => {
+                q = match groups {
+                    Some(g) => dynamic_u8_rows(x, g)?,
+                    None => {
+                        let lengths = SEQUENCE_ROWS.with(|r| r.borrow().clone());
+                        dynamic_u8_rows(x, &dynamic_u8_ranges(x, &lengths)?)?
+                    }
+                };
+                &q
+            }
         };
         let y = if let Some(l) = &self.lora {
             // Base product, dropout and the low-rank update as one op: backward recomputes
@@ -602,7 +683,7 @@ impl Forward {
                 w,
                 b,
                 in_features: inn,
-                act_scale: None,
+                act: ActQuant::None,
                 lora: None,
             })
         };
@@ -654,7 +735,7 @@ impl Forward {
                 w: embed.clone(),
                 b: None,
                 in_features: h,
-                act_scale: None,
+                act: ActQuant::None,
                 lora: None,
             }
         } else {
@@ -699,7 +780,7 @@ impl Forward {
                 .map_err(ce)?;
             w.chunks_exact_mut(inn).for_each(w8a8::fake_quant_row);
             lin.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
-            lin.act_scale = Some(a.scale);
+            lin.act = ActQuant::Static(a.scale);
             seen += 1;
         }
         if seen != w8a8.act.len() {
@@ -747,6 +828,33 @@ impl Forward {
                 .flat_map_iter(|row| blockwise::round_trip(row, block, bits, symmetric))
                 .collect();
             lin.w = CTensor::from_vec(q, (out, inn), &Device::Cpu).map_err(ce)?;
+        }
+        Ok(())
+    }
+
+    /// Turns every linear, the LM head included, into what edgepack's ONNX `int8` export runs
+    /// in onnxruntime: weights replaced by their symmetric per-row int8 reconstruction
+    /// (MatMulInteger's int8 weights), inputs rounded as `DynamicQuantizeLinear` rounds them
+    /// (uint8, one range per sequence and call, as the runtime calls the model once per
+    /// prompt and once per generated token). Products stay f32, which equals MatMulInteger's
+    /// int32 sums rescaled once, up to float rounding.
+    pub fn simulate_dynamic_int8(&mut self) -> Result<()> {
+        let linears = self
+            .layers
+            .iter_mut()
+            .flat_map(Layer::linears_mut)
+            .chain(std::iter::once(&mut self.lm_head));
+        for lin in linears {
+            let (out, inn) = lin.w.dims2().map_err(ce)?;
+            let mut w = lin
+                .w
+                .to_dtype(DType::F32)
+                .and_then(|w| w.flatten_all())
+                .and_then(|w| w.to_vec1::<f32>())
+                .map_err(ce)?;
+            w.par_chunks_mut(inn).for_each(int8::round_trip_row);
+            lin.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
+            lin.act = ActQuant::DynamicU8;
         }
         Ok(())
     }
@@ -1005,6 +1113,7 @@ impl Forward {
                 "forward pass: row {bad} of {n} positions asked for"
             )));
         }
+        SEQUENCE_ROWS.with(|r| *r.borrow_mut() = lengths.to_vec());
         let ids = CTensor::from_slice(tokens, n, &Device::Cpu).map_err(ce)?;
         let mut x = self
             .embed
@@ -1052,14 +1161,32 @@ impl Forward {
         for (cache, &len) in caches.iter_mut().zip(lengths) {
             cache.len += len;
         }
+        let mut head_groups = None;
         if let Some(rows) = rows {
+            if self.lm_head.act == ActQuant::DynamicU8 {
+                // onnxruntime runs the head over every row of a call, so each sequence's
+                // range spans all of its rows, picked or not.
+                let all = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+                let ranges = dynamic_u8_ranges(&all, lengths)?;
+                let mut of_row = Vec::with_capacity(n);
+                for &(len, p) in &ranges {
+                    of_row.extend(std::iter::repeat_n(p, len));
+                }
+                head_groups = Some(
+                    rows.iter()
+                        .map(|&r| (1, of_row[r as usize]))
+                        .collect::<Vec<_>>(),
+                );
+            }
             let idx = CTensor::from_slice(rows, rows.len(), &Device::Cpu).map_err(ce)?;
             x = x.index_select(&idx, 0).map_err(ce)?;
         }
         probe(&mut pr, None, "final_in", &x);
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         probe(&mut pr, None, "final_norm", &x);
-        let logits = self.lm_head.apply(&x, &mut observer)?;
+        let logits = self
+            .lm_head
+            .apply_grouped(&x, &mut observer, head_groups.as_deref())?;
         probe(&mut pr, None, "logits", &logits);
         Ok(logits)
     }

@@ -1,6 +1,6 @@
 //! Quantization: the ggml block formats, bit-faithful ports of llama.cpp's quantizers, and the
 //! per-tensor type plans of llama-quantize's presets; and onnxruntime's blockwise integer
-//! weights (`blockwise`).
+//! weights (`blockwise`) and 8-bit weights and dynamic activations (`int8`).
 //!
 //! Every quantizer works on one row (ne0 elements) at a time, as `ggml_quantize_chunk` does;
 //! [`quantize`] spreads the rows of a tensor over all cores.
@@ -8,6 +8,7 @@
 pub mod blockwise;
 #[cfg(test)]
 mod golden;
+pub mod int8;
 pub mod kquants;
 pub mod legacy;
 pub mod preset;

@@ -1,6 +1,6 @@
 //! Weight encodings of the ONNX exporter, one output row (output channel) at a time:
-//! MatMulNBits block quantization (shared/facts/onnx.md §1.5–1.6) and int8 per-channel
-//! symmetric quantization for MatMulInteger / QDQ.
+//! MatMulNBits block quantization (shared/facts/onnx.md §1.5–1.6); the int8 per-channel rows
+//! for MatMulInteger / QDQ are `quant::int8`'s.
 
 use half::f16;
 
@@ -50,17 +50,6 @@ pub fn pack_zero_points(zps: &[u8], bits: u32, out: &mut Vec<u8>) {
         ),
         _ => out.extend_from_slice(zps),
     }
-}
-
-/// Symmetric int8 of one output channel: scale `max|w| / 127`, codes in `[-127, 127]`.
-pub fn int8_row(row: &[f32], q_out: &mut [i8]) -> f32 {
-    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = amax / 127.0;
-    for (q, &v) in q_out.iter_mut().zip(row) {
-        let x = if scale == 0.0 { 0.0 } else { v / scale };
-        *q = x.round_ties_even().clamp(-127.0, 127.0) as i8;
-    }
-    scale
 }
 
 /// Little-endian bytes of f32 values.
@@ -123,14 +112,5 @@ mod tests {
         let mut packed = Vec::new();
         pack_zero_points(&[3, 9, 5], 4, &mut packed);
         assert_eq!(packed, vec![3 | (9 << 4), 5 | (8 << 4)]);
-    }
-
-    #[test]
-    fn int8_per_channel_is_symmetric_over_127_levels() {
-        let row = [1.27f32, -0.64, 0.0];
-        let mut q = [0i8; 3];
-        let s = int8_row(&row, &mut q);
-        assert!((s - 0.01).abs() < 1e-8);
-        assert_eq!(q, [127, -64, 0]);
     }
 }

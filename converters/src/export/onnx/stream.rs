@@ -6,11 +6,12 @@ use rayon::prelude::*;
 
 use super::builder::{Encoding, InitSpec, Job, Payload};
 use super::data::{DataFile, Extent};
-use super::pack::{block_codes, f16_bytes, f32_bytes, int8_row, nbits_row, pack_zero_points};
+use super::pack::{block_codes, f16_bytes, f32_bytes, nbits_row, pack_zero_points};
 use super::proto::{StringStringEntryProto, TensorProto, DATA_LOCATION_EXTERNAL};
 use crate::error::{Error, Result};
 use crate::export::graph::{DecoderGraph, Weight};
 use crate::progress::Progress;
+use crate::quant::int8::symmetric_row;
 
 /// Streams every job into `data`; `location` is the data file's name relative to the model.
 pub fn write_jobs(
@@ -160,7 +161,7 @@ fn encode(
                     .par_chunks(k)
                     .map(|row| {
                         let mut q = vec![0i8; k];
-                        let s = int8_row(row, &mut q);
+                        let s = symmetric_row(row, &mut q);
                         (bytemuck::cast_slice(&q).to_vec(), s)
                     })
                     .collect();
