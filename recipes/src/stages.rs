@@ -684,19 +684,18 @@ pub fn run(
                     let cand_path = model_path(&ModelIn::Stage(*candidate), done)?;
                     Forward::new(&open(&cand_path)?).map_err(|e| e.to_string())?
                 }
-                CandidateWeights::Blockwise {
-                    bits,
-                    block,
-                    symmetric,
-                } => {
+                simulated => {
                     let mut f = Forward::new(&ref_model).map_err(|e| e.to_string())?;
-                    f.simulate_blockwise(*bits, *block, *symmetric)
-                        .map_err(|e| e.to_string())?;
-                    f
-                }
-                CandidateWeights::DynamicInt8 => {
-                    let mut f = Forward::new(&ref_model).map_err(|e| e.to_string())?;
-                    f.simulate_dynamic_int8().map_err(|e| e.to_string())?;
+                    match simulated {
+                        CandidateWeights::Blockwise {
+                            bits,
+                            block,
+                            symmetric,
+                        } => f.simulate_blockwise(*bits, *block, *symmetric),
+                        CandidateWeights::DynamicInt8 => f.simulate_dynamic_int8(),
+                        CandidateWeights::Export => Ok(()),
+                    }
+                    .map_err(|e| e.to_string())?;
                     f
                 }
             };

@@ -73,13 +73,23 @@ thread_local! {
 }
 
 /// Rows `[n, k]` rounded through `DynamicQuantizeLinear`, each group of consecutive rows with
-/// its own parameters (`(rows, parameters)` in row order).
-fn dynamic_u8_rows(x: &CTensor, groups: &[(usize, DynamicU8)]) -> Result<CTensor> {
+/// its own parameters (`(rows, parameters)` in row order); without `groups`, one group per
+/// sequence of the pass running on this thread.
+fn dynamic_u8_rows(x: &CTensor, groups: Option<&[(usize, DynamicU8)]>) -> Result<CTensor> {
     let (n, k) = x.dims2().map_err(ce)?;
     let mut v = x
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(ce)?;
+    let own;
+    let groups = match groups {
+        Some(g) => g,
+        None => {
+            let lengths = SEQUENCE_ROWS.with(|r| r.borrow().clone());
+            own = dynamic_u8_ranges(&v, k, &lengths)?;
+            &own
+        }
+    };
     let mut start = 0;
     for &(rows, p) in groups {
         let end = (start + rows).min(n);
@@ -96,18 +106,15 @@ fn dynamic_u8_rows(x: &CTensor, groups: &[(usize, DynamicU8)]) -> Result<CTensor
     CTensor::from_vec(v, (n, k), &Device::Cpu).map_err(ce)
 }
 
-/// `DynamicQuantizeLinear`'s parameters over each group of `lengths` consecutive rows of `x`.
-fn dynamic_u8_ranges(x: &CTensor, lengths: &[usize]) -> Result<Vec<(usize, DynamicU8)>> {
-    let (n, k) = x.dims2().map_err(ce)?;
+/// `DynamicQuantizeLinear`'s parameters over each group of `lengths` consecutive rows of the
+/// row-major values `v` (`k` per row).
+fn dynamic_u8_ranges(v: &[f32], k: usize, lengths: &[usize]) -> Result<Vec<(usize, DynamicU8)>> {
+    let n = v.len() / k.max(1);
     if lengths.iter().sum::<usize>() != n {
         return Err(Error::Invalid(format!(
             "forward pass: sequences of {lengths:?} rows against {n} rows"
         )));
     }
-    let v = x
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(ce)?;
     let mut start = 0;
     Ok(lengths
         .iter()
@@ -169,6 +176,21 @@ impl Linear {
         self.apply_grouped(x, observer, None)
     }
 
+    /// Replaces the weight (as f32) by `f` applied to each of its rows, over all cores: what
+    /// a quantizing engine's weights dequantize to.
+    fn rewrite_rows(&mut self, f: impl Fn(&mut [f32]) + Sync + Send) -> Result<()> {
+        let (out, inn) = self.w.dims2().map_err(ce)?;
+        let mut w = self
+            .w
+            .to_dtype(DType::F32)
+            .and_then(|w| w.flatten_all())
+            .and_then(|w| w.to_vec1::<f32>())
+            .map_err(ce)?;
+        w.par_chunks_mut(inn).for_each(f);
+        self.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
+        Ok(())
+    }
+
     /// [`Linear::apply`], with the dynamic int8 ranges of the input's rows given (the LM head
     /// over rows picked from longer sequences) instead of taken per sequence of the pass.
     fn apply_grouped(
@@ -195,13 +217,7 @@ impl Linear {
                 &q
             }
             ActQuant::DynamicU8 => {
-                q = match groups {
-                    Some(g) => dynamic_u8_rows(x, g)?,
-                    None => {
-                        let lengths = SEQUENCE_ROWS.with(|r| r.borrow().clone());
-                        dynamic_u8_rows(x, &dynamic_u8_ranges(x, &lengths)?)?
-                    }
-                };
+                q = dynamic_u8_rows(x, groups)?;
                 &q
             }
         };
@@ -770,16 +786,7 @@ impl Forward {
             let Some(a) = w8a8.act.get(&lin.name) else {
                 continue;
             };
-            let (out, inn) = lin.w.dims2().map_err(ce)?;
-            let mut w = lin
-                .w
-                .to_dtype(DType::F32)
-                .and_then(|w| w.flatten_all())
-                .map_err(ce)?
-                .to_vec1::<f32>()
-                .map_err(ce)?;
-            w.chunks_exact_mut(inn).for_each(w8a8::fake_quant_row);
-            lin.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
+            lin.rewrite_rows(w8a8::fake_quant_row)?;
             lin.act = ActQuant::Static(a.scale);
             seen += 1;
         }
@@ -810,24 +817,11 @@ impl Forward {
                 "blockwise weights of {bits} bits in blocks of {block}: bits must be 2 to 8, blocks at least 1"
             )));
         }
-        let linears = self
-            .layers
-            .iter_mut()
-            .flat_map(Layer::linears_mut)
-            .chain(std::iter::once(&mut self.lm_head));
-        for lin in linears {
-            let (out, inn) = lin.w.dims2().map_err(ce)?;
-            let w = lin
-                .w
-                .to_dtype(DType::F32)
-                .and_then(|w| w.flatten_all())
-                .and_then(|w| w.to_vec1::<f32>())
-                .map_err(ce)?;
-            let q: Vec<f32> = w
-                .par_chunks(inn)
-                .flat_map_iter(|row| blockwise::round_trip(row, block, bits, symmetric))
-                .collect();
-            lin.w = CTensor::from_vec(q, (out, inn), &Device::Cpu).map_err(ce)?;
+        for lin in self.linears_and_head_mut() {
+            lin.rewrite_rows(|row| {
+                let q = blockwise::round_trip(row, block, bits, symmetric);
+                row.copy_from_slice(&q);
+            })?;
         }
         Ok(())
     }
@@ -839,24 +833,19 @@ impl Forward {
     /// prompt and once per generated token). Products stay f32, which equals MatMulInteger's
     /// int32 sums rescaled once, up to float rounding.
     pub fn simulate_dynamic_int8(&mut self) -> Result<()> {
-        let linears = self
-            .layers
-            .iter_mut()
-            .flat_map(Layer::linears_mut)
-            .chain(std::iter::once(&mut self.lm_head));
-        for lin in linears {
-            let (out, inn) = lin.w.dims2().map_err(ce)?;
-            let mut w = lin
-                .w
-                .to_dtype(DType::F32)
-                .and_then(|w| w.flatten_all())
-                .and_then(|w| w.to_vec1::<f32>())
-                .map_err(ce)?;
-            w.par_chunks_mut(inn).for_each(int8::round_trip_row);
-            lin.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
+        for lin in self.linears_and_head_mut() {
+            lin.rewrite_rows(int8::round_trip_row)?;
             lin.act = ActQuant::DynamicU8;
         }
         Ok(())
+    }
+
+    /// Every decoder linear, then the LM head.
+    fn linears_and_head_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(Layer::linears_mut)
+            .chain(std::iter::once(&mut self.lm_head))
     }
 
     /// The module paths of every decoder linear (`model.layers.0.self_attn.q_proj`), which
@@ -1166,8 +1155,11 @@ impl Forward {
             if self.lm_head.act == ActQuant::DynamicU8 {
                 // onnxruntime runs the head over every row of a call, so each sequence's
                 // range spans all of its rows, picked or not.
-                let all = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-                let ranges = dynamic_u8_ranges(&all, lengths)?;
+                let all = rms_norm(&x, &self.norm, c.rms_norm_eps)?
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(ce)?;
+                let ranges = dynamic_u8_ranges(&all, c.hidden_size, lengths)?;
                 let mut of_row = Vec::with_capacity(n);
                 for &(len, p) in &ranges {
                     of_row.extend(std::iter::repeat_n(p, len));
