@@ -40,22 +40,31 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `bin` of workspace package `package` in the tests' own profile and returns its path.
-/// Everything it needs was built with the test executables, so this is normally a no-op.
+/// Makes sure the workspace's binaries are built in the tests' own profile and returns the
+/// path of `bin` (of workspace package `package`).
+///
+/// It asks for the build `cargo xtask test` makes before the suite starts, whose dependencies
+/// are those `cargo test --workspace` (and cargo-nextest) built, so it normally does nothing.
+/// A narrower `cargo build -p <package>` would resolve other features for the shared
+/// dependencies and rebuild them (llama.cpp, candle, tokenizers) while holding cargo's lock,
+/// stalling every other test that needs a binary.
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     let dir = target_dir();
     let path = dir.join(bin);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+    cmd.args(["build", "--workspace", "--all-targets", "--quiet"])
         .current_dir(root());
     if dir.ends_with("release") {
         cmd.arg("--release");
     }
     let st = cmd
         .status()
-        .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
-    assert!(st.success(), "cargo build -p {package} failed");
+        .unwrap_or_else(|e| panic!("run cargo build --workspace (for {package}): {e}"));
+    assert!(
+        st.success(),
+        "cargo build --workspace (for {package}) failed"
+    );
     assert!(path.is_file(), "{} missing after build", path.display());
     path
 }

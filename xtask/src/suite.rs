@@ -20,6 +20,15 @@ pub fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // Every binary and test target in one build, before any test runs: the tests that drive
+    // the real binaries find them built with the very dependencies the test executables use
+    // (a `cargo build -p` inside the suite would rebuild those under cargo's lock).
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--all-targets"]);
+    if args.iter().any(|a| a == "--release") {
+        build.arg("--release");
+    }
+    run(&mut build)?;
     let nextest = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["nextest", "--version"])
         .output()
