@@ -13,6 +13,10 @@ import onnxruntime as ort
 model_dir, ids, prefill, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = 2
+# Exact integer products on x86 without VNNI, as edgepack-runtime asks for too: there, the
+# u8 x s8 kernel adds pairs of products in saturating 16-bit lanes, and full-range int8
+# weights overflow them; this option has onnxruntime compute such weights as u8 x u8.
+opts.add_session_config_entry("session.x64quantprecision", "1")
 sess = ort.InferenceSession(f"{model_dir}/model.onnx", opts, providers=["CPUExecutionProvider"])
 inputs = {i.name: i for i in sess.get_inputs()}
 past_names = [n for n in inputs if n.startswith("past_key_values.")]

@@ -220,6 +220,12 @@ fn load(config: &EngineConfig) -> Result<(HfVocab, OrtForward, ModelInfo), Engin
             .map_err(s)?
             .with_inter_threads(1)
             .map_err(s)?
+            // On x86 without VNNI, onnxruntime's u8 x s8 kernels add pairs of products in
+            // saturating 16-bit lanes, which full-range int8 weights (edgepack's) overflow;
+            // this has it compute them as u8 x u8 there. Elsewhere (the boards' Arm cores,
+            // VNNI) it changes nothing.
+            .with_config_entry("session.x64quantprecision", "1")
+            .map_err(s)?
             .commit_from_file(model_file)
             .map_err(|e| e.to_string())
     })()

@@ -381,8 +381,13 @@ fn genai_config(model: &Model, g: &DecoderGraph, context: usize) -> Result<Json>
             "bos_token_id": bos,
             "context_length": context,
             "decoder": {
+                // onnxruntime-genai passes unknown string keys on as session config entries.
+                // This one keeps integer products exact on x86 CPUs without VNNI, where the
+                // u8 x s8 kernels saturate on full-range int8 weights (the int8 and
+                // int8-static exports); anywhere else it changes nothing.
                 "session_options": {
                     "log_id": "onnxruntime-genai",
+                    "session.x64quantprecision": "1",
                     "provider_options": []
                 },
                 "filename": "model.onnx",
