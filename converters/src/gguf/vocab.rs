@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::gguf::value::{Array, Metadata, Value};
+use crate::model::spec::{typed, Kind};
 use crate::model::tokenizer::TokenizerFiles;
 
 // --- GGUF keys (gguf-py `constants.py` `Keys.Tokenizer`) ---------------------------------------
@@ -364,10 +365,11 @@ fn build_gguf_vocab(
 
     let mut meta = Metadata::new();
     // `LlamaModel.set_vocab` copies this before anything else.
-    if let Some(b) = tc
-        .and_then(|c| c.get("add_prefix_space"))
-        .and_then(Json::as_bool)
-    {
+    if let Some(b) = json_flag(
+        tc.and_then(|c| c.get("add_prefix_space")),
+        &src.join("tokenizer_config.json"),
+        "add_prefix_space",
+    )? {
         meta.set(KEY_ADD_SPACE_PREFIX, Value::Bool(b));
     }
 
@@ -392,11 +394,13 @@ fn build_gguf_vocab(
         }
         // `LlamaHfVocab`'s test: Llama 3 style (ignore_merges without byte_fallback) is byte-level;
         // byte_fallback with a Sequence decoder is a converted SentencePiece tokenizer.
-        let flag = |k: &str, default: bool| model.get(k).and_then(Json::as_bool).unwrap_or(default);
-        let is_llama3 = flag("ignore_merges", false) && !flag("byte_fallback", true);
+        let flag = |k: &str| json_flag(model.get(k), &tj_path, &format!("model.{k}"));
+        let (ignore_merges, byte_fallback) = (flag("ignore_merges")?, flag("byte_fallback")?);
+        // (an absent byte_fallback counts as true there, as in the converter's test)
+        let is_llama3 = ignore_merges == Some(true) && byte_fallback == Some(false);
         let decoder_is_sequence =
             tj.pointer("/decoder/type").and_then(Json::as_str) == Some("Sequence");
-        if !is_llama3 && flag("byte_fallback", false) && decoder_is_sequence {
+        if !is_llama3 && byte_fallback == Some(true) && decoder_is_sequence {
             llama_hf_vocab(text, vocab_size, &tj_path)?
         } else {
             bpe_vocab(text, vocab_size, &tj_path, fixed_pre)?
@@ -649,7 +653,12 @@ fn spm_vocab(
             if id >= vocab_size {
                 continue;
             }
-            let special = data.get("special").and_then(Json::as_bool).unwrap_or(false);
+            let special = json_flag(
+                data.get("special"),
+                &tc_path,
+                &format!("added_tokens_decoder.{key}.special"),
+            )?
+            .unwrap_or(false);
             if special || looks_special(content) {
                 types[id] = TYPE_CONTROL;
                 tokens[id] = content.to_owned();
@@ -714,6 +723,13 @@ fn template_sequence(item: Option<&Json>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A true/false field of a tokenizer file: absent or null is `None`. Anything else is refused
+/// by file and field: Python's converter would take the string "false" as true, and a default
+/// would hide the mistake.
+fn json_flag(v: Option<&Json>, file: &Path, field: &str) -> Result<Option<bool>> {
+    Ok(typed(v, Kind::Bool, file, field)?.and_then(Json::as_bool))
+}
+
 impl SpecialVocab {
     fn load(
         tj: Option<&Json>,
@@ -746,7 +762,7 @@ impl SpecialVocab {
                 }
             }
             if let Some(n) = tj.get("normalizer").filter(|n| !n.is_null()) {
-                sv.parse_normalizer(n);
+                sv.parse_normalizer(n, &tj_path, "normalizer")?;
             }
             added_tokens = tj
                 .get("added_tokens")
@@ -762,7 +778,9 @@ impl SpecialVocab {
                 _ => None,
             };
             for &kind in &kinds {
-                if let Some(b) = tc.get(&format!("add_{kind}_token")).and_then(Json::as_bool) {
+                let key = format!("add_{kind}_token");
+                if let Some(b) = json_flag(tc.get(&key), &src.join("tokenizer_config.json"), &key)?
+                {
                     // The post-processor's opinion wins over tokenizer_config.json's.
                     if !sv.add.iter().any(|(k, _)| *k == kind) {
                         sv.add.push((kind, b));
@@ -815,30 +833,29 @@ impl SpecialVocab {
         }
     }
 
-    fn parse_normalizer(&mut self, n: &Json) {
+    /// The normalizer at `field` of tokenizer.json (`path`).
+    fn parse_normalizer(&mut self, n: &Json, path: &Path, field: &str) -> Result<()> {
         match n.get("type").and_then(Json::as_str) {
             Some("Lowercase") => self.lowercase = Some(true),
             Some("StripAccents") => self.strip_accents = Some(true),
             Some("BertNormalizer") => {
-                if let Some(b) = n.get("lowercase").and_then(Json::as_bool) {
+                let flag = |k: &str| json_flag(n.get(k), path, &format!("{field}.{k}"));
+                if let Some(b) = flag("lowercase")? {
                     self.lowercase = Some(b);
                 }
-                if let Some(b) = n.get("strip_accents").and_then(Json::as_bool) {
+                if let Some(b) = flag("strip_accents")? {
                     self.strip_accents = Some(b);
                 }
             }
             Some("Sequence") => {
-                for inner in n
-                    .get("normalizers")
-                    .and_then(Json::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    self.parse_normalizer(inner);
+                let inner = n.get("normalizers").and_then(Json::as_array);
+                for (i, inner) in inner.into_iter().flatten().enumerate() {
+                    self.parse_normalizer(inner, path, &format!("{field}.normalizers[{i}]"))?;
                 }
             }
             _ => {}
         }
+        Ok(())
     }
 
     /// gguf-py's reading of tokenizer.json's post-processor: ByteLevel means no BOS/EOS,
@@ -2328,6 +2345,69 @@ mod tests {
             Some(&Value::Bool(false))
         );
         assert!(meta.get(KEY_MERGES).is_none());
+    }
+
+    #[test]
+    fn flags_of_the_wrong_type_are_refused_by_file_and_field() {
+        // Each mutation puts a string (or number) where true/false belongs; the converter's
+        // Python would read "false" as true, a default would hide it.
+        let bpe = |edit: &dyn Fn(&mut Json, &mut Json)| {
+            let mut files = tiny_bpe_files();
+            let mut tj: Json =
+                serde_json::from_str(files.tokenizer_json.as_ref().unwrap()).unwrap();
+            let tc = files.tokenizer_config.as_mut().unwrap();
+            edit(&mut tj, tc);
+            files.tokenizer_json = Some(tj.to_string());
+            build_gguf_vocab(&files, &json!({}), 14, &src(), Some("smollm"))
+        };
+        // (A wrong-typed normalizer flag is refused too, by the tokenizers library reading
+        // the same tokenizer.json first.)
+        type Edit<'a> = &'a dyn Fn(&mut Json, &mut Json);
+        let cases: [(Edit<'_>, &str, &str); 4] = [
+            (
+                &|tj, _| tj["model"]["byte_fallback"] = json!("false"),
+                "tokenizer.json",
+                "model.byte_fallback",
+            ),
+            (
+                &|tj, _| tj["model"]["ignore_merges"] = json!(1),
+                "tokenizer.json",
+                "model.ignore_merges",
+            ),
+            (
+                &|_, tc| tc["add_prefix_space"] = json!("no"),
+                "tokenizer_config.json",
+                "add_prefix_space",
+            ),
+            (
+                &|_, tc| tc["add_bos_token"] = json!("true"),
+                "tokenizer_config.json",
+                "add_bos_token",
+            ),
+        ];
+        for (edit, file, want) in cases {
+            let err = bpe(edit).unwrap_err();
+            assert!(
+                matches!(&err, Error::Format { path, field, msg }
+                    if path.ends_with(file) && field == want && msg.contains("true or false")),
+                "{want}: {err}"
+            );
+        }
+        // null is absent, as the Hub's files write it.
+        bpe(&|_, tc| tc["add_prefix_space"] = Json::Null).unwrap();
+
+        let files = TokenizerFiles {
+            sentencepiece_model: Some(tiny_sentencepiece_model()),
+            tokenizer_config: Some(
+                json!({"added_tokens_decoder": {"9": {"content": "<x>", "special": "yes"}}}),
+            ),
+            ..TokenizerFiles::default()
+        };
+        let err = gguf_vocab_from_hf(&files, &json!({}), 12, &src()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Format { field, .. } if field == "added_tokens_decoder.9.special"),
+            "{err}"
+        );
     }
 
     #[test]

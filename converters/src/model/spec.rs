@@ -97,7 +97,7 @@ pub struct ModelConfig {
 
 /// The JSON type a config.json field must have when it is present.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Count,
     Number,
     Bool,
@@ -158,10 +158,21 @@ fn field<'a>(cfg: &'a Json, key: &str, kind: Kind, path: &Path) -> Result<Option
     for part in key.split('.') {
         v = v.and_then(|o| o.get(part)).filter(|v| !v.is_null());
     }
-    match v {
+    typed(v, kind, path, key)
+}
+
+/// `v`, the value of `field` in the JSON file `path`, if present; null counts as absent. A
+/// present value of the wrong type is an error naming the file and the field.
+pub(crate) fn typed<'a>(
+    v: Option<&'a Json>,
+    kind: Kind,
+    path: &Path,
+    field: &str,
+) -> Result<Option<&'a Json>> {
+    match v.filter(|v| !v.is_null()) {
         Some(v) if !kind.holds(v) => Err(Error::format(
             path,
-            key,
+            field,
             format!("must be {}, found {v}", kind.describe()),
         )),
         v => Ok(v),
