@@ -59,12 +59,43 @@ fn pattern_matches(key: &str, module: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn lookup_pattern(cfg: &Json, field: &str, module: &str) -> Option<f64> {
-    cfg.get(field)?
-        .as_object()?
-        .iter()
-        .find(|(k, _)| pattern_matches(k, module))
-        .and_then(|(_, v)| v.as_f64())
+/// The value `field` (`rank_pattern`, `alpha_pattern`) gives `module`, if a key matches. A
+/// field that is not an object, or a matching value that is not a number, is an error.
+fn lookup_pattern(cfg: &Json, path: &Path, field: &str, module: &str) -> Result<Option<f64>> {
+    let Some(v) = cfg.get(field) else {
+        return Ok(None);
+    };
+    let Some(map) = v.as_object() else {
+        return Err(Error::format(path, field, format!("{v} is not an object")));
+    };
+    match map.iter().find(|(k, _)| pattern_matches(k, module)) {
+        None => Ok(None),
+        Some((k, v)) => v.as_f64().map(Some).ok_or_else(|| {
+            Error::format(path, format!("{field}.{k}"), format!("{v} is not a number"))
+        }),
+    }
+}
+
+/// A number of adapter_config.json: PEFT's `default` when absent; a value of another type is
+/// an error, never the default.
+fn config_number(cfg: &Json, path: &Path, key: &str, default: f64) -> Result<f64> {
+    match cfg.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| Error::format(path, key, format!("{v} is not a number"))),
+    }
+}
+
+/// A flag of adapter_config.json, as [`config_number`].
+fn config_flag(cfg: &Json, path: &Path, key: &str) -> Result<bool> {
+    match cfg.get(key) {
+        None => Ok(false),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Error::format(path, key, format!("{v} is not true or false"))),
+    }
 }
 
 /// Splits an adapter key into (module path, LoRA part).
@@ -96,7 +127,14 @@ pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
         ));
     }
     let cfg = read_json(&cfg_path)?;
-    if let Some(t) = cfg.get("peft_type").and_then(Json::as_str) {
+    if let Some(t) = cfg.get("peft_type") {
+        let Some(t) = t.as_str() else {
+            return Err(Error::format(
+                &cfg_path,
+                "peft_type",
+                format!("{t} is not a string"),
+            ));
+        };
         if t != "LORA" {
             return Err(Error::unsupported(
                 &cfg_path,
@@ -116,14 +154,12 @@ pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
         }
         return Err(Error::format(dir, "adapter_model.safetensors", "missing"));
     }
-    let r_default = cfg.get("r").and_then(Json::as_f64).unwrap_or(8.0);
-    let alpha_default = cfg.get("lora_alpha").and_then(Json::as_f64).unwrap_or(8.0);
-    let rslora = cfg
-        .get("use_rslora")
-        .and_then(Json::as_bool)
-        .unwrap_or(false);
-    let use_dora = cfg.get("use_dora").and_then(Json::as_bool).unwrap_or(false);
-    if cfg.get("fan_in_fan_out").and_then(Json::as_bool) == Some(true) {
+    // PEFT's LoraConfig defaults: r 8, lora_alpha 8.
+    let r_default = config_number(&cfg, &cfg_path, "r", 8.0)?;
+    let alpha_default = config_number(&cfg, &cfg_path, "lora_alpha", 8.0)?;
+    let rslora = config_flag(&cfg, &cfg_path, "use_rslora")?;
+    let use_dora = config_flag(&cfg, &cfg_path, "use_dora")?;
+    if config_flag(&cfg, &cfg_path, "fan_in_fan_out")? {
         // PEFT itself resets fan_in_fan_out to false for nn.Linear targets, which is every
         // module of these architectures, so the update is applied untransposed as PEFT does.
         tracing::warn!(
@@ -187,8 +223,9 @@ pub fn load_adapter(dir: &Path) -> Result<LoraAdapter> {
             ));
         }
         let rank = a.shape[0];
-        let alpha = lookup_pattern(&cfg, "alpha_pattern", &module).unwrap_or(alpha_default);
-        let r_cfg = lookup_pattern(&cfg, "rank_pattern", &module).unwrap_or(r_default);
+        let alpha =
+            lookup_pattern(&cfg, &cfg_path, "alpha_pattern", &module)?.unwrap_or(alpha_default);
+        let r_cfg = lookup_pattern(&cfg, &cfg_path, "rank_pattern", &module)?.unwrap_or(r_default);
         if (r_cfg as usize) != rank {
             tracing::warn!(
                 "{}: {module}: tensor rank {rank} differs from the configured r {r_cfg}; using {rank}",
@@ -437,5 +474,64 @@ mod tests {
             ("model.embed_tokens", "lora_embedding_B")
         );
         assert_eq!(split_key("lm_head.weight"), ("lm_head.weight", ""));
+    }
+
+    /// An adapter folder with one rank-2 pair on q_proj and `cfg` as its config.
+    fn adapter(cfg: serde_json::Value) -> tempfile::TempDir {
+        use safetensors::tensor::{Dtype, TensorView};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("adapter_config.json"), cfg.to_string()).unwrap();
+        let a = vec![0u8; 2 * 4 * 4];
+        let b = vec![0u8; 4 * 2 * 4];
+        let m = "base_model.model.model.layers.0.self_attn.q_proj";
+        let views = vec![
+            (
+                format!("{m}.lora_A.weight"),
+                TensorView::new(Dtype::F32, vec![2, 4], &a).unwrap(),
+            ),
+            (
+                format!("{m}.lora_B.weight"),
+                TensorView::new(Dtype::F32, vec![4, 2], &b).unwrap(),
+            ),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        std::fs::write(dir.path().join("adapter_model.safetensors"), bytes).unwrap();
+        dir
+    }
+
+    #[test]
+    fn config_values_of_the_wrong_type_are_refused_by_field_never_defaulted() {
+        let good = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 16});
+        let a = load_adapter(adapter(good.clone()).path()).unwrap();
+        assert_eq!(a.modules[0].scale, 8.0);
+        let rs = load_adapter(
+            adapter(serde_json::json!({"r": 2, "lora_alpha": 16, "use_rslora": true})).path(),
+        )
+        .unwrap();
+        assert_eq!(rs.modules[0].scale, 16.0 / 2f64.sqrt());
+        let refused = |key: &str, v: serde_json::Value, field: &str| {
+            let mut cfg = good.clone();
+            cfg[key] = v;
+            let e = match load_adapter(adapter(cfg).path()) {
+                Ok(_) => panic!("{key}: accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains("adapter_config.json") && e.contains(field),
+                "{key}: {e}"
+            );
+        };
+        // PEFT would scale by 32 / 2; a default of 8 would have merged a quarter of it.
+        refused("lora_alpha", "32".into(), "lora_alpha");
+        refused("r", "2".into(), "r");
+        refused("use_rslora", "true".into(), "use_rslora");
+        refused("use_dora", 1.into(), "use_dora");
+        refused("peft_type", 3.into(), "peft_type");
+        refused(
+            "alpha_pattern",
+            serde_json::json!({"q_proj": "4"}),
+            "alpha_pattern.q_proj",
+        );
+        refused("rank_pattern", serde_json::json!([2]), "rank_pattern");
     }
 }
