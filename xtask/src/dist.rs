@@ -315,7 +315,10 @@ pub fn dist(board: &str, with_engine_libs: bool) -> Result<DistOutput> {
     let tune = format!("-mtune={}", profile.target_cpu);
     cmd.env(format!("CFLAGS_{var}"), &tune)
         .env(format!("CXXFLAGS_{var}"), &tune)
-        .env("GGML_NATIVE", "OFF");
+        .env("GGML_NATIVE", "OFF")
+        // What ships is stripped of debug info (below), so none is compiled: the workspace's
+        // release line tables would cost every dependency's build time for nothing.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false");
     cmd.current_dir(root())
         .args([
             "-p",
