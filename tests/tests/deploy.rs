@@ -330,6 +330,79 @@ fn a_connection_cut_mid_upload_keeps_the_old_release_running_and_the_next_deploy
     );
 }
 
+#[test]
+fn a_connection_cut_during_the_health_check_fails_at_once_and_leaves_the_new_release_pending() {
+    let (a, b) = (bundle_a(), bundle_b());
+    let mut sshd = Sshd::start("board-hc");
+    let board = Board::new();
+    let port = free_port();
+    run_ok(&mut deploy(&sshd, &board, &a, port));
+    let pid_a = board.runtime_pid().unwrap();
+    let id_b = release_id(&b);
+
+    // B is switched to and its supervisor started; the runner's pause holds the runtime's
+    // start for 8 s, so the health check's requests (over the SSH port forward) are being
+    // refused and retried when the connection goes.
+    let child = deploy(&sshd, &board, &b, port)
+        .args(["--health-timeout", "600", "--runner", "sleep 8;"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while board.runtime_pid().is_none_or(|p| p == pid_a) {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "B's runtime never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pending(&board), Some(id_b.clone()));
+    assert_eq!(
+        health(port),
+        None,
+        "the runtime is still held by its runner"
+    );
+    sshd.cut();
+    let cut = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    // Not the 600 s health timeout: the lost connection is noticed at the next request.
+    assert!(
+        cut.elapsed() < Duration::from_secs(60),
+        "the deploy took {:?} after the cut",
+        cut.elapsed()
+    );
+    assert!(!out.status.success(), "a cut deploy must fail");
+    let r = host_report(&out);
+    assert_eq!(r["outcome"], "failed", "{r}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for part in [
+        "health check",
+        "the connection to the board was lost",
+        &format!("the board keeps {id_b}, marked pending"),
+    ] {
+        assert!(err.contains(part), "missing {part:?} in: {err}");
+    }
+    // Nothing could be switched back over a dead link: B starts, never seen healthy.
+    assert_eq!(board.current().as_deref(), Some(id_b.as_str()));
+    assert_eq!(pending(&board), Some(id_b.clone()));
+    wait_healthy(
+        port,
+        Duration::from_secs(60),
+        "B's runtime after its runner's pause",
+    );
+    assert_eq!(board.serving_release().as_deref(), Some(id_b.as_str()));
+
+    // The next deploy of B checks it and clears the mark.
+    sshd.restart();
+    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    assert_eq!(r["outcome"], "deployed", "{r}");
+    assert_eq!(pending(&board), None);
+    assert_eq!(board.serving_release().as_deref(), Some(id_b.as_str()));
+    assert_eq!(health(port), Some(200));
+}
+
 /// What a faulted deploy left the board running.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Left {

@@ -547,29 +547,91 @@ async fn log_tail(c: &Conn, h: &HostConfig, l: &Layout, p: &Probe) -> String {
         .unwrap_or_default()
 }
 
-/// Waits for `/health` and runs the smoke prompt. Errors say why, with the log's tail.
+/// After a failed health request: the error to stop with when the SSH connection itself is
+/// gone. The requests travel over its port forward, so every later one would fail too, and
+/// waiting out the health timeout would only delay the error.
+async fn connection_lost(c: &Conn, h: &HostConfig, last: &str) -> Option<DeployError> {
+    if c.alive().await {
+        return None;
+    }
+    Some(DeployError::Ssh {
+        host: h.name.clone(),
+        step: "health check".into(),
+        detail: format!("the connection to the board was lost (last request: {last})"),
+    })
+}
+
+/// A step of the check that failed with `reason`: the runtime's failure, unless the connection
+/// itself is gone.
+async fn failed(
+    c: &Conn,
+    h: &HostConfig,
+    reason: String,
+) -> Result<Result<Health, String>, DeployError> {
+    match connection_lost(c, h, &reason).await {
+        Some(lost) => Err(lost),
+        None => Ok(Err(reason)),
+    }
+}
+
+/// `e` (a lost connection) with what the board is left running.
+fn left_with(e: DeployError, left: String) -> DeployError {
+    match e {
+        DeployError::Ssh { host, step, detail } => DeployError::Ssh {
+            host,
+            step,
+            detail: format!("{detail}; {left}"),
+        },
+        other => other,
+    }
+}
+
+/// What a deploy that lost the connection while checking `id`, switched to and not yet seen
+/// healthy, leaves on the board.
+fn left_pending(id: &str, p: &Probe) -> String {
+    let boot = if p.systemd {
+        ""
+    } else {
+        ", and boot.sh rolls it back at the next boot"
+    };
+    format!(
+        "the board keeps {id}, marked pending: the next deploy checks it again (and rolls it back if it fails){boot}"
+    )
+}
+
+/// The health check over the SSH port forward: waits for `/health` and runs the smoke prompt.
+/// `Ok(Err(reason))` when the runtime failed it (with the log's tail), `Err` when the
+/// connection to the board was lost on the way (nothing can be switched back then).
 async fn check_health(
     c: &Conn,
     h: &HostConfig,
     l: &Layout,
     p: &Probe,
     timeout: Duration,
-) -> Result<Health, String> {
+) -> Result<Result<Health, String>, DeployError> {
     let started = Instant::now();
-    let sock = c.forward(h.runtime_port).await.map_err(|e| e.to_string())?;
+    let sock = match c.forward(h.runtime_port).await {
+        Ok(sock) => sock,
+        Err(e) => return failed(c, h, e.to_string()).await,
+    };
     let mut last = String::from("no answer yet");
     let mut polls = 0u32;
     loop {
         if started.elapsed() > timeout {
             let tail = log_tail(c, h, l, p).await;
-            return Err(format!(
+            return Ok(Err(format!(
                 "/health did not answer 200 within {timeout:?} (last: {last})\nruntime log:\n{tail}"
-            ));
+            )));
         }
         match health::request(&sock, "GET", "/health", None, Duration::from_secs(10)).await {
             Ok(a) if a.status == 200 => break,
             Ok(a) => last = format!("HTTP {} {}", a.status, a.body.trim()),
-            Err(e) => last = e.to_string(),
+            Err(e) => {
+                last = e.to_string();
+                if let Some(lost) = connection_lost(c, h, &last).await {
+                    return Err(lost);
+                }
+            }
         }
         polls += 1;
         // The supervisor records each exit: a runtime that cannot start fails now, not at
@@ -584,10 +646,10 @@ async fn check_health(
                 .unwrap_or_default();
             if !exit.trim().is_empty() {
                 let tail = log_tail(c, h, l, p).await;
-                return Err(format!(
+                return Ok(Err(format!(
                     "the runtime exited with status {} before it was ready\nruntime log:\n{tail}",
                     exit.trim()
-                ));
+                )));
             }
         }
         tokio::time::sleep(if started.elapsed() < HEALTH_FAST_FOR {
@@ -602,16 +664,24 @@ async fn check_health(
         .saturating_sub(started.elapsed())
         .max(Duration::from_secs(30));
     let key = match &h.api_key_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map(|k| k.trim().to_string())
-                .map_err(|e| format!("{}: reading the runtime's API key: {e}", p.display()))?,
-        ),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(k) => Some(k.trim().to_string()),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "{}: reading the runtime's API key: {e}",
+                    p.display()
+                )))
+            }
+        },
         None => None,
     };
-    let mut health = health::smoke(&sock, left, key.as_deref()).await?;
-    health.ready_s = ready_s;
-    Ok(health)
+    match health::smoke(&sock, left, key.as_deref()).await {
+        Ok(mut health) => {
+            health.ready_s = ready_s;
+            Ok(Ok(health))
+        }
+        Err(reason) => failed(c, h, reason).await,
+    }
 }
 
 fn now_unix() -> u64 {
@@ -826,10 +896,19 @@ async fn deploy_connected(
             c.sh_in("starting the runtime", &script, &key).await?;
         }
         progress.stage("health check");
-        let checked = check_health(c, h, &l, p, opts.health_timeout).await;
         // A release still pending is one an interrupted deploy switched to and never saw
         // healthy: it is checked now, and rolled back like any new release that fails.
         let pending = survey.pending.as_deref() == Some(id.as_str());
+        let checked = check_health(c, h, &l, p, opts.health_timeout)
+            .await
+            .map_err(|e| {
+                let left = if pending {
+                    left_pending(id, p)
+                } else {
+                    format!("the board keeps running {id}")
+                };
+                left_with(e, left)
+            })?;
         match checked {
             Ok(hl) => {
                 record_health_with(c, &l, id, &Ok(hl.clone()), None, &l.clear_pending()).await?;
@@ -869,7 +948,9 @@ async fn deploy_connected(
     c.sh_in("switching current and starting the runtime", &script, &key)
         .await?;
     progress.stage("health check");
-    let checked = check_health(c, h, &l, p, opts.health_timeout).await;
+    let checked = check_health(c, h, &l, p, opts.health_timeout)
+        .await
+        .map_err(|e| left_with(e, left_pending(id, p)))?;
     match checked {
         Ok(hl) => {
             // The record, the end of `pending` and the pruning in one round trip.
@@ -912,7 +993,14 @@ async fn roll_back(
             restart(c, h, l, p, signed).await?;
             r.outcome = Outcome::RolledBack;
             r.release = Some(prev.clone());
-            let again = check_health(c, h, l, p, opts.health_timeout).await;
+            let again = check_health(c, h, l, p, opts.health_timeout)
+                .await
+                .map_err(|e| {
+                    left_with(
+                        e,
+                        format!("{id} failed its check ({reason}); the board was switched back to {prev} and restarted, unchecked"),
+                    )
+                })?;
             record_health_with(c, l, prev, &again, Some((id, &reason)), "").await?;
             match again {
                 Ok(hl) => {
@@ -1542,7 +1630,7 @@ pub fn rollback(h: &HostConfig, opts: &Options) -> Result<RollbackReport, Deploy
             .trim()
             == "yes";
         restart(&c, h, &l, &p, signed).await?;
-        let checked = check_health(&c, h, &l, &p, opts.health_timeout).await;
+        let checked = check_health(&c, h, &l, &p, opts.health_timeout).await?;
         record_health(&c, &l, &to, &checked).await?;
         c.close().await;
         match checked {

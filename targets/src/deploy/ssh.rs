@@ -452,6 +452,11 @@ impl Conn {
         Ok(sock)
     }
 
+    /// Whether the connection (and with it every port forward) is still up.
+    pub async fn alive(&self) -> bool {
+        self.session.check().await.is_ok()
+    }
+
     pub async fn close(self) {
         let _ = self.session.close().await;
     }
