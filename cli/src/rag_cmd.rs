@@ -2,18 +2,23 @@
 //! build, add, remove, query, and calibrate the out-of-domain guard.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use edgepack_converters::progress::Progress;
 use edgepack_encoder::kb::{self, Added, Hit, Kb, Precision};
 use edgepack_encoder::Embedder;
+use serde::Serialize;
 use serde_json::json;
+
+use crate::progress::Bars;
 
 #[derive(Subcommand, Debug)]
 pub enum RagCommand {
     /// Chunk documents by the encoder's tokens, embed them and write a knowledge base.
     #[command(
-        after_help = "Example:\n  edgepack rag build docs/*.md docs/*.txt --embedder ./all-MiniLM-L6-v2 -o kb/\n  edgepack rag build manual.txt --embedder ./all-MiniLM-L6-v2 --chunk-tokens 96 --overlap 24 --precision f16 -o kb/\n\nThe folder gets kb.safetensors: every chunk's vector (int8 with a scale per vector, f16 or f32), its text, its document and byte range, and the encoder's identity. Binary and empty documents are skipped and named."
+        after_help = "Example:\n  edgepack rag build docs/*.md docs/*.txt --embedder ./all-MiniLM-L6-v2 -o kb/\n  edgepack rag build manual.txt --embedder ./all-MiniLM-L6-v2 --chunk-tokens 96 --overlap 24 --precision f16 -o kb/\n\nThe folder gets kb.safetensors: every chunk's vector (int8 with a scale per vector, f16 or f32), its text, its document and byte range, and the encoder's identity; and encoder.path, the encoder folder's path, which add, query, calibrate and bundle --kb use when --embedder is not given. Binary and empty documents are skipped and named."
     )]
     Build(BuildArgs),
     /// Add documents to a knowledge base (only the new ones are embedded).
@@ -22,10 +27,14 @@ pub enum RagCommand {
     )]
     Add {
         kb: PathBuf,
+        /// The encoder folder that built the kb (default: the one `rag build` recorded in
+        /// KB/encoder.path).
         #[arg(long)]
-        embedder: PathBuf,
+        embedder: Option<PathBuf>,
         #[arg(required = true)]
         docs: Vec<PathBuf>,
+        #[command(flatten)]
+        reading: Reading,
     },
     /// Remove documents (named as they were added) from a knowledge base.
     #[command(after_help = "Example:\n  edgepack rag remove kb/ docs/old.md")]
@@ -36,7 +45,7 @@ pub enum RagCommand {
     },
     /// The passages closest to a question, with their scores and sources.
     #[command(
-        after_help = "Example:\n  edgepack rag query kb/ --embedder ./all-MiniLM-L6-v2 \"How do I reset the device?\"\n  edgepack rag query kb/ --embedder ./all-MiniLM-L6-v2 -k 3 --json \"What does E1 mean?\"\n  edgepack rag query kb/ --embedder ./all-MiniLM-L6-v2 --questions q.txt --json"
+        after_help = "Example:\n  edgepack rag query kb/ \"How do I reset the device?\"\n  edgepack rag query kb/ --embedder ./all-MiniLM-L6-v2 -k 3 --json \"What does E1 mean?\"\n  edgepack rag query kb/ --embedder ./all-MiniLM-L6-v2 --questions q.txt --json"
     )]
     Query {
         kb: PathBuf,
@@ -46,20 +55,24 @@ pub enum RagCommand {
         /// Many questions: one per line, or JSONL with a `question` field.
         #[arg(long)]
         questions: Option<PathBuf>,
+        /// The encoder folder that built the kb (default: the one `rag build` recorded in
+        /// KB/encoder.path).
         #[arg(long)]
-        embedder: PathBuf,
+        embedder: Option<PathBuf>,
         /// Passages to return.
         #[arg(short, default_value_t = 5)]
         k: usize,
     },
     /// Pick the out-of-domain guard's threshold from question sets and store it in the kb.
     #[command(
-        after_help = "Example:\n  edgepack rag calibrate kb/ --embedder ./all-MiniLM-L6-v2 --in-domain q_in.txt --out-of-domain q_out.txt\n\nQuestion files hold one question per line, or JSONL with a `question` field. The threshold is the highest best-passage score that refuses at most --false-reject of the in-domain questions; the report gives the ROC AUC and both rates at it."
+        after_help = "Example:\n  edgepack rag calibrate kb/ --in-domain q_in.txt --out-of-domain q_out.txt\n\nQuestion files hold one question per line, or JSONL with a `question` field. The threshold is the highest best-passage score that refuses at most --false-reject of the in-domain questions; the report gives the ROC AUC and both rates at it."
     )]
     Calibrate {
         kb: PathBuf,
+        /// The encoder folder that built the kb (default: the one `rag build` recorded in
+        /// KB/encoder.path).
         #[arg(long)]
-        embedder: PathBuf,
+        embedder: Option<PathBuf>,
         #[arg(long)]
         in_domain: PathBuf,
         #[arg(long)]
@@ -90,6 +103,43 @@ pub struct BuildArgs {
     /// The knowledge-base folder (its kb.safetensors is replaced whole).
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    reading: Reading,
+}
+
+#[derive(Args, Debug)]
+pub struct Reading {
+    /// Bytes of a document read, chunked and embedded at a time: memory holds the knowledge
+    /// base and about this much of a document, whatever its size. Blocks end at a line
+    /// break (else at whitespace), so the chunks do not depend on it.
+    #[arg(long, default_value_t = kb::READ_BYTES, value_name = "BYTES")]
+    read_block: usize,
+}
+
+/// Adds `docs` to `kb`, with a progress bar over their bytes on a terminal.
+fn add_docs(
+    kb: &mut Kb,
+    enc: &Embedder,
+    docs: &[PathBuf],
+    r: &Reading,
+    json_out: bool,
+) -> Result<Added> {
+    let total: u64 = docs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    let bars = Bars::new(json_out);
+    bars.start("embedding", total);
+    let added = kb.add_documents(enc, docs, r.read_block, &|n| bars.advance(n, ""));
+    bars.finish();
+    Ok(added?)
+}
+
+/// The encoder for the kb in `kb`: `--embedder`, else the one `rag build` recorded.
+fn kb_embedder(kb: &Path, given: Option<&Path>) -> Result<Embedder> {
+    open_embedder(&kb::encoder_dir(kb, given)?)
 }
 
 fn open_embedder(dir: &Path) -> Result<Embedder> {
@@ -100,7 +150,15 @@ fn read_kb(dir: &Path) -> Result<Kb> {
     Kb::read(dir).with_context(|| format!("reading the knowledge base {}", dir.display()))
 }
 
-fn report_added(kb: &Kb, dir: &Path, a: &Added, json_out: bool) -> Result<()> {
+/// Seconds spent loading the encoder, reading and embedding the documents, and writing.
+#[derive(Serialize)]
+struct Timing {
+    loading: f64,
+    embedding: f64,
+    writing: f64,
+}
+
+fn report_added(kb: &Kb, dir: &Path, a: &Added, t: &Timing, json_out: bool) -> Result<()> {
     if json_out {
         println!(
             "{}",
@@ -109,6 +167,8 @@ fn report_added(kb: &Kb, dir: &Path, a: &Added, json_out: bool) -> Result<()> {
                 "documents": kb.meta.documents.len(),
                 "chunks": kb.len(),
                 "added": a,
+                "seconds": t,
+                "chunks_per_second_embedding": a.chunks as f64 / t.embedding.max(1e-9),
             }))?
         );
     } else {
@@ -116,9 +176,10 @@ fn report_added(kb: &Kb, dir: &Path, a: &Added, json_out: bool) -> Result<()> {
             println!("skipped {doc}: {why}");
         }
         println!(
-            "added {} documents ({} chunks); {} now holds {} documents, {} chunks",
+            "added {} documents ({} chunks, embedded in {:.1} s); {} now holds {} documents, {} chunks",
             a.documents,
             a.chunks,
+            t.embedding,
             dir.display(),
             kb.meta.documents.len(),
             kb.len()
@@ -155,7 +216,9 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
                 .precision
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!("--precision {e}"))?;
+            let t = Instant::now();
             let enc = open_embedder(&a.embedder)?;
+            let loading = t.elapsed().as_secs_f64();
             let max = enc.identity().max_seq.saturating_sub(2);
             anyhow::ensure!(
                 a.chunk_tokens >= 1 && a.chunk_tokens <= max,
@@ -171,7 +234,9 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
                 a.chunk_tokens
             );
             let mut kb = Kb::new(enc.identity(), a.chunk_tokens, a.overlap, precision);
-            let added = kb.add_documents(&enc, &a.docs)?;
+            let t = Instant::now();
+            let added = add_docs(&mut kb, &enc, &a.docs, &a.reading, json_out)?;
+            let embedding = t.elapsed().as_secs_f64();
             anyhow::ensure!(
                 !kb.is_empty(),
                 "no document could be used: {}",
@@ -182,17 +247,39 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            let t = Instant::now();
             kb.write(&a.output)
                 .with_context(|| format!("writing {}", a.output.display()))?;
-            report_added(&kb, &a.output, &added, json_out)
+            kb::remember_encoder(&a.output, &a.embedder)?;
+            let timing = Timing {
+                loading,
+                embedding,
+                writing: t.elapsed().as_secs_f64(),
+            };
+            report_added(&kb, &a.output, &added, &timing, json_out)
         }
-        RagCommand::Add { kb, embedder, docs } => {
+        RagCommand::Add {
+            kb,
+            embedder,
+            docs,
+            reading,
+        } => {
             let mut k = read_kb(&kb)?;
-            let enc = open_embedder(&embedder)?;
-            let added = k.add_documents(&enc, &docs)?;
+            let t = Instant::now();
+            let enc = kb_embedder(&kb, embedder.as_deref())?;
+            let loading = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let added = add_docs(&mut k, &enc, &docs, &reading, json_out)?;
+            let embedding = t.elapsed().as_secs_f64();
+            let t = Instant::now();
             k.write(&kb)
                 .with_context(|| format!("writing {}", kb.display()))?;
-            report_added(&k, &kb, &added, json_out)
+            let timing = Timing {
+                loading,
+                embedding,
+                writing: t.elapsed().as_secs_f64(),
+            };
+            report_added(&k, &kb, &added, &timing, json_out)
         }
         RagCommand::Remove { kb, docs } => {
             let mut k = read_kb(&kb)?;
@@ -217,7 +304,7 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
             k,
         } => {
             let base = read_kb(&kb)?;
-            let enc = open_embedder(&embedder)?;
+            let enc = kb_embedder(&kb, embedder.as_deref())?;
             let asked = match (&question, &questions) {
                 (Some(q), _) => vec![q.clone()],
                 (None, Some(f)) => read_questions(f)?,
@@ -281,7 +368,7 @@ pub fn run(c: RagCommand, json_out: bool) -> Result<()> {
             false_reject,
         } => {
             let mut k = read_kb(&kb)?;
-            let enc = open_embedder(&embedder)?;
+            let enc = kb_embedder(&kb, embedder.as_deref())?;
             let ins = read_questions(&in_domain)?;
             let outs = read_questions(&out_of_domain)?;
             let g = k.calibrate(&enc, &ins, &outs, false_reject)?;

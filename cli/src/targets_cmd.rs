@@ -69,7 +69,7 @@ pub enum TargetCommand {
     },
     /// Build a bundle for one board: model, tokenizer, optional runtime binary, manifest, signature.
     #[command(
-        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n  edgepack bundle ./merged --target imx95 --format onnx --precision int8 -o out/\n  edgepack bundle ./merged --target imx93 --format tflite --precision int8 --stats s.calib -o out/\n  edgepack bundle ./merged --target imx95 --kb kb/ --embedder ./all-MiniLM-L6-v2 -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
+        after_help = "Example:\n  edgepack bundle ./merged --target imx95 --format gguf --quant Q4_K_M --name smollm2 --sign key.pem -o out/\n  edgepack bundle ./base --lora ./adapter --target rpi5 --runtime target/aarch64-unknown-linux-gnu/release/edgepack-runtime -o out/\n  edgepack bundle ./merged --target imx95 --format onnx --precision int8 -o out/\n  edgepack bundle ./merged --target imx93 --format tflite --precision int8 --stats s.calib -o out/\n  edgepack bundle ./merged --target imx95 --kb kb/ -o out/\n\nWrites out/<name>-<target>/ and out/<name>-<target>.tar.zst. Identical inputs give byte-identical archives (no timestamps unless --timestamp)."
     )]
     Bundle {
         /// A Hugging Face model folder or a .gguf file.
@@ -136,10 +136,10 @@ pub enum TargetCommand {
 pub struct KbBundleArgs {
     /// A knowledge base folder from `edgepack rag build` to carry in the bundle's rag/ with
     /// its encoder; the board's chat endpoint then answers from it.
-    #[arg(long, value_name = "DIR", requires = "embedder")]
+    #[arg(long, value_name = "DIR")]
     kb: Option<PathBuf>,
     /// The sentence-transformers folder that built --kb (checked against the kb's record of
-    /// its weights).
+    /// its weights); default: the one `rag build` recorded in KB/encoder.path.
     #[arg(long, value_name = "DIR", requires = "kb")]
     embedder: Option<PathBuf>,
     /// Passages put into the prompt.
@@ -159,6 +159,19 @@ pub struct KbBundleArgs {
 }
 
 impl KbBundleArgs {
+    /// These settings with `--embedder` filled in from the kb's record when not given.
+    fn resolved(self: Box<Self>) -> Result<Box<KbBundleArgs>> {
+        let Some(kb) = &self.kb else {
+            return Ok(self);
+        };
+        let embedder =
+            edgepack_encoder::kb::encoder_dir(kb, self.embedder.as_deref()).context("--kb")?;
+        Ok(Box::new(KbBundleArgs {
+            embedder: Some(embedder),
+            ..*self
+        }))
+    }
+
     fn spec(&self) -> Result<Option<RetrievalSpec<'_>>> {
         let (Some(kb), Some(encoder)) = (&self.kb, &self.embedder) else {
             return Ok(None);
@@ -295,7 +308,7 @@ pub fn run(cmd: TargetCommand, json_out: bool) -> Result<()> {
                 format,
                 quant,
                 tflite: &tflite,
-                kb: &kb,
+                kb: &*kb.resolved()?,
                 engine_libs: &engine_lib,
                 runtime: runtime.as_deref(),
                 runtime_version,

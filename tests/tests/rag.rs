@@ -234,12 +234,16 @@ fn documents_are_added_and_removed_without_re_embedding_the_rest() {
             .arg("--json"),
     ));
     let before = std::fs::read(kb.join("kb.safetensors")).unwrap();
+    // `rag build` recorded its encoder: add and query find it without --embedder.
+    let recorded = std::fs::read_to_string(kb.join("encoder.path")).unwrap();
+    assert_eq!(
+        Path::new(recorded.trim_end()),
+        std::path::absolute(minilm_dir()).unwrap()
+    );
     let add = json_of(&run_ok(
         edgepack()
             .args(["rag", "add"])
             .arg(&kb)
-            .arg("--embedder")
-            .arg(minilm_dir())
             .arg(tern("conversations.txt"))
             .arg(tern("manual.txt"))
             .arg("--json"),
@@ -272,6 +276,91 @@ fn documents_are_added_and_removed_without_re_embedding_the_rest() {
         msg.contains("`nothing.md` is not in the knowledge base") && msg.contains(&manual),
         "{msg}"
     );
+    let q = json_of(&run_ok(
+        edgepack()
+            .args(["rag", "query"])
+            .arg(&kb)
+            .args(["What does E1 mean?", "--json"]),
+    ));
+    assert_eq!(q["hits"][0]["source"], Value::from(manual.clone()), "{q}");
+    // Without the record, --embedder is asked for.
+    std::fs::remove_file(kb.join("encoder.path")).unwrap();
+    let msg = refused(
+        edgepack()
+            .args(["rag", "query"])
+            .arg(&kb)
+            .arg("What does E1 mean?"),
+    );
+    assert!(
+        msg.contains("give --embedder") && msg.contains("encoder.path"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn documents_read_in_small_blocks_give_the_kb_of_one_read_and_late_bad_bytes_drop_the_whole_document(
+) {
+    let work = tempfile::tempdir().unwrap();
+    let build = |kb: &Path, docs: &[&Path], block: Option<usize>| {
+        let mut c = edgepack();
+        c.args(["rag", "build"])
+            .args(docs)
+            .arg("--embedder")
+            .arg(minilm_dir());
+        if let Some(b) = block {
+            c.args(["--read-block", &b.to_string()]);
+        }
+        json_of(&run_ok(c.arg("-o").arg(kb).arg("--json")))
+    };
+    // The manual is 5,978 bytes: 1 KiB blocks cut it at six line breaks.
+    let manual = tern("manual.txt");
+    let (whole, blocks) = (work.path().join("whole"), work.path().join("blocks"));
+    let a = build(&whole, &[&manual], None);
+    let b = build(&blocks, &[&manual], Some(1024));
+    assert_eq!(a["chunks"], b["chunks"]);
+    assert!(
+        std::fs::read(whole.join("kb.safetensors")).unwrap()
+            == std::fs::read(blocks.join("kb.safetensors")).unwrap(),
+        "the same knowledge base, byte for byte"
+    );
+
+    // A NUL or a byte that is not UTF-8 in a later block: the documents' earlier blocks were
+    // embedded already, and none of their chunks stay.
+    let text = std::fs::read(&manual).unwrap();
+    let mut nul = text.clone();
+    nul.extend_from_slice(b"\n\0 the end\n");
+    let mut latin1 = text.clone();
+    latin1.extend_from_slice(b"\ncaf\xe9\n");
+    let (nul_doc, latin1_doc) = (
+        work.path().join("late-nul.txt"),
+        work.path().join("late-latin1.txt"),
+    );
+    std::fs::write(&nul_doc, nul).unwrap();
+    std::fs::write(&latin1_doc, latin1).unwrap();
+    let mixed = work.path().join("mixed");
+    let v = build(&mixed, &[&nul_doc, &manual, &latin1_doc], Some(1024));
+    assert_eq!(v["documents"], 1, "{v}");
+    assert!(
+        std::fs::read(mixed.join("kb.safetensors")).unwrap()
+            == std::fs::read(whole.join("kb.safetensors")).unwrap(),
+        "the manual alone, as if the bad documents had not been given"
+    );
+    let skipped = v["added"]["skipped"].to_string();
+    assert!(
+        skipped.contains("late-nul.txt\",\"binary")
+            && skipped.contains("late-latin1.txt\",\"not UTF-8"),
+        "{skipped}"
+    );
+    let msg = refused(
+        edgepack()
+            .args(["rag", "build"])
+            .arg(&manual)
+            .arg("--embedder")
+            .arg(minilm_dir())
+            .args(["--read-block", "100", "-o"])
+            .arg(work.path().join("small")),
+    );
+    assert!(msg.contains("at least 1024 bytes, not 100"), "{msg}");
 }
 
 #[test]
@@ -332,7 +421,26 @@ fn bad_documents_foreign_encoders_and_corrupt_kbs_are_refused_by_name() {
         msg.contains("built with the encoder") && msg.contains("not other-encoder"),
         "{msg}"
     );
-    // And `bundle --kb` refuses the pair before it exports anything.
+    // And `bundle --kb` refuses the pair before it exports anything, given by --embedder
+    // or recorded beside the kb.
+    std::fs::write(
+        kb.join("encoder.path"),
+        format!("{}\n", std::path::absolute(&other).unwrap().display()),
+    )
+    .unwrap();
+    let msg = refused(
+        edgepack()
+            .arg("bundle")
+            .arg(smollm2_gguf())
+            .args(["--target", "imx95", "--quant", "Q8_0", "--kb"])
+            .arg(&kb)
+            .arg("-o")
+            .arg(work.path().join("bundles")),
+    );
+    assert!(
+        msg.contains("built with the encoder") && msg.contains("not other-encoder"),
+        "{msg}"
+    );
     let out = work.path().join("bundles");
     let msg = refused(
         edgepack()

@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor as CTensor, D};
+use candle_core::{DType, Device, Tensor as CTensor};
 use serde_json::Value as Json;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{EncoderError as Error, Result};
+use crate::ops;
 
 fn ce(e: candle_core::Error) -> Error {
     Error::Invalid(format!("sentence embedder: {e}"))
@@ -36,28 +37,36 @@ pub struct Identity {
 /// sentence-transformers' default when `sentence_bert_config.json` names no length.
 const DEFAULT_MAX_SEQ: usize = 256;
 
+/// `x Wᵀ`; the bias is added by the fused op that follows.
 struct Linear {
     w: CTensor,
-    b: CTensor,
+    b: Vec<f32>,
 }
 
 impl Linear {
-    fn apply(&self, x: &CTensor) -> Result<CTensor> {
-        x.matmul(&self.w.t().map_err(ce)?)
-            .and_then(|y| y.broadcast_add(&self.b))
-            .map_err(ce)
+    fn product(&self, x: &CTensor) -> Result<CTensor> {
+        x.matmul(&self.w.t().map_err(ce)?).map_err(ce)
     }
 }
 
 struct LayerNorm {
-    w: CTensor,
-    b: CTensor,
+    w: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl LayerNorm {
+    fn op(&self, eps: f64) -> ops::Norm<'_> {
+        ops::Norm {
+            w: &self.w,
+            b: &self.b,
+            eps: eps as f32,
+        }
+    }
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Q, K and V as one product: rows [Q; K; V].
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     inter: Linear,
@@ -107,6 +116,7 @@ impl Embedder {
                 .map(|v| v as usize)
                 .ok_or_else(|| Error::format(&cfg_path, k, "missing or not a number"))
         };
+        // An absent field takes BERT's default; a present one of the wrong type is an error.
         let model_type = cfg.get("model_type").and_then(Json::as_str).unwrap_or("");
         if model_type != "bert" {
             return Err(Error::format(
@@ -117,27 +127,38 @@ impl Embedder {
                 ),
             ));
         }
-        if let Some(act) = cfg.get("hidden_act").and_then(Json::as_str) {
+        if let Some(act) = cfg.get("hidden_act") {
             if act != "gelu" {
                 return Err(Error::format(
                     &cfg_path,
                     "hidden_act",
-                    format!("`{act}` is not supported (gelu is)"),
+                    format!("{act} is not supported (gelu is)"),
                 ));
             }
         }
         let heads = num("num_attention_heads")?;
         let n_layers = num("num_hidden_layers")?;
-        let eps = cfg
-            .get("layer_norm_eps")
-            .and_then(Json::as_f64)
-            .unwrap_or(1e-12);
+        let eps = match cfg.get("layer_norm_eps") {
+            None => 1e-12,
+            Some(v) => v.as_f64().ok_or_else(|| {
+                Error::format(&cfg_path, "layer_norm_eps", format!("{v} is not a number"))
+            })?,
+        };
         let max_pos = num("max_position_embeddings")?;
-        let max_seq = read_json("sentence_bert_config.json")
-            .ok()
-            .and_then(|c| c.get("max_seq_length").and_then(Json::as_u64))
-            .map_or(DEFAULT_MAX_SEQ, |v| v as usize)
-            .min(max_pos);
+        // sentence-transformers' own file; without it, its default length.
+        let sb_path = dir.join("sentence_bert_config.json");
+        let max_seq = if sb_path.exists() {
+            let sb = read_json("sentence_bert_config.json")?;
+            match sb.get("max_seq_length") {
+                None => DEFAULT_MAX_SEQ,
+                Some(v) => v.as_u64().map(|v| v as usize).ok_or_else(|| {
+                    Error::format(&sb_path, "max_seq_length", format!("{v} is not a count"))
+                })?,
+            }
+        } else {
+            DEFAULT_MAX_SEQ
+        }
+        .min(max_pos);
         let st_path = dir.join("model.safetensors");
         let mut w: HashMap<String, CTensor> =
             candle_core::safetensors::load(&st_path, &Device::Cpu)
@@ -156,10 +177,16 @@ impl Embedder {
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
             let p = |s: &str| format!("encoder.layer.{l}.{s}");
+            let (q, k, v) = (
+                ws.linear(&p("attention.self.query"))?,
+                ws.linear(&p("attention.self.key"))?,
+                ws.linear(&p("attention.self.value"))?,
+            );
             layers.push(Layer {
-                q: ws.linear(&p("attention.self.query"))?,
-                k: ws.linear(&p("attention.self.key"))?,
-                v: ws.linear(&p("attention.self.value"))?,
+                qkv: Linear {
+                    w: CTensor::cat(&[&q.w, &k.w, &v.w], 0).map_err(ce)?,
+                    b: [q.b, k.b, v.b].concat(),
+                },
                 attn_out: ws.linear(&p("attention.output.dense"))?,
                 attn_norm: ws.norm(&p("attention.output.LayerNorm"))?,
                 inter: ws.linear(&p("intermediate.dense"))?,
@@ -189,13 +216,21 @@ impl Embedder {
             }
         };
         let word = ws.take("embeddings.word_embeddings.weight")?;
+        let dim = word.dim(1).map_err(ce)?;
+        if heads == 0 || dim % heads != 0 {
+            return Err(Error::format(
+                &cfg_path,
+                "num_attention_heads",
+                format!("{heads} heads do not divide the width {dim}"),
+            ));
+        }
         let identity = Identity {
             name: dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             weights_sha256,
-            dim: word.dim(1).map_err(ce)?,
+            dim,
             max_seq,
         };
         Ok(Embedder {
@@ -258,58 +293,74 @@ impl Embedder {
         }
         let dev = Device::Cpu;
         let idx = CTensor::from_slice(&ids, b * n, &dev).map_err(ce)?;
-        let keep = CTensor::from_slice(&keep, (b, n), &dev).map_err(ce)?;
-        // Padding gets a large negative attention bias: exp() of it is exactly 0.
-        let bias = keep
-            .affine(1e9, -1e9)
-            .and_then(|m| m.reshape((b, 1, 1, n)))
-            .map_err(ce)?;
         let pos = self.pos.narrow(0, 0, n).map_err(ce)?;
-        let x = self
+        let mut x = self
             .word
             .index_select(&idx, 0)
             .and_then(|x| x.reshape((b, n, ())))
             .and_then(|x| x.broadcast_add(&pos))
             .and_then(|x| x.broadcast_add(&self.token_type.narrow(0, 0, 1)?))
             .and_then(|x| x.reshape((b * n, ())))
+            .and_then(|x| x.apply_op1_no_bwd(&self.emb_norm.op(self.eps)))
             .map_err(ce)?;
-        let mut x = layer_norm(&x, &self.emb_norm, self.eps)?;
         let hidden = x.dim(1).map_err(ce)?;
         let hd = hidden / self.heads;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let softmax = ops::MaskedSoftmax {
+            keep: &keep,
+            heads: self.heads,
+            n,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         for l in &self.layers {
-            let heads = |t: CTensor| -> Result<CTensor> {
-                t.reshape((b, n, self.heads, hd))
-                    .and_then(|t| t.transpose(1, 2))
-                    .and_then(|t| t.contiguous())
-                    .map_err(ce)
-            };
-            let (q, k, v) = (
-                heads(l.q.apply(&x)?)?,
-                heads(l.k.apply(&x)?)?,
-                heads(l.v.apply(&x)?)?,
-            );
-            let probs = q
-                .matmul(&k.t().map_err(ce)?)
-                .and_then(|s| s.affine(scale, 0.0))
-                .and_then(|s| s.broadcast_add(&bias))
-                .and_then(|s| {
-                    candle_core::Tensor::exp(&s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?)
+            let qkv = l
+                .qkv
+                .product(&x)?
+                .apply_op1_no_bwd(&ops::SplitHeads {
+                    bias: &l.qkv.b,
+                    b,
+                    n,
+                    heads: self.heads,
                 })
-                .and_then(|e| e.broadcast_div(&e.sum_keepdim(D::Minus1)?))
                 .map_err(ce)?;
-            let ctx = probs
-                .matmul(&v)
+            let part = |i: usize| qkv.get(i).map_err(ce);
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let ctx = q
+                .matmul(&k.t().map_err(ce)?)
+                .and_then(|s| s.apply_op1_no_bwd(&softmax))
+                .and_then(|p| p.matmul(&v))
                 .and_then(|o| o.transpose(1, 2))
                 .and_then(|o| o.contiguous())
                 .and_then(|o| o.reshape((b * n, hidden)))
                 .map_err(ce)?;
-            let a = (l.attn_out.apply(&ctx)? + &x).map_err(ce)?;
-            let a = layer_norm(&a, &l.attn_norm, self.eps)?;
-            let h = l.inter.apply(&a)?.gelu_erf().map_err(ce)?;
-            let o = (l.out.apply(&h)? + &a).map_err(ce)?;
-            x = layer_norm(&o, &l.out_norm, self.eps)?;
+            let a = l
+                .attn_out
+                .product(&ctx)?
+                .apply_op2_no_bwd(
+                    &x,
+                    &ops::AddNorm {
+                        bias: &l.attn_out.b,
+                        norm: l.attn_norm.op(self.eps),
+                    },
+                )
+                .map_err(ce)?;
+            let h = l
+                .inter
+                .product(&a)?
+                .apply_op1_no_bwd(&ops::BiasGelu(&l.inter.b))
+                .map_err(ce)?;
+            x = l
+                .out
+                .product(&h)?
+                .apply_op2_no_bwd(
+                    &a,
+                    &ops::AddNorm {
+                        bias: &l.out.b,
+                        norm: l.out_norm.op(self.eps),
+                    },
+                )
+                .map_err(ce)?;
         }
+        let keep = CTensor::from_slice(&keep, (b, n), &dev).map_err(ce)?;
         // Mean over each text's own tokens.
         let sums = x
             .reshape((b, n, hidden))
@@ -347,19 +398,6 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-fn layer_norm(x: &CTensor, n: &LayerNorm, eps: f64) -> Result<CTensor> {
-    let mean = x.mean_keepdim(D::Minus1).map_err(ce)?;
-    let xc = x.broadcast_sub(&mean).map_err(ce)?;
-    let var = xc
-        .sqr()
-        .and_then(|v| v.mean_keepdim(D::Minus1))
-        .map_err(ce)?;
-    xc.broadcast_div(&(var + eps).and_then(|v| v.sqrt()).map_err(ce)?)
-        .and_then(|y| y.broadcast_mul(&n.w))
-        .and_then(|y| y.broadcast_add(&n.b))
-        .map_err(ce)
-}
-
 /// The tensors of a safetensors file, taken by name with errors naming the file.
 struct Weights {
     map: HashMap<String, CTensor>,
@@ -375,17 +413,90 @@ impl Weights {
             .map_err(ce)
     }
 
+    /// A 1-D parameter as values.
+    fn vector(&mut self, name: &str) -> Result<Vec<f32>> {
+        let t = self.take(name)?;
+        t.to_vec1::<f32>()
+            .map_err(|e| Error::format(&self.path, name, format!("not a vector: {e}")))
+    }
+
     fn linear(&mut self, p: &str) -> Result<Linear> {
-        Ok(Linear {
-            w: self.take(&format!("{p}.weight"))?,
-            b: self.take(&format!("{p}.bias"))?,
-        })
+        let w = self.take(&format!("{p}.weight"))?;
+        let b = self.vector(&format!("{p}.bias"))?;
+        let rows = w.dims().first().copied().unwrap_or(0);
+        if w.rank() != 2 || b.len() != rows {
+            return Err(Error::format(
+                &self.path,
+                format!("{p}.bias"),
+                format!("{} values for a weight of shape {:?}", b.len(), w.dims()),
+            ));
+        }
+        Ok(Linear { w, b })
     }
 
     fn norm(&mut self, p: &str) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            w: self.take(&format!("{p}.weight"))?,
-            b: self.take(&format!("{p}.bias"))?,
+            w: self.vector(&format!("{p}.weight"))?,
+            b: self.vector(&format!("{p}.bias"))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error `Embedder::open` gives for a folder holding `config` (and, if given,
+    /// `sentence_bert_config`) and no weights.
+    fn refusal(config: Json, sentence_bert: Option<Json>) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        if let Some(sb) = sentence_bert {
+            std::fs::write(dir.path().join("sentence_bert_config.json"), sb.to_string()).unwrap();
+        }
+        match Embedder::open(dir.path()) {
+            Ok(_) => panic!("opened without weights"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_config_field_of_the_wrong_type_is_refused_by_name_not_defaulted() {
+        let cfg = serde_json::json!({
+            "model_type": "bert", "hidden_act": "gelu", "num_attention_heads": 12,
+            "num_hidden_layers": 6, "max_position_embeddings": 512, "layer_norm_eps": 1e-12,
+        });
+        // A well-typed config gets as far as the missing weights.
+        assert!(refusal(cfg.clone(), None).contains("model.safetensors"));
+        let with = |k: &str, v: Json| {
+            let mut c = cfg.clone();
+            c[k] = v;
+            c
+        };
+        let e = refusal(with("layer_norm_eps", "1e-12".into()), None);
+        assert!(
+            e.contains("layer_norm_eps") && e.contains("not a number"),
+            "{e}"
+        );
+        let e = refusal(with("hidden_act", 1.into()), None);
+        assert!(
+            e.contains("hidden_act") && e.contains("not supported"),
+            "{e}"
+        );
+        let e = refusal(with("num_hidden_layers", "6".into()), None);
+        assert!(e.contains("num_hidden_layers"), "{e}");
+        let e = refusal(
+            cfg.clone(),
+            Some(serde_json::json!({"max_seq_length": "256"})),
+        );
+        assert!(
+            e.contains("sentence_bert_config.json") && e.contains("max_seq_length"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        std::fs::write(dir.path().join("sentence_bert_config.json"), "{").unwrap();
+        let e = Embedder::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("sentence_bert_config.json"), "{e}");
     }
 }

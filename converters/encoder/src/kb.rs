@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::bert::{Embedder, Identity};
-use crate::chunk::chunk;
+use crate::chunk::{piece_end, Chunker};
 use crate::error::{EncoderError, Result};
 
 /// The file in a knowledge-base folder.
@@ -39,8 +39,17 @@ const EMBED_BATCH: usize = 16;
 pub const SCHEMA: u32 = 1;
 /// The metadata key holding [`Meta`].
 const META_KEY: &str = "edgepack_kb";
-/// Documents larger than this are refused rather than read whole.
-pub const MAX_DOCUMENT_BYTES: u64 = 256 << 20;
+/// Bytes of a document read, chunked and embedded at a time.
+pub const READ_BYTES: usize = 4 << 20;
+/// The smallest block a document is read in.
+pub const MIN_READ_BYTES: usize = 1024;
+
+/// What reading one document gave.
+enum Read {
+    /// Its chunks were pushed; its path is left for the caller to fill in.
+    Added(Document),
+    Skipped(&'static str),
+}
 
 /// How vectors are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,95 +236,193 @@ impl Kb {
     }
 
     /// Chunks, embeds and adds the documents at `paths` (in order), each named by its path
-    /// as given. Binary, empty and already-present documents are skipped and named; an
-    /// unreadable one is an error.
-    pub fn add_documents(&mut self, enc: &Embedder, paths: &[PathBuf]) -> Result<Added> {
+    /// as given, read as [`Kb::add_named_reporting`] reads them. Binary, empty and
+    /// already-present documents are skipped and named; an unreadable one is an error.
+    pub fn add_documents(
+        &mut self,
+        enc: &Embedder,
+        paths: &[PathBuf],
+        block: usize,
+        read: &dyn Fn(u64),
+    ) -> Result<Added> {
         let named: Vec<(PathBuf, String)> = paths
             .iter()
             .map(|p| (p.clone(), p.display().to_string()))
             .collect();
-        self.add_named(enc, &named)
+        self.add_named_reporting(enc, &named, block, read)
     }
 
     /// [`Kb::add_documents`] with each document's name (what sources show) given beside
     /// the path it is read from.
     pub fn add_named(&mut self, enc: &Embedder, docs: &[(PathBuf, String)]) -> Result<Added> {
+        self.add_named_reporting(enc, docs, READ_BYTES, &|_| {})
+    }
+
+    /// [`Kb::add_named`], reading each document `block` bytes at a time and calling `read`
+    /// with the number of bytes of each block read (for progress). A block's chunks are
+    /// embedded before the next block is read, so memory holds the knowledge base and about
+    /// one block, whatever a document's size. Blocks end at a line break where there is one
+    /// (else at whitespace), so the chunks are those of the whole text read at once.
+    pub fn add_named_reporting(
+        &mut self,
+        enc: &Embedder,
+        docs: &[(PathBuf, String)],
+        block: usize,
+        read: &dyn Fn(u64),
+    ) -> Result<Added> {
         self.check_embedder(enc.identity())?;
+        if block < MIN_READ_BYTES {
+            return Err(EncoderError::Invalid(format!(
+                "documents are read in blocks of at least {MIN_READ_BYTES} bytes, not {block}"
+            )));
+        }
         let mut added = Added::default();
         for (path, name) in docs {
-            let name = name.clone();
-            let skip = |added: &mut Added, why: String| added.skipped.push((name.clone(), why));
-            if self.meta.documents.iter().any(|d| d.path == name) {
-                skip(&mut added, "already in the knowledge base".into());
+            let skip =
+                |added: &mut Added, why: &str| added.skipped.push((name.clone(), why.into()));
+            if self.meta.documents.iter().any(|d| &d.path == name) {
+                skip(&mut added, "already in the knowledge base");
                 continue;
             }
             let meta = std::fs::metadata(path).map_err(|e| EncoderError::io(path, e))?;
             if !meta.is_file() {
-                skip(&mut added, "not a file".into());
+                skip(&mut added, "not a file");
                 continue;
             }
-            if meta.len() > MAX_DOCUMENT_BYTES {
-                return Err(EncoderError::format(
-                    path,
-                    "size",
-                    format!(
-                        "{} bytes; documents above {} bytes are refused (split the file)",
-                        meta.len(),
-                        MAX_DOCUMENT_BYTES
-                    ),
-                ));
+            let before = self.len();
+            let outcome = self.read_document(enc, path, block, read);
+            if !matches!(outcome, Ok(Read::Added(_))) {
+                self.truncate(before);
             }
-            let bytes = std::fs::read(path).map_err(|e| EncoderError::io(path, e))?;
-            if bytes.contains(&0) {
-                skip(&mut added, "binary (holds NUL bytes)".into());
-                continue;
+            match outcome? {
+                Read::Added(doc) => {
+                    added.documents += 1;
+                    added.chunks += self.len() - before;
+                    self.meta.documents.push(Document {
+                        path: name.clone(),
+                        ..doc
+                    });
+                }
+                Read::Skipped(why) => skip(&mut added, why),
             }
-            let Ok(text) = String::from_utf8(bytes) else {
-                skip(&mut added, "not UTF-8 text".into());
-                continue;
-            };
-            let spans = chunk(
-                enc.tokenizer(),
-                &text,
-                self.meta.chunk_tokens,
-                self.meta.overlap,
-            )?;
-            if spans.is_empty() {
-                skip(&mut added, "empty".into());
-                continue;
-            }
-            // Batches of chunks (mostly of one length, so little padding) over all cores.
-            let batches: Vec<Vec<Vec<f32>>> = spans
-                .par_chunks(EMBED_BATCH)
-                .map(|c| {
-                    let texts: Vec<&str> = c.iter().map(|s| &text[s.start..s.end]).collect();
-                    enc.embed_batch(&texts)
-                })
-                .collect::<Result<_>>()?;
-            let vectors: Vec<Vec<f32>> = batches.into_iter().flatten().collect();
-            let doc = self.meta.documents.len() as u32;
-            for (s, v) in spans.iter().zip(&vectors) {
-                self.push_vector(v);
-                self.texts.push(text[s.start..s.end].to_string());
-                self.meta.chunks.push(ChunkInfo {
-                    doc,
-                    start: s.start as u64,
-                    end: s.end as u64,
-                });
-            }
-            self.meta.documents.push(Document {
-                path: name,
-                sha256: format!("{:x}", Sha256::digest(text.as_bytes())),
-                bytes: meta.len(),
-            });
-            added.documents += 1;
-            added.chunks += spans.len();
         }
         // A guard calibrated on other contents no longer holds.
         if added.chunks > 0 {
             self.meta.guard = None;
         }
         Ok(added)
+    }
+
+    /// Reads, chunks and embeds one document, block by block, pushing its chunks as the
+    /// next document's. Binary, non-UTF-8 and empty documents are found as they are read;
+    /// the caller drops the chunks pushed so far.
+    fn read_document(
+        &mut self,
+        enc: &Embedder,
+        path: &Path,
+        block_bytes: usize,
+        read: &dyn Fn(u64),
+    ) -> Result<Read> {
+        let doc = self.meta.documents.len() as u32;
+        let mut file = std::fs::File::open(path).map_err(|e| EncoderError::io(path, e))?;
+        let mut chunker = Chunker::new(enc.tokenizer(), self.meta.chunk_tokens, self.meta.overlap)?;
+        let mut hash = Sha256::new();
+        let mut bytes = 0u64;
+        // Read, not yet fed to the chunker (from document byte `raw_at` on).
+        let mut raw: Vec<u8> = Vec::new();
+        let mut raw_at = 0usize;
+        // Fed, kept while a window to come may need it (from document byte `text_at` on).
+        let mut text = String::new();
+        let mut text_at = 0usize;
+        let mut block = vec![0u8; block_bytes];
+        loop {
+            let mut eof = false;
+            while raw.len() < block_bytes {
+                let n = match std::io::Read::read(&mut file, &mut block) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(EncoderError::io(path, e)),
+                };
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                let b = &block[..n];
+                if b.contains(&0) {
+                    return Ok(Read::Skipped("binary (holds NUL bytes)"));
+                }
+                hash.update(b);
+                bytes += n as u64;
+                raw.extend_from_slice(b);
+                read(n as u64);
+            }
+            let valid = match std::str::from_utf8(&raw) {
+                Ok(s) => s.len(),
+                // A character cut by the block's end completes with the next block.
+                Err(e) if e.error_len().is_none() && !eof => e.valid_up_to(),
+                Err(_) => return Ok(Read::Skipped("not UTF-8 text")),
+            };
+            let s = std::str::from_utf8(&raw[..valid]).expect("checked above");
+            let cut = if eof { valid } else { piece_end(s) };
+            let piece = &s[..cut];
+            let mut spans = chunker.feed(piece, raw_at)?;
+            text.push_str(piece);
+            if eof {
+                spans.extend(chunker.finish());
+            }
+            raw.drain(..cut);
+            raw_at += cut;
+            // This block's windows over all cores, in batches of mostly one length.
+            let vectors: Vec<Vec<Vec<f32>>> = spans
+                .par_chunks(EMBED_BATCH)
+                .map(|c| {
+                    let texts: Vec<&str> = c
+                        .iter()
+                        .map(|s| &text[s.start - text_at..s.end - text_at])
+                        .collect();
+                    enc.embed_batch(&texts)
+                })
+                .collect::<Result<_>>()?;
+            for (s, v) in spans.iter().zip(vectors.iter().flatten()) {
+                self.push_vector(v);
+                self.texts
+                    .push(text[s.start - text_at..s.end - text_at].to_string());
+                self.meta.chunks.push(ChunkInfo {
+                    doc,
+                    start: s.start as u64,
+                    end: s.end as u64,
+                });
+            }
+            let keep = chunker.needed_from().unwrap_or(raw_at);
+            text.drain(..keep - text_at);
+            text_at = keep;
+            if eof {
+                break;
+            }
+        }
+        if self.meta.chunks.last().is_none_or(|c| c.doc != doc) {
+            return Ok(Read::Skipped("empty"));
+        }
+        Ok(Read::Added(Document {
+            path: String::new(),
+            sha256: format!("{:x}", hash.finalize()),
+            bytes,
+        }))
+    }
+
+    /// Drops every chunk from the `n`th on.
+    fn truncate(&mut self, n: usize) {
+        let dim = self.meta.embedder.dim;
+        match &mut self.vectors {
+            Vectors::F32(d) => d.truncate(n * dim),
+            Vectors::F16(d) => d.truncate(n * dim),
+            Vectors::Int8 { q, scales } => {
+                q.truncate(n * dim);
+                scales.truncate(n);
+            }
+        }
+        self.texts.truncate(n);
+        self.meta.chunks.truncate(n);
     }
 
     /// Removes the documents named as they were added; returns the chunks removed. A name
@@ -546,10 +653,16 @@ impl Kb {
             META_KEY.to_string(),
             serde_json::to_string(&self.meta).expect("metadata serializes"),
         )]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
         let path = dir.join(KB_FILE);
         let tmp = dir.join(format!(".{KB_FILE}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, &bytes).map_err(|e| EncoderError::io(&tmp, e))?;
+        // Written tensor by tensor, not assembled in memory first.
+        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            match e {
+                safetensors::SafeTensorError::IoError(e) => EncoderError::io(&tmp, e),
+                e => bad(e),
+            }
+        })?;
         std::fs::rename(&tmp, &path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             EncoderError::io(&path, e)
@@ -719,6 +832,69 @@ fn dot_with<T: Copy>(q: &[f32], row: &[T], v: impl Fn(T) -> f32) -> f32 {
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_with(a, b, |x| x)
+}
+
+/// Beside `kb.safetensors`: the encoder folder `rag build` used (its absolute path, one
+/// line), so later commands find it without `--embedder`. Bundles never carry it: it names
+/// a workstation's path.
+pub const ENCODER_FILE: &str = "encoder.path";
+
+/// Records `encoder` (made absolute) as the encoder of the kb in `kb_dir`, by a rename. A
+/// path that is not UTF-8 or holds a line break is not recorded (commands then need
+/// `--embedder`).
+pub fn remember_encoder(kb_dir: &Path, encoder: &Path) -> Result<()> {
+    let abs = std::path::absolute(encoder).map_err(|e| EncoderError::io(encoder, e))?;
+    let path = kb_dir.join(ENCODER_FILE);
+    let Some(text) = abs.to_str().filter(|t| !t.contains(['\n', '\r'])) else {
+        let _ = std::fs::remove_file(&path);
+        return Ok(());
+    };
+    let tmp = kb_dir.join(format!(".{ENCODER_FILE}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, format!("{text}\n")).map_err(|e| EncoderError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        EncoderError::io(&path, e)
+    })
+}
+
+/// The encoder folder for the kb in `kb_dir`: `given` when there is one, else the one
+/// [`remember_encoder`] recorded. Either way the kb checks the encoder's weights against
+/// its own record when it is used.
+pub fn encoder_dir(kb_dir: &Path, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(g) = given {
+        return Ok(g.to_path_buf());
+    }
+    let path = kb_dir.join(ENCODER_FILE);
+    let mut text = String::new();
+    match std::fs::File::open(&path) {
+        Ok(f) => {
+            // A path, not a document: 64 KiB is plenty.
+            std::io::Read::read_to_string(&mut std::io::Read::take(f, 1 << 16), &mut text)
+                .map_err(|e| EncoderError::io(&path, e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(EncoderError::Invalid(format!(
+                "give --embedder: {} does not name the encoder that built the knowledge base (no {ENCODER_FILE})",
+                kb_dir.display()
+            )))
+        }
+        Err(e) => return Err(EncoderError::io(&path, e)),
+    }
+    let dir = PathBuf::from(text.trim_end_matches(['\n', '\r']));
+    if dir.as_os_str().is_empty() || !dir.is_absolute() {
+        return Err(EncoderError::format(&path, "path", "not an absolute path"));
+    }
+    if !dir.is_dir() {
+        return Err(EncoderError::format(
+            &path,
+            "path",
+            format!(
+                "the encoder folder {} is gone; give --embedder",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dir)
 }
 
 /// Reads a question file: one question per line, or JSONL with a string `question` field

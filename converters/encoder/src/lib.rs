@@ -9,6 +9,7 @@ pub mod chunk;
 pub mod error;
 pub mod ground;
 pub mod kb;
+mod ops;
 
 pub use bert::{cosine, Embedder};
 pub use error::{EncoderError, Result};
