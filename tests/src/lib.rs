@@ -8,9 +8,12 @@ pub mod fixtures;
 pub mod sshd;
 pub mod tidy;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -125,6 +128,88 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A pipe read to its end by a thread of its own: the bytes so far, and whether it ended.
+struct Drained {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    ended: Arc<AtomicBool>,
+}
+
+impl Drained {
+    fn start(mut pipe: impl Read + Send + 'static) -> Drained {
+        let d = Drained {
+            bytes: Arc::default(),
+            ended: Arc::default(),
+        };
+        let (bytes, ended) = (Arc::clone(&d.bytes), Arc::clone(&d.ended));
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                bytes.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+            ended.store(true, Ordering::SeqCst);
+        });
+        d
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
+    }
+}
+
+/// Runs `cmd` (stdin closed) for at most `limit`. Past it the process is killed and the test
+/// fails with what it printed so far, instead of holding the suite until its own timeout.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    wait_output_within(child, limit, &format!("{cmd:?}"))
+}
+
+/// Waits for `child` (spawned with stdout and stderr piped) at most `limit` and returns its
+/// output; past the limit it is killed and the test fails with what it printed so far.
+/// `what` names it in that message.
+pub fn wait_output_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    // Never joined: a process the command started (an ssh master, say) may hold a pipe open
+    // after the command itself ended or was killed.
+    let out = Drained::start(child.stdout.take().expect("piped stdout"));
+    let err = Drained::start(child.stderr.take().expect("piped stderr"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for the command") {
+            break st;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(500));
+            panic!(
+                "{what} ran past {limit:?} and was killed\nstdout:\n{}\nstderr:\n{}",
+                out.text(),
+                err.text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let t = Instant::now();
+    while !(out.ended.load(Ordering::SeqCst) && err.ended.load(Ordering::SeqCst))
+        && t.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (stdout, stderr) = (
+        out.bytes.lock().unwrap().clone(),
+        err.bytes.lock().unwrap().clone(),
+    );
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// Runs and expects failure; returns stderr.

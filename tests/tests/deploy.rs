@@ -5,13 +5,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use edgepack_tests::sshd::{free_port, Board, Fault, Sshd};
 use edgepack_tests::{
-    edgepack, fixtures, health, onnxruntime_lib, python, root, run_err, run_ok, runtime_bin,
-    shared_work_dir, smollm2_gguf, wait_healthy,
+    edgepack, fixtures, health, onnxruntime_lib, output_within, python, root, run_err, run_ok,
+    runtime_bin, shared_work_dir, smollm2_gguf, wait_healthy, wait_output_within,
 };
 use serde_json::Value;
 
@@ -52,8 +52,15 @@ fn release_id(bundle: &Path) -> String {
     format!("{BUNDLE}-{}", &sha[..12])
 }
 
+/// How long one deploy to a loopback board may take before the test stops it: they take
+/// seconds to a minute, several times that on a loaded two-core machine.
+const DEPLOY_LIMIT: Duration = Duration::from_secs(420);
+
+/// `edgepack --json deploy` to the emulated board, logging its stages and board commands
+/// (`EDGEPACK_LOG`) so a failure or a stall shows where it was.
 fn deploy(sshd: &Sshd, board: &Board, bundle: &Path, runtime_port: u16) -> Command {
     let mut c = edgepack();
+    c.env("EDGEPACK_LOG", "edgepack_targets=debug");
     c.arg("--json")
         .arg("deploy")
         .arg(bundle)
@@ -76,9 +83,50 @@ fn host_report(out: &Output) -> Value {
     v["hosts"][0].clone()
 }
 
-/// Runs a command that must fail and returns its stdout JSON and stderr.
+/// Waits until `reached` holds while the deploy `child` (stdout and stderr piped) runs, and
+/// gives the child back; fails with its output if it ends first, and after 120 s.
+fn running_until(mut child: Child, what: &str, reached: impl Fn() -> bool) -> Child {
+    let t = Instant::now();
+    while !reached() {
+        if child.try_wait().unwrap().is_some() {
+            let out = wait_output_within(child, Duration::from_secs(10), "the deploy");
+            panic!(
+                "the deploy ended ({}) before {what}\nstdout:\n{}\nstderr:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let out = wait_output_within(child, Duration::from_secs(10), "the deploy");
+            panic!(
+                "no {what} within 120 s; the deploy was killed\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Runs a deploy that must succeed, within [`DEPLOY_LIMIT`].
+fn deploy_ok(cmd: &mut Command) -> Output {
+    let out = output_within(cmd, DEPLOY_LIMIT);
+    assert!(
+        out.status.success(),
+        "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command that must fail (within [`DEPLOY_LIMIT`]) and returns its stdout JSON and
+/// stderr.
 fn run_fail(cmd: &mut Command) -> (Output, String) {
-    let out = cmd.output().expect("run edgepack");
+    let out = output_within(cmd, DEPLOY_LIMIT);
     assert!(
         !out.status.success(),
         "expected failure:\n{}\n{}",
@@ -102,7 +150,7 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
     let port = free_port();
 
     // First deploy: every file is sent, checked on the board and switched to.
-    let first = host_report(&run_ok(&mut deploy(&sshd, &board, &a, port)));
+    let first = host_report(&deploy_ok(&mut deploy(&sshd, &board, &a, port)));
     eprintln!("first deploy: {first}");
     assert_eq!(first["outcome"], "deployed", "{first}");
     let total: u64 = ["bin/edgepack-runtime", "model/smollm2.gguf"]
@@ -148,7 +196,7 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
         "{}.tar.zst",
         a.file_name().unwrap().to_string_lossy()
     ));
-    let again = host_report(&run_ok(&mut deploy(&sshd, &board, &archive, port)));
+    let again = host_report(&deploy_ok(&mut deploy(&sshd, &board, &archive, port)));
     assert_eq!(again["outcome"], "unchanged", "{again}");
     assert_eq!(again["release"], id_a.as_str(), "{again}");
     assert_eq!(again["bytes_sent"], 0, "{again}");
@@ -171,7 +219,7 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
         "{}.tar.zst",
         b.file_name().unwrap().to_string_lossy()
     ));
-    let second = host_report(&run_ok(&mut deploy(&sshd, &board, &b_archive, port)));
+    let second = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b_archive, port)));
     assert_eq!(second["outcome"], "deployed", "{second}");
     assert!(second["files_reused"].as_u64().unwrap() >= 1, "{second}");
     // The archive was streamed as it decompressed, not unpacked on the workstation first.
@@ -197,7 +245,7 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
 
     // status shows the release, the model and the last check.
     let st: Value = serde_json::from_slice(
-        &run_ok(
+        &deploy_ok(
             edgepack()
                 .args(["--json", "status", "--host", &sshd.alias, "--ssh-config"])
                 .arg(sshd.config())
@@ -216,7 +264,7 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
 
     // rollback returns to A, restarted and healthy.
     let rb: Value = serde_json::from_slice(
-        &run_ok(
+        &deploy_ok(
             edgepack()
                 .args(["--json", "rollback", "--host", &sshd.alias, "--ssh-config"])
                 .arg(sshd.config())
@@ -233,7 +281,7 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
     assert_eq!(health(port), Some(200));
 
     // logs prints the runtime's log from the board.
-    let logs = run_ok(
+    let logs = deploy_ok(
         edgepack()
             .args([
                 "logs",
@@ -274,7 +322,7 @@ fn a_connection_cut_mid_upload_keeps_the_old_release_running_and_the_next_deploy
     let mut sshd = Sshd::start("board2");
     let board = Board::new();
     let port = free_port();
-    run_ok(&mut deploy(&sshd, &board, &a, port));
+    deploy_ok(&mut deploy(&sshd, &board, &a, port));
     let id_a = release_id(&a);
     let pid = board.runtime_pid().unwrap();
 
@@ -291,16 +339,11 @@ fn a_connection_cut_mid_upload_keeps_the_old_release_running_and_the_next_deploy
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while size_of(&partial) < 16 << 20 {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the upload never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = running_until(child, "16 MiB of B's model on the board", || {
+        size_of(&partial) >= 16 << 20
+    });
     sshd.cut();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_output_within(child, DEPLOY_LIMIT, "the cut deploy");
     assert!(!out.status.success(), "a cut deploy must fail");
     let cut_at = size_of(&partial);
     assert!(cut_at > 0 && cut_at < full, "{cut_at} of {full}");
@@ -315,7 +358,7 @@ fn a_connection_cut_mid_upload_keeps_the_old_release_running_and_the_next_deploy
 
     // Next deploy resumes the model from where it stopped.
     sshd.restart();
-    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    let r = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b, port)));
     assert_eq!(r["outcome"], "deployed", "{r}");
     assert_eq!(r["files_resumed"], 1, "{r}");
     let sent = r["bytes_sent"].as_u64().unwrap();
@@ -336,7 +379,7 @@ fn a_connection_cut_during_the_health_check_fails_at_once_and_leaves_the_new_rel
     let mut sshd = Sshd::start("board-hc");
     let board = Board::new();
     let port = free_port();
-    run_ok(&mut deploy(&sshd, &board, &a, port));
+    deploy_ok(&mut deploy(&sshd, &board, &a, port));
     let pid_a = board.runtime_pid().unwrap();
     let id_b = release_id(&b);
 
@@ -349,14 +392,9 @@ fn a_connection_cut_during_the_health_check_fails_at_once_and_leaves_the_new_rel
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while board.runtime_pid().is_none_or(|p| p == pid_a) {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "B's runtime never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = running_until(child, "B's runtime started", || {
+        board.runtime_pid().is_some_and(|p| p != pid_a)
+    });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(pending(&board), Some(id_b.clone()));
     assert_eq!(
@@ -366,7 +404,7 @@ fn a_connection_cut_during_the_health_check_fails_at_once_and_leaves_the_new_rel
     );
     sshd.cut();
     let cut = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_output_within(child, DEPLOY_LIMIT, "the cut deploy");
     // Not the 600 s health timeout: the lost connection is noticed at the next request.
     assert!(
         cut.elapsed() < Duration::from_secs(60),
@@ -396,7 +434,7 @@ fn a_connection_cut_during_the_health_check_fails_at_once_and_leaves_the_new_rel
 
     // The next deploy of B checks it and clears the mark.
     sshd.restart();
-    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    let r = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b, port)));
     assert_eq!(r["outcome"], "deployed", "{r}");
     assert_eq!(pending(&board), None);
     assert_eq!(board.serving_release().as_deref(), Some(id_b.as_str()));
@@ -435,7 +473,7 @@ fn fault_case(
     left: Left,
 ) {
     let (id_a, id_b) = (release_id(a), release_id(b));
-    let r = host_report(&run_ok(&mut deploy(sshd, board, a, port)));
+    let r = host_report(&deploy_ok(&mut deploy(sshd, board, a, port)));
     assert!(
         r["ok"] == true && board.current() == Some(id_a.clone()),
         "{r}"
@@ -492,7 +530,7 @@ fn fault_case(
         &format!("{case}: nothing serves"),
     );
 
-    let r = host_report(&run_ok(&mut deploy(sshd, board, b, port)));
+    let r = host_report(&deploy_ok(&mut deploy(sshd, board, b, port)));
     assert_eq!(r["outcome"], "deployed", "{case}, then again: {r}");
     assert_eq!(board.current(), Some(id_b.clone()), "{case}");
     assert_eq!(board.serving_release(), Some(id_b), "{case}");
@@ -566,7 +604,7 @@ fn after_a_power_cut_boot_sh_serves_the_last_release_seen_healthy() {
     let sshd = Sshd::start("power");
     let board = Board::new();
     let port = free_port();
-    run_ok(&mut deploy(&sshd, &board, &a, port));
+    deploy_ok(&mut deploy(&sshd, &board, &a, port));
     let log = || std::fs::read_to_string(board.install_dir().join("logs/runtime.log")).unwrap();
 
     // Power lost after the switch to B and before its health check: B was never seen
@@ -589,7 +627,7 @@ fn after_a_power_cut_boot_sh_serves_the_last_release_seen_healthy() {
         log()
     );
     // The next deploy switches to B again and checks it.
-    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    let r = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b, port)));
     assert_eq!(r["outcome"], "deployed", "{r}");
 
     // Power lost on a release seen healthy: it is the one that starts.
@@ -631,7 +669,7 @@ fn a_disk_that_fills_during_the_upload_keeps_the_old_release_and_the_next_deploy
     );
     let port = free_port();
     let id_a = release_id(&a);
-    run_ok(&mut deploy(&sshd, &board, &a, port));
+    deploy_ok(&mut deploy(&sshd, &board, &a, port));
     let on_board = |what: &str| sshd.board_sh(&format!("cd '{}' && {what}", dir.display()));
     assert_eq!(
         on_board("readlink current").trim(),
@@ -653,7 +691,7 @@ fn a_disk_that_fills_during_the_upload_keeps_the_old_release_and_the_next_deploy
 
     // Room again: the next deploy finishes, keeping what arrived.
     on_board("rm .filler");
-    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    let r = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b, port)));
     assert_eq!(r["outcome"], "deployed", "{r}");
     assert_eq!(
         on_board("readlink current").trim(),
@@ -668,7 +706,7 @@ fn a_corrupted_upload_is_refused_before_switching_and_resent_next_time() {
     let sshd = Sshd::start("board3");
     let board = Board::new();
     let port = free_port();
-    run_ok(&mut deploy(&sshd, &board, &a, port));
+    deploy_ok(&mut deploy(&sshd, &board, &a, port));
     let id_a = release_id(&a);
     let pid = board.runtime_pid().unwrap();
 
@@ -719,7 +757,7 @@ fn a_corrupted_upload_is_refused_before_switching_and_resent_next_time() {
         .exists());
     assert!(!bad.exists(), "the damaged file was removed");
 
-    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &b, port)));
+    let r = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b, port)));
     assert_eq!(r["outcome"], "deployed", "{r}");
 }
 
@@ -743,7 +781,7 @@ fn an_onnx_bundle_carrying_onnx_runtime_deploys_switches_and_passes_the_health_c
     let sshd = Sshd::start("onnx-board");
     let board = Board::new();
     let port = free_port();
-    let r = host_report(&run_ok(&mut deploy(&sshd, &board, &bundle, port)));
+    let r = host_report(&deploy_ok(&mut deploy(&sshd, &board, &bundle, port)));
     eprintln!("onnx deploy: {r}");
     assert_eq!(r["outcome"], "deployed", "{r}");
     assert!(
@@ -800,7 +838,7 @@ fn a_failing_health_check_rolls_back_to_the_previous_release() {
     let sshd = Sshd::start("board4");
     let board = Board::new();
     let port = free_port();
-    run_ok(&mut deploy(&sshd, &board, &a, port));
+    deploy_ok(&mut deploy(&sshd, &board, &a, port));
     let id_a = release_id(&a);
 
     let (out, err) = run_fail(&mut deploy(&sshd, &board, &broken, port));

@@ -300,6 +300,7 @@ pub struct Phase {
 
 /// Wraps a progress display and times each stage it is told about.
 struct Timed<'a> {
+    host: &'a str,
     inner: &'a dyn HostProgress,
     marks: std::sync::Mutex<Vec<(String, Instant)>>,
 }
@@ -323,6 +324,7 @@ impl Timed<'_> {
 
 impl HostProgress for Timed<'_> {
     fn stage(&self, stage: &str) {
+        tracing::debug!(host = self.host, stage, "deploy stage");
         self.marks
             .lock()
             .expect("marks lock")
@@ -775,6 +777,7 @@ pub async fn deploy_host(
     let mut r = HostReport::failed(&h.name, Outcome::Failed, None);
     r.release = Some(b.release_id.clone());
     let timed = Timed {
+        host: &h.name,
         inner: progress,
         marks: Default::default(),
     };

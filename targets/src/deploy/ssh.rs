@@ -164,6 +164,7 @@ impl Conn {
 
     /// [`sh`](Self::sh), with stdout as bytes.
     pub async fn sh_bytes(&self, step: &str, script: &str) -> Result<Vec<u8>, DeployError> {
+        tracing::debug!(host = self.host, step, "board command");
         let out = self
             .session
             .command("sh")
@@ -178,6 +179,7 @@ impl Conn {
 
     /// A finished remote command's stdout; a non-zero exit is an error carrying its stderr.
     fn succeeded(&self, step: &str, out: std::process::Output) -> Result<Vec<u8>, DeployError> {
+        tracing::debug!(host = self.host, step, status = %out.status, "board command ended");
         if !out.status.success() {
             return Err(DeployError::Remote {
                 host: self.host.clone(),
@@ -195,6 +197,7 @@ impl Conn {
         step: &str,
         script: &str,
     ) -> Result<openssh::Child<&Session>, DeployError> {
+        tracing::debug!(host = self.host, step, "board command");
         self.session
             .command("sh")
             .arg("-c")
