@@ -7,6 +7,7 @@ import os
 import sys
 
 from gguf import GGUFReader
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 root = sys.argv[1]
 with open(os.path.join(root, "manifest.json"), "rb") as f:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 path = sys.argv[1]
 r = GGUFReader(path)

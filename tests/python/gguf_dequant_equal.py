@@ -8,6 +8,7 @@ import sys
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 src = {t.name: t for t in GGUFReader(sys.argv[1]).tensors}
 out = {t.name: t for t in GGUFReader(sys.argv[2]).tensors}

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 ours, theirs = GGUFReader(sys.argv[1]), GGUFReader(sys.argv[2])
 ignore = set(sys.argv[4:]) if len(sys.argv) > 3 and sys.argv[3] == "--ignore" else set()

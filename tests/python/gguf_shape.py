@@ -6,6 +6,7 @@ import os
 import sys
 
 from gguf import GGUFReader
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 path = sys.argv[1]
 r = GGUFReader(path)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 from gguf import GGUFReader
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 
 def value(field):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import llama_cpp
 from gguf import GGUFReader
+import gguf_mapped  # noqa: F401  (opens GGUF files faster under gguf-py's own parser)
 
 inp, out, ftype, imatrix_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 

@@ -121,6 +121,16 @@ pub fn edgepack() -> Command {
 /// Runs and returns the output; panics with both streams on a non-zero exit.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
+    succeeded(cmd, out)
+}
+
+/// [`run_ok`] for at most `limit` (see [`output_within`]).
+pub fn run_ok_within(cmd: &mut Command, limit: Duration) -> Output {
+    let out = output_within(cmd, limit);
+    succeeded(cmd, out)
+}
+
+fn succeeded(cmd: &Command, out: Output) -> Output {
     assert!(
         out.status.success(),
         "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",

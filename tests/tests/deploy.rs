@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use edgepack_tests::sshd::{free_port, Board, Fault, Sshd};
 use edgepack_tests::{
     edgepack, fixtures, health, onnxruntime_lib, output_within, python, root, run_err, run_ok,
-    runtime_bin, shared_work_dir, smollm2_gguf, wait_healthy, wait_output_within,
+    run_ok_within, runtime_bin, shared_work_dir, smollm2_gguf, wait_healthy, wait_output_within,
 };
 use serde_json::Value;
 
@@ -113,14 +113,7 @@ fn running_until(mut child: Child, what: &str, reached: impl Fn() -> bool) -> Ch
 
 /// Runs a deploy that must succeed, within [`DEPLOY_LIMIT`].
 fn deploy_ok(cmd: &mut Command) -> Output {
-    let out = output_within(cmd, DEPLOY_LIMIT);
-    assert!(
-        out.status.success(),
-        "command failed: {cmd:?}\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok_within(cmd, DEPLOY_LIMIT)
 }
 
 /// Runs a command that must fail (within [`DEPLOY_LIMIT`]) and returns its stdout JSON and
