@@ -39,7 +39,7 @@ fn merge_agrees_with_peft_merge_and_unload_for_every_adapter_kind() {
             ..Tiny::llama()
         },
     );
-    for (base, variant) in [
+    let cases = [
         (&llama, "plain"),
         (&llama, "rslora"),
         (&llama, "dora"),
@@ -50,14 +50,38 @@ fn merge_agrees_with_peft_merge_and_unload_for_every_adapter_kind() {
         (&llama, "embed"),
         (&qwen, "modules_to_save"),
         (&qwen, "all_linear"),
-    ] {
-        let (adapter, reference) = peft_make(base, work.path(), variant, 0);
-        let ours = work.path().join(format!(
-            "ours-{variant}-{}",
-            base.display().to_string().len()
-        ));
-        merge(base, &[adapter.display().to_string()], &ours);
-        let cmp = oracle("hf_compare.py", &[&ours, &reference]);
+    ];
+    // PEFT makes every adapter and its merge_and_unload() in one process, and transformers
+    // compares every pair in one more: torch is imported twice, not twenty times.
+    let mut jobs: Vec<PathBuf> = Vec::new();
+    let mut pairs: Vec<PathBuf> = Vec::new();
+    let mut merges = Vec::new();
+    for (i, (base, variant)) in cases.iter().enumerate() {
+        let adapter = work.path().join(format!("adapter-{i}-{variant}"));
+        let reference = work.path().join(format!("peft-merged-{i}-{variant}"));
+        let ours = work.path().join(format!("ours-{i}-{variant}"));
+        jobs.extend([
+            base.to_path_buf(),
+            adapter.clone(),
+            reference.clone(),
+            PathBuf::from(variant),
+            PathBuf::from("0"),
+        ]);
+        merges.push((*base, adapter, ours.clone()));
+        pairs.extend([ours, reference]);
+    }
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--many"];
+    args.extend(jobs.iter().map(|j| j as &dyn AsRef<std::ffi::OsStr>));
+    oracle("peft_make.py", &args);
+    for (base, adapter, ours) in &merges {
+        merge(base, &[adapter.display().to_string()], ours);
+    }
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = pairs
+        .iter()
+        .map(|p| p as &dyn AsRef<std::ffi::OsStr>)
+        .collect();
+    let cmps = oracle("hf_compare.py", &args);
+    for ((_, variant), cmp) in cases.iter().zip(cmps.as_array().unwrap()) {
         assert_eq!(
             cmp["missing"].as_array().unwrap().len(),
             0,
