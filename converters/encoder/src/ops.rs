@@ -29,8 +29,8 @@ fn width(l: &Layout, want: usize, op: &str) -> candle_core::Result<usize> {
 }
 
 /// erf(x) as a rational function of x (odd numerator, even denominator) on [-4, 4], where
-/// it is within 5e-7 of erf in f32 arithmetic; clamped beyond (erf(4) is 1 - 1.5e-8). No branch or call, so the
-/// compiler vectorizes it, where libm's erff is scalar.
+/// it is within 5e-7 of erf in f32 arithmetic; clamped beyond (erf(4) is 1 - 1.5e-8). No
+/// branch or call, so the compiler vectorizes it, where libm's erff is scalar.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
