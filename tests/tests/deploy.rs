@@ -88,20 +88,18 @@ fn host_report(out: &Output) -> Value {
 fn running_until(mut child: Child, what: &str, reached: impl Fn() -> bool) -> Child {
     let t = Instant::now();
     while !reached() {
-        if child.try_wait().unwrap().is_some() {
+        let ended = child.try_wait().unwrap().is_some();
+        if ended || t.elapsed() > Duration::from_secs(120) {
+            let why = if ended {
+                "the deploy ended"
+            } else {
+                let _ = child.kill();
+                "120 s passed and the deploy was killed"
+            };
             let out = wait_output_within(child, Duration::from_secs(10), "the deploy");
             panic!(
-                "the deploy ended ({}) before {what}\nstdout:\n{}\nstderr:\n{}",
+                "{why} ({}) before {what}\nstdout:\n{}\nstderr:\n{}",
                 out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let out = wait_output_within(child, Duration::from_secs(10), "the deploy");
-            panic!(
-                "no {what} within 120 s; the deploy was killed\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
