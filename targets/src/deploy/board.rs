@@ -16,6 +16,12 @@
 
 use std::fmt::Write as _;
 
+/// Flushes the paths in `$@` to disk, or the whole system where `sync` takes no paths.
+const FLUSH_ARGS: &str = r#"sync -- "$@" 2>/dev/null || sync"#;
+/// The `flush` shell function every script starts with (see [`Layout::prelude`]).
+const FLUSH: &str = r#"flush() { sync -- "$@" 2>/dev/null || sync; }
+"#;
+
 /// Seconds the supervisor waits before starting a runtime that exited, so a runtime that
 /// cannot start does not spin a core.
 const RESTART_DELAY_S: u32 = 2;
@@ -55,10 +61,15 @@ impl Layout {
         self.path(&format!(".incoming/{id}"))
     }
 
-    /// `cd` into the install folder, creating its skeleton; the start of every script.
+    /// `cd` into the install folder, creating its skeleton; the start of every script. It
+    /// defines `flush PATH...`, which makes the named files and folders durable (fsync, by
+    /// coreutils' or busybox's `sync PATH`) and falls back to a whole-system `sync` where
+    /// `sync` takes no paths. A whole-system sync waits for every writer on the board (a
+    /// build, a logger on an SD card) and can stall a deploy for minutes; a release needs
+    /// only its own files flushed.
     fn prelude(&self) -> String {
         format!(
-            "set -e\nD={}\nmkdir -p \"$D/releases\" \"$D/.incoming\" \"$D/logs\"\ncd \"$D\"\n",
+            "set -e\nD={}\nmkdir -p \"$D/releases\" \"$D/.incoming\" \"$D/logs\"\ncd \"$D\"\n{FLUSH}",
             quote(&self.install_dir)
         )
     }
@@ -183,7 +194,10 @@ true
         for e in exec {
             let _ = writeln!(s, "chmod 0755 {}", quote(e));
         }
-        s.push_str("sync\ncd \"$D\"\nrm -rf \"$R\"\nmv \"$I\" \"$R\"\nsync\n");
+        // Every file and folder of the release is durable before the rename that commits it,
+        // and the rename is durable before the deploy goes on.
+        let _ = writeln!(s, "find . -exec sh -c '{FLUSH_ARGS}' flush {{}} +");
+        s.push_str("cd \"$D\"\nrm -rf \"$R\"\nmv \"$I\" \"$R\"\nflush releases .incoming\n");
         s
     }
 
@@ -203,7 +217,7 @@ if [ -n "$old" ] && [ "$old" != "$new" ]; then
 fi
 ln -sfn "$new" .current.tmp
 mv -T .current.tmp current
-sync
+flush .
 "#,
         );
         s
@@ -219,7 +233,7 @@ if [ -z "$prev" ] || [ ! -d "$prev" ]; then echo "no previous release to roll ba
 ln -sfn "$prev" .current.tmp && mv -T .current.tmp current
 if [ -n "$cur" ]; then ln -sfn "$cur" .previous.tmp && mv -T .previous.tmp previous; fi
 rm -f .pending
-sync
+flush .
 echo "$prev"
 "#,
         );
@@ -339,7 +353,7 @@ fi
     ln -sfn "$prev" .current.tmp && mv -T .current.tmp current
     ln -sfn "$cur" .previous.tmp && mv -T .previous.tmp previous
     rm -f .pending
-    sync
+    flush .
     echo "edgepack: boot: $p was never seen healthy; rolled back to ${prev#releases/}" >> logs/runtime.log
   fi
 fi
@@ -567,6 +581,71 @@ mod tests {
             );
         }
         assert!(committed_then_cut > 3, "cuts after the commit were tried");
+    }
+
+    /// A `sync` on PATH that logs its arguments, one call per line, and fails on arguments
+    /// when `takes_paths` is false (as an old busybox would).
+    fn logging_sync(dir: &Path, takes_paths: bool) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let log = dir.join("sync.log");
+        let refuse = if takes_paths {
+            ""
+        } else {
+            "[ $# -eq 0 ] || exit 1\n"
+        };
+        let script = format!(
+            "#!/bin/sh\nprintf '%s\\n' \"[$*]\" >> '{}'\n{refuse}exit 0\n",
+            log.display()
+        );
+        std::fs::write(bin.join("sync"), script).unwrap();
+        std::fs::set_permissions(bin.join("sync"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    #[test]
+    fn commit_and_switch_flush_the_release_files_and_never_the_whole_system() {
+        for takes_paths in [true, false] {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path().join("board");
+            release(&d.join("releases/A"), "A");
+            let sums = release(&d.join(".incoming/B"), "B");
+            std::os::unix::fs::symlink("releases/A", d.join("current")).unwrap();
+            let bin = logging_sync(t.path(), takes_paths);
+            let l = Layout::new(&d.to_string_lossy());
+            let script = format!(
+                "PATH='{}':\"$PATH\"\n{}{}",
+                bin.display(),
+                l.verify_and_commit("B", true, 2, &[]),
+                l.switch("B")
+            );
+            assert!(sh(&script, &sums), "commit and switch ran");
+            assert_eq!(
+                complete_target(&d, "current").as_deref(),
+                Some("releases/B")
+            );
+            let log = std::fs::read_to_string(t.path().join("sync.log")).unwrap();
+            let bare = log.lines().filter(|l| *l == "[]").count();
+            if takes_paths {
+                assert_eq!(bare, 0, "a whole-system sync ran:\n{log}");
+                let flushed: std::collections::BTreeSet<&str> = log
+                    .lines()
+                    .flat_map(|l| l.trim_matches(['[', ']']).split(' '))
+                    .collect();
+                for f in [
+                    "./model/m.gguf",
+                    "./manifest.json",
+                    "./model",
+                    "releases",
+                    ".",
+                ] {
+                    assert!(flushed.contains(f), "{f} was not flushed:\n{log}");
+                }
+            } else {
+                assert!(bare >= 2, "no fallback to a whole-system sync:\n{log}");
+            }
+        }
     }
 
     #[test]
