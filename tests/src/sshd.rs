@@ -4,7 +4,8 @@
 //! authorized_keys, inside a private mount namespace whose `/run` is a tmpfs (sshd as root
 //! needs `/run/sshd`; the host's `/run` is left alone). The client side is an ssh_config in
 //! the same temp folder (alias, port, key, a private known_hosts), passed with `-F`, so the
-//! user's own ~/.ssh is never read or written.
+//! user's own ~/.ssh is never read or written. Within the namespace the shell startup files
+//! are empty: the board's shell is a clean one, not the workstation user's.
 //!
 //! Every command the server runs passes through a small board-side script (sshd's
 //! `ForceCommand`) that runs it unchanged unless a [`Fault`] is armed for it: a command whose
@@ -166,9 +167,23 @@ impl Sshd {
         std::fs::write(self.path("board-command"), board_command(self.dir.path())).unwrap();
         std::fs::write(self.path("sshd_config"), cfg).unwrap();
         let log = std::fs::File::create(self.path("sshd.log")).unwrap();
+        // sshd runs every command through the user's shell, and Debian's bash then reads
+        // the shell startup files even for `bash -c`. A workstation's are no board's: a
+        // version manager's init there (pyenv takes a lock file at each start, which a test
+        // that cuts a connection can leave behind, and every later command then waits a
+        // minute for it) would make each board command slow. The board's shell reads empty
+        // ones, inside the namespace only.
+        std::fs::write(self.path("empty-rc"), "").unwrap();
         let script = format!(
-            "mount -t tmpfs tmpfs /run && mkdir /run/sshd && {{ {setup}\n}} && exec {SSHD} -D -e -f {d}/sshd_config",
-            setup = if self.setup.is_empty() { ":" } else { &self.setup }
+            "mount -t tmpfs tmpfs /run && mkdir /run/sshd && \
+             for rc in \"$HOME/.bashrc\" /etc/bash.bashrc; do \
+             if [ -f \"$rc\" ]; then mount --bind {d}/empty-rc \"$rc\" || exit 1; fi; done && \
+             {{ {setup}\n}} && exec {SSHD} -D -e -f {d}/sshd_config",
+            setup = if self.setup.is_empty() {
+                ":"
+            } else {
+                &self.setup
+            }
         );
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c", &script])

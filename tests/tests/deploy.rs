@@ -896,7 +896,8 @@ fn a_failing_health_check_rolls_back_to_the_previous_release() {
     assert_eq!(r["outcome"], "rolled-back", "{r}");
     assert!(err.contains(&format!("rolled back to {id_a}")), "{err}");
     assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
-    assert_eq!(health(port), Some(200));
+    assert!(err.contains("which is healthy"), "{err}");
+    assert_eq!(health(port), Some(200), "{err}");
     assert!(!board.install_dir().join(".pending").exists());
 }
 

@@ -107,11 +107,18 @@ impl LocalBoard {
             work.join("sshd_config"),
             format!("Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {w}/host\nAuthorizedKeysFile {w}/authorized_keys\nPidFile {w}/sshd.pid\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nMaxSessions 64\nSubsystem sftp /usr/lib/openssh/sftp-server\n"),
         )?;
-        // sshd run as root needs /run/sshd: a private mount namespace gives it one.
+        // sshd run as root needs /run/sshd: a private mount namespace gives it one. In it the
+        // shell startup files are empty: sshd runs each command through the user's shell,
+        // Debian's bash reads them even for `bash -c`, and a workstation's (a version
+        // manager's init) would add its own cost to every command measured.
+        std::fs::write(work.join("empty-rc"), "")?;
         let server = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
             .arg(format!(
-                "mount -t tmpfs tmpfs /run && mkdir /run/sshd && exec {SSHD} -D -e -f {w}/sshd_config"
+                "mount -t tmpfs tmpfs /run && mkdir /run/sshd && \
+                 for rc in \"$HOME/.bashrc\" /etc/bash.bashrc; do \
+                 if [ -f \"$rc\" ]; then mount --bind {w}/empty-rc \"$rc\" || exit 1; fi; done && \
+                 exec {SSHD} -D -e -f {w}/sshd_config"
             ))
             .stdin(Stdio::null())
             .stderr(Stdio::null())

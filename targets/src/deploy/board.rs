@@ -295,8 +295,16 @@ true
     /// Stops the supervised runtime: SIGTERM to its process group, SIGKILL after a grace time.
     /// (`kill -SIG -PGID`, without `--`: dash's builtin kill refuses `--`.) The wait is for
     /// the whole group, so the port is free when the next runtime starts.
+    ///
+    /// The script holds `.supervisor.lock` (flock, where the board has it) until it ends: a
+    /// deploy killed mid-restart leaves its script running on the board, and a deploy started
+    /// right after must not stop and start the supervisor beside it (two would then fight
+    /// for the port).
     pub fn stop_supervised(&self) -> String {
         let mut s = self.prelude();
+        s.push_str(
+            "exec 9>> .supervisor.lock\nif command -v flock >/dev/null 2>&1; then flock 9; fi\n",
+        );
         s.push_str(Self::alive_fn());
         let _ = write!(
             s,
@@ -326,7 +334,7 @@ fi
         );
         let _ = write!(
             s,
-            "rm -f runtime.exit\necho \"edgepack: starting $(readlink current) at $(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> logs/runtime.log\nD=\"$D\" setsid sh -c {} < /dev/null > /dev/null 2>&1 &\necho $! > runtime.pid\n",
+            "rm -f runtime.exit\necho \"edgepack: starting $(readlink current) at $(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> logs/runtime.log\nD=\"$D\" setsid sh -c {} < /dev/null > /dev/null 2>&1 9>&- &\necho $! > runtime.pid\n",
             quote(&format!("D=\"$D\"; {inner}"))
         );
         s

@@ -886,22 +886,25 @@ async fn deploy_connected(
     };
     let was_current = p.current.as_deref() == Some(id.as_str());
     if was_current {
-        // Same release: keep the process that runs; start it only if it is not running.
+        // A release still pending is one an interrupted deploy switched to and never saw
+        // healthy: it is checked now, and rolled back like any new release that fails. The
+        // deploy may have been cut between the switch and the restart, leaving the previous
+        // release's runtime serving, so a pending release's runtime is always restarted.
+        let pending = survey.pending.as_deref() == Some(id.as_str());
+        // Same release, seen healthy: keep the process that runs; start it only if it is
+        // not running.
         let running = survey
             .state
             .first()
             .is_some_and(|s| s.starts_with("running"));
         let mut script = key_script;
-        if !p.systemd && !running {
+        if pending || (!p.systemd && !running) {
             script.push_str(&restart_script(h, &l, p, signed));
         }
         if !script.is_empty() {
             c.sh_in("starting the runtime", &script, &key).await?;
         }
         progress.stage("health check");
-        // A release still pending is one an interrupted deploy switched to and never saw
-        // healthy: it is checked now, and rolled back like any new release that fails.
-        let pending = survey.pending.as_deref() == Some(id.as_str());
         let checked = check_health(c, h, &l, p, opts.health_timeout)
             .await
             .map_err(|e| {
