@@ -454,37 +454,10 @@ mod tests {
     }
 
     #[test]
-    fn the_zstd_tool_reads_raw_frames() {
+    fn the_zstd_tool_reads_raw_and_compressed_frames() {
         let fs = files();
         let plain = stream(&fs, false, |_| false);
-        let (ctx, crx) = tokio::sync::mpsc::channel(4);
-        let (ptx, mut prx) = tokio::sync::mpsc::channel(64);
-        let entries: Vec<StreamFile> = fs
-            .iter()
-            .map(|(p, d)| StreamFile {
-                path: p.to_string(),
-                size: d.len() as u64,
-                sha256: hex::encode(Sha256::digest(d)),
-                mode: 0o644,
-            })
-            .collect();
-        let feed = fs.clone();
-        let t = std::thread::spawn(move || {
-            for (p, d) in feed {
-                ctx.blocking_send(Chunk::Start(p.to_string())).unwrap();
-                ctx.blocking_send(Chunk::Data(d)).unwrap();
-                ctx.blocking_send(Chunk::End).unwrap();
-            }
-        });
-        let b = std::thread::spawn(move || build(&entries, crx, true, |_| false, ptx));
-        let mut wire = Vec::new();
-        while let Some(p) = prx.blocking_recv() {
-            if let Piece::Wire(w, _) = p {
-                wire.extend_from_slice(&w);
-            }
-        }
-        t.join().unwrap();
-        b.join().unwrap();
+        let (wire, _) = wire(&fs);
         let Ok(mut child) = std::process::Command::new("zstd")
             .args(["-dcq"])
             .stdin(std::process::Stdio::piped())
@@ -499,6 +472,130 @@ mod tests {
         w.join().unwrap();
         assert!(out.status.success());
         assert_eq!(out.stdout, plain);
+    }
+
+    /// The wire bytes and tar sha256 of `files` (zstd frames, compressing the runtime).
+    fn wire(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, String) {
+        let entries: Vec<StreamFile> = files
+            .iter()
+            .map(|(p, d)| StreamFile {
+                path: p.to_string(),
+                size: d.len() as u64,
+                sha256: hex::encode(Sha256::digest(d)),
+                mode: 0o644,
+            })
+            .collect();
+        let (ctx, crx) = tokio::sync::mpsc::channel(4);
+        let (ptx, mut prx) = tokio::sync::mpsc::channel(64);
+        let feed: Vec<(String, Vec<u8>)> = files
+            .iter()
+            .map(|(p, d)| (p.to_string(), d.clone()))
+            .collect();
+        let t = std::thread::spawn(move || {
+            for (p, d) in feed {
+                ctx.blocking_send(Chunk::Start(p)).unwrap();
+                ctx.blocking_send(Chunk::Data(d)).unwrap();
+                ctx.blocking_send(Chunk::End).unwrap();
+            }
+        });
+        let b = std::thread::spawn(move || {
+            build(&entries, crx, true, |s| s.starts_with(b"runtime"), ptx)
+        });
+        let (mut w, mut sha) = (Vec::new(), String::new());
+        while let Some(p) = prx.blocking_recv() {
+            match p {
+                Piece::Wire(x, _) => w.extend_from_slice(&x),
+                Piece::Done { tar_sha256 } => sha = tar_sha256,
+                Piece::Failed { path, message } => panic!("{path:?}: {message}"),
+            }
+        }
+        t.join().unwrap();
+        b.join().unwrap();
+        (w, sha)
+    }
+
+    /// Runs the board's unpack script with `shell` (argv) on the stream; returns its stdout.
+    fn unpack_on_board(shell: &[&str], install: &std::path::Path, wire: &[u8]) -> String {
+        let l = crate::deploy::board::Layout::new(&install.to_string_lossy());
+        let script = l.unpack_stream(&l.incoming("r1"), true);
+        let mut child = std::process::Command::new(shell[0])
+            .args(&shell[1..])
+            .arg("-c")
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let w = wire.to_vec();
+        let t = std::thread::spawn(move || stdin.write_all(&w).unwrap());
+        let out = child.wait_with_output().unwrap();
+        t.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{shell:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn the_board_unpacks_the_stream_and_hashes_it_under_sh_and_busybox_alone() {
+        let fs = files();
+        let (w, sha) = wire(&fs);
+        let busybox = std::process::Command::new("sh")
+            .args(["-c", "command -v busybox"])
+            .output()
+            .unwrap();
+        let busybox = String::from_utf8(busybox.stdout).unwrap();
+        let busybox = busybox.trim();
+        assert!(
+            !busybox.is_empty(),
+            "busybox is installed (apt-get install busybox)"
+        );
+        let t = tempfile::tempdir().unwrap();
+        // busybox's applets alone on PATH, as on a minimal board image.
+        let bin = t.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let list = std::process::Command::new(busybox)
+            .arg("--list")
+            .output()
+            .unwrap();
+        for applet in String::from_utf8(list.stdout).unwrap().lines() {
+            std::os::unix::fs::symlink(busybox, bin.join(applet)).unwrap();
+        }
+        std::fs::create_dir_all(t.path().join("bin-zstd")).unwrap();
+        // Debian's busybox has no zstd applet: the zstd tool is the one beside it.
+        let zstd = std::process::Command::new("sh")
+            .args(["-c", "command -v zstd"])
+            .output()
+            .unwrap();
+        let zstd = String::from_utf8(zstd.stdout).unwrap();
+        std::os::unix::fs::symlink(zstd.trim(), t.path().join("bin-zstd/zstd")).unwrap();
+        let path = format!(
+            "PATH={}:{}",
+            bin.display(),
+            t.path().join("bin-zstd").display()
+        );
+        for (name, shell) in [
+            ("sh", vec!["sh"]),
+            ("busybox", vec!["env", "-i", path.as_str(), busybox, "sh"]),
+        ] {
+            let install = t.path().join(name);
+            let printed = unpack_on_board(&shell, &install, &w);
+            assert_eq!(printed, sha, "{name}: the board's hash of the stream");
+            let dir = install.join(".incoming/r1");
+            for (p, d) in &fs {
+                assert_eq!(&std::fs::read(dir.join(p)).unwrap(), d, "{name}: {p}");
+            }
+            // Nothing else is left: no FIFO, no hash file.
+            let left: Vec<_> = std::fs::read_dir(install.join(".incoming"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("r1")], "{name}");
+        }
     }
 
     #[test]
