@@ -537,7 +537,7 @@ fn the_fault_matrix_leaves_a_complete_release_serving_and_the_next_deploy_finish
     let ab = (a.as_path(), b.as_path());
     // Steps that need B not on the board yet, each on a fresh board.
     for (step, marker, fault) in [
-        ("upload", "tar -xf -", Fault::HoldAfter),
+        ("upload", "tee -a", Fault::HoldAfter),
         ("verification", r#"mv "$I" "$R""#, Fault::CutAfter),
     ] {
         let board = Board::new();
@@ -667,7 +667,7 @@ fn a_disk_that_fills_during_the_upload_keeps_the_old_release_and_the_next_deploy
         format!("releases/{id_a}")
     );
 
-    sshd.arm("tar -xf -", Fault::FillDisk);
+    sshd.arm("tee -a", Fault::FillDisk);
     let (out, err) = run_fail(&mut deploy(&sshd, &board, &b, port));
     assert!(sshd.struck());
     let r = host_report(&out);

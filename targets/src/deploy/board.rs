@@ -76,7 +76,7 @@ impl Layout {
 
     /// Prints facts about the board and the install, one `key value` per line:
     /// `arch`, `systemd` (yes/no), `current`, `previous`, `release <id>` per release whose
-    /// manifest is present, `sha256sum`, `zstd` and `tar` (tar and mkfifo; yes/no).
+    /// manifest is present, `sha256sum` (yes/no).
     pub fn probe(&self) -> String {
         let mut s = self.prelude();
         s.push_str(
@@ -84,7 +84,6 @@ impl Layout {
 if command -v systemctl >/dev/null 2>&1 && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then echo "systemd yes"; else echo "systemd no"; fi
 if command -v sha256sum >/dev/null 2>&1; then echo "sha256sum yes"; else echo "sha256sum no"; fi
 if command -v zstd >/dev/null 2>&1; then echo "zstd yes"; else echo "zstd no"; fi
-if command -v tar >/dev/null 2>&1 && command -v mkfifo >/dev/null 2>&1; then echo "tar yes"; else echo "tar no"; fi
 echo "current $(readlink current 2>/dev/null || true)"
 echo "previous $(readlink previous 2>/dev/null || true)"
 for r in releases/*; do [ -f "$r/manifest.json" ] && echo "release ${r#releases/}"; done
@@ -148,26 +147,6 @@ true
             "set -e\nmkdir -p {}\nexec 4>&1\nst=$( {{ {{ {source}tee -a {q}; echo $? >&3; }} | sha256sum | cut -d' ' -f1 >&4; }} 3>&1 )\n[ \"$st\" = 0 ] || exit 5\nwc -c < {q}\n",
             quote(dir)
         )
-    }
-
-    /// Unpacks a tar stream (zstd frames when `zstd`) from stdin into `dir` with the board's
-    /// own `tar`, hashing the stream as it arrives (through a FIFO, as POSIX sh has no
-    /// process substitution) and printing its sha256. Once `tar` has read the end of the
-    /// archive, the rest of the stream is drained, so `tee` always hashes all of it. The
-    /// stream is built by edgepack from manifest paths (regular files only), never taken
-    /// from a bundle archive as it is.
-    pub fn unpack_stream(&self, dir: &str, zstd: bool) -> String {
-        let source = if zstd { "zstd -dcq | " } else { "" };
-        let mut s = self.prelude();
-        let _ = writeln!(s, "I={}", quote(dir));
-        s.push_str(
-            "mkdir -p \"$I\"\nh=\"$D/.incoming/.stream.$$\"\ntrap 'rm -f \"$h\" \"$h.sum\"' EXIT\nrm -f \"$h\"\nmkfifo \"$h\"\nsha256sum < \"$h\" > \"$h.sum\" &\ncd \"$I\"\n",
-        );
-        let _ = writeln!(
-            s,
-            "{source}tee \"$h\" | ( tar -xf - && cat > /dev/null )\nwait $!\ncut -d' ' -f1 < \"$h.sum\""
-        );
-        s
     }
 
     /// Empties `file` (a partial upload whose bytes do not match the bundle).

@@ -18,7 +18,6 @@ mod host;
 pub mod inventory;
 pub mod rollout;
 pub mod ssh;
-mod stream;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -368,8 +367,6 @@ struct Probe {
     systemd: bool,
     sha256sum: bool,
     zstd: bool,
-    /// `tar` and `mkfifo`: files can go up as one stream.
-    tar: bool,
     current: Option<String>,
     previous: Option<String>,
     releases: Vec<String>,
@@ -391,7 +388,6 @@ impl Probe {
             "systemd" => self.systemd = v == "yes",
             "sha256sum" => self.sha256sum = v == "yes",
             "zstd" => self.zstd = v == "yes",
-            "tar" => self.tar = v == "yes",
             "current" => self.current = release_of(v),
             "previous" => self.previous = release_of(v),
             "release" => self.releases.push(v.to_string()),
@@ -1162,63 +1158,7 @@ async fn upload(
             Plan::Send => sends.push((f, local, 0)),
         }
     }
-    if survey.probe.tar {
-        // Whole files go up as one tar stream through one channel; resumed files (and any
-        // path a tar header cannot name) one by one below.
-        let (whole, rest): (Vec<_>, Vec<_>) = sends
-            .into_iter()
-            .partition(|(f, _, offset)| *offset == 0 && stream::nameable(&f.path));
-        if !whole.is_empty() {
-            let source = if stream_archive {
-                None
-            } else {
-                Some(dir.clone())
-            };
-            let entries: Vec<FileEntry> = whole.iter().map(|(f, _, _)| (*f).clone()).collect();
-            let streamed =
-                send_stream(c, l, b, &incoming, &entries, source, survey, opts, &advance).await?;
-            r.bytes_sent += streamed.file_bytes;
-            r.channel_bytes += streamed.channel_bytes;
-            if let Some((path, message)) = streamed.failed {
-                if let Some(p) = &path {
-                    c.sh(
-                        "removing a bad upload",
-                        &format!("rm -f {}", quote(&format!("{incoming}/{p}"))),
-                    )
-                    .await?;
-                }
-                // A folder's file is named as it is; an archive's by the archive and the
-                // file's path in it.
-                return Err(match (&path, &b.folder) {
-                    (Some(p), Some(folder)) => DeployError::Local {
-                        path: folder.join(p),
-                        message,
-                    },
-                    (Some(p), None) => DeployError::Local {
-                        path: b.source.clone(),
-                        message: format!("{p}: {message}"),
-                    },
-                    (None, _) => DeployError::Local {
-                        path: b.source.clone(),
-                        message,
-                    },
-                });
-            }
-            r.files_sent += entries.len();
-            // The board hashed the stream it unpacked: the same bytes as sent, every file.
-            if streamed.board_sha256 == streamed.tar_sha256 {
-                hashed.extend(entries.iter().map(|f| f.path.clone()));
-            }
-        }
-        if rest.is_empty() {
-            return Ok(hashed);
-        }
-        let dir = tokio::task::block_in_place(|| b.files_dir())?.to_path_buf();
-        sends = rest
-            .into_iter()
-            .map(|(f, _, offset)| (f, dir.join(&f.path), offset))
-            .collect();
-    } else if stream_archive && !sends.is_empty() {
+    if stream_archive && !sends.is_empty() {
         // Each file goes out as the archive is decompressed, in the archive's order.
         let wanted: BTreeMap<String, &FileEntry> =
             sends.iter().map(|(f, _, _)| (f.path.clone(), *f)).collect();
@@ -1305,61 +1245,6 @@ async fn upload(
         }
     }
     Ok(hashed)
-}
-
-/// Sends `files` (all whole, none on the board) as one tar stream into `incoming`, read from
-/// the bundle folder `dir`, or straight out of the bundle archive when `dir` is `None`.
-#[allow(clippy::too_many_arguments)]
-async fn send_stream(
-    c: &Conn,
-    l: &Layout,
-    b: &LocalBundle,
-    incoming: &str,
-    files: &[FileEntry],
-    dir: Option<PathBuf>,
-    survey: &Survey,
-    opts: &Options,
-    advance: &(dyn Fn(u64) + Send + Sync),
-) -> Result<ssh::Streamed, DeployError> {
-    let entries: Vec<stream::StreamFile> = files
-        .iter()
-        .map(|f| stream::StreamFile {
-            path: f.path.clone(),
-            size: f.size,
-            sha256: f.sha256.clone(),
-            mode: if f.path == RUNTIME_IN_RELEASE {
-                0o755
-            } else {
-                0o644
-            },
-        })
-        .collect();
-    let (ctx, crx) = tokio::sync::mpsc::channel(8);
-    let (ptx, mut prx) = tokio::sync::mpsc::channel(8);
-    let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
-    let reader = match dir {
-        Some(dir) => tokio::task::spawn_blocking(move || stream::read_dir_files(&dir, &paths, ctx)),
-        None => {
-            let archive = b.source.clone();
-            let names: BTreeSet<String> = paths.into_iter().collect();
-            tokio::task::spawn_blocking(move || {
-                let _ = read_archive_files(&archive, &names, ctx);
-            })
-        }
-    };
-    let zstd = survey.probe.zstd;
-    let builder = tokio::task::spawn_blocking(move || {
-        stream::build(&entries, crx, zstd, sample_compresses, ptx)
-    });
-    let script = l.unpack_stream(incoming, zstd);
-    let res = c
-        .send_stream(&script, &mut prx, opts.limit_rate, advance)
-        .await;
-    // Dropping the receiver stops the builder, and with it the reader.
-    drop(prx);
-    let _ = builder.await;
-    let _ = reader.await;
-    res
 }
 
 /// Checks one upload: the bytes read locally against the manifest (a mismatch is the

@@ -52,20 +52,6 @@ pub struct Uploaded {
     pub stdout: String,
 }
 
-/// What one tar stream sent (see [`Conn::send_stream`]).
-#[derive(Debug, Default)]
-pub struct Streamed {
-    /// File bytes sent.
-    pub file_bytes: u64,
-    /// Bytes written into the channel (after compression).
-    pub channel_bytes: u64,
-    /// sha256 of the tar stream as built, and as the board hashed it on arrival.
-    pub tar_sha256: String,
-    pub board_sha256: String,
-    /// Why the stream stopped early: the file in the bundle to blame (if one is) and why.
-    pub failed: Option<(Option<String>, String)>,
-}
-
 /// An open connection to one board.
 pub struct Conn {
     session: Session,
@@ -443,75 +429,6 @@ impl Conn {
             sha256: hex::encode(sha2::Digest::finalize(hash)),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
         })
-    }
-
-    /// Writes the [`Piece`](super::stream::Piece)s of a tar stream into `script` until the
-    /// stream is done or fails. `advance` sees each piece's file bytes; `limit` caps the rate
-    /// of channel bytes per second. A failed stream is cut short (the board's `tar` then
-    /// fails on a truncated archive) and returned as [`Streamed::failed`].
-    pub async fn send_stream(
-        &self,
-        script: &str,
-        rx: &mut tokio::sync::mpsc::Receiver<super::stream::Piece>,
-        limit: Option<u64>,
-        advance: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<Streamed, DeployError> {
-        use super::stream::Piece;
-        let step = "upload";
-        let mut child = self.spawn_piped(step, script).await?;
-        let mut stdin = child.stdin().take().expect("stdin was piped");
-        let write_err = |e: std::io::Error| DeployError::Ssh {
-            host: self.host.clone(),
-            step: step.into(),
-            detail: format!("the connection broke while sending the bundle's files: {e}"),
-        };
-        let started = Instant::now();
-        let mut st = Streamed::default();
-        loop {
-            match rx.recv().await {
-                Some(Piece::Wire(bytes, carried)) => {
-                    stdin.write_all(&bytes).await.map_err(write_err)?;
-                    st.channel_bytes += bytes.len() as u64;
-                    st.file_bytes += carried;
-                    advance(carried);
-                    if let Some(limit) = limit.filter(|l| *l > 0) {
-                        let due = Duration::from_secs_f64(st.channel_bytes as f64 / limit as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            tokio::time::sleep(wait).await;
-                        }
-                    }
-                }
-                Some(Piece::Done { tar_sha256 }) => {
-                    st.tar_sha256 = tar_sha256;
-                    break;
-                }
-                Some(Piece::Failed { path, message }) => {
-                    st.failed = Some((path, message));
-                    break;
-                }
-                None => {
-                    st.failed = Some((None, "the stream builder stopped".into()));
-                    break;
-                }
-            }
-        }
-        if st.failed.is_some() {
-            // Closing the channel mid-archive makes the board's tar fail: nothing is
-            // committed, and the caller says why.
-            drop(stdin);
-            let _ = child.wait_with_output().await;
-            return Ok(st);
-        }
-        stdin.flush().await.map_err(write_err)?;
-        stdin.shutdown().await.map_err(write_err)?;
-        drop(stdin);
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| self.ssh_error(step, e))?;
-        let stdout = self.succeeded("upload of the bundle's files", out)?;
-        st.board_sha256 = String::from_utf8_lossy(&stdout).trim().to_string();
-        Ok(st)
     }
 
     /// Forwards a local unix socket to `127.0.0.1:port` on the board and returns its path.
