@@ -16,11 +16,9 @@
 
 use std::fmt::Write as _;
 
-/// Flushes the paths in `$@` to disk, or the whole system where `sync` takes no paths.
+/// Flushes the paths in `$@` to disk, or the whole system where `sync` takes no paths: the
+/// body of the `flush` shell function every script starts with (see [`Layout::prelude`]).
 const FLUSH_ARGS: &str = r#"sync -- "$@" 2>/dev/null || sync"#;
-/// The `flush` shell function every script starts with (see [`Layout::prelude`]).
-const FLUSH: &str = r#"flush() { sync -- "$@" 2>/dev/null || sync; }
-"#;
 
 /// Seconds the supervisor waits before starting a runtime that exited, so a runtime that
 /// cannot start does not spin a core.
@@ -69,7 +67,7 @@ impl Layout {
     /// only its own files flushed.
     fn prelude(&self) -> String {
         format!(
-            "set -e\nD={}\nmkdir -p \"$D/releases\" \"$D/.incoming\" \"$D/logs\"\ncd \"$D\"\n{FLUSH}",
+            "set -e\nD={}\nmkdir -p \"$D/releases\" \"$D/.incoming\" \"$D/logs\"\ncd \"$D\"\nflush() {{ {FLUSH_ARGS}; }}\n",
             quote(&self.install_dir)
         )
     }
