@@ -182,6 +182,12 @@ pub enum CandidateWeights {
     /// The reference's weights through the per-row int8 quantizer of an int8 ONNX export
     /// (MatMulInteger), with inputs rounded as its DynamicQuantizeLinear rounds them.
     DynamicInt8,
+    /// The reference's weights rounded to f16, every op in f32: a TFLite fp16 export (float16
+    /// buffers widened by DEQUANTIZE).
+    HalfWeights,
+    /// The reference's own weights: an fp32 ONNX or TFLite export computes what the float
+    /// model computes, up to the order of f32 operations.
+    Float,
 }
 
 #[derive(Debug, Clone)]
@@ -720,9 +726,10 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     _ => None,
                 };
                 reference_answers = reference_answers.or(answers);
-                let weights = match o.format {
-                    Format::Onnx if o.quant == "int8" => CandidateWeights::DynamicInt8,
-                    Format::Onnx => {
+                let weights = match (o.format, o.quant.as_str()) {
+                    (Format::Gguf, _) => CandidateWeights::Export,
+                    (Format::Onnx, "int8") => CandidateWeights::DynamicInt8,
+                    (Format::Onnx, "int4") => {
                         // The exporter's own int4 layout (the recipe takes its defaults).
                         let d = OnnxOptions::default();
                         CandidateWeights::Blockwise {
@@ -731,7 +738,8 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                             symmetric: d.symmetric,
                         }
                     }
-                    _ => CandidateWeights::Export,
+                    (Format::Tflite, "fp16") => CandidateWeights::HalfWeights,
+                    _ => CandidateWeights::Float,
                 };
                 let mut params = json!({
                     "ctx": e.ctx,
@@ -750,6 +758,12 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     }
                     CandidateWeights::DynamicInt8 => {
                         params["weights"] = json!("dynamic_int8");
+                    }
+                    CandidateWeights::HalfWeights => {
+                        params["weights"] = json!("half_weights");
+                    }
+                    CandidateWeights::Float => {
+                        params["weights"] = json!("float");
                     }
                     CandidateWeights::Export => {}
                 }

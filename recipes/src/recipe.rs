@@ -430,14 +430,18 @@ impl Output {
     }
 
     /// Whether edgepack's evaluation can score this output against the float model: a GGUF
-    /// (its weights read back), or an int4 or int8 ONNX model (the host forward pass over
-    /// the weights onnxruntime's MatMulNBits or MatMulInteger computes with, and for int8 the
-    /// inputs its DynamicQuantizeLinear rounds).
+    /// (its weights read back); an int4 or int8 ONNX model (the host forward pass over the
+    /// weights onnxruntime's MatMulNBits or MatMulInteger computes with, and for int8 the
+    /// inputs its DynamicQuantizeLinear rounds); a TFLite fp16 model (the weights rounded to
+    /// f16, every op in f32, as LiteRT runs it); an fp32 ONNX or TFLite model (the float
+    /// weights). ONNX fp16 computes its activations in half precision, and the int8-static
+    /// and TFLite integer graphs round theirs at static scales: the host does not replay
+    /// those.
     pub fn evaluable(&self) -> bool {
         match self.format {
             Format::Gguf => true,
-            Format::Onnx => matches!(self.quant.as_str(), "int4" | "int8"),
-            Format::Tflite => false,
+            Format::Onnx => matches!(self.quant.as_str(), "int4" | "int8" | "fp32"),
+            Format::Tflite => matches!(self.quant.as_str(), "fp16" | "fp32"),
         }
     }
 }
@@ -1021,7 +1025,7 @@ impl Recipe {
                             span,
                             &gkey,
                             format!(
-                                "{} is not scored: edgepack evaluates GGUF and ONNX int4 and int8 outputs against the float model",
+                                "{} is not scored: edgepack evaluates GGUF, ONNX fp32, int4 and int8, and TFLite fp32 and fp16 outputs against the float model",
                                 o.label()
                             ),
                         ));

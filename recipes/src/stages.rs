@@ -693,7 +693,8 @@ pub fn run(
                             symmetric,
                         } => f.simulate_blockwise(*bits, *block, *symmetric),
                         CandidateWeights::DynamicInt8 => f.simulate_dynamic_int8(),
-                        CandidateWeights::Export => Ok(()),
+                        CandidateWeights::HalfWeights => f.simulate_half_weights(),
+                        CandidateWeights::Float | CandidateWeights::Export => Ok(()),
                     }
                     .map_err(|e| e.to_string())?;
                     f

@@ -424,7 +424,7 @@ fn a_failed_gate_exits_3_naming_the_target_and_a_passing_recipe_exits_0() {
 }
 
 #[test]
-fn int4_and_int8_onnx_outputs_are_scored_and_held_to_their_own_gates() {
+fn onnx_and_tflite_outputs_are_scored_by_their_replays_and_held_to_their_own_gates() {
     let work = tempfile::tempdir().unwrap();
     let model = tiny("llama", Tiny::llama());
     let eval = eval_text(work.path());
@@ -435,7 +435,9 @@ fn int4_and_int8_onnx_outputs_are_scored_and_held_to_their_own_gates() {
              [targets.imx95]\n[targets.imx95.gates]\nmax_kl = 100.0\n\
              [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int4\"\n\
              [targets.imx95.outputs.gates]\nmax_kl = {limit}\n\
-             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8\"\n",
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8\"\n\
+             [[targets.imx95.outputs]]\nformat = \"tflite\"\nquant = \"fp16\"\n\
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"fp32\"\n",
             model.display(),
             eval.display()
         )
@@ -453,7 +455,8 @@ fn int4_and_int8_onnx_outputs_are_scored_and_held_to_their_own_gates() {
         "int8 passes its target's limit: {err}"
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    for (i, name) in [(0, "int4"), (1, "int8")] {
+    let kl = |i: usize| v["report"]["outputs"][i]["metrics"]["kl_mean"].as_f64();
+    for (i, name) in [(0, "int4"), (1, "int8"), (2, "tflite fp16")] {
         let m = &v["report"]["outputs"][i]["metrics"];
         for k in ["kl_mean", "top1", "ppl_ratio"] {
             assert!(
@@ -470,6 +473,11 @@ fn int4_and_int8_onnx_outputs_are_scored_and_held_to_their_own_gates() {
             "simulated weights have no speed of their own: {m:#}"
         );
     }
+    // f16 weights move the logits far less than 8-bit ones; fp32 computes the float model.
+    assert!(kl(2) < kl(1), "{:#}", v["report"]["outputs"]);
+    let fp32 = &v["report"]["outputs"][3]["metrics"];
+    assert_eq!(fp32["kl_mean"].as_f64(), Some(0.0), "{fp32:#}");
+    assert_eq!(fp32["top1"].as_f64(), Some(1.0), "{fp32:#}");
 
     write(&recipe, &text("100.0"));
     let v = build_ok(&recipe, work.path(), &[]);

@@ -380,6 +380,38 @@ fn smollm2_fp16_dynamic_int8_and_static_int8_report_kl_against_float() {
     }
 }
 
+#[test]
+fn fp16_exports_score_on_the_host_as_litert_runs_them() {
+    // A recipe scores a TFLite fp16 output with the host forward pass over the float weights
+    // rounded to f16 (the export's float16 buffers, widened back by DEQUANTIZE). LiteRT's run
+    // of the export and that replay must give the same figures: their difference is op-order
+    // rounding in f32, far below what the f16 weights themselves move.
+    let gguf = smollm2_gguf();
+    let ids = token_ids(40, 49152);
+    let prompt = 32;
+    let float = reference_logits(&gguf, &ids);
+    let litert = litert_logits(&smollm2_tflite("fp16"), &ids, prompt);
+    let mut f = Forward::new(&import::open(&gguf).unwrap()).unwrap();
+    f.simulate_half_weights().unwrap();
+    let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
+    let (kl_litert, top1_litert) = kl_and_top1(&float, &litert, 49152);
+    let (kl_host, top1_host) = kl_and_top1(&float, &host, 49152);
+    let (kl_between, _) = kl_and_top1(&litert, &host, 49152);
+    eprintln!(
+        "fp16: KL vs float: LiteRT {kl_litert:.3e} (top-1 {top1_litert:.3}), host {kl_host:.3e} (top-1 {top1_host:.3}); between them {kl_between:.3e}"
+    );
+    assert!(kl_host > 0.0, "the f16 rounding moved nothing");
+    assert!(
+        (kl_host - kl_litert).abs() < 0.1 * kl_litert,
+        "the host scores KL {kl_host}, LiteRT runs {kl_litert}"
+    );
+    assert!(
+        kl_between < 0.1 * kl_litert,
+        "host and LiteRT differ by KL {kl_between}, as much as the f16 weights move ({kl_litert})"
+    );
+    assert_eq!(top1_host, top1_litert);
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()

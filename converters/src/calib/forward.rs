@@ -840,6 +840,32 @@ impl Forward {
         Ok(())
     }
 
+    /// Turns the model into what an engine computes from half-precision weights widened to
+    /// f32 (a TFLite `fp16` export: float16 buffers behind DEQUANTIZE, every op in f32): the
+    /// embedding table, every linear and the LM head rounded to the nearest f16 (ties to
+    /// even, as the exporter writes them). Norm weights and biases stay f32, as the exporter
+    /// keeps them.
+    pub fn simulate_half_weights(&mut self) -> Result<()> {
+        let to_half = |row: &mut [f32]| {
+            for v in row {
+                *v = half::f16::from_f32(*v).to_f32();
+            }
+        };
+        for lin in self.linears_and_head_mut() {
+            lin.rewrite_rows(to_half)?;
+        }
+        let (rows, cols) = self.embed.dims2().map_err(ce)?;
+        let mut table = self
+            .embed
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ce)?;
+        table.par_chunks_mut(cols).for_each(to_half);
+        self.embed = CTensor::from_vec(table, (rows, cols), &Device::Cpu).map_err(ce)?;
+        Ok(())
+    }
+
     /// Every decoder linear, then the LM head.
     fn linears_and_head_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers
