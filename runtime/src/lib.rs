@@ -12,5 +12,6 @@ pub mod library;
 pub mod listen;
 pub mod metrics;
 pub mod rag;
+pub mod receive;
 pub mod server;
 pub mod stop;

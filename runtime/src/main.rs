@@ -12,6 +12,7 @@ use edgepack_runtime::bundle::{self, DelegateChoice};
 use edgepack_runtime::engine::{Engine, EngineConfig};
 use edgepack_runtime::listen;
 use edgepack_runtime::rag::{self, Retrieval};
+use edgepack_runtime::receive;
 use edgepack_runtime::server::{self, AppState};
 
 /// Context size when none is asked for: room for a chat turn and its answer without a
@@ -69,6 +70,19 @@ enum Command {
         /// Runs per prompt size; the medians are reported.
         #[arg(long, default_value_t = 3)]
         repetitions: u32,
+    },
+    /// Append standard input to FILE and print the sha256 of the bytes appended, then FILE's
+    /// size, one per line: the board's end of `edgepack deploy`'s upload, which hands the
+    /// rest of a release to that release's runtime once the board has checked its hash.
+    #[command(
+        after_help = "Example:\n  zstd -c model.gguf | ssh board edgepack-runtime receive --zstd /opt/edgepack/.incoming/r1/model/model.gguf\n\nThe folder and the file are created when missing; a cut stream leaves what arrived in place, so the next upload appends the rest."
+    )]
+    Receive {
+        /// The file to append to.
+        file: PathBuf,
+        /// The stream is zstd-compressed (one or more frames).
+        #[arg(long)]
+        zstd: bool,
     },
 }
 
@@ -218,6 +232,18 @@ fn run(cli: Cli) -> Result<()> {
             port,
             limits,
         } => serve(&model, &host, port, &limits, cli.json),
+        Command::Receive { file, zstd } => {
+            let r = receive::receive(std::io::stdin().lock(), &file, zstd)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"sha256": r.sha256, "appended": r.appended, "size": r.size})
+                );
+            } else {
+                println!("{}\n{}", r.sha256, r.size);
+            }
+            Ok(())
+        }
         Command::Bench {
             model,
             prompt_sizes,

@@ -229,8 +229,10 @@ pub fn write_tiny(dir: &Path, t: &Tiny, tokenizer_from: &Path, seed: u64) {
 /// one builder at a time holds `dir.lock` (the others wait for its result rather than build
 /// it again) and writes a private folder that it renames into place, so a builder that
 /// fails or is killed leaves no half-built `dir`.
+/// A `dir` made before the host binaries were last built (`edgepack`, and `edgepack-runtime`
+/// beside it) is made again: it may hold what an older binary wrote.
 pub fn build_once(dir: &Path, make: impl FnOnce(&Path)) -> PathBuf {
-    if dir.is_dir() {
+    if fresh(dir) {
         return dir.to_path_buf();
     }
     let lock_path = dir.with_extension("lock");
@@ -238,9 +240,11 @@ pub fn build_once(dir: &Path, make: impl FnOnce(&Path)) -> PathBuf {
         .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
     lock.lock()
         .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
-    if dir.is_dir() {
+    if fresh(dir) {
         return dir.to_path_buf();
     }
+    // Stale: nobody reads it, as every reader first found it stale and waits for this lock.
+    let _ = std::fs::remove_dir_all(dir);
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     make(&tmp);
@@ -249,4 +253,19 @@ pub fn build_once(dir: &Path, make: impl FnOnce(&Path)) -> PathBuf {
     }
     assert!(dir.is_dir(), "{} was not built", dir.display());
     dir.to_path_buf()
+}
+
+/// Whether `dir` exists and was made after the host binaries were built.
+fn fresh(dir: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let cli = crate::edgepack_bin();
+    let built = [cli.to_path_buf(), cli.with_file_name("edgepack-runtime")]
+        .iter()
+        .filter_map(|p| modified(p))
+        .max();
+    dir.is_dir()
+        && match (modified(dir), built) {
+            (Some(made), Some(built)) => made >= built,
+            _ => true,
+        }
 }

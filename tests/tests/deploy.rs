@@ -154,6 +154,14 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
         first["channel_bytes"].as_u64().unwrap() < first["bytes_sent"].as_u64().unwrap(),
         "{first}"
     );
+    // The board hashed the runtime as it arrived; that runtime then received the rest.
+    let sent = first["files_sent"].as_u64().unwrap();
+    assert!(sent >= 2, "{first}");
+    assert_eq!(
+        first["files_received_by_runtime"].as_u64(),
+        Some(sent - 1),
+        "{first}"
+    );
     let id_a = release_id(&a);
     assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
     let rel = board.install_dir().join("releases").join(&id_a);
@@ -213,6 +221,11 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
     let second = host_report(&deploy_ok(&mut deploy(&sshd, &board, &b_archive, port)));
     assert_eq!(second["outcome"], "deployed", "{second}");
     assert!(second["files_reused"].as_u64().unwrap() >= 1, "{second}");
+    // The runtime linked from the verified release received every file sent.
+    assert_eq!(
+        second["files_received_by_runtime"], second["files_sent"],
+        "{second}"
+    );
     // The archive was streamed as it decompressed, not unpacked on the workstation first.
     assert!(
         !second["phases"]
@@ -1108,6 +1121,13 @@ fn a_signed_aarch64_bundle_deploys_and_serves_under_qemu_on_an_imx95_board() {
     assert_eq!(r["outcome"], "deployed", "{r}");
     assert!(
         r["health"]["reply"].as_str().unwrap().contains("Paris"),
+        "{r}"
+    );
+    // The aarch64 runtime received the files after its own, through the runner.
+    let sent = r["files_sent"].as_u64().unwrap();
+    assert_eq!(
+        r["files_received_by_runtime"].as_u64(),
+        Some(sent - 1),
         "{r}"
     );
     // The runtime on the board checks the signature itself at every start.

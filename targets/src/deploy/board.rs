@@ -147,6 +147,34 @@ true
         )
     }
 
+    /// Appends stdin to `file` as [`append`](Self::append) does and prints the same two
+    /// lines, through the incoming release's own runtime (`edgepack-runtime receive`): one
+    /// process that decompresses, hashes with the CPU's SHA-256 instructions and writes,
+    /// where coreutils' `sha256sum` alone limits a board's intake. Only for a runtime the
+    /// board has checked (see [`receiver_check`](Self::receiver_check)). `runner` is the
+    /// host's command prefix for the runtime, if any.
+    pub fn receive(&self, runtime: &str, runner: Option<&str>, file: &str, zstd: bool) -> String {
+        format!(
+            "exec {}{} receive{} -- {}\n",
+            runner.map(|r| format!("{r} ")).unwrap_or_default(),
+            quote(runtime),
+            if zstd { " --zstd" } else { "" },
+            quote(file)
+        )
+    }
+
+    /// Makes the incoming release's runtime executable and has it receive nothing into
+    /// `/dev/null`: it prints the empty input's sha256 and `0` when it runs on this board and
+    /// knows `receive`. A runtime that cannot run here (another C library, an older release)
+    /// fails this, and the upload goes on through the shell pipeline.
+    pub fn receiver_check(&self, runtime: &str, runner: Option<&str>) -> String {
+        format!(
+            "set -e\nchmod u+x {q}\n{}{q} receive -- /dev/null < /dev/null\n",
+            runner.map(|r| format!("{r} ")).unwrap_or_default(),
+            q = quote(runtime),
+        )
+    }
+
     /// Empties `file` (a partial upload whose bytes do not match the bundle).
     pub fn truncate(&self, file: &str) -> String {
         format!("set -e\n: > {}\n", quote(file))
@@ -652,6 +680,44 @@ mod tests {
                 assert!(bare >= 2, "no fallback to a whole-system sync:\n{log}");
             }
         }
+    }
+
+    #[test]
+    fn the_receiver_scripts_hand_quoted_paths_and_the_runner_to_the_runtime() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("in coming's");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A stand-in runtime that prints each argument on its own line, then its input.
+        let rt = dir.join("edgepack-runtime");
+        std::fs::write(
+            &rt,
+            "#!/bin/sh\nfor a in \"$@\"; do echo \"[$a]\"; done\ncat\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let l = Layout::new("/board");
+        let (rt, file) = (rt.to_string_lossy(), "/board/.incoming/r 1/model/it's.gguf");
+        let run = |script: &str, input: &str| {
+            let mut c = Command::new("sh")
+                .args(["-c", script])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(&mut c.stdin.take().unwrap(), input.as_bytes()).unwrap();
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        // The check makes the runtime executable, then asks it to receive nothing.
+        let out = run(&l.receiver_check(&rt, None), "ignored");
+        assert_eq!(out, "[receive]\n[--]\n[/dev/null]\n");
+        // The upload hands it the stream on stdin, through the host's runner when set.
+        let out = run(&l.receive(&rt, Some("env X=1"), file, true), "payload");
+        assert_eq!(out, format!("[receive]\n[--zstd]\n[--]\n[{file}]\npayload"));
+        let out = run(&l.receive(&rt, None, file, false), "");
+        assert_eq!(out, format!("[receive]\n[--]\n[{file}]\n"));
     }
 
     #[test]

@@ -283,6 +283,9 @@ pub struct HostReport {
     pub files_reused: usize,
     /// Files already complete in `.incoming` from an interrupted deploy.
     pub files_present: usize,
+    /// Files the incoming release's own runtime received (`edgepack-runtime receive`) once
+    /// the board had checked its hash; the others went through the shell pipeline.
+    pub files_received_by_runtime: usize,
     pub health: Option<Health>,
     pub error: Option<String>,
     pub seconds: f64,
@@ -872,7 +875,8 @@ async fn deploy_connected(
     }
     let signed = b.trusted_key_pem.is_some();
     if !p.releases.contains(id) {
-        let hashed = upload(c, &l, b, &survey, opts, progress, r).await?;
+        let runner = h.runner.as_deref();
+        let hashed = upload(c, &l, b, &survey, opts, runner, progress, r).await?;
         progress.stage("verifying");
         verify_on_board(c, h, &l, b, p, &hashed).await?;
     }
@@ -1041,12 +1045,14 @@ async fn roll_back(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn upload(
     c: &Conn,
     l: &Layout,
     b: &LocalBundle,
     survey: &Survey,
     opts: &Options,
+    runner: Option<&str>,
     progress: &dyn HostProgress,
     r: &mut HostReport,
 ) -> Result<BTreeSet<String>, DeployError> {
@@ -1147,6 +1153,20 @@ async fn upload(
     if !links.is_empty() {
         c.sh("reusing files the board has", &links).await?;
     }
+    // Once the board holds the release's runtime with its manifest's hash (sent first and
+    // hashed on arrival, or linked from a verified release), that runtime receives the rest.
+    let runtime = format!("{incoming}/{RUNTIME_IN_RELEASE}");
+    let runtime_reused = plans
+        .iter()
+        .any(|(f, _, plan)| f.path == RUNTIME_IN_RELEASE && matches!(plan, Plan::Reuse(_)));
+    let mut receiver = runtime_reused && try_receiver(c, l, &runtime, runner).await?;
+    let script = |remote: &str, zstd: bool, receiver: bool| {
+        if receiver {
+            l.receive(&runtime, runner, remote, zstd)
+        } else {
+            l.append(remote, zstd)
+        }
+    };
     // Files the board hashed as they arrived, whole and matching: no second read needed.
     let mut hashed = BTreeSet::new();
     let mut sends: Vec<(&FileEntry, PathBuf, u64)> = Vec::new();
@@ -1158,6 +1178,9 @@ async fn upload(
             Plan::Send => sends.push((f, local, 0)),
         }
     }
+    // The runtime first, so it can receive the rest (an archive lists `bin/` first too: its
+    // entries are sorted).
+    sends.sort_by_key(|(f, _, _)| f.path != RUNTIME_IN_RELEASE);
     if stream_archive && !sends.is_empty() {
         // Each file goes out as the archive is decompressed, in the archive's order.
         let wanted: BTreeMap<String, &FileEntry> =
@@ -1199,14 +1222,18 @@ async fn upload(
                     &name,
                     &mut rx,
                     first,
-                    &l.append(&remote, zstd),
+                    &script(&remote, zstd, receiver),
                     zstd,
                     opts.limit_rate,
                     &advance,
                 )
                 .await?;
+            r.files_received_by_runtime += usize::from(receiver);
             if check_upload(c, r, f, &remote, &name, 0, up).await? {
                 hashed.insert(f.path.clone());
+                if f.path == RUNTIME_IN_RELEASE && !receiver {
+                    receiver = try_receiver(c, l, &runtime, runner).await?;
+                }
             }
             done += 1;
         }
@@ -1234,17 +1261,61 @@ async fn upload(
             .upload(
                 &local,
                 offset,
-                &l.append(&remote, zstd),
+                &script(&remote, zstd, receiver),
                 zstd,
                 opts.limit_rate,
                 &advance,
             )
             .await?;
+        r.files_received_by_runtime += usize::from(receiver);
         if check_upload(c, r, f, &remote, &local, offset, up).await? {
             hashed.insert(f.path.clone());
+            if f.path == RUNTIME_IN_RELEASE && !receiver {
+                receiver = try_receiver(c, l, &runtime, runner).await?;
+            }
         }
     }
     Ok(hashed)
+}
+
+/// sha256 of no bytes: what a working receiver answers for an empty stream.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Whether the incoming release's runtime (checked by the board against the manifest) runs
+/// on the board and receives uploads ([`Layout::receiver_check`]). One that does not (built
+/// for another C library, or a release from before `receive`) leaves the upload to the shell
+/// pipeline; only a broken connection is an error.
+async fn try_receiver(
+    c: &Conn,
+    l: &Layout,
+    runtime: &str,
+    runner: Option<&str>,
+) -> Result<bool, DeployError> {
+    match c
+        .sh(
+            "trying the release's runtime as the receiver",
+            &l.receiver_check(runtime, runner),
+        )
+        .await
+    {
+        Ok(out) => {
+            let mut lines = out.lines().map(str::trim);
+            let ok = lines.next() == Some(EMPTY_SHA256) && lines.next() == Some("0");
+            if !ok {
+                tracing::debug!(host = c.host, out, "the release's runtime did not receive");
+            }
+            Ok(ok)
+        }
+        Err(DeployError::Remote { stderr, .. }) => {
+            tracing::debug!(
+                host = c.host,
+                stderr,
+                "the release's runtime cannot receive"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Checks one upload: the bytes read locally against the manifest (a mismatch is the
@@ -1488,6 +1559,7 @@ impl HostReport {
             files_resumed: 0,
             files_reused: 0,
             files_present: 0,
+            files_received_by_runtime: 0,
             health: None,
             error,
             seconds: 0.0,
