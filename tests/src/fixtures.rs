@@ -258,11 +258,16 @@ pub fn build_once(dir: &Path, make: impl FnOnce(&Path)) -> PathBuf {
 /// Whether `dir` exists and was made after the host binaries were built.
 fn fresh(dir: &Path) -> bool {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let cli = crate::edgepack_bin();
-    let built = [cli.to_path_buf(), cli.with_file_name("edgepack-runtime")]
-        .iter()
-        .filter_map(|p| modified(p))
-        .max();
+    // The test executable lives in target/<profile>/deps/, the binaries one folder up.
+    let profile = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.to_path_buf()));
+    let built = profile.and_then(|d| {
+        ["edgepack", "edgepack-runtime"]
+            .iter()
+            .filter_map(|b| modified(&d.join(b)))
+            .max()
+    });
     dir.is_dir()
         && match (modified(dir), built) {
             (Some(made), Some(built)) => made >= built,
