@@ -110,6 +110,9 @@ pub enum Job {
     Eval {
         reference: ModelIn,
         candidate: usize,
+        /// The model the output was exported from (the reference after the recipe's
+        /// transforms): what a simulated candidate starts from.
+        source: ModelIn,
         /// How the candidate's weights are had.
         weights: CandidateWeights,
         eval: Eval,
@@ -168,7 +171,7 @@ impl Job {
 }
 
 /// Where an evaluated output's weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CandidateWeights {
     /// Read back from the export (a GGUF file).
     Export,
@@ -182,6 +185,10 @@ pub enum CandidateWeights {
     /// The reference's weights through the per-row int8 quantizer of an int8 ONNX export
     /// (MatMulInteger), with inputs rounded as its DynamicQuantizeLinear rounds them.
     DynamicInt8,
+    /// What an ONNX int8-static export runs: the same SmoothQuant fold (`smooth`), its
+    /// per-row int8 weights, and each linear's input through QuantizeLinear at the static
+    /// scale taken from the statistics of stage `stats`.
+    StaticInt8 { stats: usize, smooth: Option<f32> },
     /// The reference's weights rounded to f16, every op in f32: a TFLite fp16 export (float16
     /// buffers widened by DEQUANTIZE).
     HalfWeights,
@@ -325,12 +332,18 @@ impl Builder<'_> {
             Job::Eval {
                 reference,
                 candidate,
+                source,
+                weights,
                 embedder,
                 answers,
                 ..
             } => {
                 push_model(reference, &mut deps);
                 deps.push(*candidate);
+                push_model(source, &mut deps);
+                if let CandidateWeights::StaticInt8 { stats, .. } = weights {
+                    deps.push(*stats);
+                }
                 if let Some(e) = embedder {
                     push_model(e, &mut deps);
                 }
@@ -738,6 +751,13 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                             symmetric: d.symmetric,
                         }
                     }
+                    (Format::Onnx, "int8-static") => CandidateWeights::StaticInt8 {
+                        stats: stats.expect("int8-static reads statistics"),
+                        smooth: match &o.smooth {
+                            Some(AlphaSpec::Values(v)) => v.first().copied(),
+                            _ => None,
+                        },
+                    },
                     (Format::Tflite, "fp16") => CandidateWeights::HalfWeights,
                     _ => CandidateWeights::Float,
                 };
@@ -759,6 +779,9 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     CandidateWeights::DynamicInt8 => {
                         params["weights"] = json!("dynamic_int8");
                     }
+                    CandidateWeights::StaticInt8 { smooth, .. } => {
+                        params["weights"] = json!({"int8_static": {"smooth": smooth}});
+                    }
                     CandidateWeights::HalfWeights => {
                         params["weights"] = json!("half_weights");
                     }
@@ -772,6 +795,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     Job::Eval {
                         reference: merged.clone(),
                         candidate: export,
+                        source: last.clone(),
                         weights,
                         eval: e.clone(),
                         embedder: embedder.clone(),
@@ -869,4 +893,55 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
         rag_answers,
         base_rag_answers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulated_output_is_scored_from_the_transformed_model_it_was_exported_from() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("m")).unwrap();
+        std::fs::write(d.path().join("e.txt"), "text").unwrap();
+        let p = d.path().join("r.toml");
+        std::fs::write(
+            &p,
+            "[model]\npath = \"m\"\n[eval]\ntext = \"e.txt\"\n\
+             [[transforms]]\nkind = \"sparsify\"\nmethod = \"magnitude\"\npattern = \"2:4\"\n\
+             [targets.imx95]\n\
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int4\"\n\
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8-static\"\nsmooth = 0.5\n",
+        )
+        .unwrap();
+        let recipe = Recipe::load(&p).unwrap();
+        let cache = Cache::open(&d.path().join("cache")).unwrap();
+        let plan = plan(&recipe, &cache, None).unwrap();
+        let id = |i: usize| plan.stages[i].id.as_str();
+        let sparse = plan
+            .stages
+            .iter()
+            .position(|s| s.id == "transforms[0]:sparsify")
+            .expect("a sparsify stage");
+        for o in &plan.outputs {
+            let e = o.eval.expect("both outputs are scored");
+            let Job::Eval {
+                source,
+                weights,
+                reference,
+                ..
+            } = &plan.stages[e].job
+            else {
+                panic!("{} is not an eval", id(e));
+            };
+            assert_eq!(*source, ModelIn::Stage(sparse), "{}", id(e));
+            assert_ne!(*reference, ModelIn::Stage(sparse), "{}", id(e));
+            assert!(plan.stages[e].deps.contains(&sparse), "{}", id(e));
+            if let CandidateWeights::StaticInt8 { stats, smooth } = weights {
+                assert_eq!(*smooth, Some(0.5));
+                assert!(plan.stages[e].deps.contains(stats), "{}", id(e));
+                assert!(id(*stats).starts_with("calibrate"), "{}", id(*stats));
+            }
+        }
+    }
 }

@@ -433,14 +433,18 @@ impl Output {
     /// (its weights read back); an int4 or int8 ONNX model (the host forward pass over the
     /// weights onnxruntime's MatMulNBits or MatMulInteger computes with, and for int8 the
     /// inputs its DynamicQuantizeLinear rounds); a TFLite fp16 model (the weights rounded to
-    /// f16, every op in f32, as LiteRT runs it); an fp32 ONNX or TFLite model (the float
-    /// weights). ONNX fp16 computes its activations in half precision, and the int8-static
-    /// and TFLite integer graphs round theirs at static scales: the host does not replay
-    /// those.
+    /// f16, every op in f32, as LiteRT runs it); an int8-static ONNX model (its smoothing,
+    /// int8 weights and QuantizeLinear inputs at the export's static scales); an fp32 ONNX
+    /// or TFLite model (the float weights). ONNX fp16 computes its activations in half
+    /// precision, and TFLite's integer graphs stage their norms and split channels: the host
+    /// does not replay those.
     pub fn evaluable(&self) -> bool {
         match self.format {
             Format::Gguf => true,
-            Format::Onnx => matches!(self.quant.as_str(), "int4" | "int8" | "fp32"),
+            Format::Onnx => matches!(
+                self.quant.as_str(),
+                "int4" | "int8" | "int8-static" | "fp32"
+            ),
             Format::Tflite => matches!(self.quant.as_str(), "fp16" | "fp32"),
         }
     }
@@ -1025,7 +1029,7 @@ impl Recipe {
                             span,
                             &gkey,
                             format!(
-                                "{} is not scored: edgepack evaluates GGUF, ONNX fp32, int4 and int8, and TFLite fp32 and fp16 outputs against the float model",
+                                "{} is not scored: edgepack evaluates GGUF, ONNX fp32, int4, int8 and int8-static, and TFLite fp32 and fp16 outputs against the float model",
                                 o.label()
                             ),
                         ));

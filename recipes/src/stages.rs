@@ -672,6 +672,7 @@ pub fn run(
         Job::Eval {
             reference,
             candidate,
+            source,
             weights,
             eval: e,
             embedder,
@@ -684,8 +685,19 @@ pub fn run(
                     let cand_path = model_path(&ModelIn::Stage(*candidate), done)?;
                     Forward::new(&open(&cand_path)?).map_err(|e| e.to_string())?
                 }
+                CandidateWeights::StaticInt8 { stats, smooth } => {
+                    let path = dep(done, *stats)?.dir.join("stats.calib");
+                    let cal = StaticCalibration {
+                        stats: CalibStats::read(&path).map_err(|e| e.to_string())?,
+                        path,
+                        smooth: *smooth,
+                    };
+                    let src = open(&model_path(source, done)?)?;
+                    onnx::int8_static_forward(&src, &cal).map_err(|e| e.to_string())?
+                }
                 simulated => {
-                    let mut f = Forward::new(&ref_model).map_err(|e| e.to_string())?;
+                    let src = open(&model_path(source, done)?)?;
+                    let mut f = Forward::new(&src).map_err(|e| e.to_string())?;
                     match simulated {
                         CandidateWeights::Blockwise {
                             bits,
@@ -694,7 +706,9 @@ pub fn run(
                         } => f.simulate_blockwise(*bits, *block, *symmetric),
                         CandidateWeights::DynamicInt8 => f.simulate_dynamic_int8(),
                         CandidateWeights::HalfWeights => f.simulate_half_weights(),
-                        CandidateWeights::Float | CandidateWeights::Export => Ok(()),
+                        CandidateWeights::Float
+                        | CandidateWeights::Export
+                        | CandidateWeights::StaticInt8 { .. } => Ok(()),
                     }
                     .map_err(|e| e.to_string())?;
                     f

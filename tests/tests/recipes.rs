@@ -437,7 +437,8 @@ fn onnx_and_tflite_outputs_are_scored_by_their_replays_and_held_to_their_own_gat
              [targets.imx95.outputs.gates]\nmax_kl = {limit}\n\
              [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8\"\n\
              [[targets.imx95.outputs]]\nformat = \"tflite\"\nquant = \"fp16\"\n\
-             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"fp32\"\n",
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"fp32\"\n\
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8-static\"\nsmooth = 0.5\n",
             model.display(),
             eval.display()
         )
@@ -456,7 +457,12 @@ fn onnx_and_tflite_outputs_are_scored_by_their_replays_and_held_to_their_own_gat
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let kl = |i: usize| v["report"]["outputs"][i]["metrics"]["kl_mean"].as_f64();
-    for (i, name) in [(0, "int4"), (1, "int8"), (2, "tflite fp16")] {
+    for (i, name) in [
+        (0, "int4"),
+        (1, "int8"),
+        (2, "tflite fp16"),
+        (4, "int8-static"),
+    ] {
         let m = &v["report"]["outputs"][i]["metrics"];
         for k in ["kl_mean", "top1", "ppl_ratio"] {
             assert!(

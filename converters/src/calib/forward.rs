@@ -50,6 +50,9 @@ enum ActQuant {
     /// Uint8 as onnxruntime's `DynamicQuantizeLinear` rounds, with one range per sequence of
     /// the call (the int8 ONNX export's activations).
     DynamicU8,
+    /// Int8 codes of this static step as ONNX `QuantizeLinear` rounds them (zero point 0,
+    /// ties to even, saturated to [-128, 127]): the int8-static ONNX export's QDQ inputs.
+    Qdq(f32),
 }
 
 /// One LoRA pair on a linear: `A` `[r, in]` and `B` `[out, r]`, the only tensors that take
@@ -218,6 +221,18 @@ impl Linear {
             }
             ActQuant::DynamicU8 => {
                 q = dynamic_u8_rows(x, groups)?;
+                &q
+            }
+            ActQuant::Qdq(scale) => {
+                let v = x
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(ce)?;
+                let v: Vec<f32> = v
+                    .into_iter()
+                    .map(|a| (a / scale).round_ties_even().clamp(-128.0, 127.0) * scale)
+                    .collect();
+                q = CTensor::from_vec(v, x.shape(), x.device()).map_err(ce)?;
                 &q
             }
         };
@@ -781,13 +796,33 @@ impl Forward {
     /// per-tensor scales. Products and accumulation stay in f32, which equals an int32
     /// accumulator rescaled once, up to float rounding. Refuses scales for unknown weights.
     pub fn simulate_w8a8(&mut self, w8a8: &W8A8) -> Result<()> {
+        self.static_int8(w8a8, w8a8::fake_quant_row, ActQuant::Static)
+    }
+
+    /// Turns the linears named in `scales` into what edgepack's ONNX `int8-static` export runs
+    /// in onnxruntime (QuantizeLinear / DequantizeLinear around each MatMul): weights through
+    /// the export's own per-row int8 quantizer ([`int8::round_trip_row`], ties to even),
+    /// inputs through `QuantizeLinear` at their per-tensor scale and back. The LM head stays
+    /// float, as the export keeps it. Refuses scales for unknown weights.
+    pub fn simulate_qdq_int8(&mut self, scales: &W8A8) -> Result<()> {
+        self.static_int8(scales, int8::round_trip_row, ActQuant::Qdq)
+    }
+
+    /// The linears named in `w8a8` with weights through `row` and inputs quantized by `act`
+    /// at their static scale.
+    fn static_int8(
+        &mut self,
+        w8a8: &W8A8,
+        row: fn(&mut [f32]),
+        act: fn(f32) -> ActQuant,
+    ) -> Result<()> {
         let mut seen = 0usize;
         for lin in self.layers.iter_mut().flat_map(Layer::linears_mut) {
             let Some(a) = w8a8.act.get(&lin.name) else {
                 continue;
             };
-            lin.rewrite_rows(w8a8::fake_quant_row)?;
-            lin.act = ActQuant::Static(a.scale);
+            lin.rewrite_rows(row)?;
+            lin.act = act(a.scale);
             seen += 1;
         }
         if seen != w8a8.act.len() {

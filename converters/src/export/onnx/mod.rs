@@ -35,6 +35,8 @@ use prost::Message;
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 
+use crate::calib::forward::Forward;
+use crate::calib::w8a8;
 use crate::error::{Error, Result};
 use crate::export::graph::{DecoderGraph, LinearRole, WeightId, WeightKind};
 use crate::export::hf::write_json;
@@ -201,6 +203,39 @@ fn activation_scales(
     Ok(out)
 }
 
+/// The SmoothQuant fold an int8-static export makes before it quantizes (norm groups only,
+/// the folds int8-static was measured with), after checking the statistics belong to `model`;
+/// `None` when the calibration asks for no smoothing.
+fn static_smoothing(model: &Model, cal: &StaticCalibration) -> Result<Option<smooth::Smoothed>> {
+    cal.stats.check_model(model, &cal.path)?;
+    cal.smooth
+        .map(|a| {
+            smooth::smooth(
+                model,
+                &cal.stats,
+                &cal.path,
+                &Alpha::Global(a),
+                smooth::Scope::Norms,
+            )
+        })
+        .transpose()
+}
+
+/// The host forward pass of what an `int8-static` export of `model` with `cal` computes in
+/// onnxruntime: the same smoothing, the export's per-row int8 weights, and each linear's
+/// input through QuantizeLinear at the static scale the export writes
+/// ([`Forward::simulate_qdq_int8`]); the LM head in float. Recipes score such outputs with it.
+pub fn int8_static_forward(model: &Model, cal: &StaticCalibration) -> Result<Forward> {
+    let (m, factors) = match static_smoothing(model, cal)? {
+        Some(sm) => (sm.model, sm.factors),
+        None => (model.clone(), BTreeMap::new()),
+    };
+    let scales = w8a8::scales(&m, &cal.stats, &cal.path, &factors)?;
+    let mut f = Forward::new(&m)?;
+    f.simulate_qdq_int8(&scales)?;
+    Ok(f)
+}
+
 /// Exports `model` to the folder `out` (created atomically; it must not exist or be empty).
 pub fn export_onnx(
     model: &Model,
@@ -223,26 +258,15 @@ pub fn export_onnx(
     let mut factors = BTreeMap::new();
     let smoothed;
     let model_used = match &opts.calibration {
-        Some(cal) => {
-            cal.stats.check_model(model, &cal.path)?;
-            match cal.smooth {
-                Some(a) => {
-                    // Norm groups only, the folds int8-static was measured with.
-                    let sm = smooth::smooth(
-                        model,
-                        &cal.stats,
-                        &cal.path,
-                        &Alpha::Global(a),
-                        smooth::Scope::Norms,
-                    )?;
-                    smooth_report = Some(sm.report);
-                    factors = sm.factors;
-                    smoothed = sm.model;
-                    &smoothed
-                }
-                None => model,
+        Some(cal) => match static_smoothing(model, cal)? {
+            Some(sm) => {
+                smooth_report = Some(sm.report);
+                factors = sm.factors;
+                smoothed = sm.model;
+                &smoothed
             }
-        }
+            None => model,
+        },
         None => model,
     };
     let g = DecoderGraph::build(model_used)?;
