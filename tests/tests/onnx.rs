@@ -320,6 +320,53 @@ fn every_variant_runs_in_onnxruntime_and_quantized_variants_stay_close_to_float(
     }
 }
 
+/// A host replay of an export against onnxruntime's run of it: each run's mean KL and top-1
+/// from float, and the KL between the two runs position by position.
+struct Replay {
+    kl_ort: f64,
+    top1_ort: f64,
+    kl_host: f64,
+    top1_host: f64,
+    kl_between: f64,
+}
+
+impl Replay {
+    /// Scores both runs against `float` and prints the figures under `name`.
+    fn of(name: &str, float: &[f32], ort: &[f32], host: &[f32], vocab: usize) -> Replay {
+        let (kl_ort, top1_ort) = kl_and_top1(float, ort, vocab);
+        let (kl_host, top1_host) = kl_and_top1(float, host, vocab);
+        let (kl_between, _) = kl_and_top1(ort, host, vocab);
+        eprintln!(
+            "{name}: KL vs float: onnxruntime {kl_ort:.4} (top-1 {top1_ort:.3}), host {kl_host:.4} (top-1 {top1_host:.3}); between them {kl_between:.5}"
+        );
+        Replay {
+            kl_ort,
+            top1_ort,
+            kl_host,
+            top1_host,
+            kl_between,
+        }
+    }
+
+    /// The figures a recipe reports and gates agree: mean KL within `kl_share` of
+    /// onnxruntime's, top-1 within `top1`.
+    fn assert_means_agree(&self, name: &str, kl_share: f64, top1: f64) {
+        let r = self;
+        assert!(
+            (r.kl_host - r.kl_ort).abs() < kl_share * r.kl_ort,
+            "{name}: the host scores KL {}, onnxruntime runs {}",
+            r.kl_host,
+            r.kl_ort
+        );
+        assert!(
+            (r.top1_host - r.top1_ort).abs() <= top1,
+            "{name}: the host scores top-1 {}, onnxruntime runs {}",
+            r.top1_host,
+            r.top1_ort
+        );
+    }
+}
+
 #[test]
 fn int4_exports_score_on_the_host_as_onnxruntime_runs_them() {
     // The recipe scores an int4 ONNX output with the host forward pass over the blockwise
@@ -354,21 +401,20 @@ fn int4_exports_score_on_the_host_as_onnxruntime_runs_them() {
         let mut f = Forward::new(&model).unwrap();
         f.simulate_blockwise(4, block, symmetric).unwrap();
         let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
-        let (kl_ort, top1_ort) = kl_and_top1(&float, &ort, vocab);
-        let (kl_host, top1_host) = kl_and_top1(&float, &host, vocab);
-        let (kl_between, _) = kl_and_top1(&ort, &host, vocab);
-        eprintln!(
-            "{name}: KL vs float: onnxruntime {kl_ort:.4} (top-1 {top1_ort:.3}), host {kl_host:.4} (top-1 {top1_host:.3}); between them {kl_between:.5}"
-        );
+        let r = Replay::of(name, &float, &ort, &host, vocab);
         // Measured: 0.452 against 0.447 with 0.004 between them (block 32, symmetric);
         // 0.557 against 0.539 with 0.013 between them (block 128, asymmetric).
         assert!(
-            (kl_host - kl_ort).abs() < 0.1 * kl_ort,
-            "{name}: the host scores KL {kl_host}, onnxruntime runs {kl_ort}"
+            (r.kl_host - r.kl_ort).abs() < 0.1 * r.kl_ort,
+            "{name}: the host scores KL {}, onnxruntime runs {}",
+            r.kl_host,
+            r.kl_ort
         );
         assert!(
-            kl_between < 0.1 * kl_ort,
-            "{name}: host and onnxruntime differ by KL {kl_between}, the quantization costs {kl_ort}"
+            r.kl_between < 0.1 * r.kl_ort,
+            "{name}: host and onnxruntime differ by KL {}, the quantization costs {}",
+            r.kl_between,
+            r.kl_ort
         );
     }
 }
@@ -394,26 +440,14 @@ fn int8_exports_score_on_the_host_as_onnxruntime_runs_them() {
     for &t in &ids[PREFILL..] {
         host.extend(f.forward(&[t], &mut cache).unwrap());
     }
-    let (kl_ort, top1_ort) = kl_and_top1(&float, &ort, vocab);
-    let (kl_host, top1_host) = kl_and_top1(&float, &host, vocab);
-    let (kl_between, _) = kl_and_top1(&ort, &host, vocab);
-    eprintln!(
-        "contrib-int8: KL vs float: onnxruntime {kl_ort:.4} (top-1 {top1_ort:.3}), host {kl_host:.4} (top-1 {top1_host:.3}); between them {kl_between:.5}"
-    );
+    let r = Replay::of("contrib-int8", &float, &ort, &host, vocab);
     // What a recipe reports and gates: the mean KL and top-1 over the text. Measured: 0.432
     // against 0.407, top-1 0.625 both. Position by position the two runs differ by as much
     // as either differs from float (0.26): the prompt's one range spans the first position's
     // outlier channels, so its steps are coarse, and one rounding that float order flips in
     // one run moves later inputs by a sizeable part of a step. The quantizer itself is
     // checked code for code against onnxruntime's in the test below.
-    assert!(
-        (kl_host - kl_ort).abs() < 0.15 * kl_ort,
-        "the host scores KL {kl_host}, onnxruntime runs {kl_ort}"
-    );
-    assert!(
-        (top1_host - top1_ort).abs() <= 0.1,
-        "the host scores top-1 {top1_host}, onnxruntime runs {top1_ort}"
-    );
+    r.assert_means_agree("contrib-int8", 0.15, 0.1);
 }
 
 #[test]
@@ -451,26 +485,16 @@ fn int8_static_exports_score_on_the_host_as_onnxruntime_runs_them() {
     );
     let f = edgepack_converters::export::onnx::int8_static_forward(&model, &cal).unwrap();
     let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
-    let (kl_ort, top1_ort) = kl_and_top1(&float, &ort, vocab);
-    let (kl_host, top1_host) = kl_and_top1(&float, &host, vocab);
-    let (kl_between, _) = kl_and_top1(&ort, &host, vocab);
-    eprintln!(
-        "contrib-int8-static-smooth: KL vs float: onnxruntime {kl_ort:.4} (top-1 {top1_ort:.3}), host {kl_host:.4} (top-1 {top1_host:.3}); between them {kl_between:.5}"
-    );
+    let r = Replay::of("contrib-int8-static-smooth", &float, &ort, &host, vocab);
     // Measured: 0.620 on the host against 0.605 in onnxruntime, top-1 0.475 and 0.525, and
     // the two runs 0.058 apart position by position (a tenth of either's KL from float: the
     // replay follows the export, not just its mean).
+    r.assert_means_agree("contrib-int8-static-smooth", 0.15, 0.1);
     assert!(
-        (kl_host - kl_ort).abs() < 0.15 * kl_ort,
-        "the host scores KL {kl_host}, onnxruntime runs {kl_ort}"
-    );
-    assert!(
-        (top1_host - top1_ort).abs() <= 0.1,
-        "the host scores top-1 {top1_host}, onnxruntime runs {top1_ort}"
-    );
-    assert!(
-        kl_between < 0.2 * kl_ort,
-        "host and onnxruntime differ by KL {kl_between}, against {kl_ort} from float"
+        r.kl_between < 0.2 * r.kl_ort,
+        "host and onnxruntime differ by KL {}, against {} from float",
+        r.kl_between,
+        r.kl_ort
     );
 }
 

@@ -182,15 +182,7 @@ impl Linear {
     /// Replaces the weight (as f32) by `f` applied to each of its rows, over all cores: what
     /// a quantizing engine's weights dequantize to.
     fn rewrite_rows(&mut self, f: impl Fn(&mut [f32]) + Sync + Send) -> Result<()> {
-        let (out, inn) = self.w.dims2().map_err(ce)?;
-        let mut w = self
-            .w
-            .to_dtype(DType::F32)
-            .and_then(|w| w.flatten_all())
-            .and_then(|w| w.to_vec1::<f32>())
-            .map_err(ce)?;
-        w.par_chunks_mut(inn).for_each(f);
-        self.w = CTensor::from_vec(w, (out, inn), &Device::Cpu).map_err(ce)?;
+        self.w = map_rows(&self.w, f)?;
         Ok(())
     }
 
@@ -531,6 +523,18 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
     }
+}
+
+/// A 2-D tensor (as f32) with `f` applied to each of its rows, over all cores.
+fn map_rows(t: &CTensor, f: impl Fn(&mut [f32]) + Sync + Send) -> Result<CTensor> {
+    let (rows, cols) = t.dims2().map_err(ce)?;
+    let mut v = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(ce)?;
+    v.par_chunks_mut(cols).for_each(f);
+    CTensor::from_vec(v, (rows, cols), &Device::Cpu).map_err(ce)
 }
 
 /// A model loaded for the forward pass: every weight as an f32 candle tensor.
@@ -889,15 +893,7 @@ impl Forward {
         for lin in self.linears_and_head_mut() {
             lin.rewrite_rows(to_half)?;
         }
-        let (rows, cols) = self.embed.dims2().map_err(ce)?;
-        let mut table = self
-            .embed
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(ce)?;
-        table.par_chunks_mut(cols).for_each(to_half);
-        self.embed = CTensor::from_vec(table, (rows, cols), &Device::Cpu).map_err(ce)?;
+        self.embed = map_rows(&self.embed, to_half)?;
         Ok(())
     }
 
