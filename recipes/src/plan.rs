@@ -340,7 +340,9 @@ impl Builder<'_> {
             } => {
                 push_model(reference, &mut deps);
                 deps.push(*candidate);
-                push_model(source, &mut deps);
+                if source != reference {
+                    push_model(source, &mut deps);
+                }
                 if let CandidateWeights::StaticInt8 { stats, .. } = weights {
                     deps.push(*stats);
                 }
