@@ -875,6 +875,28 @@ fn a_failing_health_check_rolls_back_to_the_previous_release() {
     );
     assert!(!board.install_dir().join(".pending").exists());
 
+    // On a board without releases every file is sent. /bin/false cannot receive uploads,
+    // so the board's shell pipeline takes every file, and the release is still complete
+    // and verified (it fails only its health check).
+    let fresh = Board::new();
+    let (out, _) = run_fail(&mut deploy(&sshd, &fresh, &broken, free_port()));
+    let r = host_report(&out);
+    assert!(r["files_sent"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(r["files_received_by_runtime"], 0, "{r}");
+    let rel = fresh
+        .install_dir()
+        .join("releases")
+        .join(release_id(&broken));
+    run_ok(
+        Command::new("sha256sum")
+            .current_dir(&rel)
+            .arg("-c")
+            .arg("--quiet")
+            .stdin(Stdio::from(
+                std::fs::File::open(sums_file(&broken, fresh.root.path())).unwrap(),
+            )),
+    );
+
     // edgepack killed (SIGKILL) once it has switched to the broken release, before its
     // health check ends: the board is left on an unchecked release, marked pending. The
     // next deploy checks it and rolls it back as the killed one would have.
