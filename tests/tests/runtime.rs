@@ -2084,3 +2084,58 @@ mod http {
         }
     }
 }
+
+/// Runs `edgepack-runtime [--json] receive ARGS` with `input` on stdin.
+fn receive(json: bool, args: &[&dyn AsRef<std::ffi::OsStr>], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = Command::new(runtime_bin());
+    if json {
+        cmd.arg("--json");
+    }
+    let mut child = cmd
+        .arg("receive")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn receive_appends_a_stream_and_prints_what_the_deploy_checks() {
+    use sha2::Digest;
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("new dir/model.gguf");
+    let first: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+    let second: Vec<u8> = (0..3_000_000u32).map(|i| (i / 3 % 256) as u8).collect();
+    // Plain, then a zstd stream appended: the lines are the appended bytes' sha256 and the
+    // file's size, as deploy reads them.
+    let out = receive(false, &[&"--", &file], &first);
+    assert!(out.status.success(), "{out:?}");
+    let want = format!(
+        "{}\n{}\n",
+        hex::encode(sha2::Sha256::digest(&first)),
+        first.len()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let packed = zstd::bulk::compress(&second, 3).unwrap();
+    let out = receive(true, &[&"--zstd", &file], &packed);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sha256"], hex::encode(sha2::Sha256::digest(&second)));
+    assert_eq!(v["appended"], second.len());
+    assert_eq!(v["size"], first.len() + second.len());
+    assert_eq!(std::fs::read(&file).unwrap(), [first, second].concat());
+    // A cut zstd stream fails, naming the file; what arrived before stays.
+    let before = std::fs::metadata(&file).unwrap().len();
+    let out = receive(false, &[&"--zstd", &file], &packed[..packed.len() / 2]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.gguf"), "{err}");
+    assert!(std::fs::metadata(&file).unwrap().len() >= before);
+    let help = run_ok(Command::new(runtime_bin()).args(["receive", "--help"]));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Example:"));
+}
