@@ -548,9 +548,12 @@ fn the_fault_matrix_leaves_a_complete_release_serving_and_the_next_deploy_finish
     let sshd = Sshd::start("matrix");
     let port = free_port();
     let ab = (a.as_path(), b.as_path());
-    // Steps that need B not on the board yet, each on a fresh board.
+    // Steps that need B not on the board yet, each on a fresh board. The upload of B's
+    // model is the only command that names its incoming file (received by B's runtime,
+    // linked from A).
+    let upload = format!("{}/model/smollm2.gguf", release_id(&b));
     for (step, marker, fault) in [
-        ("upload", "tee -a", Fault::HoldAfter),
+        ("upload", upload.as_str(), Fault::HoldAfter),
         ("verification", r#"mv "$I" "$R""#, Fault::CutAfter),
     ] {
         let board = Board::new();
@@ -680,7 +683,12 @@ fn a_disk_that_fills_during_the_upload_keeps_the_old_release_and_the_next_deploy
         format!("releases/{id_a}")
     );
 
-    sshd.arm("tee -a", Fault::FillDisk);
+    // The upload of B's model, whichever end receives it (the release's runtime here, as
+    // A's runtime binary is linked into B): only the upload names the incoming file.
+    sshd.arm(
+        &format!("{}/model/smollm2.gguf", release_id(&b)),
+        Fault::FillDisk,
+    );
     let (out, err) = run_fail(&mut deploy(&sshd, &board, &b, port));
     assert!(sshd.struck());
     let r = host_report(&out);

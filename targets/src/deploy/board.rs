@@ -154,8 +154,9 @@ true
     /// board has checked (see [`receiver_check`](Self::receiver_check)). `runner` is the
     /// host's command prefix for the runtime, if any.
     pub fn receive(&self, runtime: &str, runner: Option<&str>, file: &str, zstd: bool) -> String {
+        // No `exec`: a runner is a command prefix and may hold its own commands (`sleep 1;`).
         format!(
-            "exec {}{} receive{} -- {}\n",
+            "{}{} receive{} -- {}\n",
             runner.map(|r| format!("{r} ")).unwrap_or_default(),
             quote(runtime),
             if zstd { " --zstd" } else { "" },

@@ -19,6 +19,8 @@ const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Bytes per write into the remote `cat`.
 const CHUNK: usize = 256 * 1024;
 
+/// How long a failed upload waits for the board's end to say why it stopped reading.
+const BROKEN_UPLOAD_WAIT: Duration = Duration::from_secs(10);
 /// zstd level of compressed uploads: level 1 compresses faster than a gigabit link carries.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -335,14 +337,8 @@ impl Conn {
         } else {
             None
         };
-        let write_err = |e: std::io::Error| DeployError::Ssh {
-            host: self.host.clone(),
-            step: "upload".into(),
-            detail: format!(
-                "the connection broke while sending {}: {e}",
-                local.display()
-            ),
-        };
+        // A write that fails ends the sending; what the board's end said decides the error.
+        let mut broke: Option<std::io::Error> = None;
         loop {
             let buf: &[u8] = match &mut source {
                 Source::File(f, buf) => {
@@ -391,13 +387,19 @@ impl Conn {
                 Some(enc) => {
                     std::io::Write::write_all(enc, &buf[..n]).map_err(local_err)?;
                     let out = std::mem::take(enc.get_mut());
-                    stdin.write_all(&out).await.map_err(write_err)?;
+                    if let Err(e) = stdin.write_all(&out).await {
+                        broke = Some(e);
+                        break;
+                    }
                     channel += out.len() as u64;
                     *enc.get_mut() = out;
                     enc.get_mut().clear();
                 }
                 None => {
-                    stdin.write_all(&buf[..n]).await.map_err(write_err)?;
+                    if let Err(e) = stdin.write_all(&buf[..n]).await {
+                        broke = Some(e);
+                        break;
+                    }
                     channel += n as u64;
                 }
             }
@@ -410,14 +412,29 @@ impl Conn {
                 }
             }
         }
-        if let Some(enc) = encoder.take() {
-            let tail = enc.finish().map_err(local_err)?;
-            stdin.write_all(&tail).await.map_err(write_err)?;
-            channel += tail.len() as u64;
+        if broke.is_none() {
+            if let Some(enc) = encoder.take() {
+                let tail = enc.finish().map_err(local_err)?;
+                match stdin.write_all(&tail).await {
+                    Ok(()) => channel += tail.len() as u64,
+                    Err(e) => broke = Some(e),
+                }
+            }
         }
-        stdin.flush().await.map_err(write_err)?;
-        stdin.shutdown().await.map_err(write_err)?;
+        if broke.is_none() {
+            if let Err(e) = async {
+                stdin.flush().await?;
+                stdin.shutdown().await
+            }
+            .await
+            {
+                broke = Some(e);
+            }
+        }
         drop(stdin);
+        if let Some(e) = broke {
+            return Err(self.upload_broke(child, local, e).await);
+        }
         let out = child
             .wait_with_output()
             .await
@@ -429,6 +446,41 @@ impl Conn {
             sha256: hex::encode(sha2::Digest::finalize(hash)),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
         })
+    }
+
+    /// The error of an upload whose channel stopped taking bytes: the board's own failure
+    /// when its end exited with a status and a message (the receiver's "No space left on
+    /// device"), else a broken connection. The answer is awaited for at most
+    /// [`BROKEN_UPLOAD_WAIT`].
+    async fn upload_broke(
+        &self,
+        child: openssh::Child<&Session>,
+        local: &Path,
+        e: std::io::Error,
+    ) -> DeployError {
+        if let Ok(Ok(out)) =
+            tokio::time::timeout(BROKEN_UPLOAD_WAIT, child.wait_with_output()).await
+        {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if let Some(code) = out.status.code().filter(|c| *c != 0 && *c != 255) {
+                if !stderr.is_empty() {
+                    return DeployError::Remote {
+                        host: self.host.clone(),
+                        step: format!("upload of {}", local.display()),
+                        code: Some(code),
+                        stderr,
+                    };
+                }
+            }
+        }
+        DeployError::Ssh {
+            host: self.host.clone(),
+            step: "upload".into(),
+            detail: format!(
+                "the connection broke while sending {}: {e}",
+                local.display()
+            ),
+        }
     }
 
     /// Forwards a local unix socket to `127.0.0.1:port` on the board and returns its path.
