@@ -164,17 +164,8 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
     );
     let id_a = release_id(&a);
     assert_eq!(board.current().as_deref(), Some(id_a.as_str()));
-    let rel = board.install_dir().join("releases").join(&id_a);
     // The release on the board is a bundle the independent checker accepts.
-    run_ok(
-        Command::new("sha256sum")
-            .current_dir(&rel)
-            .arg("-c")
-            .arg("--quiet")
-            .stdin(Stdio::from(
-                std::fs::File::open(sums_file(&a, board.root.path())).unwrap(),
-            )),
-    );
+    assert_release_verifies(&board, &a);
     let h = &first["health"];
     assert!(h["ttft_ms"].as_f64().unwrap() > 0.0, "{first}");
     assert!(h["completion_tokens"].as_u64().unwrap() >= 1, "{first}");
@@ -304,6 +295,24 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
 }
 
 /// `sha256sum -c` input for a bundle's files, written outside the board.
+/// `sha256sum -c` (coreutils, not edgepack) of `bundle`'s manifest over its release on the
+/// board passes.
+fn assert_release_verifies(board: &Board, bundle: &Path) {
+    let rel = board
+        .install_dir()
+        .join("releases")
+        .join(release_id(bundle));
+    run_ok(
+        Command::new("sha256sum")
+            .current_dir(&rel)
+            .arg("-c")
+            .arg("--quiet")
+            .stdin(Stdio::from(
+                std::fs::File::open(sums_file(bundle, board.root.path())).unwrap(),
+            )),
+    );
+}
+
 fn sums_file(bundle: &Path, dir: &Path) -> PathBuf {
     let m: Value =
         serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
@@ -891,19 +900,7 @@ fn a_failing_health_check_rolls_back_to_the_previous_release() {
     let r = host_report(&out);
     assert!(r["files_sent"].as_u64().unwrap() >= 2, "{r}");
     assert_eq!(r["files_received_by_runtime"], 0, "{r}");
-    let rel = fresh
-        .install_dir()
-        .join("releases")
-        .join(release_id(&broken));
-    run_ok(
-        Command::new("sha256sum")
-            .current_dir(&rel)
-            .arg("-c")
-            .arg("--quiet")
-            .stdin(Stdio::from(
-                std::fs::File::open(sums_file(&broken, fresh.root.path())).unwrap(),
-            )),
-    );
+    assert_release_verifies(&fresh, &broken);
 
     // edgepack killed (SIGKILL) once it has switched to the broken release, before its
     // health check ends: the board is left on an unchecked release, marked pending. The
