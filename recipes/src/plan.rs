@@ -755,10 +755,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     }
                     (Format::Onnx, "int8-static") => CandidateWeights::StaticInt8 {
                         stats: stats.expect("int8-static reads statistics"),
-                        smooth: match &o.smooth {
-                            Some(AlphaSpec::Values(v)) => v.first().copied(),
-                            _ => None,
-                        },
+                        smooth: o.onnx_smooth(),
                     },
                     (Format::Tflite, "fp16") => CandidateWeights::HalfWeights,
                     _ => CandidateWeights::Float,

@@ -429,6 +429,15 @@ impl Output {
         )
     }
 
+    /// The one SmoothQuant strength an ONNX int8-static export takes (loading refuses
+    /// `auto` for ONNX); `None` without smoothing.
+    pub fn onnx_smooth(&self) -> Option<f32> {
+        match &self.smooth {
+            Some(AlphaSpec::Values(v)) => v.first().copied(),
+            _ => None,
+        }
+    }
+
     /// Whether edgepack's evaluation can score this output against the float model: a GGUF
     /// (its weights read back); an int4 or int8 ONNX model (the host forward pass over the
     /// weights onnxruntime's MatMulNBits or MatMulInteger computes with, and for int8 the

@@ -123,6 +123,12 @@ fn dep(done: &[Option<Done>], i: usize) -> Result<&Done, String> {
         .ok_or_else(|| "an input stage has not finished".to_string())
 }
 
+/// The calibration statistics a finished calibrate stage `i` wrote, and their file.
+fn stats_of(done: &[Option<Done>], i: usize) -> Result<(CalibStats, PathBuf), String> {
+    let p = dep(done, i)?.dir.join("stats.calib");
+    Ok((CalibStats::read(&p).map_err(|e| e.to_string())?, p))
+}
+
 fn open(path: &Path) -> Result<Model, String> {
     import::open(path).map_err(|e| format!("importing {}: {e}", path.display()))
 }
@@ -376,8 +382,7 @@ pub fn run(
             seq_len,
         } => {
             let m = open(&model_path(model, done)?)?;
-            let sp = dep(done, *s)?.dir.join("stats.calib");
-            let st = CalibStats::read(&sp).map_err(|e| e.to_string())?;
+            let (st, sp) = stats_of(done, *s)?;
             let scope = if scope == "norms" {
                 Scope::Norms
             } else {
@@ -421,13 +426,7 @@ pub fn run(
                 Ok(r) => Pattern::Unstructured(r),
                 Err(_) => pattern.parse::<Pattern>()?,
             };
-            let st = match s {
-                Some(i) => {
-                    let p = dep(done, *i)?.dir.join("stats.calib");
-                    Some((CalibStats::read(&p).map_err(|e| e.to_string())?, p))
-                }
-                None => None,
-            };
+            let st = s.map(|i| stats_of(done, i)).transpose()?;
             let (sparse, rep) = sparsify::sparsify(
                 &m,
                 method,
@@ -476,13 +475,7 @@ pub fn run(
                 "kv_heads": c.num_key_value_heads,
                 "head_dim": c.head_dim,
             });
-            let stats = match s {
-                Some(i) => {
-                    let p = dep(done, *i)?.dir.join("stats.calib");
-                    Some((CalibStats::read(&p).map_err(|e| e.to_string())?, p))
-                }
-                None => None,
-            };
+            let stats = s.map(|i| stats_of(done, i)).transpose()?;
             match output.format {
                 Format::Gguf => {
                     let preset = output.quant.parse::<Preset>().map_err(|e| e.to_string())?;
@@ -520,10 +513,7 @@ pub fn run(
                     let calibration = stats.map(|(st, p)| StaticCalibration {
                         stats: st,
                         path: p,
-                        smooth: match &output.smooth {
-                            Some(AlphaSpec::Values(v)) => v.first().copied(),
-                            _ => None,
-                        },
+                        smooth: output.onnx_smooth(),
                     });
                     let opts = OnnxOptions {
                         precision,
@@ -680,24 +670,31 @@ pub fn run(
         } => {
             let ref_model = open(&model_path(reference, done)?)?;
             let ref_fwd = Forward::new(&ref_model).map_err(|e| e.to_string())?;
-            let cand_fwd = match weights {
+            // The model the export was made from: the reference itself unless the recipe
+            // transforms it.
+            let transformed = match source == reference {
+                true => None,
+                false => Some(open(&model_path(source, done)?)?),
+            };
+            let src = transformed.as_ref().unwrap_or(&ref_model);
+            let loaded = match weights {
                 CandidateWeights::Export => {
                     let cand_path = model_path(&ModelIn::Stage(*candidate), done)?;
-                    Forward::new(&open(&cand_path)?).map_err(|e| e.to_string())?
+                    Some(Forward::new(&open(&cand_path)?).map_err(|e| e.to_string())?)
                 }
                 CandidateWeights::StaticInt8 { stats, smooth } => {
-                    let path = dep(done, *stats)?.dir.join("stats.calib");
+                    let (stats, path) = stats_of(done, *stats)?;
                     let cal = StaticCalibration {
-                        stats: CalibStats::read(&path).map_err(|e| e.to_string())?,
+                        stats,
                         path,
                         smooth: *smooth,
                     };
-                    let src = open(&model_path(source, done)?)?;
-                    onnx::int8_static_forward(&src, &cal).map_err(|e| e.to_string())?
+                    Some(onnx::int8_static_forward(src, &cal).map_err(|e| e.to_string())?)
                 }
+                // The float weights of the reference: its own forward pass, loaded once.
+                CandidateWeights::Float if transformed.is_none() => None,
                 simulated => {
-                    let src = open(&model_path(source, done)?)?;
-                    let mut f = Forward::new(&src).map_err(|e| e.to_string())?;
+                    let mut f = Forward::new(src).map_err(|e| e.to_string())?;
                     match simulated {
                         CandidateWeights::Blockwise {
                             bits,
@@ -711,9 +708,10 @@ pub fn run(
                         | CandidateWeights::StaticInt8 { .. } => Ok(()),
                     }
                     .map_err(|e| e.to_string())?;
-                    f
+                    Some(f)
                 }
             };
+            let cand_fwd = loaded.as_ref().unwrap_or(&ref_fwd);
             let mut v = json!({});
             if let Some(text) = &e.text {
                 let texts = data::read_texts(text, &ref_model).map_err(|e| e.to_string())?;
@@ -721,7 +719,7 @@ pub fn run(
                     .map_err(|e| e.to_string())?;
                 let scores = eval::evaluate(
                     ("reference", &ref_fwd),
-                    &[("candidate".to_string(), &cand_fwd)],
+                    &[("candidate".to_string(), cand_fwd)],
                     &chunks.chunks,
                     &silent,
                 )
@@ -741,7 +739,7 @@ pub fn run(
                 let n = ids.len().min(32);
                 if n > 0 && *weights == CandidateWeights::Export {
                     let (_, t) =
-                        eval::generate(&cand_fwd, &ids[..n], 16, &[]).map_err(|e| e.to_string())?;
+                        eval::generate(cand_fwd, &ids[..n], 16, &[]).map_err(|e| e.to_string())?;
                     v["host_ttft_s"] = json!(t.ttft_s);
                     v["host_tokens_per_s"] = json!(t.decode_tokens_per_s);
                 }
@@ -754,7 +752,7 @@ pub fn run(
                 let prompter = Prompter::new(&ref_model).map_err(|e| e.to_string())?;
                 let c = eval::answer_qa(
                     "candidate",
-                    &cand_fwd,
+                    cand_fwd,
                     &prompter,
                     &embedder,
                     &items,

@@ -294,7 +294,6 @@ fn clean_deploy_redeploy_sends_nothing_new_release_reuses_runtime_and_rollback_r
     assert!(text.contains("edgepack: starting releases/"), "{text}");
 }
 
-/// `sha256sum -c` input for a bundle's files, written outside the board.
 /// `sha256sum -c` (coreutils, not edgepack) of `bundle`'s manifest over its release on the
 /// board passes.
 fn assert_release_verifies(board: &Board, bundle: &Path) {
@@ -313,6 +312,7 @@ fn assert_release_verifies(board: &Board, bundle: &Path) {
     );
 }
 
+/// `sha256sum -c` input for a bundle's files, written outside the board.
 fn sums_file(bundle: &Path, dir: &Path) -> PathBuf {
     let m: Value =
         serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();

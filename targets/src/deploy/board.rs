@@ -33,6 +33,16 @@ pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// How the board starts the runtime binary at `runtime`: behind the host's `runner` (the
+/// operator's own command prefix from the inventory, not a path, and possibly commands of
+/// its own such as `sleep 1;`) when one is set, with the path quoted.
+pub fn runtime_invocation(runner: Option<&str>, runtime: &str) -> String {
+    match runner {
+        Some(r) => format!("{r} {}", quote(runtime)),
+        None => quote(runtime),
+    }
+}
+
 /// Paths of one install on one board.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -154,11 +164,10 @@ true
     /// board has checked (see [`receiver_check`](Self::receiver_check)). `runner` is the
     /// host's command prefix for the runtime, if any.
     pub fn receive(&self, runtime: &str, runner: Option<&str>, file: &str, zstd: bool) -> String {
-        // No `exec`: a runner is a command prefix and may hold its own commands (`sleep 1;`).
+        // No `exec`: a runner may hold commands of its own.
         format!(
-            "{}{} receive{} -- {}\n",
-            runner.map(|r| format!("{r} ")).unwrap_or_default(),
-            quote(runtime),
+            "{} receive{} -- {}\n",
+            runtime_invocation(runner, runtime),
             if zstd { " --zstd" } else { "" },
             quote(file)
         )
@@ -170,9 +179,9 @@ true
     /// fails this, and the upload goes on through the shell pipeline.
     pub fn receiver_check(&self, runtime: &str, runner: Option<&str>) -> String {
         format!(
-            "set -e\nchmod u+x {q}\n{}{q} receive -- /dev/null < /dev/null\n",
-            runner.map(|r| format!("{r} ")).unwrap_or_default(),
-            q = quote(runtime),
+            "set -e\nchmod u+x {}\n{} receive -- /dev/null < /dev/null\n",
+            quote(runtime),
+            runtime_invocation(runner, runtime),
         )
     }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::{self, FileEntry, Manifest, MANIFEST, SIGNATURE};
-use board::{quote, Layout};
+use board::{quote, runtime_invocation, Layout};
 use ed25519_dalek::VerifyingKey;
 use health::Health;
 use ssh::Conn;
@@ -485,18 +485,12 @@ fn arch_matches(triple: &str, uname: &str) -> bool {
 /// The runtime's command line on the board.
 fn runtime_command(h: &HostConfig, l: &Layout, signed: bool) -> String {
     let cur = l.path("current");
-    let mut cmd = String::new();
-    if let Some(r) = &h.runner {
-        // The runner is the operator's own command prefix (from the inventory), not a path.
-        cmd.push_str(r);
-        cmd.push(' ');
-    }
-    cmd.push_str(&format!(
+    let mut cmd = format!(
         "{} serve --bundle {} --port {}",
-        quote(&format!("{cur}/{RUNTIME_IN_RELEASE}")),
+        runtime_invocation(h.runner.as_deref(), &format!("{cur}/{RUNTIME_IN_RELEASE}")),
         quote(&cur),
         h.runtime_port
-    ));
+    );
     if signed {
         cmd.push_str(&format!(
             " --trusted-key {}",
@@ -1155,18 +1149,17 @@ async fn upload(
     }
     // Once the board holds the release's runtime with its manifest's hash (sent first and
     // hashed on arrival, or linked from a verified release), that runtime receives the rest.
-    let runtime = format!("{incoming}/{RUNTIME_IN_RELEASE}");
-    let runtime_reused = plans
-        .iter()
-        .any(|(f, _, plan)| f.path == RUNTIME_IN_RELEASE && matches!(plan, Plan::Reuse(_)));
-    let mut receiver = runtime_reused && try_receiver(c, l, &runtime, runner).await?;
-    let script = |remote: &str, zstd: bool, receiver: bool| {
-        if receiver {
-            l.receive(&runtime, runner, remote, zstd)
-        } else {
-            l.append(remote, zstd)
-        }
+    let mut intake = Intake {
+        runtime: format!("{incoming}/{RUNTIME_IN_RELEASE}"),
+        runner,
+        by_runtime: false,
     };
+    if plans
+        .iter()
+        .any(|(f, _, plan)| f.path == RUNTIME_IN_RELEASE && matches!(plan, Plan::Reuse(_)))
+    {
+        intake.runtime_checked(c, l).await?;
+    }
     // Files the board hashed as they arrived, whole and matching: no second read needed.
     let mut hashed = BTreeSet::new();
     let mut sends: Vec<(&FileEntry, PathBuf, u64)> = Vec::new();
@@ -1222,18 +1215,16 @@ async fn upload(
                     &name,
                     &mut rx,
                     first,
-                    &script(&remote, zstd, receiver),
+                    &intake.script(l, &remote, zstd),
                     zstd,
                     opts.limit_rate,
                     &advance,
                 )
                 .await?;
-            r.files_received_by_runtime += usize::from(receiver);
+            r.files_received_by_runtime += usize::from(intake.by_runtime);
             if check_upload(c, r, f, &remote, &name, 0, up).await? {
                 hashed.insert(f.path.clone());
-                if f.path == RUNTIME_IN_RELEASE && !receiver {
-                    receiver = try_receiver(c, l, &runtime, runner).await?;
-                }
+                intake.arrived(c, l, &f.path).await?;
             }
             done += 1;
         }
@@ -1261,18 +1252,16 @@ async fn upload(
             .upload(
                 &local,
                 offset,
-                &script(&remote, zstd, receiver),
+                &intake.script(l, &remote, zstd),
                 zstd,
                 opts.limit_rate,
                 &advance,
             )
             .await?;
-        r.files_received_by_runtime += usize::from(receiver);
+        r.files_received_by_runtime += usize::from(intake.by_runtime);
         if check_upload(c, r, f, &remote, &local, offset, up).await? {
             hashed.insert(f.path.clone());
-            if f.path == RUNTIME_IN_RELEASE && !receiver {
-                receiver = try_receiver(c, l, &runtime, runner).await?;
-            }
+            intake.arrived(c, l, &f.path).await?;
         }
     }
     Ok(hashed)
@@ -1281,40 +1270,65 @@ async fn upload(
 /// sha256 of no bytes: what a working receiver answers for an empty stream.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-/// Whether the incoming release's runtime (checked by the board against the manifest) runs
-/// on the board and receives uploads ([`Layout::receiver_check`]). One that does not (built
-/// for another C library, or a release from before `receive`) leaves the upload to the shell
-/// pipeline; only a broken connection is an error.
-async fn try_receiver(
-    c: &Conn,
-    l: &Layout,
-    runtime: &str,
-    runner: Option<&str>,
-) -> Result<bool, DeployError> {
-    match c
-        .sh(
-            "trying the release's runtime as the receiver",
-            &l.receiver_check(runtime, runner),
-        )
-        .await
-    {
-        Ok(out) => {
-            let mut lines = out.lines().map(str::trim);
-            let ok = lines.next() == Some(EMPTY_SHA256) && lines.next() == Some("0");
-            if !ok {
-                tracing::debug!(host = c.host, out, "the release's runtime did not receive");
+/// The board's end of an upload: the shell pipeline ([`Layout::append`]) until the incoming
+/// release's runtime is on the board with its manifest's hash and receives the rest
+/// ([`Layout::receive`]).
+struct Intake<'a> {
+    /// The runtime binary in the incoming release.
+    runtime: String,
+    runner: Option<&'a str>,
+    /// Whether the runtime receives uploads now.
+    by_runtime: bool,
+}
+
+impl Intake<'_> {
+    /// The script that receives `remote`.
+    fn script(&self, l: &Layout, remote: &str, zstd: bool) -> String {
+        if self.by_runtime {
+            l.receive(&self.runtime, self.runner, remote, zstd)
+        } else {
+            l.append(remote, zstd)
+        }
+    }
+
+    /// After the file `path` of the release arrived whole and matching its hash: the
+    /// runtime's arrival hands it the rest.
+    async fn arrived(&mut self, c: &Conn, l: &Layout, path: &str) -> Result<(), DeployError> {
+        if path == RUNTIME_IN_RELEASE && !self.by_runtime {
+            self.runtime_checked(c, l).await?;
+        }
+        Ok(())
+    }
+
+    /// The runtime is on the board with its manifest's hash: it receives the rest if it runs
+    /// there and knows `receive` ([`Layout::receiver_check`]). One that does not (built for
+    /// another C library, or a release from before `receive`) leaves the upload to the shell
+    /// pipeline; only a broken connection is an error.
+    async fn runtime_checked(&mut self, c: &Conn, l: &Layout) -> Result<(), DeployError> {
+        let step = "trying the release's runtime as the receiver";
+        self.by_runtime = match c
+            .sh(step, &l.receiver_check(&self.runtime, self.runner))
+            .await
+        {
+            Ok(out) => {
+                let mut lines = out.lines().map(str::trim);
+                let ok = lines.next() == Some(EMPTY_SHA256) && lines.next() == Some("0");
+                if !ok {
+                    tracing::debug!(host = c.host, out, "the release's runtime did not receive");
+                }
+                ok
             }
-            Ok(ok)
-        }
-        Err(DeployError::Remote { stderr, .. }) => {
-            tracing::debug!(
-                host = c.host,
-                stderr,
-                "the release's runtime cannot receive"
-            );
-            Ok(false)
-        }
-        Err(e) => Err(e),
+            Err(DeployError::Remote { stderr, .. }) => {
+                tracing::debug!(
+                    host = c.host,
+                    stderr,
+                    "the release's runtime cannot receive"
+                );
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(())
     }
 }
 

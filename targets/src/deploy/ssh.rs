@@ -413,22 +413,18 @@ impl Conn {
             }
         }
         if broke.is_none() {
-            if let Some(enc) = encoder.take() {
-                let tail = enc.finish().map_err(local_err)?;
-                match stdin.write_all(&tail).await {
-                    Ok(()) => channel += tail.len() as u64,
-                    Err(e) => broke = Some(e),
-                }
-            }
-        }
-        if broke.is_none() {
-            if let Err(e) = async {
+            let tail = match encoder.take() {
+                Some(enc) => enc.finish().map_err(local_err)?,
+                None => Vec::new(),
+            };
+            let finished = async {
+                stdin.write_all(&tail).await?;
                 stdin.flush().await?;
                 stdin.shutdown().await
-            }
-            .await
-            {
-                broke = Some(e);
+            };
+            match finished.await {
+                Ok(()) => channel += tail.len() as u64,
+                Err(e) => broke = Some(e),
             }
         }
         drop(stdin);
