@@ -192,6 +192,10 @@ pub enum CandidateWeights {
     /// The reference's weights rounded to f16, every op in f32: a TFLite fp16 export (float16
     /// buffers widened by DEQUANTIZE).
     HalfWeights,
+    /// The reference's weights through the TFLite exporter's per-row int8 quantizer (the
+    /// embedding too), each linear's input quantized per token as a hybrid
+    /// FULLY_CONNECTED does: a TFLite dynamic-int8 export.
+    HybridInt8,
     /// The reference's own weights: an fp32 ONNX or TFLite export computes what the float
     /// model computes, up to the order of f32 operations.
     Float,
@@ -758,6 +762,7 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                         smooth: o.onnx_smooth(),
                     },
                     (Format::Tflite, "fp16") => CandidateWeights::HalfWeights,
+                    (Format::Tflite, "dynamic-int8") => CandidateWeights::HybridInt8,
                     _ => CandidateWeights::Float,
                 };
                 let mut params = json!({
@@ -783,6 +788,9 @@ pub fn plan(recipe: &Recipe, cache: &Cache, fetched: Option<&Path>) -> Result<Pl
                     }
                     CandidateWeights::HalfWeights => {
                         params["weights"] = json!("half_weights");
+                    }
+                    CandidateWeights::HybridInt8 => {
+                        params["weights"] = json!("hybrid_int8");
                     }
                     CandidateWeights::Float => {
                         params["weights"] = json!("float");

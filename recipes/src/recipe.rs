@@ -442,10 +442,12 @@ impl Output {
     /// (its weights read back); an int4 or int8 ONNX model (the host forward pass over the
     /// weights onnxruntime's MatMulNBits or MatMulInteger computes with, and for int8 the
     /// inputs its DynamicQuantizeLinear rounds); a TFLite fp16 model (the weights rounded to
-    /// f16, every op in f32, as LiteRT runs it); an int8-static ONNX model (its smoothing,
+    /// f16, every op in f32, as LiteRT runs it); a TFLite dynamic-int8 model (its int8
+    /// weights, each linear's input quantized per token as the hybrid FULLY_CONNECTED does);
+    /// an int8-static ONNX model (its smoothing,
     /// int8 weights and QuantizeLinear inputs at the export's static scales); an fp32 ONNX
     /// or TFLite model (the float weights). ONNX fp16 computes its activations in half
-    /// precision, and TFLite's integer graphs stage their norms and split channels: the host
+    /// precision, and TFLite's static integer graphs stage their norms and split channels: the host
     /// does not replay those.
     pub fn evaluable(&self) -> bool {
         match self.format {
@@ -454,7 +456,7 @@ impl Output {
                 self.quant.as_str(),
                 "int4" | "int8" | "int8-static" | "fp32"
             ),
-            Format::Tflite => matches!(self.quant.as_str(), "fp16" | "fp32"),
+            Format::Tflite => matches!(self.quant.as_str(), "fp16" | "fp32" | "dynamic-int8"),
         }
     }
 }
@@ -1038,7 +1040,7 @@ impl Recipe {
                             span,
                             &gkey,
                             format!(
-                                "{} is not scored: edgepack evaluates GGUF, ONNX fp32, int4, int8 and int8-static, and TFLite fp32 and fp16 outputs against the float model",
+                                "{} is not scored: edgepack evaluates GGUF, ONNX fp32, int4, int8 and int8-static, and TFLite fp32, fp16 and dynamic-int8 outputs against the float model",
                                 o.label()
                             ),
                         ));

@@ -703,6 +703,7 @@ pub fn run(
                         } => f.simulate_blockwise(*bits, *block, *symmetric),
                         CandidateWeights::DynamicInt8 => f.simulate_dynamic_int8(),
                         CandidateWeights::HalfWeights => f.simulate_half_weights(),
+                        CandidateWeights::HybridInt8 => f.simulate_hybrid_int8(),
                         CandidateWeights::Float
                         | CandidateWeights::Export
                         | CandidateWeights::StaticInt8 { .. } => Ok(()),

@@ -438,7 +438,8 @@ fn onnx_and_tflite_outputs_are_scored_by_their_replays_and_held_to_their_own_gat
              [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8\"\n\
              [[targets.imx95.outputs]]\nformat = \"tflite\"\nquant = \"fp16\"\n\
              [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"fp32\"\n\
-             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8-static\"\nsmooth = 0.5\n",
+             [[targets.imx95.outputs]]\nformat = \"onnx\"\nquant = \"int8-static\"\nsmooth = 0.5\n\
+             [[targets.imx95.outputs]]\nformat = \"tflite\"\nquant = \"dynamic-int8\"\n",
             model.display(),
             eval.display()
         )
@@ -462,6 +463,7 @@ fn onnx_and_tflite_outputs_are_scored_by_their_replays_and_held_to_their_own_gat
         (1, "int8"),
         (2, "tflite fp16"),
         (4, "int8-static"),
+        (5, "tflite dynamic-int8"),
     ] {
         let m = &v["report"]["outputs"][i]["metrics"];
         for k in ["kl_mean", "top1", "ppl_ratio"] {
@@ -481,6 +483,7 @@ fn onnx_and_tflite_outputs_are_scored_by_their_replays_and_held_to_their_own_gat
     }
     // f16 weights move the logits far less than 8-bit ones; fp32 computes the float model.
     assert!(kl(2) < kl(1), "{:#}", v["report"]["outputs"]);
+    assert!(kl(2) < kl(5), "{:#}", v["report"]["outputs"]);
     let fp32 = &v["report"]["outputs"][3]["metrics"];
     assert_eq!(fp32["kl_mean"].as_f64(), Some(0.0), "{fp32:#}");
     assert_eq!(fp32["top1"].as_f64(), Some(1.0), "{fp32:#}");

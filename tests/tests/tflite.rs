@@ -412,6 +412,46 @@ fn fp16_exports_score_on_the_host_as_litert_runs_them() {
     assert_eq!(top1_host, top1_litert);
 }
 
+#[test]
+fn dynamic_int8_exports_score_on_the_host_as_litert_runs_them() {
+    // A recipe scores a TFLite dynamic-int8 output with the host forward pass over the
+    // export's own int8 weights (embedding, linears, head), each linear's input quantized per
+    // token over its own range as the hybrid FULLY_CONNECTED does. Op for op the replay is
+    // LiteRT's arithmetic: the first position, which attends only to itself, comes out equal.
+    // Later positions pick up the rare inputs that float rounding puts on the other side of
+    // an int8 step, on channels whose outliers make a step large, and attention spreads them:
+    // the two runs then differ position by position like two draws of the same quantization
+    // noise, so what must agree is the noise's size, the figure a gate reads.
+    let gguf = smollm2_gguf();
+    let ids = token_ids(40, 49152);
+    let v = 49152;
+    let float = reference_logits(&gguf, &ids);
+    let litert = litert_logits(&smollm2_tflite("dynamic-int8"), &ids, 32);
+    let mut f = Forward::new(&import::open(&gguf).unwrap()).unwrap();
+    f.simulate_hybrid_int8().unwrap();
+    let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
+    let (kl_litert, top1_litert) = kl_and_top1(&float, &litert, v);
+    let (kl_host, top1_host) = kl_and_top1(&float, &host, v);
+    let (kl_between, _) = kl_and_top1(&litert, &host, v);
+    let (first_between, _) = kl_and_top1(&litert[..v], &host[..v], v);
+    let (first_float, _) = kl_and_top1(&float[..v], &litert[..v], v);
+    eprintln!(
+        "dynamic-int8: KL vs float: LiteRT {kl_litert:.3e} (top-1 {top1_litert:.3}), host {kl_host:.3e} (top-1 {top1_host:.3}); between them {kl_between:.3e}; first position: {first_between:.3e} between, {first_float:.3e} from float"
+    );
+    assert!(
+        first_between < 1e-6 * first_float.max(1e-3),
+        "the first position differs by KL {first_between}: the replay is not LiteRT's arithmetic"
+    );
+    assert!(
+        (kl_host - kl_litert).abs() < 0.15 * kl_litert,
+        "the host scores KL {kl_host}, LiteRT runs {kl_litert}"
+    );
+    assert!(
+        (top1_host - top1_litert).abs() <= 0.05,
+        "top-1 agreement: host {top1_host}, LiteRT {top1_litert}"
+    );
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()

@@ -53,6 +53,10 @@ enum ActQuant {
     /// Int8 codes of this static step as ONNX `QuantizeLinear` rounds them (zero point 0,
     /// ties to even, saturated to [-128, 127]): the int8-static ONNX export's QDQ inputs.
     Qdq(f32),
+    /// Int8 with one asymmetric range per row (per token): what a TFLite hybrid
+    /// FULLY_CONNECTED with `asymmetric_quantize_inputs` does to its float input before the
+    /// int8 product (the `dynamic-int8` TFLite export's activations).
+    DynamicRowI8,
 }
 
 /// One LoRA pair on a linear: `A` `[r, in]` and `B` `[out, r]`, the only tensors that take
@@ -213,6 +217,16 @@ impl Linear {
             }
             ActQuant::DynamicU8 => {
                 q = dynamic_u8_rows(x, groups)?;
+                &q
+            }
+            ActQuant::DynamicRowI8 => {
+                let n = x.dims2().map_err(ce)?.0;
+                let v = x
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(ce)?;
+                let per_row = dynamic_u8_ranges(&v, self.in_features, &vec![1; n])?;
+                q = dynamic_u8_rows(x, Some(&per_row))?;
                 &q
             }
             ActQuant::Qdq(scale) => {
@@ -876,6 +890,22 @@ impl Forward {
             lin.rewrite_rows(int8::round_trip_row)?;
             lin.act = ActQuant::DynamicU8;
         }
+        Ok(())
+    }
+
+    /// Turns the model into what LiteRT computes from edgepack's TFLite `dynamic-int8` export:
+    /// the embedding table, every linear and the LM head through the export's symmetric
+    /// per-row int8 weights ([`int8::round_trip_row_half_away`]); each linear's input
+    /// quantized to int8 row by row (per token) over the row's own range widened to hold 0, as
+    /// a hybrid FULLY_CONNECTED with asymmetric inputs does (the same 255 steps and zero point
+    /// as `DynamicQuantizeLinear`, per row). Products stay f32, which equals the int32 sums
+    /// rescaled once, up to float rounding; norms, attention and the residual stay float.
+    pub fn simulate_hybrid_int8(&mut self) -> Result<()> {
+        for lin in self.linears_and_head_mut() {
+            lin.rewrite_rows(int8::round_trip_row_half_away)?;
+            lin.act = ActQuant::DynamicRowI8;
+        }
+        self.embed = map_rows(&self.embed, int8::round_trip_row_half_away)?;
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! quantized symmetrically per output row (MatMulInteger's int8 B, zero point 0), and
 //! activations quantized per call by `DynamicQuantizeLinear` (uint8, asymmetric, one scale
 //! and zero point over the whole input tensor). The exporter writes the weight codes; the
-//! host forward pass that scores an int8 output replays both.
+//! host forward pass that scores an int8 output replays both. The TFLite exporter's int8
+//! weight codes (rounded half away from zero) live here too, for the same reason.
 
 /// Symmetric int8 of one output row: scale `max|w| / 127`, codes in `[-127, 127]`, ties to
 /// even. Returns the scale (0 for a row of zeros, whose codes are all 0).
@@ -22,6 +23,22 @@ pub fn round_trip_row(row: &mut [f32]) {
     let scale = symmetric_row(row, &mut q);
     for (v, &c) in row.iter_mut().zip(&q) {
         *v = f32::from(c) * scale;
+    }
+}
+
+/// A symmetric int8 weight code as edgepack's TFLite exporter writes it: `x / scale` rounded
+/// half away from zero, clamped to `[-127, 127]`.
+pub fn code_half_away(x: f32, scale: f32) -> i8 {
+    (x / scale).round().clamp(-127.0, 127.0) as i8
+}
+
+/// Replaces a row by its TFLite int8 reconstruction: scale `max|w| / 127` (1 for a row of
+/// zeros), codes by [`code_half_away`].
+pub fn round_trip_row_half_away(row: &mut [f32]) {
+    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    for v in row {
+        *v = f32::from(code_half_away(*v, scale)) * scale;
     }
 }
 

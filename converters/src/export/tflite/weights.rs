@@ -252,7 +252,7 @@ pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) 
 
 /// `round(x / scale)` clamped to the symmetric int8 weight range.
 pub fn quantize_i8(x: f32, scale: f32) -> i8 {
-    (x / scale).round().clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX) as i8
+    crate::quant::int8::code_half_away(x, scale)
 }
 
 #[cfg(test)]
