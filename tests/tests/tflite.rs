@@ -380,20 +380,30 @@ fn smollm2_fp16_dynamic_int8_and_static_int8_report_kl_against_float() {
     }
 }
 
+/// Logits of SmolLM2 over 40 tokens from the float model, from LiteRT running its TFLite
+/// export of `precision` (a 32-token prefill, then one decode call per token), and from the
+/// host forward pass turned by `simulate` into what that export computes.
+fn replayed(
+    precision: &str,
+    simulate: fn(&mut Forward) -> edgepack_converters::Result<()>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let gguf = smollm2_gguf();
+    let ids = token_ids(40, 49152);
+    let float = reference_logits(&gguf, &ids);
+    let litert = litert_logits(&smollm2_tflite(precision), &ids, 32);
+    let mut f = Forward::new(&import::open(&gguf).unwrap()).unwrap();
+    simulate(&mut f).unwrap();
+    let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
+    (float, litert, host)
+}
+
 #[test]
 fn fp16_exports_score_on_the_host_as_litert_runs_them() {
     // A recipe scores a TFLite fp16 output with the host forward pass over the float weights
     // rounded to f16 (the export's float16 buffers, widened back by DEQUANTIZE). LiteRT's run
     // of the export and that replay must give the same figures: their difference is op-order
     // rounding in f32, far below what the f16 weights themselves move.
-    let gguf = smollm2_gguf();
-    let ids = token_ids(40, 49152);
-    let prompt = 32;
-    let float = reference_logits(&gguf, &ids);
-    let litert = litert_logits(&smollm2_tflite("fp16"), &ids, prompt);
-    let mut f = Forward::new(&import::open(&gguf).unwrap()).unwrap();
-    f.simulate_half_weights().unwrap();
-    let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
+    let (float, litert, host) = replayed("fp16", Forward::simulate_half_weights);
     let (kl_litert, top1_litert) = kl_and_top1(&float, &litert, 49152);
     let (kl_host, top1_host) = kl_and_top1(&float, &host, 49152);
     let (kl_between, _) = kl_and_top1(&litert, &host, 49152);
@@ -422,14 +432,8 @@ fn dynamic_int8_exports_score_on_the_host_as_litert_runs_them() {
     // an int8 step, on channels whose outliers make a step large, and attention spreads them:
     // the two runs then differ position by position like two draws of the same quantization
     // noise, so what must agree is the noise's size, the figure a gate reads.
-    let gguf = smollm2_gguf();
-    let ids = token_ids(40, 49152);
+    let (float, litert, host) = replayed("dynamic-int8", Forward::simulate_hybrid_int8);
     let v = 49152;
-    let float = reference_logits(&gguf, &ids);
-    let litert = litert_logits(&smollm2_tflite("dynamic-int8"), &ids, 32);
-    let mut f = Forward::new(&import::open(&gguf).unwrap()).unwrap();
-    f.simulate_hybrid_int8().unwrap();
-    let host = f.forward(&ids, &mut f.cache(ids.len())).unwrap();
     let (kl_litert, top1_litert) = kl_and_top1(&float, &litert, v);
     let (kl_host, top1_host) = kl_and_top1(&float, &host, v);
     let (kl_between, _) = kl_and_top1(&litert, &host, v);
