@@ -220,13 +220,12 @@ impl Linear {
                 &q
             }
             ActQuant::DynamicRowI8 => {
-                let n = x.dims2().map_err(ce)?.0;
-                let v = x
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(ce)?;
-                let per_row = dynamic_u8_ranges(&v, self.in_features, &vec![1; n])?;
-                q = dynamic_u8_rows(x, Some(&per_row))?;
+                q = map_rows(x, |row| {
+                    let p = DynamicU8::of_values(row);
+                    for v in row {
+                        *v = p.round_trip(*v);
+                    }
+                })?;
                 &q
             }
             ActQuant::Qdq(scale) => {

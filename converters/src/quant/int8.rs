@@ -32,11 +32,21 @@ pub fn code_half_away(x: f32, scale: f32) -> i8 {
     (x / scale).round().clamp(-127.0, 127.0) as i8
 }
 
-/// Replaces a row by its TFLite int8 reconstruction: scale `max|w| / 127` (1 for a row of
-/// zeros), codes by [`code_half_away`].
-pub fn round_trip_row_half_away(row: &mut [f32]) {
+/// The TFLite exporter's int8 scale of a weight row: `max|w| / 127`, and 1 for a row of zeros
+/// (which then dequantizes to zeros without a division by zero).
+pub fn row_scale_nonzero(row: &[f32]) -> f32 {
     let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    if amax > 0.0 {
+        amax / 127.0
+    } else {
+        1.0
+    }
+}
+
+/// Replaces a row by its TFLite int8 reconstruction: [`row_scale_nonzero`], codes by
+/// [`code_half_away`].
+pub fn round_trip_row_half_away(row: &mut [f32]) {
+    let scale = row_scale_nonzero(row);
     for v in row {
         *v = f32::from(code_half_away(*v, scale)) * scale;
     }

@@ -9,10 +9,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::export::graph::Weight;
-
-/// Largest magnitude of a symmetric int8 weight: TFLite's int8 weight convention is the range
-/// [-127, 127] with zero point 0, so -128 is never produced.
-pub const INT8_WEIGHT_MAX: f32 = 127.0;
+use crate::quant::int8;
 
 /// How one weight tensor is stored.
 #[derive(Debug, Clone)]
@@ -164,20 +161,13 @@ impl WeightSource {
         Ok(())
     }
 
-    /// The symmetric int8 scale of every row: `max |w| / 127` (a zero row gets scale 1 so it
-    /// dequantizes to zeros without dividing by zero).
+    /// The symmetric int8 scale of every row ([`int8::row_scale_nonzero`]). TFLite's int8
+    /// weights span [-127, 127] with zero point 0, so -128 is never produced.
     pub fn int8_row_scales(&self) -> Result<Vec<f32>> {
         let row_len = self.row_len();
         let mut scales = Vec::with_capacity(self.n_rows());
         self.for_each_chunk(|_, v| {
-            scales.par_extend(v.par_chunks(row_len).map(|r| {
-                let m = r.iter().fold(0f32, |m, x| m.max(x.abs()));
-                if m > 0.0 {
-                    m / INT8_WEIGHT_MAX
-                } else {
-                    1.0
-                }
-            }));
+            scales.par_extend(v.par_chunks(row_len).map(int8::row_scale_nonzero));
             Ok(())
         })?;
         Ok(scales)
@@ -219,7 +209,7 @@ pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) 
                 .for_each(|(i, (o, r))| {
                     let s = scales[first_row + i];
                     for (b, &x) in o.iter_mut().zip(r) {
-                        *b = quantize_i8(x, s) as u8;
+                        *b = int8::code_half_away(x, s) as u8;
                     }
                 });
             out
@@ -248,11 +238,6 @@ pub fn encode(values: &[f32], row_len: usize, first_row: usize, enc: &Encoding) 
             bytemuck::cast_slice(&q).to_vec()
         }
     }
-}
-
-/// `round(x / scale)` clamped to the symmetric int8 weight range.
-pub fn quantize_i8(x: f32, scale: f32) -> i8 {
-    crate::quant::int8::code_half_away(x, scale)
 }
 
 #[cfg(test)]
