@@ -270,7 +270,9 @@ fn fresh(dir: &Path) -> bool {
     });
     dir.is_dir()
         && match (modified(dir), built) {
+            // Gone since `is_dir`: another builder is replacing it, so it is stale.
+            (None, _) => false,
             (Some(made), Some(built)) => made >= built,
-            _ => true,
+            (Some(_), None) => true,
         }
 }
