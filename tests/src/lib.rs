@@ -568,19 +568,37 @@ pub fn token_ids(n: usize, vocab: u32) -> Vec<u32> {
 /// transformers' float32 logits `[ids.len() * vocab]` for the HF folder `dir`
 /// (tests/python/hf_logits.py).
 pub fn hf_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    hf_logits_many(&[dir], ids).pop().unwrap()
+}
+
+/// [`hf_logits`] of several folders, from one Python process (transformers is imported once).
+pub fn hf_logits_many(dirs: &[&Path], ids: &[u32]) -> Vec<Vec<f32>> {
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("logits.f32");
     let ids_json = serde_json::to_string(ids).unwrap();
-    let meta = oracle("hf_logits.py", &[&dir, &ids_json, &out]);
-    let logits: Vec<f32> = std::fs::read(&out)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+    let outs: Vec<PathBuf> = (0..dirs.len())
+        .map(|i| work.path().join(format!("logits-{i}.f32")))
         .collect();
-    let shape: Vec<usize> = serde_json::from_value(meta["shape"].clone()).unwrap();
-    assert_eq!(shape.iter().product::<usize>(), logits.len(), "{meta}");
-    assert_eq!(shape[0], ids.len(), "{meta}");
-    logits
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--many", &ids_json];
+    for (d, o) in dirs.iter().zip(&outs) {
+        args.push(d);
+        args.push(o);
+    }
+    let meta = oracle("hf_logits.py", &args);
+    let shapes: Vec<Vec<usize>> = serde_json::from_value(meta["shapes"].clone()).unwrap();
+    assert_eq!(shapes.len(), dirs.len(), "{meta}");
+    outs.iter()
+        .zip(shapes)
+        .map(|(out, shape)| {
+            let logits: Vec<f32> = std::fs::read(out)
+                .unwrap()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            assert_eq!(shape.iter().product::<usize>(), logits.len(), "{meta}");
+            assert_eq!(shape[0], ids.len(), "{meta}");
+            logits
+        })
+        .collect()
 }
 
 /// edgepack's reference forward pass on `dir` (HF folder or GGUF), from an empty cache.

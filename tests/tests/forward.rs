@@ -2,13 +2,15 @@
 //! Llama, Qwen2 and Phi-3 models, a llama3 rope-scaled model past its original context, and the
 //! real SmolLM2-135M; and its KV cache against full-sequence runs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use edgepack_converters::calib::eval;
 use edgepack_converters::calib::forward::Forward;
 use edgepack_converters::import;
 use edgepack_tests::fixtures::Tiny;
-use edgepack_tests::{hf_logits, our_logits, smollm2_gguf, smollm2_hf, tiny, token_ids};
+use edgepack_tests::{
+    hf_logits, hf_logits_many, our_logits, smollm2_gguf, smollm2_hf, tiny, token_ids,
+};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -31,10 +33,13 @@ fn three_architectures() -> [(&'static str, Tiny); 3] {
 #[test]
 fn forward_matches_transformers_logits_for_llama_qwen2_and_phi3() {
     let ids = token_ids(12, 520);
-    for (name, spec) in three_architectures() {
-        let dir = tiny(name, spec);
-        let want = hf_logits(&dir, &ids);
-        let got = our_logits(&dir, &ids);
+    let dirs: Vec<(&str, PathBuf)> = three_architectures()
+        .into_iter()
+        .map(|(name, spec)| (name, tiny(name, spec)))
+        .collect();
+    let folders: Vec<&Path> = dirs.iter().map(|(_, d)| d.as_path()).collect();
+    for ((name, dir), want) in dirs.iter().zip(hf_logits_many(&folders, &ids)) {
+        let got = our_logits(dir, &ids);
         let d = max_abs_diff(&got, &want);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         eprintln!("{name}: max abs diff {d:e} (max |logit| {scale})");
