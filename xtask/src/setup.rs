@@ -65,7 +65,13 @@ pub fn setup() -> Result<()> {
     let stamp = venv.join(".edgepack-requirements");
     let want = REQUIREMENTS.join("\n");
     if fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
-        // llama-cpp-python builds llama.cpp from source; use both cores.
+        // llama-cpp-python builds llama.cpp from source; use both cores. The peers use
+        // libllama and ggml alone: neither the multimodal library (LLAVA_BUILD) nor llama.cpp's
+        // `common` (see runtime/llama-no-common.cmake) is built, which halves the compile.
+        let cmake_args = format!(
+            "-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE={}",
+            root().join("runtime/llama-no-common.cmake").display()
+        );
         run(Command::new(&py)
             .args([
                 "-m",
@@ -75,7 +81,8 @@ pub fn setup() -> Result<()> {
                 "--disable-pip-version-check",
             ])
             .args(REQUIREMENTS)
-            .env("CMAKE_BUILD_PARALLEL_LEVEL", "2"))?;
+            .env("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+            .env("CMAKE_ARGS", cmake_args))?;
         fs::write(&stamp, &want)?;
     }
     smollm2(&py)?;
