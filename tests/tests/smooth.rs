@@ -81,13 +81,17 @@ fn tensor_max_diff(a: &Path, b: &Path, name: &str) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A fixture's name and folder, with its smoothed folders by scope.
+type Smoothed = (&'static str, PathBuf, Vec<(&'static str, PathBuf)>);
+
 #[test]
 fn smoothed_model_is_function_preserving() {
     let work = tempfile::tempdir().unwrap();
-    let mut smoothed: Vec<(String, PathBuf, PathBuf)> = Vec::new();
+    let mut smoothed: Vec<Smoothed> = Vec::new();
     for (name, dir) in fixtures() {
         let st = work.path().join(format!("{name}.calib"));
         calibrate(&dir, None, &st);
+        let mut outs = Vec::new();
         // `all` also folds v -> o and up -> down; `norms` only the two norm groups per layer.
         for (scope, groups) in [("all", 8), ("norms", 4)] {
             let out = work.path().join(format!("{name}-smoothed-{scope}"));
@@ -129,22 +133,35 @@ fn smoothed_model_is_function_preserving() {
                 assert_eq!(tensor_max_diff(&dir, &out, t), 0.0, "{name} {scope}: {t}");
             }
 
-            // Transformers runs every folder at the end, in one process.
-            smoothed.push((format!("{name} {scope}"), dir.clone(), out));
+            outs.push((scope, out));
         }
+        smoothed.push((name, dir, outs));
     }
+    // Transformers runs every folder once, at the end, in one process.
     let ids = token_ids(24, 520);
     let folders: Vec<&Path> = smoothed
         .iter()
-        .flat_map(|(_, dir, out)| [dir.as_path(), out.as_path()])
+        .flat_map(|(_, dir, outs)| std::iter::once(dir).chain(outs.iter().map(|(_, o)| o)))
+        .map(PathBuf::as_path)
         .collect();
-    let hf = hf_logits_many(&folders, &ids);
-    for ((what, dir, out), pair) in smoothed.iter().zip(hf.chunks_exact(2)) {
-        let d_hf = rel_diff(&pair[0], &pair[1]);
-        let d_ours = rel_diff(&our_logits(dir, &ids), &our_logits(out, &ids));
-        eprintln!("{what}: relative logit difference transformers {d_hf:e}, ours {d_ours:e}");
-        assert!(d_hf < 1e-4, "{what}: transformers logits moved by {d_hf}");
-        assert!(d_ours < 1e-4, "{what}: our logits moved by {d_ours}");
+    let mut hf = hf_logits_many(&folders, &ids).into_iter();
+    for (name, dir, outs) in &smoothed {
+        let (want, ours) = (hf.next().unwrap(), our_logits(dir, &ids));
+        for (scope, out) in outs {
+            let d_hf = rel_diff(&want, &hf.next().unwrap());
+            let d_ours = rel_diff(&ours, &our_logits(out, &ids));
+            eprintln!(
+                "{name} {scope}: relative logit difference transformers {d_hf:e}, ours {d_ours:e}"
+            );
+            assert!(
+                d_hf < 1e-4,
+                "{name} {scope}: transformers logits moved by {d_hf}"
+            );
+            assert!(
+                d_ours < 1e-4,
+                "{name} {scope}: our logits moved by {d_ours}"
+            );
+        }
     }
 }
 
